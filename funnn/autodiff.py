@@ -1,0 +1,51 @@
+"""The autodiff gradient engine: ``jax.value_and_grad`` of the model's ``apply``.
+
+Same signature as :func:`funnn.manual.value_and_grad`, so the two swap freely::
+
+    loss_value, grads = value_and_grad(model, loss)(params, x, y, key=None)
+    (loss_value, new_state), grads = value_and_grad(model, loss)(params, x, y, state=s)  # stateful
+
+Both are pure: ``jax.jit`` them, or ``jax.vmap`` them over examples for
+per-example gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from funnn.core import Layer
+
+__all__ = ["value_and_grad", "loss_fn"]
+
+
+def loss_fn(model: Layer, loss, *, train: bool = True):
+    """``objective(params, x, y, key, state) -> (loss, new_state)``: the scalar autodiff sees."""
+
+    def objective(params, x, y, key, state):
+        if model.stateful:
+            out, new_state = model.apply(params, x, state=state, key=key, train=train)
+        else:
+            out, new_state = model.apply(params, x, key=key, train=train), None
+        return loss.value(out, y), new_state
+
+    return objective
+
+
+def value_and_grad(model: Layer, loss, *, train: bool = True):
+    """``f(params, x, y, *, key=None, state=None) -> (loss, grads)`` by reverse-mode autodiff.
+
+    For a stateful model (batch-norm) the value is ``(loss, new_state)``. ``train``
+    selects training behaviour (dropout on, batch statistics) and is fixed here so
+    the returned function has no Python branching per call.
+    """
+    vg = jax.value_and_grad(loss_fn(model, loss, train=train), has_aux=True)
+
+    if model.stateful:
+        def f(params, x, y, *, key=None, state=None):
+            (value, new_state), grads = vg(params, x, y, key, state)
+            return (value, new_state), grads
+    else:
+        def f(params, x, y, *, key=None, state=None):
+            (value, _), grads = vg(params, x, y, key, None)
+            return value, grads
+    return f

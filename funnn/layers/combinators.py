@@ -1,0 +1,254 @@
+"""Combinators: build a layer from layers, including its hand-written backward.
+
+``serial`` chains, ``parallel`` fans out and merges, ``residual`` adds a skip
+connection. Each composes its children's ``forward``/``backward``, so any network
+built from them has a manual backward pass. PRNG keys are split once per child;
+state (batch-norm statistics) is a tuple with one entry per child (``None`` for
+stateless children). Whether a combinator is stateful is decided when it is built.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from funnn.core import (ConfigError, Layer, ShapeError, StateError, layer_scope, run_apply,
+                        run_forward, split_key)
+
+__all__ = ["serial", "parallel", "residual", "out_shape"]
+
+
+def out_shape(layer: Layer, in_shape) -> tuple:
+    """The output shape ``layer.init`` would report, computed without allocating params."""
+    box = []
+
+    def f(key):
+        shape, params = layer.init(key, in_shape)
+        box.append(shape)
+        return params
+
+    jax.eval_shape(f, jax.random.key(0))
+    return box[0]
+
+
+def _check_layers(kind: str, layers) -> tuple:
+    if not layers:
+        raise ConfigError(f"{kind} needs at least one layer", (kind,))
+    for i, l in enumerate(layers):
+        if not isinstance(l, Layer):
+            raise ConfigError(f"argument {i} is a {type(l).__name__}, not a Layer; "
+                              f"did you forget to call it, e.g. dense(10) rather than dense?",
+                              (kind,))
+    return tuple(layers)
+
+
+def _states(name: str, layers, state) -> tuple:
+    if state is None:
+        raise StateError("this network has stateful layers (batch_norm) and needs state=...; "
+                         "make it with model.init_state(in_shape)", (name,))
+    if not isinstance(state, (tuple, list)) or len(state) != len(layers):
+        raise StateError(f"expected a state tuple of {len(layers)} entries (one per layer), "
+                         f"got {type(state).__name__}", (name,))
+    return tuple(state)
+
+
+def _stateful(layers) -> bool:
+    return any(l.stateful for l in layers)
+
+
+def serial(*layers: Layer) -> Layer:
+    """Compose layers in order: ``y = f_n(... f_2(f_1(x)))``.
+
+    Params, residuals and state are tuples with one entry per layer.
+    Backward runs the children's backward in reverse: ``dx_{i} = backward_i(dx_{i+1})``.
+    """
+    layers = _check_layers("serial", layers)
+    n = len(layers)
+    name = "serial"
+    labels = [f"serial[{i}]" for i in range(n)]
+    stateful = _stateful(layers)
+
+    def init(key, in_shape):
+        params = []
+        shape = in_shape
+        for label, layer, k in zip(labels, layers, jax.random.split(key, n)):
+            with layer_scope(label):
+                shape, p = layer.init(k, shape)
+            params.append(p)
+        return shape, tuple(params)
+
+    def init_state(in_shape):
+        states, shape = [], in_shape
+        for label, layer in zip(labels, layers):
+            with layer_scope(label):
+                states.append(layer.init_state(shape) if layer.stateful else None)
+                shape = out_shape(layer, shape)
+        return tuple(states)
+
+    def _run(params, x, state, key, train):
+        states = _states(name, layers, state) if stateful else (None,) * n
+        new_states = []
+        for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
+            with layer_scope(label):
+                x, s = run_apply(layer, p, x, state=s, key=k, train=train)
+            new_states.append(s)
+        return x, tuple(new_states)
+
+    def _run_forward(params, x, state, key, train):
+        states = _states(name, layers, state) if stateful else (None,) * n
+        res, new_states = [], []
+        for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
+            with layer_scope(label):
+                x, r, s = run_forward(layer, p, x, state=s, key=k, train=train)
+            res.append(r)
+            new_states.append(s)
+        return x, tuple(res), tuple(new_states)
+
+    def backward(params, res, dy):
+        grads = [None] * n
+        for i in reversed(range(n)):
+            with layer_scope(labels[i]):
+                grads[i], dy = layers[i].backward(params[i], res[i], dy)
+        return tuple(grads), dy
+
+    return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
+                     tuple(zip([f"[{i}]" for i in range(n)], layers)))
+
+
+def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children) -> Layer:
+    """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind."""
+    if stateful:
+        def apply(params, x, *, state=None, key=None, train=False):
+            return run(params, x, state, key, train)
+
+        def forward(params, x, *, state=None, key=None, train=False):
+            return run_forward_(params, x, state, key, train)
+    else:
+        def apply(params, x, *, key=None, train=False):
+            return run(params, x, None, key, train)[0]
+
+        def forward(params, x, *, key=None, train=False):
+            y, res, _ = run_forward_(params, x, None, key, train)
+            return y, res
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 init_state=init_state if stateful else None, children=children)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def parallel(*branches: Layer, combine: str = "concat") -> Layer:
+    """Fan the same input out to every branch and merge: ``concat`` (last axis) or ``sum``.
+
+    Backward: each branch gets its slice of ``dy`` (concat) or all of it (sum); the input
+    gradient is the sum of the branches' input gradients.
+    """
+    branches = _check_layers("parallel", branches)
+    if combine not in ("concat", "sum"):
+        raise ConfigError(f"combine must be 'concat' or 'sum', got {combine!r}", ("parallel",))
+    n = len(branches)
+    name = f"parallel({combine})"
+    labels = [f"parallel[{i}]" for i in range(n)]
+    stateful = _stateful(branches)
+
+    def init(key, in_shape):
+        shapes, params = [], []
+        for label, b, k in zip(labels, branches, jax.random.split(key, n)):
+            with layer_scope(label):
+                s, p = b.init(k, in_shape)
+            shapes.append(tuple(s))
+            params.append(p)
+        lead = {s[:-1] for s in shapes}
+        if combine == "sum" and len(set(shapes)) != 1 or combine == "concat" and len(lead) != 1:
+            raise ShapeError(f"branch output shapes {shapes} cannot be merged by {combine}",
+                             (name,))
+        out = shapes[0] if combine == "sum" else shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+        return out, tuple(params)
+
+    def init_state(in_shape):
+        return tuple(b.init_state(in_shape) if b.stateful else None for b in branches)
+
+    def merge(ys):
+        return jnp.concatenate(ys, axis=-1) if combine == "concat" else sum(ys[1:], ys[0])
+
+    def run(params, x, state, key, train):
+        states = _states(name, branches, state) if stateful else (None,) * n
+        ys, new = [], []
+        for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
+            with layer_scope(label):
+                y, s = run_apply(b, p, x, state=s, key=k, train=train)
+            ys.append(y)
+            new.append(s)
+        return merge(ys), tuple(new)
+
+    def run_fwd(params, x, state, key, train):
+        states = _states(name, branches, state) if stateful else (None,) * n
+        ys, res, new = [], [], []
+        for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
+            with layer_scope(label):
+                y, r, s = run_forward(b, p, x, state=s, key=k, train=train)
+            ys.append(y)
+            res.append(r)
+            new.append(s)
+        sizes = tuple(y.shape[-1] for y in ys)
+        return merge(ys), (tuple(res), sizes), tuple(new)
+
+    def backward(params, res, dy):
+        res, sizes = res
+        if combine == "concat":
+            cuts = [sum(sizes[:i]) for i in range(1, n)]
+            dys = jnp.split(dy, cuts, axis=-1)
+        else:
+            dys = [dy] * n
+        grads, dx = [], None
+        for label, b, p, r, d in zip(labels, branches, params, res, dys):
+            with layer_scope(label):
+                g, dxi = b.backward(p, r, d)
+            grads.append(g)
+            dx = _add(dx, dxi)
+        return tuple(grads), dx
+
+    return _assemble(name, init, run, run_fwd, backward, stateful, init_state,
+                     tuple(zip([f"[{i}]" for i in range(n)], branches)))
+
+
+def residual(body: Layer) -> Layer:
+    """A skip connection ``y = x + f(x)``; ``f`` must keep the shape.
+
+    Params and state are the body's. Backward: ``dx = dy + backward_f(dy)``.
+    """
+    (body,) = _check_layers("residual", (body,))
+    name = "residual"
+    label = f"residual({body.name})"
+
+    def init(key, in_shape):
+        with layer_scope(label):
+            s, p = body.init(key, in_shape)
+        if tuple(s) != tuple(in_shape) and tuple(s)[1:] != tuple(in_shape)[1:]:
+            raise ShapeError(f"the body maps {tuple(in_shape)} to {tuple(s)}; a residual body "
+                             f"must keep the shape", (name,))
+        return in_shape, p
+
+    def run(params, x, state, key, train):
+        with layer_scope(label):
+            y, s = run_apply(body, params, x, state=state, key=key, train=train)
+        return x + y, s
+
+    def run_fwd(params, x, state, key, train):
+        with layer_scope(label):
+            y, r, s = run_forward(body, params, x, state=state, key=key, train=train)
+        return x + y, r, s
+
+    def backward(params, res, dy):
+        with layer_scope(label):
+            g, dx = body.backward(params, res, dy)
+        return g, _add(dy, dx)
+
+    return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
+                     ())

@@ -1,0 +1,114 @@
+"""Dense (fully connected) layer: ``y = x @ W + b``, with its hand-written backward.
+
+Row-vector convention: ``W`` has shape ``(in, out)``. The seed notes that write
+``y = W x + b`` with ``W`` of shape ``(out, in)`` use the transpose.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funnn.core import ConfigError, Layer, ShapeError, check_features, check_floating, check_in_shape
+
+__all__ = ["dense", "get_initializer", "INITIALIZERS"]
+
+# jax.nn.initializers already implements these (variance scaling with the right
+# fan modes; the "normal" ones draw from a truncated normal); we only name them.
+INITIALIZERS = {
+    "lecun_normal": jax.nn.initializers.lecun_normal(),
+    "lecun_uniform": jax.nn.initializers.lecun_uniform(),
+    "glorot_normal": jax.nn.initializers.glorot_normal(),
+    "glorot_uniform": jax.nn.initializers.glorot_uniform(),
+    "he_normal": jax.nn.initializers.he_normal(),
+    "he_uniform": jax.nn.initializers.he_uniform(),
+    "normal": jax.nn.initializers.normal(1.0),
+    "zeros": jax.nn.initializers.zeros,
+    "ones": jax.nn.initializers.ones,
+}
+
+
+def get_initializer(spec, what: str, layer_name: str):
+    """An ``init(key, shape, dtype) -> array`` from a name, a callable, or an explicit array.
+
+    An explicit array (numpy or jax) is used as given; its shape is checked at init.
+    """
+    if isinstance(spec, str):
+        if spec not in INITIALIZERS:
+            raise ConfigError(f"unknown {what} initializer {spec!r}; valid: "
+                              f"{', '.join(sorted(INITIALIZERS))}", (layer_name,))
+        return INITIALIZERS[spec]
+    if callable(spec):
+        return spec
+    try:
+        value = np.asarray(spec)
+    except Exception:
+        value = None
+    if value is None or value.dtype == object:
+        raise ConfigError(f"{what} initializer must be a name, a callable (key, shape, dtype) "
+                          f"or an array, got {type(spec).__name__}", (layer_name,))
+
+    def explicit(key, shape, dtype=None):
+        if tuple(value.shape) != tuple(shape):
+            raise ShapeError(f"explicit {what} has shape {tuple(value.shape)}, expected "
+                             f"{tuple(shape)}", (layer_name,))
+        return jnp.asarray(value, dtype=dtype if dtype is not None else _float_dtype(value))
+
+    return explicit
+
+
+def _float_dtype(value):
+    return value.dtype if np.issubdtype(value.dtype, np.floating) else jnp.zeros(()).dtype
+
+
+def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool = True,
+          dtype=None) -> Layer:
+    """A fully connected layer ``y = x @ W + b``.
+
+    Shapes: ``x (..., in) -> y (..., out)``; any number of leading axes, none included.
+    Params: ``{"W": (in, out), "b": (out,)}`` (no ``"b"`` when ``use_bias=False``).
+    Derivative: ``dW = x^T dy`` (summed over the batch), ``db = sum(dy)``, ``dx = dy W^T``;
+    the seeds' delta rule ``dE/dW_jk = O_j delta_k``.
+    Initialisers: a name from :data:`INITIALIZERS`, a callable ``(key, shape, dtype)``,
+    or an explicit array of the right shape.
+    """
+    if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
+        raise ConfigError(f"dense: output size must be a positive int, got {out!r}", ("dense",))
+    name = f"dense({out})"
+    w_fn = get_initializer(w_init, "weight", name)
+    b_fn = get_initializer(b_init, "bias", name) if use_bias else None
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, min_rank=1)
+        n_in = shape[-1]
+        if n_in is None:
+            raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last axis",
+                             (name,))
+        kw, kb = jax.random.split(key)
+        dt = dtype if dtype is not None else jnp.zeros(()).dtype
+        params = {"W": w_fn(kw, (n_in, out), dt)}
+        if use_bias:
+            params["b"] = b_fn(kb, (out,), dt)
+        return shape[:-1] + (out,), params
+
+    def _check(params, x):
+        check_floating(name, x)
+        check_features(name, x, params["W"].shape[0])
+
+    def apply(params, x, *, key=None, train=False):
+        _check(params, x)
+        y = x @ params["W"]
+        return y + params["b"] if use_bias else y
+
+    def forward(params, x, *, key=None, train=False):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        grads = {"W": x2.T @ dy2}
+        if use_bias:
+            grads["b"] = dy2.sum(0)
+        return grads, dy @ params["W"].T
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)

@@ -1,0 +1,17 @@
+"""Shared test set-up: float64 everywhere, small hypothesis budgets."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# JAX compiles a new program for every new shape, so each example costs ~0.1-1 s.
+settings.register_profile(
+    "funnn", max_examples=12, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "funnn"))
