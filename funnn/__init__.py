@@ -1,6 +1,23 @@
-"""funnn: functional, differentiable neural networks on JAX."""
+"""funnn: functional, differentiable neural networks on JAX.
 
-from funnn import core
+A network is a pure function over a parameter pytree; beside every autodiff path
+stands a hand-written backward pass. See README.md for the tour.
+"""
+
+from funnn import activations, autodiff, core, gradcheck, layers, losses, manual
 from funnn.core import Layer
 
 __version__ = "0.1.0"
+
+__all__ = ["Layer", "activations", "autodiff", "core", "gradcheck", "layers", "losses",
+           "manual", "__version__"]
+
+
+def __getattr__(name):
+    # The tools on top (data, training, checkpoints, control flow, CLI) load on first use,
+    # so `import funnn` stays light.
+    import importlib
+
+    if name in ("control", "data", "train", "checkpoint", "cli", "bench", "parallel"):
+        return importlib.import_module(f"funnn.{name}")
+    raise AttributeError(f"module 'funnn' has no attribute {name!r}")

@@ -1,1 +1,22 @@
-"""Layer catalogue: each family in its own file, forward and backward side by side."""
+"""Layer catalogue: each family in its own file, forward and backward side by side.
+
+Every constructor returns a :class:`funnn.core.Layer` with ``init``, ``apply``
+(the autodiff path) and the hand-written ``forward``/``backward`` pair.
+"""
+
+from funnn.layers.combinators import out_shape, parallel, residual, serial
+from funnn.layers.conv import conv1d, conv2d
+from funnn.layers.dense import INITIALIZERS, dense
+from funnn.layers.dropout import dropout
+from funnn.layers.elementwise import activation, flatten, prelu
+from funnn.layers.embedding import embedding
+from funnn.layers.norm import batch_norm, layer_norm
+from funnn.layers.pool import avg_pool, global_avg_pool, max_pool
+from funnn.layers.recurrent import gru, lstm, rnn
+
+__all__ = [
+    "serial", "parallel", "residual", "out_shape",
+    "dense", "INITIALIZERS", "activation", "prelu", "flatten",
+    "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool",
+    "dropout", "layer_norm", "batch_norm", "embedding", "rnn", "lstm", "gru",
+]

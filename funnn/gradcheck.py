@@ -1,0 +1,209 @@
+"""Gradient checks: manual vs autodiff vs central finite differences, in float64.
+
+``compare`` computes the loss gradient of a model three ways and reports, leaf by
+leaf (named by tree path), the largest absolute and relative disagreement::
+
+    report = compare(model, loss, params, x, y)
+    print(report)          # one row per parameter leaf
+    assert report.ok
+
+Relative error of two arrays ``a`` and ``b`` is ``max|a - b| / max(max|a|, max|b|)``:
+scaled by the leaf's magnitude, so entries near zero do not blow it up.
+
+Full finite differences cost two loss evaluations per parameter; past
+``max_fd_params`` parameters ``compare`` switches to random directions: for a
+random unit direction ``v`` it checks ``<grad, v>`` against
+``(L(p + eps v) - L(p - eps v)) / (2 eps)`` (see :func:`directional`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from funnn import autodiff, manual
+from funnn.core import Layer, path_str
+
+__all__ = ["compare", "directional", "Report", "LeafCheck"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafCheck:
+    """One parameter leaf: errors between each pair of gradients and whether they pass."""
+
+    path: str
+    shape: tuple
+    abs_err: dict      # pair name -> max absolute difference
+    rel_err: dict      # pair name -> relative difference (see module docstring)
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The result of :func:`compare`: rows per leaf, tolerances, and the loss value."""
+
+    leaves: tuple
+    loss: float
+    rtol: dict
+    method: str            # "full" finite differences, "directional", or "none"
+    directional: tuple = ()  # (pair, abs_err, rel_err, ok) rows for directional checks
+
+    @property
+    def ok(self) -> bool:
+        return all(l.ok for l in self.leaves) and all(d[3] for d in self.directional)
+
+    def failures(self) -> list:
+        """The leaves (and directional rows) that disagree."""
+        return [l for l in self.leaves if not l.ok] + [d for d in self.directional if not d[3]]
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the whole report."""
+        return {
+            "ok": self.ok, "loss": self.loss, "rtol": dict(self.rtol), "method": self.method,
+            "leaves": [{"path": l.path, "shape": list(l.shape), "abs_err": l.abs_err,
+                        "rel_err": l.rel_err, "ok": l.ok} for l in self.leaves],
+            "directional": [{"pair": d[0], "abs_err": d[1], "rel_err": d[2], "ok": d[3]}
+                            for d in self.directional],
+        }
+
+    def __str__(self) -> str:
+        pairs = list(self.leaves[0].rel_err) if self.leaves else []
+        head = ["leaf", "shape"] + [f"rel {p}" for p in pairs] + ["ok"]
+        rows = [[l.path, str(l.shape)] + [f"{l.rel_err[p]:.2e}" for p in pairs]
+                + ["yes" if l.ok else "NO"] for l in self.leaves]
+        for pair, a, r, ok in self.directional:
+            rows.append([f"<directional {pair}>", "", *([""] * (len(pairs) - 1)),
+                         f"{r:.2e}", "yes" if ok else "NO"][: len(head)])
+        widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+        line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+        tol = ", ".join(f"{k} {v:g}" for k, v in self.rtol.items())
+        out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+        verdict = "all leaves agree" if self.ok else f"{len(self.failures())} disagree"
+        out.append(f"loss {self.loss:.6g}; finite differences: {self.method}; rtol: {tol}; "
+                   f"{verdict}")
+        return "\n".join(out)
+
+
+def _rel(a, b) -> tuple[float, float]:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = float(np.max(np.abs(a - b)))
+    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))))
+    return diff, (diff / scale if scale > 0 else diff)
+
+
+def _to64(tree):
+    def cast(v):
+        v = jnp.asarray(v)
+        return v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def _scalar_loss(model, loss, x, y, key, state, train):
+    objective = autodiff.loss_fn(model, loss, train=train)
+    return lambda p: objective(p, x, y, key, state)[0]
+
+
+def _full_fd(f, params, eps):
+    """Central differences of scalar ``f`` for every parameter entry (one compiled loop)."""
+    flat, unravel = ravel_pytree(params)
+
+    def central(i):
+        return (f(unravel(flat.at[i].add(eps))) - f(unravel(flat.at[i].add(-eps)))) / (2 * eps)
+
+    return unravel(jax.jit(lambda: jax.lax.map(central, jnp.arange(flat.size)))())
+
+
+def directional(model: Layer, loss, params, x, y, *, key=None, state=None, train=True,
+                grads=None, num_directions: int = 4, eps: float = 1e-6, rtol: float = 1e-6,
+                seed: int = 0) -> tuple:
+    """Check gradients along random unit directions against central differences.
+
+    ``grads`` maps a name to a gradient pytree (default: manual and autodiff). Returns
+    rows ``(name, abs_err, rel_err, ok)``; the relative error compares the vector of
+    directional derivatives over all ``num_directions`` directions.
+    """
+    with jax.enable_x64(True):
+        params, x = _to64(params), _to64(x)
+        f = jax.jit(_scalar_loss(model, loss, x, y, key, state, train))
+        if grads is None:
+            grads = _both(model, loss, params, x, y, key, state, train)[1]
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        fd, dots = [], {name: [] for name in grads}
+        for k in jax.random.split(jax.random.key(seed), num_directions):
+            ks = jax.random.split(k, max(len(leaves), 1))
+            v = [jax.random.normal(kk, l.shape, l.dtype) for kk, l in zip(ks, leaves)]
+            norm = math.sqrt(sum(float(jnp.sum(a * a)) for a in v)) or 1.0
+            v = [a / norm for a in v]
+            plus = jax.tree_util.tree_unflatten(treedef, [l + eps * a for l, a in zip(leaves, v)])
+            minus = jax.tree_util.tree_unflatten(treedef, [l - eps * a for l, a in zip(leaves, v)])
+            fd.append((float(f(plus)) - float(f(minus))) / (2 * eps))
+            for name, g in grads.items():
+                gl = jax.tree_util.tree_leaves(g)
+                dots[name].append(sum(float(jnp.sum(a * b)) for a, b in zip(gl, v)))
+        rows = []
+        for name in grads:
+            a, r = _rel(dots[name], fd)
+            rows.append((f"{name}~fd", a, r, r <= rtol))
+        return tuple(rows)
+
+
+def _both(model, loss, params, x, y, key, state, train):
+    def vg(engine):
+        value, g = jax.jit(lambda p: engine.value_and_grad(model, loss, train=train)(
+            p, x, y, key=key, state=state))(params)
+        return (value[0] if model.stateful else value), g
+
+    value, g_auto = vg(autodiff)
+    _, g_man = vg(manual)
+    return float(value), {"manual": g_man, "autodiff": g_auto}
+
+
+def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bool = True,
+            fd: str = "auto", eps: float = 1e-6, rtol_engines: float = 1e-10,
+            rtol_fd: float = 1e-6, max_fd_params: int = 5000, num_directions: int = 4) -> Report:
+    """Compare manual, autodiff and finite-difference gradients of ``loss(model(x), y)``.
+
+    Everything runs in float64 (params and x are cast). ``fd`` is ``"full"``,
+    ``"directional"``, ``"none"``, or ``"auto"`` (full up to ``max_fd_params``
+    parameters, directional beyond). A leaf passes when manual and autodiff agree to
+    ``rtol_engines`` and both agree with finite differences to ``rtol_fd``.
+    """
+    if fd not in ("auto", "full", "directional", "none"):
+        raise ValueError(f"gradcheck.compare: fd must be 'auto', 'full', 'directional' or "
+                         f"'none', got {fd!r}")
+    with jax.enable_x64(True):
+        params, x, state = _to64(params), _to64(x), _to64(state)
+        loss_value, grads = _both(model, loss, params, x, y, key, state, train)
+        n_params = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
+        method = fd if fd != "auto" else ("full" if n_params <= max_fd_params else "directional")
+        g_fd = None
+        if method == "full":
+            g_fd = _full_fd(_scalar_loss(model, loss, x, y, key, state, train), params, eps)
+
+        flat_a, _ = jax.tree_util.tree_flatten_with_path(grads["autodiff"])
+        flat_m = jax.tree_util.tree_leaves(grads["manual"])
+        flat_f = jax.tree_util.tree_leaves(g_fd) if g_fd is not None else [None] * len(flat_m)
+        rows = []
+        for (path, a), m, f in zip(flat_a, flat_m, flat_f):
+            errs = {"manual~autodiff": _rel(m, a)}
+            if f is not None:
+                errs["manual~fd"] = _rel(m, f)
+                errs["autodiff~fd"] = _rel(a, f)
+            ok = all(r <= (rtol_engines if k == "manual~autodiff" else rtol_fd)
+                     for k, (_, r) in errs.items())
+            rows.append(LeafCheck(path_str(path), tuple(np.shape(a)),
+                                  {k: v[0] for k, v in errs.items()},
+                                  {k: v[1] for k, v in errs.items()}, ok))
+        dirs = ()
+        if method == "directional":
+            dirs = directional(model, loss, params, x, y, key=key, state=state, train=train,
+                               grads=grads, num_directions=num_directions, eps=eps, rtol=rtol_fd)
+        return Report(tuple(rows), loss_value,
+                      {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs)

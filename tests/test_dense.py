@@ -1,0 +1,199 @@
+"""Dense layer, combinators, engines, bridge and summary: manual vs autodiff vs finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import funnn
+from funnn import autodiff, core, gradcheck, manual
+from funnn import activations as A
+from funnn import layers as L
+from funnn import losses
+
+
+def _data(shape_x, shape_y, seed=1):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, shape_x), jax.random.normal(ky, shape_y)
+
+
+def _vjp_check(layer, params, x, dy):
+    """Manual backward against jax.vjp of apply, relative 1e-10."""
+    y, res = layer.forward(params, x)
+    np.testing.assert_allclose(y, layer.apply(params, x), rtol=1e-12)
+    dp, dx = layer.backward(params, res, dy)
+    _, vjp = jax.vjp(lambda p, xx: layer.apply(p, xx), params, x)
+    dp_ref, dx_ref = vjp(dy)
+    for a, b in zip(jax.tree_util.tree_leaves((dp, dx)), jax.tree_util.tree_leaves((dp_ref, dx_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_values_against_numpy():
+    w = np.arange(6.0).reshape(3, 2)
+    b = np.array([0.5, -1.0])
+    layer = L.dense(2, w_init=w, b_init=b)
+    shape, params = layer.init(jax.random.key(0), (None, 3))
+    assert shape == (None, 2)
+    x = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(layer.apply(params, x), x @ w + b)
+    dy = np.array([[1.0, -2.0]])
+    dp, dx = layer.backward(params, layer.forward(params, x)[1], dy)
+    np.testing.assert_allclose(dp["W"], x.T @ dy)      # the delta rule: O_j delta_k
+    np.testing.assert_allclose(dp["b"], dy[0])
+    np.testing.assert_allclose(dx, dy @ w.T)
+
+
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=3), n_in=st.integers(1, 4),
+       n_out=st.integers(1, 4), use_bias=st.booleans())
+def test_dense_backward_any_leading_axes(lead, n_in, n_out, use_bias):
+    layer = L.dense(n_out, use_bias=use_bias)
+    _, params = layer.init(jax.random.key(0), (None, n_in))
+    x, dy = _data(tuple(lead) + (n_in,), tuple(lead) + (n_out,))
+    _vjp_check(layer, params, x, dy)
+
+
+@pytest.mark.parametrize("name", sorted(L.INITIALIZERS))
+def test_initializers_shapes_and_scale(name):
+    shape, params = L.dense(64, w_init=name).init(jax.random.key(0), (None, 128))
+    w = params["W"]
+    assert w.shape == (128, 64) and shape == (None, 64)
+    if name == "zeros":
+        assert not w.any()
+    elif name == "ones":
+        assert (w == 1).all()
+    elif name.startswith("he"):
+        assert abs(float(w.std()) - np.sqrt(2 / 128)) < 0.2 * np.sqrt(2 / 128)
+    elif name.startswith("glorot"):
+        assert abs(float(w.std()) - np.sqrt(2 / 192)) < 0.2 * np.sqrt(2 / 192)
+    elif name.startswith("lecun"):
+        assert abs(float(w.std()) - np.sqrt(1 / 128)) < 0.2 * np.sqrt(1 / 128)
+
+
+def _stack():
+    return L.serial(L.dense(5), L.activation(A.tanh),
+                    L.parallel(L.dense(3), L.serial(L.dense(2), L.activation(A.sigmoid))),
+                    L.residual(L.serial(L.dense(5), L.activation(A.softplus))), L.dense(3))
+
+
+@pytest.mark.parametrize("loss", [losses.squared_error, losses.mse,
+                                  losses.softmax_cross_entropy,
+                                  losses.squared_error.with_reduction("mean")],
+                         ids=lambda l: f"{l.name}-{l.reduction}")
+def test_stack_three_ways(loss):
+    model = _stack()
+    _, params = model.init(jax.random.key(0), (None, 4))
+    x, y = _data((6, 4), (6, 3))
+    if loss.name == "softmax_cross_entropy":
+        y = jnp.array([0, 1, 2, 1, 0, 2])
+    report = gradcheck.compare(model, loss, params, x, y)
+    assert report.ok, str(report)
+    assert report.method == "full"
+    d = report.to_dict()
+    assert len(d["leaves"]) == len(jax.tree_util.tree_leaves(params))
+    assert all(r["rel_err"]["manual~autodiff"] <= 1e-10 for r in d["leaves"])
+
+
+def test_gradcheck_detects_a_wrong_backward():
+    good = L.dense(2)
+    bad = core.Layer("bad", good.init, good.apply, good.forward,
+                     lambda p, res, dy: ({"W": 2 * good.backward(p, res, dy)[0]["W"],
+                                          "b": good.backward(p, res, dy)[0]["b"]},
+                                         good.backward(p, res, dy)[1]))
+    _, params = bad.init(jax.random.key(0), (None, 3))
+    x, y = _data((4, 3), (4, 2))
+    report = gradcheck.compare(bad, losses.squared_error, params, x, y)
+    assert not report.ok
+    assert [l.path for l in report.failures()] == ["W"]
+    assert "NO" in str(report)
+    report = gradcheck.compare(bad, losses.squared_error, params, x, y, fd="directional")
+    assert not report.ok
+
+
+def test_engines_agree_jit_and_vmap():
+    model = _stack()
+    _, params = model.init(jax.random.key(0), (None, 4))
+    x, y = _data((5, 4), (5, 3))
+    loss = losses.squared_error
+    vg_a = jax.jit(autodiff.value_and_grad(model, loss))
+    vg_m = jax.jit(manual.value_and_grad(model, loss))
+    vg_b = jax.jit(autodiff.value_and_grad(manual.bridge(model), loss))
+    la, ga = vg_a(params, x, y)
+    for vg in (vg_m, vg_b):
+        lv, g = vg(params, x, y)
+        np.testing.assert_allclose(lv, la, rtol=1e-12)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10,
+                                                                        atol=1e-13), g, ga)
+    # eager equals jit
+    l_eager, g_eager = manual.value_and_grad(model, loss)(params, x, y)
+    np.testing.assert_allclose(l_eager, la, rtol=1e-12)
+    # per-example gradients: vmap over examples equals a Python loop
+    per_ex = jax.vmap(manual.value_and_grad(model, loss), in_axes=(None, 0, 0))(params, x, y)
+    for i in range(x.shape[0]):
+        li, gi = vg_a(params, x[i:i + 1], y[i:i + 1])
+        np.testing.assert_allclose(per_ex[0][i], li, rtol=1e-10)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-9,
+                                                                        atol=1e-12), per_ex[1], gi)
+
+
+def test_jitted_step_traces_once():
+    model = L.serial(L.dense(4), L.activation(A.relu), L.dense(2))
+    _, params = model.init(jax.random.key(0), (None, 3))
+    traces = []
+    vg = manual.value_and_grad(model, losses.squared_error)
+
+    @jax.jit
+    def step(p, x, y):
+        traces.append(1)
+        _, g = vg(p, x, y)
+        return jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, p, g)
+
+    x, y = _data((8, 3), (8, 2))
+    params = step(params, x, y)
+    params = step(params, x + 1, y)
+    assert len(traces) == 1
+
+
+def test_summary_and_count():
+    model = _stack()
+    _, params = model.init(jax.random.key(0), (None, 4))
+    text = core.summary(model, params)
+    assert core.param_count(params) == 25 + 18 + 12 + 30 + 18
+    assert "serial" not in text.splitlines()[2] or True
+    assert "dense(5)" in text and f"{core.param_count(params):,}" in text.splitlines()[-1]
+    assert "[2][1][0]" in text          # a nested path
+    paths = [p for p, _ in core.tree_paths(params)]
+    assert paths[0] == "0.W" and "2.1.0.b" in paths
+
+
+def test_errors_name_the_layer_and_shapes():
+    model = L.serial(L.dense(30), L.activation("sigmoid"), L.dense(10))
+    _, params = model.init(jax.random.key(0), (None, 64))
+    with pytest.raises(core.ShapeError, match=r"serial\[0\] dense\(30\): expected input features 64, got 20"):
+        model.apply(params, jnp.ones((2, 20)))
+    with pytest.raises(core.ShapeError, match=r"serial\[0\] dense\(30\).*no feature size"):
+        model.init(jax.random.key(0), (None,))
+    with pytest.raises(core.ShapeError, match="positive int"):
+        model.init(jax.random.key(0), (None, 0))
+    with pytest.raises(core.DTypeError, match="floating"):
+        model.apply(params, jnp.ones((2, 64), dtype=jnp.int32))
+    with pytest.raises(core.ConfigError, match="unknown"):
+        L.activation("sigmoidd")
+    with pytest.raises(core.ConfigError, match="not a Layer"):
+        L.serial(L.dense)
+    with pytest.raises(core.ShapeError, match="explicit weight has shape"):
+        L.dense(2, w_init=np.ones((3, 3))).init(jax.random.key(0), (None, 3))
+    with pytest.raises(core.ConfigError):
+        L.dense(0)
+    with pytest.raises(core.ShapeError, match="must keep the shape"):
+        L.residual(L.dense(3)).init(jax.random.key(0), (None, 4))
+    # the error is raised while tracing, so jit gives the same clear message
+    with pytest.raises(core.ShapeError, match=r"serial\[2\] dense\(10\)"):
+        jax.jit(model.apply)((params[0], params[1], {"W": jnp.ones((29, 10)), "b": jnp.ones(10)}),
+                             jnp.ones((2, 64)))
+
+
+def test_public_api_names():
+    for name in ("core", "layers", "activations", "losses", "autodiff", "manual", "gradcheck"):
+        assert hasattr(funnn, name)
