@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funnn import autodiff, manual
+from funnn import autodiff, losses, manual
 from funnn.core import ConfigError, Layer
 
 __all__ = ["fit", "FitResult", "make_step", "make_epoch", "evaluate", "get_engine",
@@ -117,12 +117,6 @@ def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_
     return jax.jit(epoch, donate_argnums=0)
 
 
-def accuracy(pred, y):
-    """Fraction of rows whose arg-max matches the integer label (or the one-hot arg-max)."""
-    target = jnp.argmax(y, -1) if y.ndim == pred.ndim else y
-    return jnp.mean(jnp.argmax(pred, -1) == target)
-
-
 def make_evaluate(model: Layer, loss):
     """A jitted ``evaluate(params, model_state, x, y) -> (loss, accuracy)`` in inference mode."""
 
@@ -131,7 +125,7 @@ def make_evaluate(model: Layer, loss):
             pred, _ = model.apply(params, x, state=model_state, train=False)
         else:
             pred = model.apply(params, x, train=False)
-        acc = accuracy(pred, y) if pred.shape[-1] > 1 else jnp.nan
+        acc = losses.accuracy(pred, y) if pred.shape[-1] > 1 else jnp.nan
         return loss.value(pred, y), acc
 
     return jax.jit(evaluate)
@@ -191,13 +185,16 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: flo
     key = jax.random.key(0) if key is None else key
     if model.stateful and model_state is None:
         model_state = model.init_state((None,) + tuple(x.shape[1:]))
+    # The epoch donates its state buffers; copy once so the caller's arrays stay valid.
+    params, model_state = jax.tree_util.tree_map(jnp.copy, (params, model_state))
     ts = TrainState(params, opt.init(params), model_state)
     history, start = [], 0
     if resume and checkpoint_dir is not None:
         path = ckpt.latest(checkpoint_dir)
         if path is not None:
-            saved = ckpt.restore(path, like={"params": ts.params, "opt_state": ts.opt_state,
-                                             "model_state": ts.model_state})
+            saved = ckpt.restore(path, like={"params": {"params": ts.params,
+                                             "opt_state": ts.opt_state,
+                                             "model_state": ts.model_state}})
             tree = saved.params
             ts = TrainState(tree["params"], tree["opt_state"], tree["model_state"])
             start = int(saved.step)

@@ -1,0 +1,430 @@
+"""Save and restore a training state: one safetensors file per checkpoint, no pickle.
+
+A checkpoint holds the ``params`` pytree, the optimizer state (optax states are
+NamedTuples of arrays), the ``step``, a PRNG ``key`` (typed or raw), a JSON-able
+model ``config`` and free ``metadata`` (e.g. a metrics history)::
+
+    path = checkpoint.save_in("runs/a", step, params=p, opt_state=s, key=k, keep=3)
+    ck = checkpoint.restore(checkpoint.latest("runs/a"),
+                            like={"params": p, "opt_state": opt.init(p)})
+    ck.params, ck.opt_state, ck.step, ck.key, ck.config, ck.metadata
+
+File layout: the array leaves are safetensors tensors named by tree path
+(``params/0.W``, ``opt_state/0.mu/0.W``, ``key``); the safetensors metadata holds
+``funnn`` (JSON: format version, step, config, metadata and each tree's structure
+as nested JSON: ``dict`` with keys, ``list``/``tuple``, ``namedtuple`` with class
+name and fields, ``none``, Python scalars, arrays and PRNG keys pointing at
+tensors) and ``sha256``, a checksum over that JSON and every tensor's name,
+dtype, shape and bytes, verified on load.
+
+Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a
+failed save leaves the previous file intact. Every problem with a file is a
+:class:`~funnn.core.CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import operator
+import os
+import re
+import tempfile
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy as stn
+
+from funnn.core import CheckpointError, ConfigError
+
+__all__ = ["Checkpoint", "save", "restore", "latest", "save_in", "checkpoints", "FORMAT"]
+
+FORMAT = "funnn.checkpoint/1"
+_TREES = ("params", "opt_state", "key")
+_NAME = re.compile(r"^ckpt_(\d+)\.safetensors$")
+# dtypes safetensors stores natively; others (bfloat16, float8, complex128) go as raw bytes.
+_NATIVE = {np.dtype(t) for t in ("f8", "f4", "f2", "i8", "i4", "i2", "i1",
+                                 "u8", "u4", "u2", "u1", "bool", "c8")}
+
+
+class Checkpoint(NamedTuple):
+    """A restored training state."""
+
+    params: Any
+    opt_state: Any
+    step: int
+    key: Any
+    config: dict | None
+    metadata: dict | None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _is_key(x) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt is not None and isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and \
+        jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
+
+
+def _head(node, where: str) -> dict:
+    """The description of ``node`` itself, without children or data (``"c"``, ``"n"``)."""
+    if node is None:
+        return {"t": "none"}
+    if isinstance(node, (bool, int, float, str)) and not isinstance(node, np.generic):
+        return {"t": "py", "v": node}
+    if isinstance(node, jax.core.Tracer):
+        raise CheckpointError(f"{where}: cannot save a traced value; save outside jit")
+    if _is_key(node):
+        impl = str(jax.random.key_impl(node)) if isinstance(node, jax.Array) else None
+        return {"t": "key", "impl": impl, "shape": list(node.shape)}
+    if isinstance(node, (np.ndarray, np.generic, jax.Array, jax.ShapeDtypeStruct)):
+        return {"t": "array", "dtype": np.dtype(node.dtype).name, "shape": list(node.shape)}
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return {"t": "namedtuple", "name": type(node).__name__, "fields": list(node._fields)}
+    if isinstance(node, (tuple, list)):
+        return {"t": "tuple" if isinstance(node, tuple) else "list", "len": len(node)}
+    if isinstance(node, Mapping):
+        keys = list(node.keys())
+        bad = [k for k in keys if isinstance(k, bool) or not isinstance(k, (str, int))]
+        if bad:
+            raise CheckpointError(f"{where}: dict key {bad[0]!r} of type {type(bad[0]).__name__}"
+                                  f" cannot be saved; use str or int keys")
+        return {"t": "dict", "k": keys}
+    raise CheckpointError(f"{where}: cannot save a value of type {type(node).__name__}; "
+                          f"checkpoints hold dicts, lists, tuples, NamedTuples, None, "
+                          f"Python scalars, arrays and PRNG keys")
+
+
+def _encode(node, path: str, tensors: dict) -> dict:
+    """The JSON description of ``node``; its array leaves are added to ``tensors``."""
+    d = _head(node, path.replace("/", ".").rstrip(".") or "<root>")
+    t = d["t"]
+    if t == "key":
+        d["n"] = _tensor_name(path, tensors)
+        tensors[d["n"]] = np.asarray(jax.random.key_data(node))
+    elif t == "array":
+        a = np.asarray(node)
+        a = np.asarray(a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("=")), order="C")
+        d["n"] = _tensor_name(path, tensors)
+        tensors[d["n"]] = a if a.dtype in _NATIVE else np.frombuffer(a.tobytes(), np.uint8)
+    elif t == "dict":
+        d["c"] = [_encode(node[k], _join(path, str(k)), tensors) for k in d["k"]]
+    elif t in ("list", "tuple", "namedtuple"):
+        d.pop("len", None)
+        names = d.get("fields") or [str(i) for i in range(len(node))]
+        d["c"] = [_encode(v, _join(path, f), tensors) for f, v in zip(names, node)]
+    return d
+
+
+def _join(path: str, part: str) -> str:
+    return f"{path}.{part}" if path and not path.endswith("/") else f"{path}{part}"
+
+
+def _tensor_name(path: str, tensors: dict) -> str:
+    base = path.rstrip("/") or "<root>"
+    name, i = base, 1
+    while name in tensors:  # dict keys containing '.' can collide; keep names unique
+        name, i = f"{base}#{i}", i + 1
+    return name
+
+
+def _checksum(desc: str, tensors: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256(desc.encode())
+    for name in sorted(tensors):
+        a = tensors[name]
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _json(value, what: str) -> Any:
+    def default(o):
+        if isinstance(o, (np.ndarray, np.generic, jax.Array)) and not _is_key(o):
+            return np.asarray(o).tolist()
+        raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+    try:
+        return json.loads(json.dumps(value, default=default))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{what} must be JSON-serialisable: {err}") from None
+
+
+def _serialise(params, opt_state, step, key, config, metadata) -> bytes:
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        step = operator.index(step)
+    except TypeError:
+        raise CheckpointError(f"step must be an int, got {step!r}") from None
+    tensors: dict = {}
+    trees = {t: _encode(v, t + "/", tensors)
+             for t, v in zip(_TREES, (params, opt_state, key))}
+    desc = json.dumps({"format": FORMAT, "step": step, "config": _json(config, "config"),
+                       "metadata": _json(metadata, "metadata"), "trees": trees},
+                      sort_keys=True)
+    meta = {"funnn": desc, "sha256": _checksum(desc, tensors)}
+    return stn.save(tensors, metadata=meta)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        try:  # make the rename itself durable; not every file system allows this
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
+                              f"is {directory} a writable directory?") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def save(path, *, params, opt_state=None, step: int = 0, key=None, config=None,
+         metadata=None) -> str:
+    """Write a checkpoint to ``path`` atomically and return ``path``.
+
+    ``params``/``opt_state``/``key``: pytrees of dicts, lists, tuples, NamedTuples,
+    None, Python scalars, arrays and PRNG keys (typed ``jax.random.key`` or raw
+    uint32). ``config``/``metadata``: JSON-able (numpy/jax numbers are converted).
+    """
+    path = os.fspath(path)
+    try:  # everything that can fail on the values fails here, before any file is touched
+        data = _serialise(params, opt_state, step, key, config, metadata)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot save checkpoint {path}: {err}") from None
+    _write_atomic(path, data)
+    return path
+
+
+def checkpoints(directory) -> list[tuple[int, str]]:
+    """``[(step, path), ...]`` of the ``ckpt_<step>.safetensors`` files in ``directory``."""
+    directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        return []
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is not a directory")
+    found = [(int(m.group(1)), os.path.join(directory, n))
+             for n in os.listdir(directory) if (m := _NAME.match(n))]
+    return sorted(found)
+
+
+def latest(directory) -> str | None:
+    """The path of the highest-step checkpoint in ``directory``, or None if there is none."""
+    found = checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
+    """Save as ``directory/ckpt_<step:08d>.safetensors``, then delete all but the last ``keep``.
+
+    ``fields`` are :func:`save`'s (params, opt_state, key, config, metadata);
+    ``keep=None`` keeps every checkpoint. Returns the new file's path.
+    """
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ConfigError(f"save_in: keep must be a positive int or None, got {keep!r}")
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"cannot write checkpoints into {directory}: not a directory")
+    path = save(os.path.join(directory, f"ckpt_{int(step):08d}.safetensors"), step=step,
+                **fields)
+    if keep is not None:
+        for _, old in checkpoints(directory)[:-keep]:
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """``(description, tensors)`` of a checkpoint file, checked end to end."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if len(data) < 8:
+        raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, "
+                              f"not even a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise CheckpointError(f"checkpoint {path} is truncated: the header announces {n} "
+                              f"bytes, the file has {len(data) - 8} after the length")
+    try:
+        meta = json.loads(data[8:8 + n])["__metadata__"]
+        desc_text, want = meta["funnn"], meta["sha256"]
+        desc = json.loads(desc_text)
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt or foreign header "
+                              f"(not a funnn checkpoint, or damaged)") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        got = desc.get("format") if isinstance(desc, dict) else None
+        raise CheckpointError(f"checkpoint {path}: format {got!r}, expected {FORMAT!r}")
+    try:
+        tensors = stn.load(data)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {path} is corrupt: {err}") from None
+    got = _checksum(desc_text, tensors)
+    if got != want:
+        raise CheckpointError(f"checkpoint {path} failed its checksum (sha256 {got[:12]}..., "
+                              f"recorded {str(want)[:12]}...); the file is damaged or was "
+                              f"modified")
+    return desc, tensors
+
+
+def _array(d: dict, tensors: dict, where: str):
+    try:
+        t = tensors[d["n"]]
+        if d["t"] == "key":
+            return jax.random.wrap_key_data(jnp.asarray(t), impl=d["impl"])
+        dt = jnp.dtype(d["dtype"])
+        a = t if dt in _NATIVE else np.frombuffer(t.tobytes(), dt).reshape(d["shape"])
+        if list(a.shape) != list(d["shape"]) or a.dtype != dt:
+            raise ValueError(f"tensor is {a.dtype}{a.shape}, description {dt}{d['shape']}")
+        return jnp.asarray(a)
+    except Exception as err:
+        raise CheckpointError(f"{where}: cannot rebuild this leaf ({err})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _namedtuple(name: str, fields: tuple):
+    return collections.namedtuple(name, fields)
+
+
+def _decode(d: dict, tensors: dict, where: str):
+    """Rebuild a tree from its description: dicts, lists, tuples, namedtuples (re-created)."""
+    t = d["t"]
+    if t == "none":
+        return None
+    if t == "py":
+        return d["v"]
+    if t in ("array", "key"):
+        return _array(d, tensors, where)
+    kids = [_decode(c, tensors, f"{where}[{i}]") for i, c in enumerate(d["c"])]
+    if t == "dict":
+        return dict(zip(d["k"], kids))
+    if t == "list":
+        return kids
+    if t == "tuple":
+        return tuple(kids)
+    return _namedtuple(d["name"], tuple(d["fields"]))(*kids)
+
+
+def _kind(d: dict) -> str:
+    t = d["t"]
+    if t == "namedtuple":
+        return f"namedtuple {d['name']}({', '.join(d['fields'])})"
+    if t == "dict":
+        return f"dict with keys {d['k']}"
+    if t in ("list", "tuple"):
+        return f"{t} of length {d['len'] if 'len' in d else len(d['c'])}"
+    if t == "array":
+        return f"array {d['dtype']}{tuple(d['shape'])}"
+    if t == "key":
+        return f"PRNG key {d['impl'] or ''}{tuple(d['shape'])}"
+    return "None" if t == "none" else f"Python {type(d['v']).__name__}"
+
+
+def _fill(like, d: dict, tensors: dict, where: str):
+    """Rebuild ``d`` with the node types of the template ``like``, checking that it matches."""
+    spec, st = _head(like, where), d["t"]
+    lt = spec["t"]
+
+    def mismatch():
+        return CheckpointError(f"{where}: checkpoint has {_kind(d)}, template has "
+                               f"{_kind(spec)}; restore with a matching `like` or like=None")
+
+    if lt == "py" and st == "py":
+        return d["v"]
+    if st == "py" and lt == "array" and spec["shape"] == [] and isinstance(d["v"], (int, float)):
+        return jnp.asarray(d["v"], spec["dtype"])  # a Python scalar against e.g. eval_shape
+    if st == "array" and lt == "py" and d["shape"] == []:
+        return _array(d, tensors, where)
+    if lt != st:
+        raise mismatch()
+    if st in ("array", "key"):
+        if d["shape"] != spec["shape"] or d.get("dtype") != spec.get("dtype") or (
+                st == "key" and spec["impl"] not in (None, d["impl"])):
+            raise mismatch()
+        return _array(d, tensors, where)
+    if st == "none":
+        return None
+    if st == "dict":
+        if sorted(map(repr, d["k"])) != sorted(map(repr, spec["k"])):
+            raise mismatch()
+        kids = {k: c for k, c in zip(d["k"], d["c"])}
+        pairs = [(k, _fill(like[k], kids[k], tensors, f"{where}.{k}")) for k in spec["k"]]
+        try:
+            return type(like)(pairs)
+        except TypeError:  # e.g. defaultdict: keep the items, lose the factory
+            return dict(pairs)
+    if len(d["c"]) != len(like) or (st == "namedtuple" and (
+            d["name"], d["fields"]) != (spec["name"], spec["fields"])):
+        raise mismatch()
+    names = spec.get("fields") or range(len(like))
+    kids = [_fill(v, c, tensors, f"{where}.{f}") for f, v, c in zip(names, like, d["c"])]
+    return type(like)(*kids) if st == "namedtuple" else type(like)(kids)
+
+
+def restore(path, like=None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save`.
+
+    ``like``: a :class:`Checkpoint` or a dict with any of ``params``, ``opt_state``,
+    ``key``, whose trees (arrays, ``jax.ShapeDtypeStruct`` or keys as leaves) give
+    the node types to rebuild (e.g. optax's state classes) and the shapes and
+    dtypes to check. Trees without a template come back as dicts, lists, tuples
+    and re-created namedtuples. Array leaves come back as ``jax.Array``.
+    """
+    path = os.fspath(path)
+    if isinstance(like, Checkpoint):
+        like = like._asdict()
+    if like is not None and (not isinstance(like, Mapping) or set(like) - set(_TREES)):
+        raise ConfigError(f"restore: like must be a Checkpoint or a dict with keys from "
+                          f"{list(_TREES)}, got {type(like).__name__}"
+                          f"{' with keys ' + str(list(like)) if isinstance(like, Mapping) else ''}")
+    like = like or {}
+    desc, tensors = _read(path)
+    trees = {}
+    for t in _TREES:
+        d = desc["trees"][t]
+        try:
+            if like.get(t) is not None:
+                trees[t] = _fill(like[t], d, tensors, f"checkpoint {path}: {t}")
+            else:
+                trees[t] = _decode(d, tensors, f"checkpoint {path}: {t}")
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"checkpoint {path}: the description of {t} is "
+                                  f"malformed") from None
+    return Checkpoint(trees["params"], trees["opt_state"], int(desc["step"]), trees["key"],
+                      desc["config"], desc["metadata"])

@@ -1,0 +1,109 @@
+"""The ``funnn`` command: end to end in a subprocess, and every bad input exits 2 cleanly."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from funnn import checkpoint, cli, data
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "funnn.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_end_to_end_then_resume(tmp_path):
+    out = tmp_path / "run"
+    r = _run("train", "--epochs", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["final"]["eval_accuracy"] > 0.85
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert checkpoint.latest(out / "checkpoints").endswith("ckpt_00000002.safetensors")
+    # resume to 3 epochs: continues from the checkpoint of epoch 2
+    r = _run("train", "--epochs", "3", "--out", str(out), "--quiet", "--resume")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+
+def test_gradcheck_and_info_commands(capsys):
+    assert cli.main(["gradcheck", "--model", "mlp", "--examples", "3", "--fd", "directional"]) == 0
+    out = capsys.readouterr().out
+    assert "0.W" in out and "all leaves agree" in out
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "jax" in out and "device 0" in out
+
+
+def _main_exit(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:        # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--model", "transformer"], "invalid choice"),
+    (["train", "--engine", "symbolic"], "invalid choice"),
+    (["train", "--optimizer", "adamax"], "invalid choice"),
+    (["train", "--data", "imagenet"], "unknown dataset"),
+    (["train", "--epochs", "0"], "positive"),
+    (["train", "--batch-size", "-3"], "positive"),
+    (["train", "--lr", "0"], "positive"),
+    (["train", "--lr", "nan"], "positive"),
+    (["train", "--model", "cnn", "--data", "xor"], "needs square images"),
+])
+def test_bad_input_exits_2(argv, match, capsys, tmp_path):
+    code, err = _main_exit(argv + ["--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2
+    assert match in err
+
+
+def test_missing_and_corrupt_mnist(capsys, tmp_path):
+    code, err = _main_exit(["train", "--data", f"mnist:{tmp_path / 'nope'}",
+                            "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "nope" in err
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for prefix, n in (("train", 6), ("t10k", 3)):
+        data.write_idx(str(d / f"{prefix}-images-idx3-ubyte"), np.zeros((n, 28, 28), np.uint8))
+        data.write_idx(str(d / f"{prefix}-labels-idx1-ubyte"), np.zeros(n, np.uint8))
+    raw = (d / "train-images-idx3-ubyte").read_bytes()
+    (d / "train-images-idx3-ubyte").write_bytes(raw[:-100])       # truncated
+    code, err = _main_exit(["train", "--data", f"mnist:{d}", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "train-images-idx3-ubyte" in err
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, err = _main_exit(["train", "--out", str(blocker / "sub"), "--quiet"], capsys)
+    assert code == 2 and "cannot be written" in err
+
+
+def test_tampered_checkpoint_on_resume(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--quiet",
+                     "--model", "sigmoid"]) == 0
+    path = checkpoint.latest(out / "checkpoints")
+    raw = bytearray(open(path, "rb").read())
+    raw[-5] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    capsys.readouterr()
+    code, err = _main_exit(["train", "--epochs", "2", "--out", str(out), "--quiet",
+                            "--model", "sigmoid", "--resume"], capsys)
+    assert code == 2 and "checksum" in err.lower() or "sha256" in err.lower()
+    assert open(path, "rb").read() == bytes(raw)      # left as it was, not overwritten
