@@ -155,8 +155,9 @@ def _train(args) -> int:
     recipe = models.get(args.model)
     out = _writable_dir(args.out)
     train_set, test_set = data.load(args.data)
-    x, y = models.prepare(recipe, train_set)
-    ex, ey = models.prepare(recipe, test_set)
+    stats = models.input_stats(train_set)
+    x, y = models.prepare(recipe, train_set, stats)
+    ex, ey = models.prepare(recipe, test_set, stats)
     model = recipe.build(train_set.num_classes or int(train_set.y.shape[-1]))
     key = jax.random.key(args.seed)
     k_init, k_train = jax.random.split(key)
@@ -165,7 +166,8 @@ def _train(args) -> int:
               "optimizer": args.optimizer or recipe.optimizer,
               "learning_rate": args.lr or recipe.learning_rate,
               "epochs": args.epochs or recipe.epochs,
-              "batch_size": args.batch_size or recipe.batch_size, "seed": args.seed}
+              "batch_size": args.batch_size or recipe.batch_size, "seed": args.seed,
+              "schedule": recipe.schedule, "standardize": recipe.standardize}
     print(f"funnn train: {recipe.about}; data {args.data} ({x.shape[0]} train, "
           f"{ex.shape[0]} test); engine {args.engine}; {config['optimizer']} "
           f"lr {config['learning_rate']}, {config['epochs']} epochs, batch {config['batch_size']}")
@@ -174,6 +176,7 @@ def _train(args) -> int:
                        learning_rate=config["learning_rate"], epochs=config["epochs"],
                        batch_size=min(config["batch_size"], int(x.shape[0])),
                        engine=args.engine, key=k_train, eval_data=(ex, ey),
+                       schedule=recipe.schedule,
                        progress=False if args.quiet else None,
                        checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
                        config=config)

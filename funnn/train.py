@@ -46,23 +46,33 @@ def get_engine(name: str) -> Callable:
     raise ConfigError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}", ("fit",))
 
 
-def get_optimizer(name, learning_rate: float) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "cosine")
+
+
+def get_optimizer(name, learning_rate: float, *, schedule: str = "constant",
+                  total_steps: int | None = None) -> optax.GradientTransformation:
     """An optax optimizer by name (or pass an optax ``GradientTransformation`` through).
 
     ``sgd`` is plain gradient descent ``w -= lr * g`` as in the seed notes;
-    ``momentum``/``nesterov`` use momentum 0.9.
+    ``momentum``/``nesterov`` use momentum 0.9; ``adamw`` weight decay 1e-4.
+    ``schedule="cosine"`` decays the rate to 0 over ``total_steps`` (optax's schedule).
     """
     if isinstance(name, optax.GradientTransformation):
         return name
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ConfigError(f"learning rate must be a positive number, got {learning_rate!r}",
                           ("fit",))
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}",
+                          ("fit",))
+    if schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(learning_rate, max(int(total_steps or 1), 1))
     table = {
         "sgd": lambda: optax.sgd(learning_rate),
         "momentum": lambda: optax.sgd(learning_rate, momentum=0.9),
         "nesterov": lambda: optax.sgd(learning_rate, momentum=0.9, nesterov=True),
         "adam": lambda: optax.adam(learning_rate),
-        "adamw": lambda: optax.adamw(learning_rate),
+        "adamw": lambda: optax.adamw(learning_rate, weight_decay=1e-4),
         "rmsprop": lambda: optax.rmsprop(learning_rate),
     }
     if name not in table:
@@ -157,13 +167,15 @@ def _check_positive(name, value, kind=int):
 
 def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: float = 0.1,
         epochs: int = 10, batch_size: int = 32, engine: str = "autodiff", key=None,
+        schedule: str = "constant",
         eval_data=None, model_state=None, progress: bool | None = None,
         checkpoint_dir=None, resume: bool = False, config: dict | None = None,
         on_epoch: Callable | None = None) -> FitResult:
     """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
 
     ``optimizer`` is a name (``sgd``, ``momentum``, ``nesterov``, ``adam``, ``adamw``,
-    ``rmsprop``) or an optax transformation. ``progress`` shows a tqdm bar with the
+    ``rmsprop``) or an optax transformation; ``schedule`` is ``constant`` or ``cosine``
+    (decay to 0 over the run). ``progress`` shows a tqdm bar with the
     loss and accuracy (``None``: only when stderr is a terminal). With
     ``checkpoint_dir`` a checkpoint is written after every epoch; ``resume=True``
     continues from the newest one there. History rows hold ``epoch``,
@@ -179,7 +191,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: flo
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
-    opt = get_optimizer(optimizer, learning_rate)
+    opt = get_optimizer(optimizer, learning_rate, schedule=schedule,
+                        total_steps=epochs * (num // batch_size))
     if engine not in ENGINES:
         get_engine(engine)
     key = jax.random.key(0) if key is None else key
