@@ -74,7 +74,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
     or an explicit array of the right shape.
     """
     if not isinstance(out, (int, np.integer)) or isinstance(out, bool) or out < 1:
-        raise ConfigError(f"dense: output size must be a positive int, got {out!r}", ("dense",))
+        raise ConfigError(f"output size must be a positive int, got {out!r}", ("dense",))
     name = f"dense({out})"
     w_fn = get_initializer(w_init, "weight", name)
     b_fn = get_initializer(b_init, "bias", name) if use_bias else None

@@ -1,0 +1,79 @@
+"""Embedding: look up rows of a learned table by integer id, with its hand-written backward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_in_shape
+
+__all__ = ["embedding"]
+
+
+def _check_size(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{what} must be a positive int, got {value!r}", ("embedding",))
+    return int(value)
+
+
+def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
+    """A lookup table: ``y[..., :] = table[ids[...], :]``.
+
+    Shapes: integer ``ids (...) -> y (..., features)``; any shape of ids, none included.
+    Params: ``{"table": (num_embeddings, features)}``, drawn from ``N(0, 1/features)``
+    (Flax's default; PyTorch draws ``N(0, 1)``).
+    Residuals: the ids.
+    Derivative: ``dtable = scatter_add(zeros, ids, dy)`` (a row gets the sum of ``dy`` over
+    every position holding its id); ``dx`` is ``None``, since integer ids have no gradient
+    (combinators pass ``None`` through).
+    Ids outside ``[0, num_embeddings)`` raise :class:`ShapeError` when they are concrete;
+    under ``jit``/``vmap`` they cannot be checked and give NaN rows (and no gradient)
+    instead of being silently clamped or wrapped.
+    """
+    n = _check_size(num_embeddings, "num_embeddings")
+    f = _check_size(features, "features")
+    name = f"embedding({n}, {f})"
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, min_rank=1)
+        dt = dtype if dtype is not None else jnp.zeros(()).dtype
+        table = jax.random.normal(key, (n, f), dt) / jnp.sqrt(jnp.asarray(f, dt))
+        return shape + (f,), {"table": table}
+
+    def _ids(params, ids):
+        """Validate ``ids``; return them with negatives moved out of range (so they read NaN)."""
+        ids = jnp.asarray(ids)
+        dt = ids.dtype
+        if not jnp.issubdtype(dt, jnp.integer):
+            raise DTypeError(f"expected integer ids, got dtype {dt}; cast with ids.astype(int) "
+                             f"if the values are whole numbers", (name,))
+        rows = params["table"].shape
+        if rows != (n, f):
+            raise ShapeError(f"expected a table of shape {(n, f)}, got {rows}", (name,))
+        if not isinstance(ids, jax.core.Tracer) and np.size(ids):
+            lo, hi = int(np.min(ids)), int(np.max(ids))
+            if lo < 0 or hi >= n:
+                bad = lo if lo < 0 else hi
+                raise ShapeError(f"id {bad} is out of range for {n} embeddings (valid ids "
+                                 f"0..{n - 1}; got ids in {lo}..{hi})", (name,))
+        if jnp.issubdtype(dt, jnp.unsignedinteger):
+            return ids
+        ids = ids.astype(jnp.promote_types(dt, jnp.int32))  # room for the out-of-range id n
+        return jnp.where(ids < 0, n, ids)
+
+    def apply(params, x, *, key=None, train=False):
+        ids = _ids(params, x)
+        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def forward(params, x, *, key=None, train=False):
+        ids = _ids(params, x)
+        return jnp.take(params["table"], ids, axis=0, mode="fill", fill_value=jnp.nan), ids
+
+    def backward(params, res, dy):
+        table = params["table"]
+        dy2 = dy.reshape(-1, f).astype(table.dtype)
+        dtable = jnp.zeros_like(table).at[res.reshape(-1)].add(dy2, mode="drop")
+        return {"table": dtable}, None
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)

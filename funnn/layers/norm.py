@@ -1,0 +1,225 @@
+"""Normalisation layers: layer norm and batch norm, each with its hand-written backward.
+
+``layer_norm`` normalises every example over its last axis and is stateless.
+``batch_norm`` normalises each channel over the batch (and spatial) axes and is the
+stateful layer: its running mean and variance travel as an explicit state pytree
+``{"mean": (C,), "var": (C,)}`` into ``apply``/``forward`` and back out; nothing is
+mutated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funnn.core import (ConfigError, Layer, ShapeError, StateError, check_features,
+                        check_floating, check_in_shape, check_rank)
+
+__all__ = ["layer_norm", "batch_norm"]
+
+
+def _check_number(value, what: str, layer: str, lo: float, hi: float, lo_open: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    v = float(value) if ok else math.nan
+    inside = (lo < v if lo_open else lo <= v) and v <= hi
+    if not inside:
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ConfigError(f"{what} must be a number in {span}, got {value!r}", (layer,))
+    return v
+
+
+def _default_dtype(dtype):
+    return dtype if dtype is not None else jnp.zeros(()).dtype
+
+
+# --------------------------------------------------------------------------- layer norm
+
+
+def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
+    """Layer normalisation over the last axis, with learned scale and offset.
+
+    ``xhat = (x - mean(x)) / sqrt(var(x) + eps)`` (mean and biased variance over the
+    last axis of each example), ``y = gamma * xhat + beta``.
+    Shapes: ``x (..., F) -> y (..., F)``. Params: ``{"gamma": (F,) ones, "beta": (F,) zeros}``.
+    Residuals: ``(xhat, inv)`` with ``inv = 1 / sqrt(var + eps)`` of shape ``(..., 1)``.
+    Derivative (``dxhat = dy * gamma``, ``F`` features):
+    ``dx = inv / F * (F dxhat - sum(dxhat) - xhat sum(dxhat xhat))``,
+    ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)`` (sums over every leading axis).
+    """
+    eps = _check_number(eps, "eps", "layer_norm", 0.0, math.inf, lo_open=True)
+    name = "layer_norm" if eps == 1e-5 else f"layer_norm(eps={eps:g})"
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, min_rank=1)
+        f = shape[-1]
+        if f is None:
+            raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last "
+                             f"axis; give e.g. (None, features)", (name,))
+        dt = _default_dtype(dtype)
+        return shape, {"gamma": jnp.ones((f,), dt), "beta": jnp.zeros((f,), dt)}
+
+    def forward(params, x, *, key=None, train=False):
+        check_floating(name, x)
+        check_rank(name, x, 1, what="(..., features)")
+        check_features(name, x, params["gamma"].shape[0])
+        xc = x - jnp.mean(x, axis=-1, keepdims=True)
+        inv = lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+        xhat = xc * inv
+        return xhat * params["gamma"] + params["beta"], (xhat, inv)
+
+    def apply(params, x, *, key=None, train=False):
+        return forward(params, x)[0]
+
+    def backward(params, res, dy):
+        xhat, inv = res
+        f = dy.shape[-1]
+        dxhat = dy * params["gamma"]
+        dx = inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+                    - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+        dgamma = (dy * xhat).reshape(-1, f).sum(0)
+        dbeta = dy.reshape(-1, f).sum(0)
+        return {"gamma": dgamma, "beta": dbeta}, dx
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+class _TrainRes(NamedTuple):
+    """Batch-norm residuals in training mode: ``xhat`` (input shape) and ``inv`` ``(C,)``."""
+    xhat: jnp.ndarray
+    inv: jnp.ndarray
+
+
+class _InferRes(NamedTuple):
+    """Batch-norm residuals in inference mode: ``xhat`` (input shape) and ``inv`` ``(C,)``."""
+    xhat: jnp.ndarray
+    inv: jnp.ndarray
+
+
+def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtype=None) -> Layer:
+    """Batch normalisation of each channel (``axis``, default last) over all other axes.
+
+    Works for ``(batch, C)``, ``(batch, H, W, C)`` and any rank >= 2. ``axis`` may not be
+    the batch axis.
+
+    Training: ``mu``, ``var`` are the batch mean and BIASED variance over every axis but
+    ``axis`` (``N`` values per channel); ``xhat = (x - mu) / sqrt(var + eps)``,
+    ``y = gamma * xhat + beta``. The running statistics become
+    ``mean' = momentum * mean + (1 - momentum) * mu`` and
+    ``var' = momentum * var + (1 - momentum) * var_batch`` with the same biased ``var``
+    (as Flax, Haiku and Keras do; PyTorch stores the unbiased ``N/(N-1)`` estimate instead).
+    Inference: ``xhat = (x - mean) / sqrt(var + eps)`` with the running statistics; the
+    state comes back unchanged.
+
+    State: ``init_state(in_shape) -> {"mean": (C,) zeros, "var": (C,) ones}``.
+    Params: ``{"gamma": (C,) ones, "beta": (C,) zeros}``.
+    Residuals: ``xhat`` and ``inv = 1 / sqrt(var + eps)``, tagged training or inference.
+    Derivative (``dxhat = dy * gamma``, sums over the ``N`` positions of each channel):
+    training ``dx = inv / N * (N dxhat - sum(dxhat) - xhat sum(dxhat xhat))`` (the gradient
+    also flows through the batch mean and variance); inference ``dx = dxhat * inv`` (an
+    affine map). Both: ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)``.
+    """
+    momentum = _check_number(momentum, "momentum", "batch_norm", 0.0, 1.0, lo_open=False)
+    eps = _check_number(eps, "eps", "batch_norm", 0.0, math.inf, lo_open=True)
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis == 0:
+        raise ConfigError(f"axis must be a non-zero int (the channel axis; axis 0 is the batch), "
+                          f"got {axis!r}", ("batch_norm",))
+    axis = int(axis)
+    opts = [f"{k}={v:g}" for k, v, default in
+            (("momentum", momentum, 0.9), ("eps", eps, 1e-5), ("axis", axis, -1)) if v != default]
+    name = f"batch_norm({', '.join(opts)})" if opts else "batch_norm"
+
+    def _axes(ndim: int, shape) -> tuple:
+        """(channel axis, reduced axes, broadcast shape of a (C,) vector)."""
+        if not -ndim <= axis < ndim or axis % ndim == 0:
+            raise ShapeError(f"channel axis {axis} is out of range or the batch axis for an "
+                             f"input of rank {ndim} (shape {tuple(shape)}); batch_norm needs "
+                             f"(batch, ..., C)", (name,))
+        ax = axis % ndim
+        red = tuple(i for i in range(ndim) if i != ax)
+        bshape = tuple(shape[ax] if i == ax else 1 for i in range(ndim))
+        return ax, red, bshape
+
+    def _channels(in_shape) -> tuple:
+        shape = check_in_shape(name, in_shape, min_rank=2)
+        c = shape[_axes(len(shape), shape)[0]]
+        if c is None:
+            raise ShapeError(f"init shape {tuple(in_shape)} has no channel size on axis {axis}",
+                             (name,))
+        return shape, c
+
+    def init(key, in_shape):
+        shape, c = _channels(in_shape)
+        dt = _default_dtype(dtype)
+        return shape, {"gamma": jnp.ones((c,), dt), "beta": jnp.zeros((c,), dt)}
+
+    def init_state(in_shape):
+        _, c = _channels(in_shape)
+        dt = _default_dtype(dtype)
+        return {"mean": jnp.zeros((c,), dt), "var": jnp.ones((c,), dt)}
+
+    def _check_state(state, c: int) -> None:
+        hint = "make one with layer.init_state(in_shape) and pass the returned state back in"
+        if state is None:
+            raise StateError(f"needs its running statistics: pass state={{'mean': ({c},), "
+                             f"'var': ({c},)}}; {hint}", (name,))
+        if not isinstance(state, Mapping) or set(state) != {"mean", "var"}:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise StateError(f"expected a state dict with keys ['mean', 'var'], got {got}; {hint}",
+                             (name,))
+        got = (jnp.shape(state["mean"]), jnp.shape(state["var"]))
+        if got != ((c,), (c,)):
+            raise StateError(f"expected state shapes mean ({c},), var ({c},), got mean {got[0]}, "
+                             f"var {got[1]}; {hint}", (name,))
+
+    def forward(params, x, *, state=None, key=None, train=False):
+        check_floating(name, x)
+        check_rank(name, x, 2, what="(batch, ..., channels)")
+        ax, red, bshape = _axes(x.ndim, x.shape)
+        c = params["gamma"].shape[0]
+        check_features(name, x, c, axis=ax, what="channels")
+        _check_state(state, c)
+        if train:
+            mu = jnp.mean(x, axis=red)
+            xc = x - mu.reshape(bshape)
+            var = jnp.mean(xc * xc, axis=red)
+            inv = lax.rsqrt(var + eps)
+            xhat = xc * inv.reshape(bshape)
+            new_state = {k: (momentum * state[k] + (1 - momentum) * lax.stop_gradient(v))
+                         .astype(jnp.result_type(state[k]))   # same dtype: a lax.scan carry
+                         for k, v in (("mean", mu), ("var", var))}
+            res = _TrainRes(xhat, inv)
+        else:
+            inv = lax.rsqrt(state["var"] + eps)
+            xhat = (x - state["mean"].reshape(bshape)) * inv.reshape(bshape)
+            new_state = state
+            res = _InferRes(xhat, inv)
+        y = xhat * params["gamma"].reshape(bshape) + params["beta"].reshape(bshape)
+        return y, res, new_state
+
+    def apply(params, x, *, state=None, key=None, train=False):
+        y, _, new_state = forward(params, x, state=state, train=train)
+        return y, new_state
+
+    def backward(params, res, dy):
+        _, red, bshape = _axes(dy.ndim, dy.shape)
+        xhat, inv = res
+        dgamma = jnp.sum(dy * xhat, axis=red)
+        dbeta = jnp.sum(dy, axis=red)
+        dxhat = dy * params["gamma"].reshape(bshape)
+        if isinstance(res, _InferRes):
+            dx = dxhat * inv.reshape(bshape)
+        else:
+            dx = inv.reshape(bshape) * (dxhat - jnp.mean(dxhat, axis=red, keepdims=True)
+                                        - xhat * jnp.mean(dxhat * xhat, axis=red, keepdims=True))
+        return {"gamma": dgamma, "beta": dbeta}, dx
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 init_state=init_state)
