@@ -1,5 +1,6 @@
 """Dense layer, combinators, engines, bridge and summary: manual vs autodiff vs finite differences."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,8 +124,7 @@ def test_engines_agree_jit_and_vmap():
     for vg in (vg_m, vg_b):
         lv, g = vg(params, x, y)
         np.testing.assert_allclose(lv, la, rtol=1e-12)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10,
-                                                                        atol=1e-13), g, ga)
+        chex.assert_trees_all_close(g, ga, rtol=1e-10, atol=1e-13)
     # eager equals jit
     l_eager, g_eager = manual.value_and_grad(model, loss)(params, x, y)
     np.testing.assert_allclose(l_eager, la, rtol=1e-12)
