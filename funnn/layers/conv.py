@@ -1,0 +1,260 @@
+"""Convolution layers (channels-last), with the hand-written backward beside the forward.
+
+Layouts: ``conv1d`` takes ``x (N, W, C_in)``, ``conv2d`` takes ``x (N, H, W, C_in)`` (NHWC);
+the kernel is ``W (*kernel_size, C_in/groups, C_out)`` (WIO / HWIO), the bias ``b (C_out,)``.
+
+Along each spatial axis, with input size ``n``, kernel ``k``, stride ``s``, dilation ``d``
+and padding ``(lo, hi)``::
+
+    e = d (k - 1) + 1                      effective (dilated) kernel extent
+    m = floor((n + lo + hi - e) / s) + 1   output size
+    y[o, co] = b[co] + sum_{k, ci in group(co)} xpad[o s + k d, ci] W[k, ci, co]
+
+``xpad`` is ``x`` with ``lo``/``hi`` zeros. The map is linear in ``x`` and in ``W``; the
+backward is its two transposes, each again a convolution::
+
+    dW[k, ci, co] = sum_{n, o} xpad[n, o s + k d, ci] dy[n, o, co]   (x "convolved" with dy:
+                                                                     window stride d, dilation s)
+    dx = conv(dy dilated by s and padded (e-1-lo, n+lo-(m-1)s-1), W flipped, in/out swapped)
+    db = sum_{n, o} dy[n, o]
+
+Padding: ``"VALID"`` (none); ``"SAME"`` (``m = ceil(n / s)``; the total padding
+``max((m-1) s + e - n, 0)`` is split with the odd one on the high side, as lax and
+TensorFlow do); an int ``p`` (``(p, p)`` on every axis); or explicit pairs ``((lo, hi), ...)``,
+one per spatial axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funnn.core import (ConfigError, Layer, ShapeError, check_features, check_floating,
+                        check_in_shape, check_rank)
+from funnn.layers.dense import get_initializer
+
+__all__ = ["conv1d", "conv2d"]
+
+_SPATIAL = {1: "W", 2: "H, W", 3: "D, H, W"}
+
+
+# --------------------------------------------------------------------------- shared helpers
+# (also used by pool.py)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _ntuple(name: str, v, nd: int, what: str, minimum: int = 1) -> tuple:
+    """``v`` as a tuple of ``nd`` ints ``>= minimum``; an int is repeated on every axis."""
+    t = (v,) * nd if _is_int(v) else v
+    try:
+        t = tuple(t)
+    except TypeError:
+        t = None
+    if t is None or len(t) != nd or not all(_is_int(i) and i >= minimum for i in t):
+        raise ConfigError(f"{what} must be an int >= {minimum} or a tuple of {nd} such ints "
+                          f"(one per spatial axis), got {v!r}", (name,))
+    return tuple(int(i) for i in t)
+
+
+def _padding_spec(name: str, padding, nd: int):
+    """Validate ``padding``: ``"VALID"``, ``"SAME"``, an int, or ``nd`` pairs ``(lo, hi)``."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME"):
+            raise ConfigError(f"padding must be 'VALID', 'SAME', an int or {nd} (lo, hi) pairs, "
+                              f"got {padding!r}", (name,))
+        return padding.upper()
+    if _is_int(padding) and padding >= 0:
+        return ((int(padding), int(padding)),) * nd
+    try:
+        pairs = tuple(tuple(p) for p in padding)
+    except TypeError:
+        pairs = None
+    if (pairs is None or len(pairs) != nd
+            or not all(len(p) == 2 and all(_is_int(i) and i >= 0 for i in p) for p in pairs)):
+        raise ConfigError(f"padding must be 'VALID', 'SAME', an int >= 0 or {nd} pairs "
+                          f"(lo, hi) of ints >= 0 (one per spatial axis), got {padding!r}",
+                          (name,))
+    return tuple((int(lo), int(hi)) for lo, hi in pairs)
+
+
+def _pads(spec, sizes, extents, strides) -> tuple:
+    """Explicit ``(lo, hi)`` per spatial axis for the given input sizes (static)."""
+    if spec == "VALID":
+        return ((0, 0),) * len(sizes)
+    if spec == "SAME":
+        out = []
+        for n, e, s in zip(sizes, extents, strides):
+            total = max((-(-n // s) - 1) * s + e - n, 0)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    return spec
+
+
+def _out_sizes(name: str, sizes, extents, strides, pads, what: str) -> tuple:
+    """Output size per spatial axis; :class:`ShapeError` if a window exceeds the padded input."""
+    out = []
+    for i, (n, e, s, (lo, hi)) in enumerate(zip(sizes, extents, strides, pads)):
+        if n is None:
+            raise ShapeError(f"spatial axis {i} has unknown size None; give every axis but the "
+                             f"batch a size", (name,))
+        if n + lo + hi < e:
+            raise ShapeError(f"{what} extent {e} on spatial axis {i} is larger than the padded "
+                             f"input size {n + lo + hi} (size {n}, padding ({lo}, {hi})); use a "
+                             f"smaller {what}, less dilation, more padding or padding='SAME'",
+                             (name,))
+        out.append((n + lo + hi - e) // s + 1)
+    return tuple(out)
+
+
+def _fmt(t: tuple) -> str:
+    return str(t[0]) if len(set(t)) == 1 else str(t)
+
+
+def _fmt_padding(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    if len(set(spec)) == 1 and spec[0][0] == spec[0][1]:
+        return str(spec[0][0])
+    return str(spec)
+
+
+def _dimension_numbers(nd: int, lhs, rhs, out) -> lax.ConvDimensionNumbers:
+    """Conv dimension numbers from (batch, feature) axes; the other axes are spatial, in order."""
+    def spec(bf, all_axes):
+        return tuple(bf) + tuple(a for a in all_axes if a not in bf)
+    return lax.ConvDimensionNumbers(spec(lhs, range(nd + 2)), spec(rhs, range(nd + 2)),
+                                    spec(out, range(nd + 2)))
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dilation=1,
+          groups: int = 1, use_bias: bool = True, w_init="glorot_uniform", b_init="zeros",
+          dtype=None) -> Layer:
+    kind = f"conv{nd}d"
+    if not _is_int(features) or features < 1:
+        raise ConfigError(f"features (output channels) must be a positive int, got {features!r}",
+                          (kind,))
+    k = _ntuple(kind, kernel_size, nd, "kernel_size")
+    s = _ntuple(kind, stride, nd, "stride")
+    d = _ntuple(kind, dilation, nd, "dilation")
+    pad_spec = _padding_spec(kind, padding, nd)
+    if not _is_int(groups) or groups < 1 or features % groups:
+        raise ConfigError(f"groups must be a positive int dividing features={features}, "
+                          f"got {groups!r}", (kind,))
+    extras = [f"stride={_fmt(s)}" if set(s) != {1} else "",
+              f"padding={_fmt_padding(pad_spec)}" if pad_spec != "VALID" else "",
+              f"dilation={_fmt(d)}" if set(d) != {1} else "",
+              f"groups={groups}" if groups != 1 else "",
+              "no bias" if not use_bias else ""]
+    name = f"{kind}({', '.join([str(features), 'x'.join(map(str, k))] + [e for e in extras if e])})"
+    w_fn = get_initializer(w_init, "kernel", name)
+    b_fn = get_initializer(b_init, "bias", name) if use_bias else None
+    ext = tuple(di * (ki - 1) + 1 for ki, di in zip(k, d))
+    dn = _dimension_numbers(nd, (0, nd + 1), (nd + 1, nd), (0, nd + 1))
+    # kernel gradient: x's channels act as the batch and its batch as the contracted feature
+    dn_w = _dimension_numbers(nd, (nd + 1, 0), (nd + 1, 0), (nd, nd + 1))
+    layout = f"(batch, {_SPATIAL.get(nd, 'spatial...')}, channels)"
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, nd + 2, nd + 2)
+        c_in = shape[-1]
+        if c_in % groups:
+            raise ShapeError(f"input channels {c_in} are not divisible by groups={groups} "
+                             f"(init shape {shape})", (name,))
+        out = _out_sizes(name, shape[1:-1], ext, s, _pads(pad_spec, shape[1:-1], ext, s),
+                         "kernel")
+        kw, kb = jax.random.split(key)
+        dt = dtype if dtype is not None else jnp.zeros(()).dtype
+        params = {"W": w_fn(kw, k + (c_in // groups, features), dt)}
+        if use_bias:
+            params["b"] = b_fn(kb, (features,), dt)
+        return (shape[0],) + out + (features,), params
+
+    def _check(params, x) -> tuple:
+        """Shape checks (static, free under jit); returns the explicit padding."""
+        check_floating(name, x)
+        check_rank(name, x, nd + 2, nd + 2, what=layout)
+        w_shape = tuple(jnp.shape(params["W"]))
+        if len(w_shape) != nd + 2 or w_shape[:nd] != k or w_shape[-1] != features:
+            want = k + ("C_in/groups", features)
+            raise ShapeError(f"kernel W has shape {w_shape}, expected {want}; were these params "
+                             f"made by this layer's init?", (name,))
+        check_features(name, x, w_shape[-2] * groups, what="input channels")
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        _out_sizes(name, x.shape[1:-1], ext, s, pads, "kernel")
+        return pads
+
+    def apply(params, x, *, key=None, train=False):
+        pads = _check(params, x)
+        dt = jnp.result_type(x, params["W"])
+        y = lax.conv_general_dilated(x.astype(dt), params["W"].astype(dt), s, pads,
+                                     rhs_dilation=d, dimension_numbers=dn,
+                                     feature_group_count=groups)
+        return y + params["b"] if use_bias else y
+
+    def forward(params, x, *, key=None, train=False):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        """dy (N, *out, C_out) -> ({"W": dW, "b": db}, dx (N, *in, C_in)); see the module doc."""
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        x_dt, w_dt = x.dtype, params["W"].dtype
+        dt = jnp.result_type(x, params["W"], dy)
+        x, w, dy = x.astype(dt), params["W"].astype(dt), dy.astype(dt)
+        sizes, m = x.shape[1:-1], dy.shape[1:-1]
+        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
+        none = [(0, 0, 0)]
+        # dW: pad x, dropping the trailing rows no window reaches, so the result is exactly k.
+        trim = [(lo, hi - (n + lo + hi - e) % si, 0)
+                for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
+        xp = lax.pad(x, jnp.zeros((), dt), none + trim + none)
+        dw = lax.conv_general_dilated(xp, dy, d, [(0, 0)] * nd, rhs_dilation=s,
+                                      dimension_numbers=dn_w, batch_group_count=groups)
+        # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
+        c_ing, c_outg = w.shape[-2], features // groups
+        wt = w.reshape(k + (c_ing, groups, c_outg))
+        wt = jnp.transpose(wt, tuple(range(nd)) + (nd + 2, nd + 1, nd))  # (*k, C_out/g, g, C_in/g)
+        wt = wt.reshape(k + (c_outg, groups * c_ing))
+        wt = jnp.flip(wt, axis=tuple(range(nd)))
+        dyp = lax.pad(dy, jnp.zeros((), dt),
+                      none + [(e - 1 - lo, n + lo - sp, si - 1)
+                              for n, (lo, _), e, sp, si in zip(sizes, pads, ext, span, s)] + none)
+        dx = lax.conv_general_dilated(dyp, wt, (1,) * nd, [(0, 0)] * nd, rhs_dilation=d,
+                                      dimension_numbers=dn, feature_group_count=groups)
+        grads = {"W": dw.astype(w_dt)}
+        if use_bias:
+            grads["b"] = dy.sum(axis=tuple(range(nd + 1))).astype(params["b"].dtype)
+        return grads, dx.astype(x_dt)        # cotangents in their primals' dtypes, as autodiff
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+
+
+def conv1d(features: int, kernel_size, **options) -> Layer:
+    """1-D convolution over NWC ``x (N, W, C_in) -> (N, W_out, features)``.
+
+    Kernel ``W (KW, C_in/groups, features)``, bias ``b (features,)``; options as
+    :func:`conv2d`. Formula, shapes and derivatives: see the module docstring.
+    """
+    return _conv(1, features, kernel_size, **options)
+
+
+def conv2d(features: int, kernel_size, **options) -> Layer:
+    """2-D convolution over NHWC ``x (N, H, W, C_in) -> (N, H_out, W_out, features)``.
+
+    ``y = b + sum_k xpad[o s + k d] W[k]`` per group; ``W`` is HWIO ``(KH, KW, C_in/groups,
+    features)``, ``b (features,)``; params ``{"W", "b"}`` (no ``"b"`` with ``use_bias=False``).
+    Options (keyword only): ``stride=1``, ``padding="VALID"`` ("SAME", an int or
+    ``((lo, hi), (lo, hi))``), ``dilation=1`` (ints or per-axis tuples), ``groups=1``
+    (must divide C_in and features), ``use_bias=True``, ``w_init="glorot_uniform"``,
+    ``b_init="zeros"`` (a name, a callable ``(key, shape, dtype)`` or an array), ``dtype``.
+    Derivative: ``dW`` = x correlated with dy, ``dx`` = transposed convolution of dy, ``db``
+    = sum of dy (module docstring).
+    """
+    return _conv(2, features, kernel_size, **options)

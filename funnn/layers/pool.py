@@ -1,0 +1,241 @@
+"""Pooling layers (channels-last), with the hand-written backward beside the forward.
+
+``x (N, *spatial, C) -> (N, *out, C)``; each channel is pooled on its own. Along a spatial
+axis with input size ``n``, window ``k``, stride ``s`` (default ``k``) and padding
+``(lo, hi)``: ``m = floor((n + lo + hi - k) / s) + 1`` windows, window ``o`` covering the
+padded positions ``o s .. o s + k - 1``. Padding is ``"VALID"``, ``"SAME"`` (``m = ceil(n/s)``,
+extra on the high side), an int or explicit ``(lo, hi)`` pairs, as for convolutions; an
+explicit pad must be smaller than the window, so no window is made of padding only.
+
+Spatial rank: a tuple window (or stride, or padding pairs) fixes it (``(2,)`` pools 1-D
+``(N, W, C)``, ``(2, 2)`` pools 2-D NHWC); an int window pools every spatial axis of the
+input it is given (rank >= 3).
+
+- ``max_pool``: ``y[o] = max_{k} xpad[o s + k]`` with ``-inf`` padding. Derivative: the whole
+  of ``dy[o]`` goes to the arg-max of window ``o``; on ties the first maximum in row-major
+  window order gets all of it (the same choice as JAX's autodiff of ``lax.reduce_window``).
+- ``avg_pool``: ``y[o] = sum_k xpad[o s + k] / count[o]``. ``count_include_pad=False`` (the
+  default, as TensorFlow/Keras "SAME" pooling) counts only real inputs, so padded zeros do not
+  dilute border averages; ``True`` divides by the window size ``prod(k)`` (PyTorch's default).
+  Derivative: ``dx[i] = sum_{o: i in window o} dy[o] / count[o]``.
+- ``global_avg_pool``: ``y[n, c] = mean_{spatial} x[n, ..., c]``; ``dx = dy / (#positions)``
+  broadcast over the spatial axes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
+from funnn.layers.conv import _fmt, _fmt_padding, _is_int, _ntuple, _out_sizes, _padding_spec, _pads
+
+__all__ = ["max_pool", "avg_pool", "global_avg_pool"]
+
+
+def _geometry_fn(kind: str, window, stride, padding):
+    """Validate the options at construction.
+
+    Returns (window label, name extras, fixed spatial rank or None, geometry) where
+    ``geometry(nd) -> (window, stride, padding spec)`` for an input with ``nd`` spatial axes.
+    """
+    nd_fixed = None
+    for v in (window, stride):
+        if v is not None and not _is_int(v):
+            try:
+                nd_fixed = len(v)
+            except TypeError:
+                pass
+            break
+    if nd_fixed is None and not isinstance(padding, str) and not _is_int(padding):
+        try:
+            nd_fixed = len(padding)
+        except TypeError:
+            pass
+    nd0 = nd_fixed or 1
+    k0 = _ntuple(kind, window, nd0, "window")
+    s0 = k0 if stride is None else _ntuple(kind, stride, nd0, "stride")
+    p0 = _padding_spec(kind, padding, nd0)
+    extras = [f"stride={_fmt(s0)}" if stride is not None else "",
+              f"padding={_fmt_padding(p0)}" if p0 != "VALID" else ""]
+    wname = "x".join(map(str, k0)) if nd_fixed else str(k0[0])
+
+    def geometry(nd: int):
+        k = _ntuple(kind, window, nd, "window")
+        s = k if stride is None else _ntuple(kind, stride, nd, "stride")
+        spec = _padding_spec(kind, padding, nd)
+        if not isinstance(spec, str) and any(lo >= ki or hi >= ki
+                                             for (lo, hi), ki in zip(spec, k)):
+            raise ConfigError(f"explicit padding {spec} must be smaller than the window {k} on "
+                              f"each side (otherwise a window can hold padding only)", (kind,))
+        return k, s, spec
+
+    geometry(nd0)  # validate now (ConfigError at construction)
+    return wname, extras, nd_fixed, geometry
+
+
+def _pool(kind: str, window, stride, padding, extra_names=()):
+    """The shared frame of max_pool / avg_pool: name, init, the static shape checks."""
+    wname, extras, nd_fixed, geometry = _geometry_fn(kind, window, stride, padding)
+    name = f"{kind}({', '.join([wname] + [e for e in list(extras) + list(extra_names) if e])})"
+
+    def ndim_of(rank: int) -> int:
+        return nd_fixed if nd_fixed else max(rank - 2, 1)
+
+    def init(key, in_shape):
+        rank = len(tuple(in_shape)) if isinstance(in_shape, (tuple, list)) else 0
+        nd = ndim_of(rank)
+        shape = check_in_shape(name, in_shape, nd + 2, nd + 2)
+        k, s, spec = geometry(nd)
+        out = _out_sizes(name, shape[1:-1], k, s, _pads(spec, shape[1:-1], k, s), "window")
+        return (shape[0],) + out + (shape[-1],), {}
+
+    def check(x):
+        """Static checks; returns (k, s, pads, out sizes) for this input."""
+        check_floating(name, x)
+        nd = ndim_of(jnp.ndim(x))
+        check_rank(name, x, nd + 2, nd + 2, what="(batch, spatial..., channels)")
+        k, s, spec = geometry(nd)
+        pads = _pads(spec, x.shape[1:-1], k, s)
+        return k, s, pads, _out_sizes(name, x.shape[1:-1], k, s, pads, "window")
+
+    return name, init, check
+
+
+def _full(t: tuple) -> tuple:
+    """Spatial tuple -> (1, *t, 1) for the batch and channel axes."""
+    return (1,) + tuple(t) + (1,)
+
+
+def _pad_config(pads, interior=None) -> list:
+    interior = interior or (0,) * len(pads)
+    return [(0, 0, 0)] + [(lo, hi, i) for (lo, hi), i in zip(pads, interior)] + [(0, 0, 0)]
+
+
+def _crop(xp, pads, sizes):
+    """Undo the padding: xp[:, lo:lo+n, ..., :]."""
+    start = (0,) + tuple(lo for lo, _ in pads) + (0,)
+    limit = (xp.shape[0],) + tuple(lo + n for (lo, _), n in zip(pads, sizes)) + (xp.shape[-1],)
+    return lax.slice(xp, start, limit)
+
+
+def max_pool(window, stride=None, padding="VALID") -> Layer:
+    """Max pooling: ``y[o] = max_{k in window} xpad[o s + k]`` per channel, ``-inf`` padding.
+
+    Shapes: ``(N, *spatial, C) -> (N, *out, C)``; no params. ``stride`` defaults to ``window``.
+    Derivative: ``dx`` gets ``dy[o]`` at the arg-max of window ``o`` (first maximum in
+    row-major window order on ties, as JAX's autodiff does), summed over overlapping windows.
+    """
+    name, init, check = _pool("max_pool", window, stride, padding)
+
+    def apply(params, x, *, key=None, train=False):
+        k, s, pads, _ = check(x)
+        return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, _full(k), _full(s),
+                                 ((0, 0),) + pads + ((0, 0),))
+
+    def forward(params, x, *, key=None, train=False):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        """One strided slice per window offset; the first arg-max offset takes dy."""
+        k, s, pads, m = check(x)
+        xp = lax.pad(x, np.array(-np.inf, x.dtype), _pad_config(pads))
+        n_b, n_c = x.shape[0], x.shape[-1]
+        offsets = list(itertools.product(*(range(ki) for ki in k)))  # row-major window order
+        ends = [tuple(o + (mi - 1) * si + 1 for o, mi, si in zip(off, m, s)) for off in offsets]
+        patches = jnp.stack([lax.slice(xp, (0,) + off + (0,), (n_b,) + end + (n_c,), _full(s))
+                             for off, end in zip(offsets, ends)])  # (K, N, *m, C)
+        first = jnp.argmax(patches, axis=0)                        # first maximum on ties
+        dxp = jnp.zeros(xp.shape, jnp.result_type(x, dy))
+        zero = jnp.zeros((), dxp.dtype)
+        for j, off in enumerate(offsets):
+            g = jnp.where(first == j, dy, zero)
+            # place g[o] at padded position off + o s
+            dxp = dxp + lax.pad(g, zero, _pad_config(
+                [(o, p - o - (mi - 1) * si - 1) for o, p, mi, si in zip(off, xp.shape[1:-1], m, s)],
+                [si - 1 for si in s]))
+        return {}, _crop(dxp, pads, x.shape[1:-1]).astype(x.dtype)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+
+
+def _counts(sizes, k, s, pads, m) -> np.ndarray:
+    """Real (non-padding) inputs per window, shape (1, *m, 1); separable over the axes."""
+    c = np.ones(())
+    for n, ki, si, (lo, _), mi in zip(sizes, k, s, pads, m):
+        start = np.arange(mi) * si - lo
+        c = np.multiply.outer(c, np.minimum(start + ki, n) - np.maximum(start, 0))
+    return c.reshape(_full(m))
+
+
+def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = False) -> Layer:
+    """Average pooling: ``y[o] = sum_{k in window} xpad[o s + k] / count[o]`` per channel.
+
+    Shapes: ``(N, *spatial, C) -> (N, *out, C)``; no params. ``stride`` defaults to ``window``.
+    ``count[o]`` = real inputs in window ``o`` (default) or ``prod(window)`` with
+    ``count_include_pad=True``. Derivative: ``dx[i] = sum_{o: i in window o} dy[o] / count[o]``.
+    """
+    extra = ("count_include_pad",) if count_include_pad else ()
+    name, init, check = _pool("avg_pool", window, stride, padding, extra)
+
+    def count(x, k, s, pads, m):
+        if count_include_pad:
+            return float(math.prod(k))
+        return jnp.asarray(_counts(x.shape[1:-1], k, s, pads, m), x.dtype)
+
+    def apply(params, x, *, key=None, train=False):
+        k, s, pads, m = check(x)
+        total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, _full(k), _full(s),
+                                  ((0, 0),) + pads + ((0, 0),))
+        return total / count(x, k, s, pads, m)
+
+    def forward(params, x, *, key=None, train=False):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        """dx: a window sum (stride 1) over dy / count dilated by the stride."""
+        k, s, pads, m = check(x)
+        g = dy / count(x, k, s, pads, m)
+        padded = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], pads)]
+        # g[o] sits at position (k-1) + o s; a length-k window sum ending there reaches every
+        # padded input position that window o covers.
+        gp = lax.pad(g, jnp.zeros((), g.dtype), _pad_config(
+            [(ki - 1, p - (mi - 1) * si - 1) for ki, p, mi, si in zip(k, padded, m, s)],
+            [si - 1 for si in s]))
+        dxp = lax.reduce_window(gp, np.array(0, g.dtype), lax.add, _full(k), _full((1,) * len(k)),
+                                "VALID")
+        return {}, _crop(dxp, pads, x.shape[1:-1]).astype(x.dtype)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+
+
+def global_avg_pool() -> Layer:
+    """Mean over the spatial axes: ``y[n, c] = mean_p x[n, p, c]``.
+
+    Shapes: ``(N, *spatial, C) -> (N, C)`` (rank >= 3); no params.
+    Derivative: ``dx[n, p, c] = dy[n, c] / (#spatial positions)``.
+    """
+    name = "global_avg_pool"
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, 3)
+        return (shape[0], shape[-1]), {}
+
+    def apply(params, x, *, key=None, train=False):
+        check_floating(name, x)
+        check_rank(name, x, 3, what="(batch, spatial..., channels)")
+        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+    def forward(params, x, *, key=None, train=False):
+        return apply(params, x), x
+
+    def backward(params, x, dy):
+        n = math.prod(x.shape[1:-1])
+        spatial = (dy.shape[0],) + (1,) * (x.ndim - 2) + (dy.shape[-1],)
+        return {}, jnp.broadcast_to((dy / n).reshape(spatial), x.shape).astype(x.dtype)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
