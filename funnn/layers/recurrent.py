@@ -1,0 +1,377 @@
+"""Recurrent layers: Elman RNN, LSTM and GRU, with hand-written backpropagation through time.
+
+Input ``x`` is ``(batch, time, features)``. The state starts at zero. The forward pass is
+a ``lax.scan`` over time; the backward pass (BPTT) is a reverse ``lax.scan`` over the
+cached states that carries ``dL/dh`` (and ``dL/dc`` for the LSTM) back through time and
+emits each step's pre-activation gradient; the weight gradients are then summed over
+(batch, time) in one contraction per weight, ``dW = sum_t x_t^T da_t``.
+
+Row-vector convention: ``h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)``, weights ``(in, out)``.
+
+Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
+
+* ``return_sequences=True`` (the default, as in PyTorch, so layers stack): the output is
+  every hidden state, ``(batch, time, hidden)``; ``False``: only the final state
+  ``(batch, hidden)``.
+* ``masked=True``: the input is a pair ``(x, mask)``, ``mask`` either ``(batch, time)`` of
+  0/1 (or bool), or integer ``lengths`` of shape ``(batch,)`` meaning
+  ``mask[b, t] = t < lengths[b]``. A masked step carries the state forward unchanged,
+  ``s_t = m_t s'_t + (1 - m_t) s_{t-1}`` (``s'_t`` the cell's update), and outputs
+  zeros: ``y_t = m_t h_t``. With ``return_sequences=False`` the output is the final
+  carried state, i.e. the state after the last unmasked step. The mask gets no gradient:
+  ``backward`` returns ``dx = (dx, None)`` and ``apply`` stops its gradient.
+
+``train`` and ``key`` are accepted for the layer contract and ignored (no dropout here).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_floating, check_in_shape
+
+__all__ = ["rnn", "lstm", "gru"]
+
+_sigmoid = jax.nn.sigmoid
+
+
+def _weights(key, n_in, hidden, gates, dt):
+    """``W_x (in, G*H)`` Glorot-uniform and ``W_h (H, G*H)`` of orthogonal ``H x H`` blocks.
+
+    One uniform draw feeds both (a random draw compiles slowly; one per layer is enough);
+    each block of ``W_h`` is the ``Q`` of a QR factorisation, signs fixed by ``diag(R)``.
+    """
+    g = gates * hidden
+    u = jax.random.uniform(key, (n_in * g + gates * hidden * hidden,), dt, -1.0, 1.0)
+    w_x = jnp.sqrt(6.0 / (n_in + g)).astype(dt) * u[:n_in * g].reshape(n_in, g)
+    q, r = jnp.linalg.qr(u[n_in * g:].reshape(gates, hidden, hidden))
+    q = q * jnp.where(jnp.diagonal(r, axis1=1, axis2=2) < 0, -1, 1).astype(dt)[:, None, :]
+    return w_x, jnp.moveaxis(q, 0, 1).reshape(hidden, g)
+
+
+def _split(a, n):
+    return jnp.split(a, n, axis=-1)
+
+
+def _contract(x, d):
+    """``sum_t x_t^T d_t``: ``x (T, B, m)``, ``d (T, B, n)`` -> ``(m, n)``."""
+    return jnp.einsum("tbm,tbn->mn", x, d)
+
+
+class _Cell(NamedTuple):
+    """One recurrent cell, time-major, unmasked; :func:`_layer` adds scan, mask and checks.
+
+    ``init(key, n_in, H, dt) -> params``; ``carry`` is a tuple with ``h`` first;
+    ``step(p, carry, xw_t) -> (carry', res_t)`` with ``xw = x W_x + b`` precomputed by
+    ``xproj(p, x_tm)``; ``back(p, dcarry', carry, res_t) -> (dcarry, dpre_t)``;
+    ``finish(p, x_tm, carries, dpre) -> (dparams, dx_tm)``.
+    """
+
+    kind: str
+    wx: str
+    n_carry: int
+    init: Callable
+    xproj: Callable
+    step: Callable
+    back: Callable
+    finish: Callable
+
+
+# --------------------------------------------------------------------------- Elman RNN
+# a_t = x_t W_xh + h_{t-1} W_hh + b,  h_t = tanh(a_t)
+# da_t = dh_t (1 - h_t^2),  dh_{t-1} = da_t W_hh^T,  dW_xh = sum x_t^T da_t, ...
+
+
+def _rnn_init(key, n_in, hidden, dt):
+    w_x, w_h = _weights(key, n_in, hidden, 1, dt)
+    return {"W_xh": w_x, "W_hh": w_h, "b": jnp.zeros((hidden,), dt)}
+
+
+def _rnn_step(p, carry, xw_t):
+    h = jnp.tanh(xw_t + carry[0] @ p["W_hh"])
+    return (h,), h
+
+
+def _rnn_back(p, dcarry, carry, h):
+    da = dcarry[0] * (1 - h * h)
+    return (da @ p["W_hh"].T,), da
+
+
+def _rnn_finish(p, x_tm, carries, da):
+    return ({"W_xh": _contract(x_tm, da), "W_hh": _contract(carries[0], da),
+             "b": da.sum((0, 1))}, da @ p["W_xh"].T)
+
+
+_RNN = _Cell("rnn", "W_xh", 1, _rnn_init, lambda p, x: x @ p["W_xh"] + p["b"],
+             _rnn_step, _rnn_back, _rnn_finish)
+
+
+# --------------------------------------------------------------------------- LSTM
+# z = x_t W_x + h_{t-1} W_h + b, split in gate order (i, f, g, o);
+# i, f, o = sigmoid, g = tanh;  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+
+
+def _lstm_init(key, n_in, hidden, dt):
+    w_x, w_h = _weights(key, n_in, hidden, 4, dt)
+    b = jnp.zeros((4 * hidden,), dt).at[hidden:2 * hidden].set(1.0)   # forget bias 1
+    return {"W_x": w_x, "W_h": w_h, "b": b}
+
+
+def _lstm_step(p, carry, xw_t):
+    h, c = carry
+    zi, zf, zg, zo = _split(xw_t + h @ p["W_h"], 4)
+    i, f, g, o = _sigmoid(zi), _sigmoid(zf), jnp.tanh(zg), _sigmoid(zo)
+    c_new = f * c + i * g
+    tc = jnp.tanh(c_new)
+    return (o * tc, c_new), (i, f, g, o, tc)
+
+
+def _lstm_back(p, dcarry, carry, res):
+    dh, dc = dcarry
+    i, f, g, o, tc = res
+    do = dh * tc
+    dc = dc + dh * o * (1 - tc * tc)                    # through h = o tanh(c)
+    di, df, dg = dc * g, dc * carry[1], dc * i
+    dz = jnp.concatenate([di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g),
+                          do * o * (1 - o)], axis=-1)
+    return (dz @ p["W_h"].T, dc * f), dz
+
+
+def _lstm_finish(p, x_tm, carries, dz):
+    return ({"W_x": _contract(x_tm, dz), "W_h": _contract(carries[0], dz),
+             "b": dz.sum((0, 1))}, dz @ p["W_x"].T)
+
+
+_LSTM = _Cell("lstm", "W_x", 2, _lstm_init, lambda p, x: x @ p["W_x"] + p["b"],
+              _lstm_step, _lstm_back, _lstm_finish)
+
+
+# --------------------------------------------------------------------------- GRU
+# Gate order (r, z, n), reset applied after the recurrent product (cuDNN / PyTorch):
+# xw = x_t W_x + b_x,  hw = h_{t-1} W_h + b_h,  r = sigmoid(xw_r + hw_r),
+# z = sigmoid(xw_z + hw_z),  n = tanh(xw_n + r * hw_n),  h_t = (1 - z) n + z h_{t-1}
+
+
+def _gru_init(key, n_in, hidden, dt):
+    w_x, w_h = _weights(key, n_in, hidden, 3, dt)
+    return {"W_x": w_x, "W_h": w_h,
+            "b_x": jnp.zeros((3 * hidden,), dt), "b_h": jnp.zeros((3 * hidden,), dt)}
+
+
+def _gru_step(p, carry, xw_t):
+    h = carry[0]
+    xr, xz, xn = _split(xw_t, 3)
+    hr, hz, hn = _split(h @ p["W_h"] + p["b_h"], 3)
+    r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    return ((1 - z) * n + z * h,), (r, z, n, hn)
+
+
+def _gru_back(p, dcarry, carry, res):
+    dh, (h, (r, z, n, hn)) = dcarry[0], (carry[0], res)
+    dan = dh * (1 - z) * (1 - n * n)                    # pre-activation of n
+    dar = dan * hn * r * (1 - r)
+    daz = dh * (h - n) * z * (1 - z)
+    dxw = jnp.concatenate([dar, daz, dan], axis=-1)
+    dhw = jnp.concatenate([dar, daz, dan * r], axis=-1)
+    return (dh * z + dhw @ p["W_h"].T,), (dxw, dhw)
+
+
+def _gru_finish(p, x_tm, carries, dpre):
+    dxw, dhw = dpre
+    return ({"W_x": _contract(x_tm, dxw), "W_h": _contract(carries[0], dhw),
+             "b_x": dxw.sum((0, 1)), "b_h": dhw.sum((0, 1))}, dxw @ p["W_x"].T)
+
+
+_GRU = _Cell("gru", "W_x", 1, _gru_init, lambda p, x: x @ p["W_x"] + p["b_x"],
+             _gru_step, _gru_back, _gru_finish)
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+@functools.cache
+def _jit_init(init):
+    """``init`` compiled once per (in, hidden, dtype): one program, not dozens of eager ops."""
+    return jax.jit(init, static_argnums=(1, 2, 3))
+
+
+def _blend(m, new, old):
+    """``m new + (1 - m) old`` leaf by leaf; ``new`` when there is no mask."""
+    return new if m is None else jax.tree.map(lambda a, b: m * a + (1 - m) * b, new, old)
+
+
+def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
+    kind = cell.kind
+    if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
+        raise ConfigError(f"hidden size must be a positive int, got {hidden!r}", (kind,))
+    for opt, v in (("return_sequences", return_sequences), ("masked", masked)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise ConfigError(f"{opt} must be True or False, got {v!r}", (kind,))
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ConfigError(f"dtype must be a floating dtype, got {dtype!r}", (kind,))
+    hidden, seq, masked = int(hidden), bool(return_sequences), bool(masked)
+    name = f"{kind}({hidden}{'' if seq else ', return_sequences=False'}" \
+           f"{', masked=True' if masked else ''})"
+
+    def init(key, in_shape):
+        shape = in_shape
+        if masked and isinstance(in_shape, (tuple, list)) and in_shape \
+                and isinstance(in_shape[0], (tuple, list)):
+            shape = in_shape[0]                          # ((batch, time, features), mask shape)
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 3):
+            raise ShapeError(f"init shape {in_shape!r} is not (batch, time, features); give "
+                             f"e.g. (None, None, features) with None for batch and time",
+                             (name,))
+        free_time = shape[1] is None                     # any length: params do not depend on it
+        s = check_in_shape(name, (shape[0], 1 if free_time else shape[1], shape[2]), 3, 3)
+        out = (s[0], None if free_time else s[1], hidden)
+        dt = jnp.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
+        p = _jit_init(cell.init)(key, s[2], hidden, dt)
+        return (out if seq else (s[0], hidden)), p
+
+    def _inputs(params, xin):
+        """Validate; returns ``x (B, T, D)`` and ``mask (B, T)`` in x's dtype, or ``None``."""
+        if masked:
+            if not (isinstance(xin, (tuple, list)) and len(xin) == 2):
+                raise ShapeError(f"built with masked=True, so the input must be a pair (x, mask) "
+                                 f"with x (batch, time, features); got a single input of shape "
+                                 f"{jnp.shape(xin)}", (name,))
+            x, mask = xin
+        elif isinstance(xin, (tuple, list)):
+            raise ShapeError(f"got a {type(xin).__name__} input; build the layer with "
+                             f"masked=True to pass (x, mask)", (name,))
+        else:
+            x, mask = xin, None
+        x = jnp.asarray(x)
+        shape, n_in = x.shape, params[cell.wx].shape[0]
+        if len(shape) != 3:
+            raise ShapeError(f"expected input of shape (batch, time, features), got shape "
+                             f"{shape} (rank {len(shape)}); for one sequence add a batch "
+                             f"axis: x[None]", (name,))
+        check_floating(name, x)
+        if shape[2] != n_in:
+            raise ShapeError(f"expected input features {n_in}, got {shape[2]} (input shape "
+                             f"{shape}, expected (batch, time, {n_in}))", (name,))
+        if mask is None:
+            return x, None
+        ms = jnp.shape(mask)
+        if ms == shape[:1]:
+            if not jnp.issubdtype(jnp.result_type(mask), jnp.integer):
+                raise DTypeError(f"a mask of shape (batch,) = {ms} is read as lengths and must "
+                                 f"be integer, got dtype {jnp.result_type(mask)}", (name,))
+            mask = jnp.arange(shape[1]) < jnp.asarray(mask)[:, None]
+        elif ms != shape[:2]:
+            raise ShapeError(f"expected mask of shape (batch, time) = {shape[:2]} or lengths "
+                             f"of shape (batch,) = {shape[:1]}, got {ms} (input shape {shape})",
+                             (name,))
+        return x, lax.stop_gradient(jnp.asarray(mask).astype(x.dtype))
+
+    def _scan(params, x, mask, keep):
+        """The forward scan; returns ``(y, res)`` (``res`` None unless ``keep``)."""
+        x_tm = jnp.swapaxes(x, 0, 1)                     # (T, B, D)
+        m_tm = None if mask is None else jnp.swapaxes(mask, 0, 1)[..., None]
+        dt = jnp.result_type(x, *jax.tree.leaves(params))
+        carry0 = (jnp.zeros((x.shape[0], hidden), dt),) * cell.n_carry
+
+        def f(carry, inp):
+            xw_t, m_t = inp
+            new, r = cell.step(params, carry, xw_t)
+            new = _blend(m_t, new, carry)
+            out = new[0] if seq else None
+            return new, ((out, carry, r) if keep else out)
+
+        last, outs = lax.scan(f, carry0, (cell.xproj(params, x_tm), m_tm))
+        hs = outs[0] if keep else outs
+        if seq:
+            y = jnp.swapaxes(hs if m_tm is None else m_tm * hs, 0, 1)
+        else:
+            y = last[0]
+        return y, ((x_tm, m_tm, outs[1], outs[2]) if keep else None)
+
+    def apply(params, x, *, key=None, train=False):
+        x, mask = _inputs(params, x)
+        return _scan(params, x, mask, False)[0]
+
+    def forward(params, x, *, key=None, train=False):
+        x, mask = _inputs(params, x)
+        return _scan(params, x, mask, True)
+
+    def backward(params, res, dy):
+        x_tm, m_tm, carries, cres = res
+        t, b = x_tm.shape[:2]
+        want = (b, t, hidden) if seq else (b, hidden)
+        if jnp.shape(dy) != want:
+            raise ShapeError(f"expected output gradient dy of shape {want}, got "
+                             f"{jnp.shape(dy)}", (name,))
+        zero = jnp.zeros((b, hidden), carries[0].dtype)
+        dlast = (zero if seq else dy,) + (zero,) * (cell.n_carry - 1)
+        dys = jnp.swapaxes(dy, 0, 1) if seq else None
+
+        def f(dcarry, inp):
+            dy_t, m_t, carry, r = inp
+            if seq:                                      # y_t = m_t h_t
+                dcarry = (dcarry[0] + (dy_t if m_t is None else m_t * dy_t),) + dcarry[1:]
+            dnew = dcarry if m_t is None else jax.tree.map(lambda d: m_t * d, dcarry)
+            dprev, dpre = cell.back(params, dnew, carry, r)
+            if m_t is not None:                          # the carried (1 - m) part
+                dprev = jax.tree.map(lambda a, d: a + (1 - m_t) * d, dprev, dcarry)
+            return dprev, dpre
+
+        _, dpre = lax.scan(f, dlast, (dys, m_tm, carries, cres), reverse=True)
+        dparams, dx_tm = cell.finish(params, x_tm, carries, dpre)
+        dx = jnp.swapaxes(dx_tm, 0, 1)
+        return dparams, ((dx, None) if masked else dx)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+
+
+def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,
+        dtype=None) -> Layer:
+    """Elman RNN: ``h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)``, ``h_0 = 0``.
+
+    Shapes: ``x (batch, time, in) -> (batch, time, hidden)``, or ``(batch, hidden)`` with
+    ``return_sequences=False``. Params: ``{"W_xh": (in, H), "W_hh": (H, H), "b": (H,)}``;
+    Glorot-uniform ``W_xh``, orthogonal ``W_hh``, zero ``b``.
+    Derivative (BPTT): ``da_t = dh_t (1 - h_t^2)``, ``dh_{t-1} += da_t W_hh^T``,
+    ``dW_xh = sum_t x_t^T da_t``, ``dW_hh = sum_t h_{t-1}^T da_t``, ``dx_t = da_t W_xh^T``.
+    Options ``return_sequences`` and ``masked``: see the module docstring.
+    """
+    return _layer(_RNN, hidden, return_sequences, masked, dtype)
+
+
+def lstm(hidden: int, *, return_sequences: bool = True, masked: bool = False,
+         dtype=None) -> Layer:
+    """LSTM with the four gates concatenated in order ``(i, f, g, o)``; ``h_0 = c_0 = 0``.
+
+    ``z = x_t W_x + h_{t-1} W_h + b``; ``i, f, o = sigmoid``, ``g = tanh`` of its blocks;
+    ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``; the output is ``h``.
+    Shapes as :func:`rnn`. Params: ``{"W_x": (in, 4H), "W_h": (H, 4H), "b": (4H,)}``;
+    Glorot-uniform ``W_x``, orthogonal ``H x H`` blocks in ``W_h``, ``b = 0`` except the
+    forget-gate block ``b[H:2H] = 1``. (PyTorch's ``weight_ih_l0`` is ``W_x.T``, same order.)
+    Derivative: ``dc_t += dh_t o (1 - tanh^2 c_t)``, ``do = dh_t tanh c_t``, ``di = dc_t g``,
+    ``df = dc_t c_{t-1}``, ``dg = dc_t i``, ``dc_{t-1} = dc_t f``, times each gate's
+    activation derivative gives ``dz``; ``dh_{t-1} = dz W_h^T``.
+    """
+    return _layer(_LSTM, hidden, return_sequences, masked, dtype)
+
+
+def gru(hidden: int, *, return_sequences: bool = True, masked: bool = False,
+        dtype=None) -> Layer:
+    """GRU, gates ``(r, z, n)``, reset applied as in cuDNN / PyTorch; ``h_0 = 0``.
+
+    ``r = sigmoid(x W_xr + b_xr + h W_hr + b_hr)``, ``z`` likewise,
+    ``n = tanh(x W_xn + b_xn + r * (h W_hn + b_hn))``, ``h_t = (1 - z) n + z h_{t-1}``.
+    Shapes as :func:`rnn`. Params: ``{"W_x": (in, 3H), "W_h": (H, 3H), "b_x": (3H,),
+    "b_h": (3H,)}``; Glorot-uniform ``W_x``, orthogonal ``H x H`` blocks in ``W_h``, zero
+    biases. (PyTorch's ``weight_ih_l0`` is ``W_x.T``, same gate order.)
+    Derivative: ``dn = dh (1 - z)``, ``dz = dh (h_{t-1} - n)``, ``dh_{t-1} = dh z + ...``;
+    through ``n``: ``d(hW_hn + b_hn) = dn (1 - n^2) r``, ``dr = dn (1 - n^2) (h W_hn + b_hn)``.
+    """
+    return _layer(_GRU, hidden, return_sequences, masked, dtype)
