@@ -21,23 +21,24 @@ def _run(*args, cwd=None):
 @pytest.mark.slow
 def test_train_end_to_end_then_resume(tmp_path):
     out = tmp_path / "run"
-    r = _run("train", "--epochs", "2", "--out", str(out), "--quiet")
+    r = _run("train", "--epochs", "1", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert [h["epoch"] for h in metrics["history"]] == [1]
     assert metrics["final"]["eval_accuracy"] > 0.85
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert checkpoint.latest(out / "checkpoints").endswith("ckpt_00000002.safetensors")
-    # resume to 3 epochs: continues from the checkpoint of epoch 2
-    r = _run("train", "--epochs", "3", "--out", str(out), "--quiet", "--resume")
+    assert checkpoint.latest(out / "checkpoints").endswith("ckpt_00000001.safetensors")
+    # resume to 2 epochs: continues from the checkpoint of epoch 1
+    r = _run("train", "--epochs", "2", "--out", str(out), "--quiet", "--resume")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][0] == json.loads(json.dumps(metrics["history"][0]))
 
 
 def test_gradcheck_and_info_commands(capsys):
-    assert cli.main(["gradcheck", "--model", "mlp", "--examples", "3", "--fd", "directional"]) == 0
+    assert cli.main(["gradcheck", "--model", "sigmoid", "--examples", "3"]) == 0
     out = capsys.readouterr().out
     assert "0.W" in out and "all leaves agree" in out
     assert cli.main(["info"]) == 0

@@ -15,8 +15,10 @@ from funnn.core import ConfigError, Layer, ShapeError, check_features, check_flo
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
 # jax.nn.initializers already implements these (variance scaling with the right
-# fan modes; the "normal" ones draw from a truncated normal); we only name them.
-INITIALIZERS = {
+# fan modes; the "normal" ones draw from a truncated normal); we only name them, and
+# compile each one whole per (shape, dtype): run eagerly, its dozen small random ops
+# would each compile on first use (seconds for a small network).
+_INITIALIZERS = {
     "lecun_normal": jax.nn.initializers.lecun_normal(),
     "lecun_uniform": jax.nn.initializers.lecun_uniform(),
     "glorot_normal": jax.nn.initializers.glorot_normal(),
@@ -27,6 +29,7 @@ INITIALIZERS = {
     "zeros": jax.nn.initializers.zeros,
     "ones": jax.nn.initializers.ones,
 }
+INITIALIZERS = {name: jax.jit(fn, static_argnums=(1, 2)) for name, fn in _INITIALIZERS.items()}
 
 
 def get_initializer(spec, what: str, layer_name: str):
@@ -86,7 +89,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
             raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last axis",
                              (name,))
         kw, kb = jax.random.split(key)
-        dt = dtype if dtype is not None else jnp.zeros(()).dtype
+        dt = jnp.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
         params = {"W": w_fn(kw, (n_in, out), dt)}
         if use_bias:
             params["b"] = b_fn(kb, (out,), dt)
