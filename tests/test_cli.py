@@ -1,6 +1,5 @@
 """The ``funnn`` command: end to end in a subprocess, and every bad input exits 2 cleanly."""
 
-import gzip
 import json
 import os
 import subprocess

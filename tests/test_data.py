@@ -1,6 +1,5 @@
 """funnn.data: shipped digits, IDX/MNIST files, synthetic sets, batching."""
 
-import gzip
 import hashlib
 import importlib.resources
 import math

@@ -6,24 +6,14 @@ here, independent of funnn: numpy least squares (neuron), a numpy Rosenblatt loo
 delta-rule loop (sigmoid network), and numpy matrix products (compress).
 """
 
-import importlib.util
 import itertools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from example_loader import load
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name: str):
-    """Import examples/<name>.py as a module (without running its __main__ block)."""
-    spec = importlib.util.spec_from_file_location(f"funnn_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- neuron

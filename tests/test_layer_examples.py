@@ -6,25 +6,14 @@ the trained CNNs (3x3 "SAME" correlation loops, 2x2 max-pool by reshape, batch-n
 the running statistics), a numpy GRU (PyTorch's equations) and the parity by a numpy loop.
 """
 
-import importlib.util
-import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from funnn import layers as L
+from example_loader import load
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def load(name: str):
-    """Import examples/<name>.py as a module (without running its __main__ block)."""
-    spec = importlib.util.spec_from_file_location(f"funnn_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ tolerances are checked here again, independently of the scripts' own assertions,
 capped so that no example can pass by loosening them.
 """
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from example_loader import load as load_example
 
 PROGRAMS = pathlib.Path(__file__).resolve().parent.parent / "examples" / "programs"
 NAMES = ["python_control_flow", "structured_control_flow", "newton_sqrt", "projectile",
@@ -25,11 +25,7 @@ MAX_RTOL, MAX_FD_RTOL = 1e-9, 1e-6          # the loosest tolerance any row may 
 
 def load(name: str):
     """Import examples/programs/<name>.py by path (its __main__ block does not run)."""
-    spec = importlib.util.spec_from_file_location(f"funnn_program_{name}",
-                                                  PROGRAMS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example(f"programs/{name}")
 
 
 def check_rows(rows, min_rows=1):

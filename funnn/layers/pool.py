@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
+from funnn.core import ConfigError, Layer, check_floating, check_in_shape, check_rank
 from funnn.layers.conv import _fmt, _fmt_padding, _is_int, _ntuple, _out_sizes, _padding_spec, _pads
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool"]
