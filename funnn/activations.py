@@ -20,9 +20,9 @@ come from ``.with_params(**kw)`` or ``get(name, **kw)``; both build a new frozen
 
 Kinks: where f is not differentiable (x = 0 for relu, leaky_relu, prelu, binary
 step; elu when alpha != 1) ``df`` returns the LEFT-side derivative (the x < 0
-branch): relu'(0) = 0 (as ``jax.grad(jax.nn.relu)(0.)``), leaky_relu'(0) = alpha,
+branch): relu'(0) = 0 (what autodiff gives for ``jax.nn.relu`` at 0), leaky_relu'(0) = alpha,
 elu'(0) = alpha, binary_step'(x) = 0 everywhere (the true derivative at 0 is a
-Dirac delta, undefined as a number). Each ``f`` is written so that ``jax.grad(f)``
+Dirac delta, undefined as a number). Each ``f`` is written so that autodiff of ``f``
 picks the same side, so the autodiff and hand-written paths agree exactly, even at 0.
 
 Ranges: ``range`` is a tuple ``(low, high)`` of the mathematical range, which is

@@ -19,7 +19,7 @@ losses (:data:`mse`, :data:`binary_cross_entropy`) have one term per element,
 ``pred.size`` of them. ``reduction="sum"`` adds the terms; ``"mean"`` divides
 the sum by their number ``N``, and ``grad`` carries that same ``1/N``.
 
-Only ``jax.numpy``/``lax`` here: no ``jax.grad``. Everything traces under
+Only ``jax.numpy``/``lax`` here, no autodiff. Everything traces under
 ``jit``/``vmap``; shape checks run while tracing.
 """
 
