@@ -107,3 +107,11 @@ def test_tampered_checkpoint_on_resume(capsys, tmp_path):
                             "--model", "sigmoid", "--resume"], capsys)
     assert code == 2 and "checksum" in err.lower() or "sha256" in err.lower()
     assert open(path, "rb").read() == bytes(raw)      # left as it was, not overwritten
+
+
+@pytest.mark.slow
+def test_gradcheck_cnn_passes_off_the_relu_kinks(capsys):
+    """Zero biases over blank pixels would put ReLUs on their kink; the command checks
+    at a jittered point, so directional finite differences agree."""
+    assert cli.main(["gradcheck", "--model", "cnn", "--examples", "2"]) == 0
+    assert "all leaves agree" in capsys.readouterr().out
