@@ -122,7 +122,8 @@ class Layer:
     """A layer: a name and pure functions (see the module docstring).
 
     ``children`` lists ``(label, layer)`` pairs for combinators, used by
-    :func:`summary`; leaves have none. ``init_state`` is ``None`` for stateless
+    :func:`summary`: labels ``"[i]"`` index a tuple of params; a single child with
+    another label (``"/residual"``) shares its parent's params. Leaves have none. ``init_state`` is ``None`` for stateless
     layers.
     """
 
@@ -256,6 +257,11 @@ def param_count(params) -> int:
 
 def _summary_rows(layer: Layer, params, path: str, rows: list) -> None:
     kids = layer.children
+    if len(kids) == 1 and not kids[0][0].startswith("["):
+        # a wrapper (residual) whose params are its body's
+        label, child = kids[0]
+        _summary_rows(child, params, f"{path}{label}", rows)
+        return
     if kids and isinstance(params, (tuple, list)) and len(params) == len(kids):
         for (label, child), p in zip(kids, params):
             _summary_rows(child, p, f"{path}{label}", rows)

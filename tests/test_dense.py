@@ -226,3 +226,23 @@ def test_gradcheck_stateful_network_with_a_zero_gradient_leaf():
     assert float(jnp.max(jnp.abs(ga[0]["b"]))) < 1e-12
     report = gradcheck.compare(model, loss, params, x, y, key=key, state=state)
     assert report.ok, str(report)
+
+
+def test_parallel_sum_and_nested_summary():
+    model = L.serial(L.dense(4), L.parallel(L.dense(3), L.dense(2), combine="sum"))
+    with pytest.raises(core.ShapeError, match=r"parallel\(sum\): .* cannot be merged by sum"):
+        model.init(jax.random.key(0), (None, 2))
+    model = L.serial(L.dense(3), L.parallel(L.dense(3), L.residual(L.serial(L.dense(3))),
+                                            combine="sum"))
+    shape, params = model.init(jax.random.key(0), (None, 2))
+    assert shape == (None, 3)
+    x, y = _data((4, 2), (4, 3))
+    h = x @ params[0]["W"] + params[0]["b"]
+    p1, p2 = params[1]
+    expect = (h @ p1["W"] + p1["b"]) + (h + h @ p2[0]["W"] + p2[0]["b"])
+    np.testing.assert_allclose(model.apply(params, x), expect, rtol=1e-12)
+    report = gradcheck.compare(model, losses.squared_error, params, x, y)
+    assert report.ok, str(report)
+    text = core.summary(model, params)
+    assert "[1][1]/residual[0]" in text
+    assert text.splitlines()[-1].split()[-1] == str(core.param_count(params))

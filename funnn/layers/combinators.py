@@ -251,4 +251,4 @@ def residual(body: Layer) -> Layer:
         return g, _add(dy, dx)
 
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
-                     ())
+                     (("/residual", body),))
