@@ -16,7 +16,10 @@ remain, and this module fills them:
 
 Nothing here is silently wrong: a truncated loop sets ``hit_max``, an unconverged
 fixed point sets ``converged=False`` and its gradient is NaN, and ``strict=True``
-raises :class:`~funnn.core.ConfigError` (at run time under ``jit``).
+raises :class:`~funnn.core.ConfigError` on concrete values. Under ``jit`` the check
+runs on the device through ``jax.debug.callback``: the call then fails with JAX's
+``JaxRuntimeError`` whose text carries the ConfigError message (JAX also logs the
+callback's traceback); it cannot surface as a ConfigError itself.
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def bounded_while(cond: Callable, body: Callable, init, max_steps: int, *,
     Returns ``WhileResult(state, hit_max)``. ``hit_max`` is True when ``cond`` still
     held after ``max_steps`` iterations: the result is then that of ``max_steps``
     iterations, not of the full loop. ``strict=True`` raises :class:`ConfigError`
-    instead (at run time under ``jit``). Memory for reverse mode is ``O(max_steps)``.
+    instead (under ``jit``: a ``JaxRuntimeError`` carrying that message, see the module
+    docstring). Memory for reverse mode is ``O(max_steps)``.
     """
     name = "bounded_while"
     max_steps = _check_steps(name, max_steps, "max_steps")
@@ -266,7 +270,8 @@ def fixed_point(f: Callable, params, x0, *, tol: float | None = None, max_iter: 
     Returns ``FixedPointResult(x, converged, iterations, residual)`` (no gradient flows
     through the last three). If the forward or the adjoint solve does not converge,
     ``converged`` says so and every gradient is NaN; ``strict=True`` raises
-    :class:`ConfigError` instead (at run time under ``jit``).
+    :class:`ConfigError` instead (under ``jit``: a ``JaxRuntimeError`` carrying that
+    message, see the module docstring).
     """
     name = "fixed_point"
     max_iter = _check_steps(name, max_iter, "max_iter")

@@ -31,7 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from funnn import autodiff, manual
-from funnn.core import Layer, path_str
+from funnn.core import Layer, ShapeError, path_str, tree_paths
 
 __all__ = ["compare", "directional", "Report", "LeafCheck"]
 
@@ -172,7 +172,28 @@ def _both(model, loss, params, x, y, key, state, train):
 
     value, g_auto = vg(autodiff)
     _, g_man = vg(manual)
+    _same_tree(g_man, g_auto, params)
     return float(value), {"manual": g_man, "autodiff": g_auto}
+
+
+def _same_tree(g_man, g_auto, params) -> None:
+    """The manual gradient must have exactly the params' structure, shapes and dtypes."""
+    want = dict(tree_paths_shapes(g_auto))
+    got = dict(tree_paths_shapes(g_man))
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or wrong or (jax.tree_util.tree_structure(g_man)
+                                     != jax.tree_util.tree_structure(g_auto)):
+        parts = ([f"missing leaves {missing}"] if missing else []) + (
+            [f"unexpected leaves {extra}"] if extra else []) + [
+            f"{k}: manual {got[k]}, autodiff {want[k]}" for k in wrong]
+        raise ShapeError("the manual gradient does not match the params tree: "
+                         + ("; ".join(parts) or "different tree structure"), ("gradcheck",))
+
+
+def tree_paths_shapes(tree) -> list:
+    """``[(path, (shape, dtype)), ...]`` of a gradient tree."""
+    return [(p, (tuple(np.shape(v)), str(jnp.result_type(v)))) for p, v in tree_paths(tree)]
 
 
 def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bool = True,

@@ -246,3 +246,25 @@ def test_parallel_sum_and_nested_summary():
     text = core.summary(model, params)
     assert "[1][1]/residual[0]" in text
     assert text.splitlines()[-1].split()[-1] == str(core.param_count(params))
+
+
+def test_params_of_the_wrong_length_and_a_backward_that_drops_a_leaf():
+    model = L.serial(L.dense(3), L.dense(2))
+    _, params = model.init(jax.random.key(0), (None, 4))
+    x, y = _data((5, 4), (5, 2))
+    with pytest.raises(core.ShapeError, match=r"serial: expected params as a tuple of 2"):
+        model.apply(params[:1], x)
+    with pytest.raises(core.ShapeError, match=r"tuple of 2"):
+        manual.value_and_grad(model, losses.squared_error)(params[:1], x, y)
+    par = L.parallel(L.dense(2), L.dense(3))
+    _, pp = par.init(jax.random.key(0), (None, 4))
+    with pytest.raises(core.ShapeError, match=r"parallel\(concat\): expected params"):
+        par.apply(pp[:1], x)
+    good = L.dense(2)
+    forgetful = core.Layer("forgetful", good.init, good.apply, good.forward,
+                           lambda p, r, dy: ({"W": good.backward(p, r, dy)[0]["W"]},
+                                             good.backward(p, r, dy)[1]))
+    net = L.serial(forgetful, L.dense(2))
+    _, pn = net.init(jax.random.key(0), (None, 4))
+    with pytest.raises(core.ShapeError, match=r"missing leaves \[.0\.b.\]"):
+        gradcheck.compare(net, losses.squared_error, pn, x, y)

@@ -52,6 +52,16 @@ def _states(name: str, layers, state) -> tuple:
     return tuple(state)
 
 
+def _params(name: str, layers, params) -> tuple:
+    """The per-child params tuple, or a clear error when it does not match the children."""
+    if not isinstance(params, (tuple, list)) or len(params) != len(layers):
+        got = f"a {type(params).__name__} of {len(params)}" if isinstance(
+            params, (tuple, list)) else f"a {type(params).__name__}"
+        raise ShapeError(f"expected params as a tuple of {len(layers)} entries (one per layer), "
+                         f"got {got}; use the params that this model's init returned", (name,))
+    return params
+
+
 def _stateful(layers) -> bool:
     return any(l.stateful for l in layers)
 
@@ -86,6 +96,7 @@ def serial(*layers: Layer) -> Layer:
         return tuple(states)
 
     def _run(params, x, state, key, train):
+        params = _params(name, layers, params)
         states = _states(name, layers, state) if stateful else (None,) * n
         new_states = []
         for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
@@ -95,6 +106,7 @@ def serial(*layers: Layer) -> Layer:
         return x, tuple(new_states)
 
     def _run_forward(params, x, state, key, train):
+        params = _params(name, layers, params)
         states = _states(name, layers, state) if stateful else (None,) * n
         res, new_states = [], []
         for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
@@ -105,6 +117,7 @@ def serial(*layers: Layer) -> Layer:
         return x, tuple(res), tuple(new_states)
 
     def backward(params, res, dy):
+        params = _params(name, layers, params)
         grads = [None] * n
         for i in reversed(range(n)):
             with layer_scope(labels[i]):
@@ -178,6 +191,7 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         return jnp.concatenate(ys, axis=-1) if combine == "concat" else sum(ys[1:], ys[0])
 
     def run(params, x, state, key, train):
+        params = _params(name, branches, params)
         states = _states(name, branches, state) if stateful else (None,) * n
         ys, new = [], []
         for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
@@ -188,6 +202,7 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         return merge(ys), tuple(new)
 
     def run_fwd(params, x, state, key, train):
+        params = _params(name, branches, params)
         states = _states(name, branches, state) if stateful else (None,) * n
         ys, res, new = [], [], []
         for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
@@ -200,6 +215,7 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         return merge(ys), (tuple(res), sizes), tuple(new)
 
     def backward(params, res, dy):
+        params = _params(name, branches, params)
         res, sizes = res
         if combine == "concat":
             cuts = [sum(sizes[:i]) for i in range(1, n)]
