@@ -37,6 +37,16 @@ def _positive_float(text):
     return v
 
 
+def _seed(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**32), got {v}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     from funnn import models, train
 
@@ -56,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", "--learning-rate", dest="lr", type=_positive_float, default=None)
     t.add_argument("--epochs", type=_positive_int, default=None)
     t.add_argument("--batch-size", type=_positive_int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--out", default="runs/train",
                    help="output directory: checkpoints/, metrics.json, curves.png")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -67,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--examples", type=_positive_int, default=4, help="digits used for the check")
     g.add_argument("--fd", default="auto", choices=["auto", "full", "directional", "none"])
     g.add_argument("--json", action="store_true", help="print the report as JSON")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
 
     b = sub.add_parser("bench", help="time training steps: engines, jit vs eager")
     b.add_argument("--model", default="mlp", choices=list(models.RECIPES))

@@ -17,6 +17,7 @@ uninterrupted run does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from funnn import autodiff, losses, manual
-from funnn.core import ConfigError, Layer
+from funnn.core import ConfigError, DataError, Layer
 
 __all__ = ["fit", "FitResult", "make_step", "make_epoch", "evaluate", "get_engine",
            "get_optimizer", "ENGINES", "OPTIMIZERS"]
@@ -58,9 +59,15 @@ def get_optimizer(name, learning_rate: float, *, schedule: str = "constant",
     """
     if isinstance(name, optax.GradientTransformation):
         return name
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise ConfigError(f"learning rate must be a positive number, got {learning_rate!r}",
-                          ("fit",))
+    try:
+        lr_ok = (not isinstance(learning_rate, bool)
+                 and 0 < float(learning_rate) < float("inf"))
+    except (TypeError, ValueError):
+        lr_ok = False
+    if not lr_ok:
+        raise ConfigError(f"learning rate must be a positive finite number, got "
+                          f"{learning_rate!r}", ("fit",))
+    learning_rate = float(learning_rate)
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}",
                           ("fit",))
@@ -126,8 +133,13 @@ def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_
     return jax.jit(epoch, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=64)
 def make_evaluate(model: Layer, loss):
-    """A jitted ``evaluate(params, model_state, x, y) -> (loss, accuracy)`` in inference mode."""
+    """A jitted ``evaluate(params, model_state, x, y) -> (loss, accuracy)`` in inference mode.
+
+    Cached per ``(model, loss)`` (both are hashable frozen dataclasses), so repeated
+    calls reuse one compiled function.
+    """
 
     def evaluate(params, model_state, x, y):
         if model.stateful:
@@ -187,6 +199,9 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: flo
     _check_positive("batch_size", batch_size)
     x, y = _xy(data)
     num = int(x.shape[0])
+    _check_labels(model, x, y, "training")
+    if eval_data is not None:
+        _check_labels(model, *_xy(eval_data), "evaluation")
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
@@ -237,6 +252,24 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: flo
         if on_epoch is not None:
             on_epoch(row)
     return FitResult(ts.params, ts.opt_state, ts.model_state, history, len(history))
+
+
+def _check_labels(model: Layer, x, y, what: str) -> None:
+    """Integer labels must lie in [0, classes): inside the jitted epoch nobody could check.
+
+    Checked once, eagerly, against the model's output width (from its shapes alone).
+    """
+    if x.shape[:1] != y.shape[:1]:
+        raise DataError(f"{what} data: x has {x.shape[0]} examples, y has {y.shape[0]}",
+                        ("fit",))
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        return
+    from funnn.layers.combinators import out_shape
+    classes = out_shape(model, (None,) + tuple(x.shape[1:]))[-1]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if classes is not None and (lo < 0 or hi >= classes):
+        raise DataError(f"{what} labels must lie in [0, {classes}) for a model with {classes} "
+                        f"outputs; got min {lo}, max {hi}", ("fit",))
 
 
 def _xy(data):

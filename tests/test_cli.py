@@ -115,3 +115,10 @@ def test_gradcheck_cnn_passes_off_the_relu_kinks(capsys):
     at a jittered point, so directional finite differences agree."""
     assert cli.main(["gradcheck", "--model", "cnn", "--examples", "2"]) == 0
     assert "all leaves agree" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", ["train", "gradcheck"])
+def test_out_of_range_seed_exits_2(cmd, capsys, tmp_path):
+    extra = ["--out", str(tmp_path / "o")] if cmd == "train" else []
+    code, err = _main_exit([cmd, "--seed", "1" + "0" * 30] + extra, capsys)
+    assert code == 2 and "seed must lie in" in err

@@ -9,7 +9,7 @@ import pytest
 from funnn import checkpoint, data, models, train
 from funnn import layers as L
 from funnn import losses
-from funnn.core import ConfigError
+from funnn.core import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,29 @@ def test_seed_sigmoid_recipe_learns(digits):
                   learning_rate=recipe.learning_rate, epochs=5, batch_size=recipe.batch_size,
                   eval_data=(ex, ey), progress=False)
     assert r.history[-1]["eval_accuracy"] > 0.8
+
+
+def test_labels_out_of_range_are_caught_before_training():
+    model = _small_mlp()
+    _, params = model.init(jax.random.key(0), (None, 64))
+    x = jnp.ones((16, 64))
+    with pytest.raises(DataError,
+                       match=r"labels must lie in \[0, 10\).*max 15"):
+        train.fit(model, params, (x, jnp.arange(16)), losses.softmax_cross_entropy,
+                  epochs=1, batch_size=4, progress=False)
+    with pytest.raises(DataError, match="evaluation labels"):
+        train.fit(model, params, (x, jnp.zeros(16, jnp.int32)), losses.softmax_cross_entropy,
+                  epochs=1, batch_size=4, progress=False, eval_data=(x, -jnp.ones(16, jnp.int32)))
+
+
+def test_evaluate_compiles_once_and_learning_rate_types():
+    model = _small_mlp()
+    _, params = model.init(jax.random.key(0), (None, 64))
+    x, y = jnp.ones((8, 64)), jnp.zeros(8, jnp.int32)
+    train.evaluate(model, losses.softmax_cross_entropy, params, x, y)
+    train.evaluate(model, losses.softmax_cross_entropy, params, x, y)
+    assert train.make_evaluate(model, losses.softmax_cross_entropy)._cache_size() == 1
+    assert isinstance(train.get_optimizer("sgd", np.float32(0.1)), optax.GradientTransformation)
+    for bad in (True, float("inf"), float("nan"), "fast", -1):
+        with pytest.raises(ConfigError, match="learning rate"):
+            train.get_optimizer("sgd", bad)
