@@ -18,6 +18,6 @@ def __getattr__(name):
     # so `import funnn` stays light.
     import importlib
 
-    if name in ("control", "data", "train", "checkpoint", "cli", "bench", "parallel"):
+    if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench"):
         return importlib.import_module(f"funnn.{name}")
     raise AttributeError(f"module 'funnn' has no attribute {name!r}")

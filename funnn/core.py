@@ -170,11 +170,16 @@ def split_key(key, n: int) -> tuple:
 # --------------------------------------------------------------------------- shapes
 
 
-def check_in_shape(name: str, in_shape, min_rank: int = 2, max_rank: int | None = None) -> tuple:
-    """Validate an ``init`` shape: a tuple whose first entry (the batch) may be ``None``/-1.
+def check_in_shape(name: str, in_shape, min_rank: int = 2, max_rank: int | None = None, *,
+                   allow_none: Sequence[int] | bool = (0,)) -> tuple:
+    """Validate an ``init`` shape: a tuple of positive ints, ``None`` where a size is free.
 
-    Returns the shape as a tuple with ``-1`` batch entries turned into ``None``.
+    Returns the shape as a tuple with a ``-1`` batch entry turned into ``None``.
     ``min_rank`` counts the batch axis: dense layers need ``(batch, features)``.
+    ``allow_none`` lists the axes that may be ``None`` (negative ones count from the end;
+    default only the batch axis 0, where ``-1`` also means ``None``); ``True`` allows every
+    axis, for layers whose params do not depend on the free sizes (they check the axes they
+    do need themselves).
     """
     try:
         shape = tuple(in_shape)
@@ -187,15 +192,27 @@ def check_in_shape(name: str, in_shape, min_rank: int = 2, max_rank: int | None 
         raise ShapeError(
             f"init shape {shape} has rank {len(shape)}, expected {want} including the batch "
             f"axis; give e.g. (None, features) with None for the batch", (name,))
+    if allow_none is True:
+        free = set(range(len(shape)))
+    elif allow_none is False:
+        free = set()
+    else:
+        free = {a % len(shape) for a in allow_none if -len(shape) <= a < len(shape)}
     out = []
     for i, d in enumerate(shape):
-        if d is None or (i == 0 and d == -1):
+        if d is None and i in free or (i == 0 and d == -1 and 0 in free):
             out.append(None)
-        elif isinstance(d, (int, np.integer)) and d > 0:
+        elif d is None:
+            only = ("only the batch axis may be None" if free == {0} else
+                    "no axis may be None" if not free else
+                    f"only axes {', '.join(map(str, sorted(free)))} may be None")
+            raise ShapeError(f"init shape {shape} has no size on axis {i}; {only}; give that "
+                             f"axis its size", (name,))
+        elif isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0:
             out.append(int(d))
         else:
             raise ShapeError(f"init shape {shape}: axis {i} must be a positive int"
-                             f"{' or None' if i == 0 else ''}, got {d!r}", (name,))
+                             f"{' or None' if i in free else ''}, got {d!r}", (name,))
     return tuple(out)
 
 

@@ -265,6 +265,12 @@ def test_shape_errors_name_the_layer():
         conv2d(4, 3).init(KEY, (None, 5, 5))
     with pytest.raises(ShapeError, match="divisible by groups=2"):
         conv2d(4, 1, groups=2).init(KEY, (None, 5, 5, 3))
+    for shape, axis in (((None, 8, 8, None), 3), ((None, None, 8, 3), 1), ((2, 8, None, 3), 2)):
+        with pytest.raises(ShapeError, match=rf"^conv2d\(4, 3x3\): init shape .* no size on "
+                                             rf"axis {axis}; only the batch axis may be None"):
+            conv2d(4, 3).init(KEY, shape)
+    with pytest.raises(ShapeError, match=r"^conv1d\(4, 3\): init shape \(None, 5, None\)"):
+        conv1d(4, 3).init(KEY, (None, 5, None))
 
     params = {"W": jnp.ones((3, 3, 3, 4)), "b": jnp.zeros(4)}
     x = jnp.ones((2, 5, 5, 3))

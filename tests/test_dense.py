@@ -268,3 +268,63 @@ def test_params_of_the_wrong_length_and_a_backward_that_drops_a_leaf():
     _, pn = net.init(jax.random.key(0), (None, 4))
     with pytest.raises(core.ShapeError, match=r"missing leaves \[.0\.b.\]"):
         gradcheck.compare(net, losses.squared_error, pn, x, y)
+
+
+def _dtypes(tree):
+    return jax.tree.map(lambda a: jnp.result_type(a), tree)
+
+
+def test_manual_grads_come_back_in_the_param_and_input_dtypes():
+    """float32 params, float64 input: the manual backward returns autodiff's dtypes (each
+    param's own, x's for dx), so ``fit(engine="manual")``'s scan carry keeps one dtype."""
+    layer = L.dense(3, dtype=jnp.float32)
+    _, p = layer.init(jax.random.key(0), (None, 2))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)))           # float64
+
+    @jax.jit
+    def both(p, x):
+        y, res = layer.forward(p, x)
+        dy = jnp.cos(y)
+        return layer.backward(p, res, dy), jax.vjp(layer.apply, p, x)[1](dy)
+
+    got, want = both(p, x)
+    assert _dtypes(got) == _dtypes(want) == ({"W": jnp.float32, "b": jnp.float32}, jnp.float64)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_manual_engine_with_float32_params_and_float64_data():
+    """Adam's moments take the gradients' dtype: float64 grads of float32 params would change
+    the epoch scan's carry dtype and fail to compile."""
+    from funnn import train
+    model = L.serial(L.dense(4, dtype=jnp.float32), L.activation("tanh"),
+                     L.dense(2, dtype=jnp.float32))
+    _, p0 = model.init(jax.random.key(0), (None, 3))
+    x, y = _data((8, 3), (8, 2))                                             # float64
+    runs = [train.fit(model, p0, (x, y), losses.squared_error, "adam", epochs=1, batch_size=4,
+                      engine=engine, progress=False) for engine in ("manual", "autodiff")]
+    assert _dtypes(runs[0].params) == _dtypes(p0)
+    chex.assert_trees_all_close(runs[0].params, runs[1].params, rtol=1e-5, atol=1e-6)
+
+
+def test_params_of_the_wrong_shape_name_the_layer():
+    """A bias or weight with the wrong output size must not silently broadcast."""
+    layer = L.dense(3)
+    _, p = layer.init(jax.random.key(0), (None, 2))
+    x = jnp.ones((1, 2))
+    for bad in ({"W": p["W"], "b": jnp.zeros(1)}, {"W": p["W"], "b": jnp.zeros((1, 3))},
+                {"W": jnp.zeros((2, 1)), "b": p["b"]}, {"W": jnp.zeros((2, 3, 1)), "b": p["b"]}):
+        for call in (layer.apply, layer.forward, jax.jit(layer.apply)):
+            with pytest.raises(core.ShapeError, match=r"^dense\(3\): expected params W \(in, 3\), "
+                                                      r"b \(3,\), got W \(2, [\d, ]+\), b \("):
+                call(bad, x)
+    nobias = L.dense(3, use_bias=False)
+    with pytest.raises(core.ShapeError, match=r"^dense\(3\): expected params W \(in, 3\), got"):
+        nobias.apply({"W": jnp.zeros((2, 4))}, x)
+
+
+def test_init_shape_none_off_the_batch_axis():
+    """Leading axes may be None (any number of them); the feature axis may not."""
+    for lead in ((None, None), (4, None), (None, None, 2)):
+        assert L.dense(5).init(jax.random.key(0), lead + (3,))[0] == lead + (5,)
+        with pytest.raises(core.ShapeError, match=r"^dense\(5\): init shape .* no feature size"):
+            L.dense(5).init(jax.random.key(0), lead + (None,))

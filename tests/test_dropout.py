@@ -201,3 +201,12 @@ def test_in_serial_manual_engine_equals_autodiff():
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (g_m, g_a, g_b))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)   # some grads are ~0 exactly
         np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-15)
+
+
+def test_init_accepts_unknown_sequence_length():
+    """Dropout is elementwise: any axis of its init shape may be unknown (e.g. time)."""
+    import funnn.layers as L
+
+    model = L.serial(L.rnn(4), L.dropout(0.2), L.dense(2))
+    shape, _ = model.init(jax.random.key(0), (None, None, 3))
+    assert shape == (None, None, 2)

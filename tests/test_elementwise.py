@@ -198,3 +198,34 @@ def test_bad_inputs():
         activation("softmax").apply({}, jnp.float64(1.0))
     with pytest.raises(ConfigError, match="init_alpha"):
         prelu("big")
+
+
+def test_init_shapes_with_none_off_the_batch_axis():
+    """An activation keeps any shape (None anywhere, e.g. after an rnn over free time); prelu
+    needs its feature size; flatten needs every size but the batch (it multiplies them)."""
+    assert activation("relu").init(None, (None, None, None)) == ((None, None, None), {})
+    assert activation("softmax").init(None, (None, None, 5)) == ((None, None, 5), {})
+    assert prelu().init(None, (None, None, F))[0] == (None, None, F)
+    for shape in ((None, None), (None, 3, None)):
+        with pytest.raises(ShapeError, match=r"^prelu\(init_alpha=0\.25\): init shape .* no "
+                                             r"feature size on its last axis"):
+            prelu().init(None, shape)
+    for shape, axis in (((None, None, 3), 1), ((None, 2, None), 2), ((4, None), 1)):
+        with pytest.raises(ShapeError, match=rf"^flatten: init shape .* no size on axis {axis}; "
+                                             r"only the batch axis may be None"):
+            flatten().init(None, shape)
+
+
+def test_prelu_grads_in_param_and_input_dtypes():
+    """float32 alpha with float64 x (and the reverse): dalpha in alpha's dtype, dx in x's."""
+    layer = prelu()
+    x64 = jnp.asarray(np.random.default_rng(2).normal(size=(3, F)))
+    for dt_p, dt_x in ((jnp.float32, jnp.float64), (jnp.float64, jnp.float32)):
+        p, x = {"alpha": jnp.array([0.3, -0.2, 0.5, 1.5], dt_p)}, x64.astype(dt_x)
+        y, res = layer.forward(p, x)
+        dy = jnp.cos(y)
+        dp, dx = layer.backward(p, res, dy)
+        dp_a, dx_a = vjp_oracle(layer, p, x, dy)
+        assert (dp["alpha"].dtype, dx.dtype) == (dp_a["alpha"].dtype, dx_a.dtype) == (dt_p, dt_x)
+        np.testing.assert_allclose(dp["alpha"], dp_a["alpha"], rtol=1e-5)
+        np.testing.assert_allclose(dx, dx_a, rtol=1e-6)

@@ -162,3 +162,43 @@ def test_in_serial_manual_engine_equals_autodiff_and_bridge():
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (g_m, g_a, g_b))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)   # some grads are ~0 exactly
         np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-15)
+
+
+def test_concrete_ids_closed_over_by_jit(params):
+    """Ids known when a jitted function is traced (closed over, not arguments) are read with
+    numpy: the range check runs, and jax's min on them would have been traced."""
+    layer = embedding(N, F)
+    ids = jnp.array([[0, 6], [3, 3]])
+    y = jax.jit(lambda p: layer.apply(p, ids))(params)
+    np.testing.assert_array_equal(y, np.asarray(params["table"])[np.asarray(ids)])
+    g = jax.jit(jax.grad(lambda p: jnp.sum(layer.forward(p, ids)[0])))(params)
+    np.testing.assert_array_equal(g["table"].sum(1), [3.0, 0, 0, 6.0, 0, 0, 3.0])
+    bad = jnp.array([1, 7])
+    with pytest.raises(ShapeError, match=r"embedding\(7, 3\): id 7 is out of range"):
+        jax.jit(lambda p: layer.apply(p, bad))(params)
+
+
+def test_gradcheck_compare_on_a_network(params):
+    """gradcheck traces the model with the ids closed over; embedding -> flatten -> dense."""
+    from funnn import gradcheck, losses
+    from funnn.layers import dense, flatten, serial
+
+    model = serial(embedding(N, F), flatten(), dense(2))
+    _, p = model.init(KEY, (None, 2))
+    ids = jnp.array([[0, 3], [3, 6], [1, 1]])
+    y = jnp.asarray(np.random.default_rng(8).normal(size=(3, 2)))
+    report = gradcheck.compare(model, losses.mse, p, ids, y)
+    assert report.ok, str(report)
+
+
+def test_init_shapes_may_be_free_and_grads_keep_the_table_dtype():
+    layer = embedding(N, F, dtype=jnp.float32)
+    out, p = layer.init(KEY, (None, None))                 # sequences of any length
+    assert out == (None, None, F) and p["table"].dtype == jnp.float32
+    ids = jnp.array([[1, 2, 2]])
+    _, res = layer.forward(p, ids)
+    dy = jnp.ones((1, 3, F), jnp.float64)                  # e.g. from a float64 layer above
+    dp, dx = layer.backward(p, res, dy)
+    want = jax.vjp(lambda p: layer.apply(p, ids), p)[1](dy.astype(jnp.float32))[0]
+    assert dx is None and dp["table"].dtype == want["table"].dtype == jnp.float32
+    np.testing.assert_array_equal(dp["table"], want["table"])

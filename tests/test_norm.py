@@ -420,3 +420,49 @@ def test_in_serial_manual_engine_equals_autodiff_and_bridge():
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (g_m, g_a, g_b))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)   # some grads are ~0 exactly
         np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-15)
+
+
+# =========================================================================== dtypes, init shapes
+
+
+@pytest.mark.parametrize("which", ["layer_norm", "batch_norm_train", "batch_norm_infer"])
+@pytest.mark.parametrize("dt_p, dt_x", [(jnp.float32, jnp.float64), (jnp.float64, jnp.float32)],
+                         ids=["f32_params_f64_x", "f64_params_f32_x"])
+def test_grads_come_back_in_param_and_input_dtypes(which, dt_p, dt_x):
+    """Mixed precision: each manual gradient has its primal's dtype, as autodiff's does (a
+    float64 gradient of a float32 param breaks fit(engine="manual")'s scan carry)."""
+    rng = np.random.default_rng(9)
+    x = _normal(rng, (4, 3)).astype(dt_x)
+    p = {k: v.astype(dt_p) for k, v in _random_params(rng, 3).items()}
+    if which == "layer_norm":
+        f, man = layer_norm().apply, _ln_manual
+    else:                                       # the state in the params' dtype, as init_state
+        s = {k: v.astype(dt_p) for k, v in _state(rng, 3).items()}
+        f, man = _bn_fns(batch_norm(), s, which.endswith("train"))
+
+    @jax.jit
+    def both(p, x):
+        dy = jnp.cos(f(p, x))
+        return man(p, x, dy), jax.vjp(f, p, x)[1](dy)
+
+    got, want = both(p, x)
+    dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)  # noqa: E731
+    assert dtypes(got) == dtypes(want) == ({"gamma": dt_p, "beta": dt_p}, dt_x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_init_shapes_with_free_axes():
+    """Any axis but the normalised one may be None (sequences of any length); that one not."""
+    for layer in (layer_norm(), batch_norm()):
+        assert layer.init(KEY, (None, None, 4))[0] == (None, None, 4)
+    assert batch_norm().init_state((None, None, 4))["mean"].shape == (4,)
+    assert batch_norm(axis=1).init(KEY, (None, 4, None))[1]["gamma"].shape == (4,)
+    with pytest.raises(ShapeError, match=r"^layer_norm: init shape \(None, 4, None\) has no "
+                                         r"feature size"):
+        layer_norm().init(KEY, (None, 4, None))
+    for shape in ((None, 4, None), (None, None)):
+        with pytest.raises(ShapeError, match=r"^batch_norm: init shape .* no channel size"):
+            batch_norm().init(KEY, shape)
+    with pytest.raises(ShapeError, match=r"^batch_norm: init shape .* axis 1 must be a positive"):
+        batch_norm().init_state((None, 0, 4))

@@ -2,6 +2,7 @@
 differences, arg-max ties, vmap, errors, and a small conv/pool network through both engines."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -127,11 +128,11 @@ def distinct(rng, shape):
 
 # --------------------------------------------------------------------------- the option grid
 
-# (window, options, input shape): VALID with rows no window reaches, SAME with 1-D and 2-D
-# int windows, overlapping windows (stride 1), mixed strides with explicit asymmetric pads.
+# (window, options, input shape): VALID with rows no window reaches, SAME with 1-D (ndim=1)
+# and 2-D int windows, overlapping windows (stride 1), mixed strides with explicit asymmetric pads.
 CASES = [
     ((2, 2), {}, (2, 5, 6, 3)),
-    (3, dict(stride=2, padding="SAME"), (2, 7, 3)),
+    (3, dict(stride=2, padding="SAME", ndim=1), (2, 7, 3)),
     ((3, 2), dict(stride=(1, 2), padding=((2, 1), (0, 1))), (2, 5, 6, 2)),
     ((2, 2), dict(stride=1, padding="SAME"), (1, 4, 5, 2)),
     (3, dict(stride=2, padding="SAME"), (2, 7, 5, 2)),
@@ -206,14 +207,14 @@ def test_property_random_options(config, seed):
 def test_avg_pool_border_counts():
     """SAME, 1-D, window 3 on [1, 2, 3]: windows {pad,1,2} {1,2,3} {2,3,pad}."""
     x = jnp.array([1.0, 2.0, 3.0]).reshape(1, 3, 1)
-    exclude = avg_pool(3, stride=1, padding="SAME").apply({}, x)
-    include = avg_pool(3, stride=1, padding="SAME", count_include_pad=True).apply({}, x)
+    exclude = avg_pool(3, stride=1, padding="SAME", ndim=1).apply({}, x)
+    include = avg_pool(3, stride=1, padding="SAME", count_include_pad=True, ndim=1).apply({}, x)
     np.testing.assert_allclose(exclude.ravel(), [1.5, 2.0, 2.5])
     np.testing.assert_allclose(include.ravel(), [1.0, 2.0, 5.0 / 3.0])
 
 
 @pytest.mark.parametrize("shape, window, opts", [
-    ((2, 6, 1), 3, dict(stride=1, padding="SAME")),
+    ((2, 6, 1), 3, dict(stride=1, padding="SAME", ndim=1)),
     ((1, 4, 5, 2), (2, 3), dict(stride=1)),
 ])
 def test_max_pool_ties_first_max_gets_all(shape, window, opts):
@@ -233,7 +234,8 @@ def test_max_pool_ties_first_max_gets_all(shape, window, opts):
         np.testing.assert_allclose(got, expect, rtol=1e-14, atol=1e-14)
 
 
-@pytest.mark.parametrize("layer", [max_pool(2), avg_pool(2, padding="SAME"), global_avg_pool()],
+@pytest.mark.parametrize("layer", [max_pool(2, ndim=1), avg_pool(2, padding="SAME", ndim=1),
+                                   global_avg_pool()],
                          ids=lambda l: l.name)
 def test_float32_stays_float32(layer):
     x = jnp.arange(10, dtype=jnp.float32).reshape(1, 5, 2)
@@ -244,12 +246,12 @@ def test_float32_stays_float32(layer):
 
 def test_hand_computed_1d():
     x = jnp.array([1.0, 3.0, 3.0, 0.0, 3.0, 3.0]).reshape(1, 6, 1)
-    layer = max_pool(3, stride=1)
+    layer = max_pool(3, stride=1, ndim=1)
     y, res = layer.forward({}, x)
     np.testing.assert_array_equal(y.ravel(), [3, 3, 3, 3])
     dx = layer.backward({}, res, jnp.ones_like(y))[1]
     np.testing.assert_array_equal(dx.ravel(), [0, 2, 1, 0, 1, 0])   # windows pick 1, 1, 2, 4
-    y = avg_pool(2).apply({}, x)
+    y = avg_pool((2,)).apply({}, x)
     np.testing.assert_array_equal(y.ravel(), [2, 1.5, 3])
 
 
@@ -268,11 +270,17 @@ def test_global_avg_pool(shape):
 def test_names_and_shapes():
     assert max_pool((2, 2)).name == "max_pool(2x2)"
     assert (avg_pool(3, stride=2, padding="SAME", count_include_pad=True).name
-            == "avg_pool(3, stride=2, padding=SAME, count_include_pad)")
+            == "avg_pool(3x3, stride=2, padding=SAME, count_include_pad)")
+    assert max_pool(2).name == "max_pool(2x2)"                # an int window is 2-D by default
+    assert max_pool(2, ndim=1).name == max_pool((2,)).name == "max_pool(2)"
+    assert avg_pool(2, stride=(1,)).name == "avg_pool(2, stride=1)"   # a 1-tuple stride: 1-D
     assert max_pool((2, 2)).init(None, (-1, 7, 7, 3)) == ((None, 3, 3, 3), {})
-    assert max_pool(2).init(None, (None, 7, 3)) == ((None, 3, 3), {})
+    assert max_pool(2).init(None, (None, 7, 7, 3)) == ((None, 3, 3, 3), {})
+    assert max_pool(2, ndim=1).init(None, (None, 7, 3)) == ((None, 3, 3), {})
+    assert max_pool(2, ndim=3).init(None, (None, 4, 5, 6, 1)) == ((None, 2, 2, 3, 1), {})
     assert avg_pool(2, padding="SAME").init(None, (None, 7, 5, 3)) == ((None, 4, 3, 3), {})
     assert global_avg_pool().init(None, (None, 7, 5, 3)) == ((None, 3), {})
+    assert global_avg_pool().init(None, (None, None, None, 3)) == ((None, 3), {})  # averaged away
 
 
 # --------------------------------------------------------------------------- errors
@@ -285,6 +293,10 @@ def test_names_and_shapes():
     (lambda: avg_pool(2, padding="FULL"), "padding"),
     (lambda: max_pool(2, padding=2), "smaller than the window"),
     (lambda: max_pool((3, 3), padding=((1, 3), (0, 0))), "smaller than the window"),
+    (lambda: max_pool(2, ndim=0), "ndim"),
+    (lambda: avg_pool(2, ndim=True), "ndim"),
+    (lambda: max_pool((2, 2), ndim=1), "window"),               # ndim contradicts the window
+    (lambda: avg_pool(2, stride=(1, 1), ndim=3), "stride"),
 ])
 def test_config_errors(make, words):
     with pytest.raises(ConfigError, match=words) as err:
@@ -332,3 +344,29 @@ def test_conv_pool_network_manual_equals_autodiff():
     np.testing.assert_allclose(l_m, l_a, rtol=1e-12)
     for a, m in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_m)):
         assert rel_err(m, a) < 1e-10
+
+
+@pytest.mark.parametrize("make", [lambda: max_pool(2), lambda: avg_pool(2, padding="SAME")])
+def test_int_window_is_2d_and_rejects_unbatched_images(make):
+    """A net built for (None, 4, 4, 3) must not read an unbatched (4, 4, 3) image as a batch
+    of 4 one-dimensional signals: an int window pools 2-D, other ranks are a ShapeError."""
+    layer = make()
+    assert layer.init(None, (None, 4, 4, 3))[0] == (None, 2, 2, 3)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(4, 4, 3)))
+    name = re.escape(layer.name)
+    pat = (rf"^{name}: expected input of rank 4 \(batch, H, W, channels\), got shape "
+           rf"\(4, 4, 3\).*x\[None\].*ndim=1")
+    for call in (lambda: layer.apply({}, x), lambda: layer.forward({}, x)):
+        with pytest.raises(ShapeError, match=pat):
+            call()
+    with pytest.raises(ShapeError, match=rf"^{name}: init shape \(None, 4, 3\) has rank 3"):
+        layer.init(None, (None, 4, 3))
+    with pytest.raises(ShapeError, match=r"no size on axis 2; only the batch axis may be None"):
+        layer.init(None, (None, 4, None, 3))
+    assert layer.apply({}, x[None]).shape == (1, 2, 2, 3)                  # batched: fine
+
+
+def test_ndim_1_int_window_equals_1_tuple_window():
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 6, 3)))
+    for kind in (max_pool, avg_pool):
+        np.testing.assert_array_equal(kind(2, ndim=1).apply({}, x), kind((2,)).apply({}, x))

@@ -361,3 +361,51 @@ def test_compiles_once():
     step(p, jnp.ones((B, T, D)), jnp.array([1, 2]))
     step(p, jnp.zeros((B, T, D)), jnp.array([3, 4]))
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_grads_come_back_in_param_and_input_dtypes(kind):
+    """Mixed precision both ways (float32 params with float64 x, masked, last state only; and
+    float64 params with float32 x, full sequence): each manual gradient has its primal's
+    dtype, as autodiff's does (else fit(engine="manual")'s scan carry changes dtype)."""
+    rng = np.random.default_rng(11)
+    cases = []
+    for dt_p, dt_x, seq, masked in ((jnp.float32, jnp.float64, False, True),
+                                    (jnp.float64, jnp.float32, True, False)):
+        layer = CELLS[kind](H, return_sequences=seq, masked=masked)
+        p = jax.tree.map(lambda a: a.astype(dt_p), _params(layer, D, 3))
+        x = jnp.asarray(rng.normal(size=(B, T, D)), dt_x)
+        cases.append((layer, p, (x, jnp.array([T, 2])) if masked else x))
+
+    @_jit
+    def run(ps, xs):
+        out = []
+        for (layer, _, _), p, x in zip(cases, ps, xs):
+            y, res = layer.forward(p, x)
+            dy = jnp.cos(y)
+            dp, dx = layer.backward(p, res, dy)
+            xx = x[0] if isinstance(x, tuple) else x
+            wrap = (lambda v: (v, x[1])) if isinstance(x, tuple) else (lambda v: v)
+            ap, ax = jax.vjp(lambda p, v: layer.apply(p, wrap(v)), p, xx)[1](dy)
+            out.append(((dp, dx[0] if isinstance(dx, tuple) else dx), (ap, ax)))
+        return out
+
+    got = run(tuple(c[1] for c in cases), tuple(c[2] for c in cases))
+    for (layer, p, x), (manual, auto) in zip(cases, got):
+        xx = x[0] if isinstance(x, tuple) else x
+        dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)  # noqa: E731
+        assert dtypes(manual) == dtypes(auto) == (dtypes(p), xx.dtype), layer.name
+        for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto)):
+            assert _rel(a, b) < 1e-5, layer.name
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_init_shape_needs_the_feature_size(kind):
+    """Batch and time may be None; the features may not (the params depend on them)."""
+    layer = CELLS[kind](H)
+    for shape in ((None, None, None), (B, T, None)):
+        with pytest.raises(ShapeError, match=rf"^{kind}\({H}\): init shape .* no size on axis 2; "
+                                             r"only axes 0, 1 may be None"):
+            layer.init(jax.random.key(0), shape)
+    with pytest.raises(ShapeError, match="no size on axis 2"):
+        CELLS[kind](H, masked=True).init(jax.random.key(0), ((None, T, None), (None, T)))

@@ -83,7 +83,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
     b_fn = get_initializer(b_init, "bias", name) if use_bias else None
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, min_rank=1)
+        shape = check_in_shape(name, in_shape, min_rank=1, allow_none=True)
         n_in = shape[-1]
         if n_in is None:
             raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last axis",
@@ -97,7 +97,14 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
 
     def _check(params, x):
         check_floating(name, x)
-        check_features(name, x, params["W"].shape[0])
+        w_shape = tuple(jnp.shape(params["W"]))
+        b_shape = tuple(jnp.shape(params["b"])) if use_bias else (out,)
+        if len(w_shape) != 2 or w_shape[1] != out or b_shape != (out,):
+            got = f"W {w_shape}" + (f", b {b_shape}" if use_bias else "")
+            want = f"W (in, {out})" + (f", b ({out},)" if use_bias else "")
+            raise ShapeError(f"expected params {want}, got {got}; were these params made by "
+                             f"this layer's init?", (name,))
+        check_features(name, x, w_shape[0])
 
     def apply(params, x, *, key=None, train=False):
         _check(params, x)
@@ -109,9 +116,10 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
 
     def backward(params, x, dy):
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        grads = {"W": x2.T @ dy2}
+        w = params["W"]
+        grads = {"W": (x2.T @ dy2).astype(w.dtype)}     # cotangents in their primals' dtypes
         if use_bias:
-            grads["b"] = dy2.sum(0)
-        return grads, dy @ params["W"].T
+            grads["b"] = dy2.sum(0).astype(params["b"].dtype)
+        return grads, (dy @ w.T).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)

@@ -46,7 +46,7 @@ def dropout(rate: float) -> Layer:
     keep = 1.0 - r
 
     def init(key, in_shape):
-        return check_in_shape(name, in_shape, min_rank=1), {}
+        return check_in_shape(name, in_shape, min_rank=1, allow_none=True), {}
 
     def _mask(x, key, train):
         """The scaled mask ``m`` (dtype of ``x``), or ``None`` when dropout is the identity."""

@@ -18,8 +18,8 @@ import math
 import jax.numpy as jnp
 
 from funnn import activations as A
-from funnn.core import (ConfigError, Layer, check_features, check_floating, check_in_shape,
-                        check_rank)
+from funnn.core import (ConfigError, Layer, ShapeError, check_features, check_floating,
+                        check_in_shape, check_rank)
 
 __all__ = ["activation", "prelu", "flatten"]
 
@@ -42,7 +42,7 @@ def activation(act) -> Layer:
     min_rank = 1 if act.elementwise else 2
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, min_rank=min_rank)
+        shape = check_in_shape(name, in_shape, min_rank=min_rank, allow_none=True)  # any shape
         return shape, {}
 
     def _check(x):
@@ -83,7 +83,10 @@ def prelu(init_alpha: float = 0.25) -> Layer:
     name = f"prelu(init_alpha={a0!r})"
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, min_rank=2)
+        shape = check_in_shape(name, in_shape, min_rank=2, allow_none=True)
+        if shape[-1] is None:
+            raise ShapeError(f"init shape {shape} has no feature size on its last axis (alpha "
+                             f"has one slope per feature); give e.g. (None, features)", (name,))
         return shape, {"alpha": jnp.full((shape[-1],), a0, dtype=float)}
 
     def _check(params, x):

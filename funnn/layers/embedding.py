@@ -17,6 +17,20 @@ def _check_size(value, what: str) -> int:
     return int(value)
 
 
+def _concrete(ids):
+    """``ids`` as a numpy array when their values are known now, else ``None`` (a tracer).
+
+    Concrete ids closed over by a jitted function are read here with numpy: calling jax's
+    ``min`` on them would be traced and could not be turned into a Python int.
+    """
+    if isinstance(ids, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
     """A lookup table: ``y[..., :] = table[ids[...], :]``.
 
@@ -36,13 +50,14 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
     name = f"embedding({n}, {f})"
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, min_rank=1)
+        shape = check_in_shape(name, in_shape, min_rank=1, allow_none=True)  # any id shape
         dt = dtype if dtype is not None else jnp.zeros(()).dtype
         table = jax.random.normal(key, (n, f), dt) / jnp.sqrt(jnp.asarray(f, dt))
         return shape + (f,), {"table": table}
 
     def _ids(params, ids):
         """Validate ``ids``; return them with negatives moved out of range (so they read NaN)."""
+        values = _concrete(ids)
         ids = jnp.asarray(ids)
         dt = ids.dtype
         if not jnp.issubdtype(dt, jnp.integer):
@@ -51,8 +66,8 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
         rows = params["table"].shape
         if rows != (n, f):
             raise ShapeError(f"expected a table of shape {(n, f)}, got {rows}", (name,))
-        if not isinstance(ids, jax.core.Tracer) and np.size(ids):
-            lo, hi = int(np.min(ids)), int(np.max(ids))
+        if values is not None and values.size:
+            lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= n:
                 bad = lo if lo < 0 else hi
                 raise ShapeError(f"id {bad} is out of range for {n} embeddings (valid ids "

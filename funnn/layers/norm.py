@@ -47,6 +47,7 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
     last axis of each example), ``y = gamma * xhat + beta``.
     Shapes: ``x (..., F) -> y (..., F)``. Params: ``{"gamma": (F,) ones, "beta": (F,) zeros}``.
     Residuals: ``(xhat, inv)`` with ``inv = 1 / sqrt(var + eps)`` of shape ``(..., 1)``.
+    Gradients come back in the dtypes of their params and of ``x``, as autodiff's do.
     Derivative (``dxhat = dy * gamma``, ``F`` features):
     ``dx = inv / F * (F dxhat - sum(dxhat) - xhat sum(dxhat xhat))``,
     ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)`` (sums over every leading axis).
@@ -55,7 +56,7 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
     name = "layer_norm" if eps == 1e-5 else f"layer_norm(eps={eps:g})"
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, min_rank=1)
+        shape = check_in_shape(name, in_shape, min_rank=1, allow_none=True)
         f = shape[-1]
         if f is None:
             raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last "
@@ -81,9 +82,9 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         dxhat = dy * params["gamma"]
         dx = inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
                     - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-        dgamma = (dy * xhat).reshape(-1, f).sum(0)
-        dbeta = dy.reshape(-1, f).sum(0)
-        return {"gamma": dgamma, "beta": dbeta}, dx
+        dgamma = (dy * xhat).reshape(-1, f).sum(0).astype(params["gamma"].dtype)
+        dbeta = dy.reshape(-1, f).sum(0).astype(params["beta"].dtype)
+        return {"gamma": dgamma, "beta": dbeta}, dx.astype(xhat.dtype)   # xhat has x's dtype
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
 
@@ -98,9 +99,11 @@ class _TrainRes(NamedTuple):
 
 
 class _InferRes(NamedTuple):
-    """Batch-norm residuals in inference mode: ``xhat`` (input shape) and ``inv`` ``(C,)``."""
+    """Batch-norm residuals in inference mode: ``xhat`` (input shape), ``inv`` ``(C,)`` and
+    ``x0``, an empty array of ``x``'s dtype (``xhat`` takes the wider of ``x`` and the state)."""
     xhat: jnp.ndarray
     inv: jnp.ndarray
+    x0: jnp.ndarray
 
 
 def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtype=None) -> Layer:
@@ -121,6 +124,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
     State: ``init_state(in_shape) -> {"mean": (C,) zeros, "var": (C,) ones}``.
     Params: ``{"gamma": (C,) ones, "beta": (C,) zeros}``.
     Residuals: ``xhat`` and ``inv = 1 / sqrt(var + eps)``, tagged training or inference.
+    Gradients come back in the dtypes of their params and of ``x``, as autodiff's do.
     Derivative (``dxhat = dy * gamma``, sums over the ``N`` positions of each channel):
     training ``dx = inv / N * (N dxhat - sum(dxhat) - xhat sum(dxhat xhat))`` (the gradient
     also flows through the batch mean and variance); inference ``dx = dxhat * inv`` (an
@@ -148,11 +152,11 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         return ax, red, bshape
 
     def _channels(in_shape) -> tuple:
-        shape = check_in_shape(name, in_shape, min_rank=2)
+        shape = check_in_shape(name, in_shape, min_rank=2, allow_none=True)
         c = shape[_axes(len(shape), shape)[0]]
         if c is None:
-            raise ShapeError(f"init shape {tuple(in_shape)} has no channel size on axis {axis}",
-                             (name,))
+            raise ShapeError(f"init shape {tuple(in_shape)} has no channel size on axis {axis}; "
+                             f"give e.g. (None, ..., channels)", (name,))
         return shape, c
 
     def init(key, in_shape):
@@ -200,7 +204,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
             inv = lax.rsqrt(state["var"] + eps)
             xhat = (x - state["mean"].reshape(bshape)) * inv.reshape(bshape)
             new_state = state
-            res = _InferRes(xhat, inv)
+            res = _InferRes(xhat, inv, jnp.zeros((0,), x.dtype))
         y = xhat * params["gamma"].reshape(bshape) + params["beta"].reshape(bshape)
         return y, res, new_state
 
@@ -210,15 +214,16 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
 
     def backward(params, res, dy):
         _, red, bshape = _axes(dy.ndim, dy.shape)
-        xhat, inv = res
-        dgamma = jnp.sum(dy * xhat, axis=red)
-        dbeta = jnp.sum(dy, axis=red)
+        xhat, inv = res[0], res[1]
+        dgamma = jnp.sum(dy * xhat, axis=red).astype(params["gamma"].dtype)
+        dbeta = jnp.sum(dy, axis=red).astype(params["beta"].dtype)
         dxhat = dy * params["gamma"].reshape(bshape)
         if isinstance(res, _InferRes):
-            dx = dxhat * inv.reshape(bshape)
-        else:
+            dx = (dxhat * inv.reshape(bshape)).astype(res.x0.dtype)
+        else:                                            # xhat has x's dtype here
             dx = inv.reshape(bshape) * (dxhat - jnp.mean(dxhat, axis=red, keepdims=True)
                                         - xhat * jnp.mean(dxhat * xhat, axis=red, keepdims=True))
+            dx = dx.astype(xhat.dtype)
         return {"gamma": dgamma, "beta": dbeta}, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,

@@ -7,9 +7,11 @@ padded positions ``o s .. o s + k - 1``. Padding is ``"VALID"``, ``"SAME"`` (``m
 extra on the high side), an int or explicit ``(lo, hi)`` pairs, as for convolutions; an
 explicit pad must be smaller than the window, so no window is made of padding only.
 
-Spatial rank: a tuple window (or stride, or padding pairs) fixes it (``(2,)`` pools 1-D
-``(N, W, C)``, ``(2, 2)`` pools 2-D NHWC); an int window pools every spatial axis of the
-input it is given (rank >= 3).
+Spatial rank ``ndim``, fixed when the layer is built: the ``ndim`` keyword if given, else
+the length of a tuple window (or stride, or padding pairs), else 2. So ``max_pool(2)`` and
+``max_pool((2, 2))`` pool 2-D NHWC ``(N, H, W, C)``; ``max_pool((2,))`` and
+``max_pool(2, ndim=1)`` pool 1-D ``(N, W, C)``. An input of another rank is a
+:class:`ShapeError` (an unbatched ``(H, W, C)`` image is never read as a batch of 1-D signals).
 
 - ``max_pool``: ``y[o] = max_{k} xpad[o s + k]`` with ``-inf`` padding. Derivative: the whole
   of ``dy[o]`` goes to the arg-max of window ``o``; on ties the first maximum in row-major
@@ -31,77 +33,82 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import ConfigError, Layer, check_floating, check_in_shape, check_rank
-from funnn.layers.conv import _fmt, _fmt_padding, _is_int, _ntuple, _out_sizes, _padding_spec, _pads
+from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
+from funnn.layers.conv import (_SPATIAL, _fmt, _fmt_padding, _is_int, _ntuple, _out_sizes,
+                               _padding_spec, _pads)
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool"]
 
 
-def _geometry_fn(kind: str, window, stride, padding):
-    """Validate the options at construction.
+def _geometry(kind: str, window, stride, padding, ndim):
+    """Validate the options at construction (:class:`ConfigError`).
 
-    Returns (window label, name extras, fixed spatial rank or None, geometry) where
-    ``geometry(nd) -> (window, stride, padding spec)`` for an input with ``nd`` spatial axes.
+    Returns ``(nd, window, stride, padding spec)``: ``nd`` is ``ndim`` if given, else the
+    length of a tuple window (or stride, or padding pairs), else 2.
     """
-    nd_fixed = None
-    for v in (window, stride):
-        if v is not None and not _is_int(v):
+    if ndim is not None:
+        if not _is_int(ndim) or ndim < 1:
+            raise ConfigError(f"ndim (the number of spatial axes) must be a positive int or "
+                              f"None, got {ndim!r}", (kind,))
+        nd = int(ndim)
+    else:
+        nd = None
+        for v in (window, stride):
+            if v is not None and not _is_int(v):
+                try:
+                    nd = len(v)
+                except TypeError:
+                    pass
+                break
+        if nd is None and not isinstance(padding, str) and not _is_int(padding):
             try:
-                nd_fixed = len(v)
+                nd = len(padding)
             except TypeError:
                 pass
-            break
-    if nd_fixed is None and not isinstance(padding, str) and not _is_int(padding):
-        try:
-            nd_fixed = len(padding)
-        except TypeError:
-            pass
-    nd0 = nd_fixed or 1
-    k0 = _ntuple(kind, window, nd0, "window")
-    s0 = k0 if stride is None else _ntuple(kind, stride, nd0, "stride")
-    p0 = _padding_spec(kind, padding, nd0)
-    extras = [f"stride={_fmt(s0)}" if stride is not None else "",
-              f"padding={_fmt_padding(p0)}" if p0 != "VALID" else ""]
-    wname = "x".join(map(str, k0)) if nd_fixed else str(k0[0])
-
-    def geometry(nd: int):
-        k = _ntuple(kind, window, nd, "window")
-        s = k if stride is None else _ntuple(kind, stride, nd, "stride")
-        spec = _padding_spec(kind, padding, nd)
-        if not isinstance(spec, str) and any(lo >= ki or hi >= ki
-                                             for (lo, hi), ki in zip(spec, k)):
-            raise ConfigError(f"explicit padding {spec} must be smaller than the window {k} on "
-                              f"each side (otherwise a window can hold padding only)", (kind,))
-        return k, s, spec
-
-    geometry(nd0)  # validate now (ConfigError at construction)
-    return wname, extras, nd_fixed, geometry
+        nd = nd or 2
+    k = _ntuple(kind, window, nd, "window")
+    s = k if stride is None else _ntuple(kind, stride, nd, "stride")
+    spec = _padding_spec(kind, padding, nd)
+    if not isinstance(spec, str) and any(lo >= ki or hi >= ki for (lo, hi), ki in zip(spec, k)):
+        raise ConfigError(f"explicit padding {spec} must be smaller than the window {k} on "
+                          f"each side (otherwise a window can hold padding only)", (kind,))
+    return nd, k, s, spec
 
 
-def _pool(kind: str, window, stride, padding, extra_names=()):
+def _pool(kind: str, window, stride, padding, ndim, extra_names=()):
     """The shared frame of max_pool / avg_pool: name, init, the static shape checks."""
-    wname, extras, nd_fixed, geometry = _geometry_fn(kind, window, stride, padding)
-    name = f"{kind}({', '.join([wname] + [e for e in list(extras) + list(extra_names) if e])})"
+    nd, k, s, spec = _geometry(kind, window, stride, padding, ndim)
+    extras = [f"stride={_fmt(s)}" if stride is not None else "",
+              f"padding={_fmt_padding(spec)}" if spec != "VALID" else "", *extra_names]
+    name = f"{kind}({', '.join(['x'.join(map(str, k))] + [e for e in extras if e])})"
+    layout = f"(batch, {_SPATIAL.get(nd, 'spatial...')}, channels)"
 
-    def ndim_of(rank: int) -> int:
-        return nd_fixed if nd_fixed else max(rank - 2, 1)
+    def rank_hint(rank: int, batch_hint: str = "add a batch axis: x[None]") -> str:
+        hint = f"; for a single example {batch_hint}" if rank == nd + 1 else ""
+        if rank >= 3:
+            hint += (f"; to pool {rank - 2}-D inputs build the layer with a {rank - 2}-tuple "
+                     f"window or ndim={rank - 2}")
+        return hint
 
     def init(key, in_shape):
-        rank = len(tuple(in_shape)) if isinstance(in_shape, (tuple, list)) else 0
-        nd = ndim_of(rank)
+        if isinstance(in_shape, (tuple, list)) and len(in_shape) != nd + 2:
+            raise ShapeError(f"init shape {tuple(in_shape)} has rank {len(in_shape)}, expected "
+                             f"rank {nd + 2} {layout}"
+                             f"{rank_hint(len(in_shape), 'put None first for the batch')}",
+                             (name,))
         shape = check_in_shape(name, in_shape, nd + 2, nd + 2)
-        k, s, spec = geometry(nd)
         out = _out_sizes(name, shape[1:-1], k, s, _pads(spec, shape[1:-1], k, s), "window")
         return (shape[0],) + out + (shape[-1],), {}
 
     def check(x):
         """Static checks; returns (k, s, pads, out sizes) for this input."""
         check_floating(name, x)
-        nd = ndim_of(jnp.ndim(x))
-        check_rank(name, x, nd + 2, nd + 2, what="(batch, spatial..., channels)")
-        k, s, spec = geometry(nd)
-        pads = _pads(spec, x.shape[1:-1], k, s)
-        return k, s, pads, _out_sizes(name, x.shape[1:-1], k, s, pads, "window")
+        shape = jnp.shape(x)
+        if len(shape) != nd + 2:
+            raise ShapeError(f"expected input of rank {nd + 2} {layout}, got shape {shape} "
+                             f"(rank {len(shape)}){rank_hint(len(shape))}", (name,))
+        pads = _pads(spec, shape[1:-1], k, s)
+        return k, s, pads, _out_sizes(name, shape[1:-1], k, s, pads, "window")
 
     return name, init, check
 
@@ -123,14 +130,16 @@ def _crop(xp, pads, sizes):
     return lax.slice(xp, start, limit)
 
 
-def max_pool(window, stride=None, padding="VALID") -> Layer:
+def max_pool(window, stride=None, padding="VALID", *, ndim: int | None = None) -> Layer:
     """Max pooling: ``y[o] = max_{k in window} xpad[o s + k]`` per channel, ``-inf`` padding.
 
-    Shapes: ``(N, *spatial, C) -> (N, *out, C)``; no params. ``stride`` defaults to ``window``.
+    Shapes: ``(N, *spatial, C) -> (N, *out, C)`` with ``ndim`` spatial axes (default: a tuple
+    window's length, else 2; see the module docstring); no params. ``stride`` defaults to
+    ``window``.
     Derivative: ``dx`` gets ``dy[o]`` at the arg-max of window ``o`` (first maximum in
     row-major window order on ties, as JAX's autodiff does), summed over overlapping windows.
     """
-    name, init, check = _pool("max_pool", window, stride, padding)
+    name, init, check = _pool("max_pool", window, stride, padding, ndim)
 
     def apply(params, x, *, key=None, train=False):
         k, s, pads, _ = check(x)
@@ -172,15 +181,17 @@ def _counts(sizes, k, s, pads, m) -> np.ndarray:
     return c.reshape(_full(m))
 
 
-def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = False) -> Layer:
+def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = False, *,
+             ndim: int | None = None) -> Layer:
     """Average pooling: ``y[o] = sum_{k in window} xpad[o s + k] / count[o]`` per channel.
 
-    Shapes: ``(N, *spatial, C) -> (N, *out, C)``; no params. ``stride`` defaults to ``window``.
+    Shapes: ``(N, *spatial, C) -> (N, *out, C)`` with ``ndim`` spatial axes (as
+    :func:`max_pool`); no params. ``stride`` defaults to ``window``.
     ``count[o]`` = real inputs in window ``o`` (default) or ``prod(window)`` with
     ``count_include_pad=True``. Derivative: ``dx[i] = sum_{o: i in window o} dy[o] / count[o]``.
     """
     extra = ("count_include_pad",) if count_include_pad else ()
-    name, init, check = _pool("avg_pool", window, stride, padding, extra)
+    name, init, check = _pool("avg_pool", window, stride, padding, ndim, extra)
 
     def count(x, k, s, pads, m):
         if count_include_pad:
@@ -222,7 +233,9 @@ def global_avg_pool() -> Layer:
     name = "global_avg_pool"
 
     def init(key, in_shape):
-        shape = check_in_shape(name, in_shape, 3)
+        rank = len(in_shape) if isinstance(in_shape, (tuple, list)) else 0
+        # the spatial axes are averaged away: they may be None, the channels may not
+        shape = check_in_shape(name, in_shape, 3, allow_none=range(rank - 1))
         return (shape[0], shape[-1]), {}
 
     def apply(params, x, *, key=None, train=False):

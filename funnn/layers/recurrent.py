@@ -22,6 +22,8 @@ Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
   ``backward`` returns ``dx = (dx, None)`` and ``apply`` stops its gradient.
 
 ``train`` and ``key`` are accepted for the layer contract and ignored (no dropout here).
+The scans run in the wider of ``x``'s and the params' dtypes; ``backward`` returns each
+gradient in its own param's dtype and ``dx`` in ``x``'s, as autodiff does.
 """
 
 from __future__ import annotations
@@ -229,9 +231,9 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
             raise ShapeError(f"init shape {in_shape!r} is not (batch, time, features); give "
                              f"e.g. (None, None, features) with None for batch and time",
                              (name,))
-        free_time = shape[1] is None                     # any length: params do not depend on it
-        s = check_in_shape(name, (shape[0], 1 if free_time else shape[1], shape[2]), 3, 3)
-        out = (s[0], None if free_time else s[1], hidden)
+        # batch and time may be None: the params do not depend on the sequence length
+        s = check_in_shape(name, shape, 3, 3, allow_none=(0, 1))
+        out = (s[0], s[1], hidden)
         dt = jnp.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
         p = _jit_init(cell.init)(key, s[2], hidden, dt)
         return (out if seq else (s[0], hidden)), p
@@ -310,7 +312,9 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
         if jnp.shape(dy) != want:
             raise ShapeError(f"expected output gradient dy of shape {want}, got "
                              f"{jnp.shape(dy)}", (name,))
-        zero = jnp.zeros((b, hidden), carries[0].dtype)
+        dt = carries[0].dtype
+        dy = jnp.asarray(dy).astype(dt)                  # one dtype for the reverse scan's carry
+        zero = jnp.zeros((b, hidden), dt)
         dlast = (zero if seq else dy,) + (zero,) * (cell.n_carry - 1)
         dys = jnp.swapaxes(dy, 0, 1) if seq else None
 
@@ -326,7 +330,9 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
 
         _, dpre = lax.scan(f, dlast, (dys, m_tm, carries, cres), reverse=True)
         dparams, dx_tm = cell.finish(params, x_tm, carries, dpre)
-        dx = jnp.swapaxes(dx_tm, 0, 1)
+        # cotangents in their primals' dtypes, as autodiff's (x may be wider than the params)
+        dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
+        dx = jnp.swapaxes(dx_tm, 0, 1).astype(x_tm.dtype)
         return dparams, ((dx, None) if masked else dx)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
