@@ -17,34 +17,25 @@ import time
 __all__ = ["main"]
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def _arg(cast, ok, expect: str, bound: str):
+    """An argparse type: ``cast`` the text, then require ``ok(value)``; one-line errors."""
+
+    def parse(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{bound}, got {text}")
+        return v
+
+    return parse
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
-def _seed(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**32), got {v}")
-    return v
+_positive_int = _arg(int, lambda v: v > 0, "a positive integer", "must be a positive integer")
+_positive_float = _arg(float, lambda v: 0 < v < float("inf"), "a positive number",
+                       "must be a positive number")          # NaN fails 0 < v
+_seed = _arg(int, lambda v: 0 <= v < 2 ** 32, "an integer seed", "seed must lie in [0, 2**32)")
 
 
 def _parser() -> argparse.ArgumentParser:

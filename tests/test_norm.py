@@ -61,6 +61,20 @@ def _grads_three_ways(f, manual, p, x, seed=1):
     return y
 
 
+def _per_example_agree(manual, auto, p, x, dy):
+    """vmap of the manual and autodiff per-example gradients equals a loop over examples."""
+    xs, dys = x[:, None], dy[:, None]                   # a batch axis of 1 per example
+    got_m, got_a = jax.jit(jax.vmap(manual))(xs, dys), jax.jit(jax.vmap(auto))(xs, dys)
+    one = jax.jit(manual)
+    for i in range(xs.shape[0]):
+        dp_i, dx_i = one(xs[i], dys[i])
+        for k in p:
+            np.testing.assert_allclose(got_m[0][k][i], dp_i[k], rtol=1e-12)
+            np.testing.assert_allclose(got_a[0][k][i], dp_i[k], rtol=1e-10)
+        np.testing.assert_allclose(got_m[1][i], dx_i, rtol=1e-12)
+        np.testing.assert_allclose(got_a[1][i], dx_i, rtol=1e-10)
+
+
 # =========================================================================== layer_norm
 
 
@@ -136,16 +150,7 @@ def test_layer_norm_per_example_vmap():
     def auto(xi, dyi):
         return jax.vjp(layer.apply, p, xi)[1](dyi)
 
-    xs, dys = x[:, None], dy[:, None]                   # a batch axis of 1 per example
-    got_m, got_a = jax.jit(jax.vmap(manual))(xs, dys), jax.jit(jax.vmap(auto))(xs, dys)
-    one = jax.jit(manual)
-    for i in range(5):
-        dp_i, dx_i = one(xs[i], dys[i])
-        for k in p:
-            np.testing.assert_allclose(got_m[0][k][i], dp_i[k], rtol=1e-12)
-            np.testing.assert_allclose(got_a[0][k][i], dp_i[k], rtol=1e-10)
-        np.testing.assert_allclose(got_m[1][i], dx_i, rtol=1e-12)
-        np.testing.assert_allclose(got_a[1][i], dx_i, rtol=1e-10)
+    _per_example_agree(manual, auto, p, x, dy)
 
 
 def test_layer_norm_errors():
@@ -301,16 +306,7 @@ def test_batch_norm_per_example_vmap_inference():
     def auto(xi, dyi):
         return jax.vjp(lambda p, x: layer.apply(p, x, state=s)[0], p, xi)[1](dyi)
 
-    xs, dys = x[:, None], dy[:, None]                   # a batch axis of 1 per example
-    got_m, got_a = jax.jit(jax.vmap(manual))(xs, dys), jax.jit(jax.vmap(auto))(xs, dys)
-    one = jax.jit(manual)
-    for i in range(5):
-        dp_i, dx_i = one(xs[i], dys[i])
-        for k in p:
-            np.testing.assert_allclose(got_m[0][k][i], dp_i[k], rtol=1e-12)
-            np.testing.assert_allclose(got_a[0][k][i], dp_i[k], rtol=1e-10)
-        np.testing.assert_allclose(got_m[1][i], dx_i, rtol=1e-12)
-        np.testing.assert_allclose(got_a[1][i], dx_i, rtol=1e-10)
+    _per_example_agree(manual, auto, p, x, dy)
 
 
 def test_batch_norm_batch_of_one_in_train_mode_is_finite():
