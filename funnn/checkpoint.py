@@ -1,13 +1,19 @@
 """Save and restore a training state: one safetensors file per checkpoint, no pickle.
 
 A checkpoint holds the ``params`` pytree, the optimizer state (optax states are
-NamedTuples of arrays), the ``step``, a PRNG ``key`` (typed or raw), a JSON-able
-model ``config`` and free ``metadata`` (e.g. a metrics history)::
+NamedTuples of arrays), the ``step``, a PRNG ``key`` (typed or raw), the layers'
+``model_state`` (batch-norm statistics), ``extras`` (arrays a prediction needs
+besides the weights, e.g. input standardisation statistics), a JSON-able
+``config``, free ``metadata`` (e.g. a metrics history) and the ``run`` id of the
+run that wrote it::
 
     path = checkpoint.save_in("runs/a", step, params=p, opt_state=s, key=k, keep=3)
     ck = checkpoint.restore(checkpoint.latest("runs/a"),
                             like={"params": p, "opt_state": opt.init(p)})
-    ck.params, ck.opt_state, ck.step, ck.key, ck.config, ck.metadata
+    ck.params, ck.opt_state, ck.step, ck.key, ck.config, ck.metadata, ck.model_state
+
+``train.fit`` and ``funnn train`` write exactly this layout, so the same call
+restores their checkpoints (``train.restore_run`` does it from a run directory).
 
 File layout: the array leaves are safetensors tensors named by tree path
 (``params/0.W``, ``opt_state/0.mu/0.W``, ``key``); the safetensors metadata holds
@@ -20,6 +26,11 @@ dtype, shape and bytes, verified on load.
 Writes are atomic (temp file in the same directory, fsync, ``os.replace``): a
 failed save leaves the previous file intact. Every problem with a file is a
 :class:`~funnn.core.CheckpointError` naming it.
+
+Safety: loading never executes code: there is no pickle, only safetensors'
+tensors and a JSON header interpreted as data. The sha256 catches accidental
+damage (a flipped bit, a truncated copy); it is not a signature, and anyone who
+can write the file can write a matching checksum, so it does not prove who wrote it.
 """
 
 from __future__ import annotations
@@ -31,7 +42,6 @@ import json
 import operator
 import os
 import re
-import tempfile
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -39,12 +49,17 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy as stn
 
+from funnn import _files
 from funnn.core import CheckpointError, ConfigError
 
-__all__ = ["Checkpoint", "save", "restore", "latest", "save_in", "checkpoints", "FORMAT"]
+__all__ = ["Checkpoint", "save", "restore", "latest", "save_in", "checkpoints", "header",
+           "intact", "FORMAT"]
 
-FORMAT = "funnn.checkpoint/1"
-_TREES = ("params", "opt_state", "key")
+FORMAT = "funnn.checkpoint/2"
+_READABLE = ("funnn.checkpoint/1", FORMAT)   # /1 had no model_state, extras or run id
+_TREES = ("params", "opt_state", "key", "model_state", "extras")
+_REQUIRED = ("params", "opt_state", "key")
+_MAX_HEADER = 100_000_000
 _NAME = re.compile(r"^ckpt_(\d+)\.safetensors$")
 # dtypes safetensors stores natively; others (bfloat16, float8, complex128) go as raw bytes.
 _NATIVE = {np.dtype(t) for t in ("f8", "f4", "f2", "i8", "i4", "i2", "i1",
@@ -60,6 +75,9 @@ class Checkpoint(NamedTuple):
     key: Any
     config: dict | None
     metadata: dict | None
+    model_state: Any = None
+    extras: Any = None
+    run: str | None = None
 
 
 # --------------------------------------------------------------------------- encoding
@@ -143,29 +161,35 @@ def _checksum(desc: str, tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def _json(value, what: str) -> Any:
+    """``value`` as plain JSON data; arrays become lists, NaN and inf become ``None``."""
     def default(o):
         if isinstance(o, (np.ndarray, np.generic, jax.Array)) and not _is_key(o):
             return np.asarray(o).tolist()
         raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
     try:
-        return json.loads(json.dumps(value, default=default))
-    except (TypeError, ValueError) as err:
+        return _files.finite_or_none(json.loads(json.dumps(value, default=default)))
+    except (TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{what} must be JSON-serialisable: {err}") from None
 
 
-def _serialise(params, opt_state, step, key, config, metadata) -> bytes:
+def _serialise(params, opt_state, step, key, config, metadata, model_state=None,
+               extras=None, run=None) -> bytes:
     try:
         if isinstance(step, bool):
             raise TypeError
         step = operator.index(step)
+        if step < 0:
+            raise TypeError
     except TypeError:
-        raise CheckpointError(f"step must be an int, got {step!r}") from None
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}") from None
+    if run is not None and not isinstance(run, str):
+        raise CheckpointError(f"run must be a str id or None, got {run!r}")
     tensors: dict = {}
     trees = {t: _encode(v, t + "/", tensors)
-             for t, v in zip(_TREES, (params, opt_state, key))}
+             for t, v in zip(_TREES, (params, opt_state, key, model_state, extras))}
     desc = json.dumps({"format": FORMAT, "step": step, "config": _json(config, "config"),
-                       "metadata": _json(metadata, "metadata"), "trees": trees},
-                      sort_keys=True)
+                       "metadata": _json(metadata, "metadata"), "trees": trees, "run": run},
+                      sort_keys=True, allow_nan=False)
     meta = {"funnn": desc, "sha256": _checksum(desc, tensors)}
     return stn.save(tensors, metadata=meta)
 
@@ -175,47 +199,28 @@ def _serialise(params, opt_state, step, key, config, metadata) -> bytes:
 
 def _write_atomic(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        try:  # make the rename itself durable; not every file system allows this
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        _files.write_atomic(path, data)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
                               f"is {directory} a writable directory?") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def save(path, *, params, opt_state=None, step: int = 0, key=None, config=None,
-         metadata=None) -> str:
+         metadata=None, model_state=None, extras=None, run: str | None = None) -> str:
     """Write a checkpoint to ``path`` atomically and return ``path``.
 
-    ``params``/``opt_state``/``key``: pytrees of dicts, lists, tuples, NamedTuples,
-    None, Python scalars, arrays and PRNG keys (typed ``jax.random.key`` or raw
-    uint32). ``config``/``metadata``: JSON-able (numpy/jax numbers are converted).
+    ``params``/``opt_state``/``key``/``model_state``/``extras``: pytrees of dicts,
+    lists, tuples, NamedTuples, None, Python scalars, arrays and PRNG keys (typed
+    ``jax.random.key`` or raw uint32). ``config``/``metadata``: JSON-able
+    (numpy/jax numbers are converted, NaN and inf stored as null). ``run``: the id
+    of the run writing it; :func:`save_in` prunes only checkpoints of its own run.
     """
     path = os.fspath(path)
     try:  # everything that can fail on the values fails here, before any file is touched
-        data = _serialise(params, opt_state, step, key, config, metadata)
+        data = _serialise(params, opt_state, step, key, config, metadata, model_state,
+                          extras, run)
     except CheckpointError as err:
         raise CheckpointError(f"cannot save checkpoint {path}: {err}") from None
     _write_atomic(path, data)
@@ -241,9 +246,12 @@ def latest(directory) -> str | None:
 
 
 def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
-    """Save as ``directory/ckpt_<step:08d>.safetensors``, then delete all but the last ``keep``.
+    """Save as ``directory/ckpt_<step:08d>.safetensors``, then prune the run's older ones.
 
-    ``fields`` are :func:`save`'s (params, opt_state, key, config, metadata);
+    ``fields`` are :func:`save`'s (params, opt_state, key, config, metadata,
+    model_state, extras, run). Pruning keeps the newest ``keep`` checkpoints whose
+    header names the same ``run`` (all run-less ones when ``run`` is None); files of
+    other runs, and files whose header cannot be read, are never deleted.
     ``keep=None`` keeps every checkpoint. Returns the new file's path.
     """
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -254,7 +262,9 @@ def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
     path = save(os.path.join(directory, f"ckpt_{int(step):08d}.safetensors"), step=step,
                 **fields)
     if keep is not None:
-        for _, old in checkpoints(directory)[:-keep]:
+        run = fields.get("run")
+        own = [p for _, p in checkpoints(directory) if _run_of(p) == (run, True)]
+        for old in own[:-keep]:
             try:
                 os.unlink(old)
             except OSError:
@@ -262,7 +272,75 @@ def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
     return path
 
 
+def _run_of(path: str) -> tuple:
+    """``(run id, True)`` from a checkpoint's header, or ``(None, False)`` if unreadable."""
+    try:
+        return header(path).get("run"), True
+    except CheckpointError:
+        return None, False
+
+
 # --------------------------------------------------------------------------- reading
+
+
+def _parse_header(path: str, head: bytes, size: int) -> tuple[dict, str, str]:
+    """``(description, description text, recorded sha256)`` from a file's first bytes."""
+    if size < 8:
+        raise CheckpointError(f"checkpoint {path} is truncated: {size} bytes, "
+                              f"not even a safetensors header")
+    n = int.from_bytes(head[:8], "little")
+    if 8 + n > size:
+        raise CheckpointError(f"checkpoint {path} is truncated: the header announces {n} "
+                              f"bytes, the file has {size - 8} after the length")
+    try:
+        meta = json.loads(head[8:8 + n])["__metadata__"]
+        desc_text, want = meta["funnn"], meta["sha256"]
+        desc = json.loads(desc_text)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt or foreign header "
+                              f"(not a funnn checkpoint, or damaged)") from None
+    if not isinstance(desc, dict) or desc.get("format") not in _READABLE:
+        got = desc.get("format") if isinstance(desc, dict) else None
+        raise CheckpointError(f"checkpoint {path}: format {got!r}, expected {FORMAT!r}")
+    _check_description(path, desc)
+    return desc, desc_text, want
+
+
+def _check_description(path: str, desc: dict) -> None:
+    """The header's fields have the types funnn writes; anything else is a CheckpointError."""
+    step = desc.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: step must be a non-negative int, "
+                              f"got {step!r}")
+    trees = desc.get("trees")
+    if not isinstance(trees, dict) or any(
+            not isinstance(trees.get(t), dict) or "t" not in trees[t] for t in _REQUIRED):
+        raise CheckpointError(f"checkpoint {path}: the header's trees are missing or malformed"
+                              f" (expected descriptions of {', '.join(_REQUIRED)})")
+    for field in ("config", "metadata"):
+        if desc.get(field) is not None and not isinstance(desc[field], dict):
+            raise CheckpointError(f"checkpoint {path}: {field} must be a JSON object, got "
+                                  f"{type(desc[field]).__name__}")
+    if desc.get("run") is not None and not isinstance(desc["run"], str):
+        raise CheckpointError(f"checkpoint {path}: run id must be a string")
+
+
+def header(path) -> dict:
+    """The JSON description of a checkpoint (step, run, config, metadata, trees).
+
+    Reads only the header, so it is cheap; the checksum over the tensors is *not*
+    verified here (:func:`restore` does that).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(8)
+            n = int.from_bytes(first, "little") if len(first) == 8 else 0
+            head = first + f.read(min(n, _MAX_HEADER))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    return _parse_header(path, head, size)[0]
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -272,23 +350,7 @@ def _read(path: str) -> tuple[dict, dict]:
             data = f.read()
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    if len(data) < 8:
-        raise CheckpointError(f"checkpoint {path} is truncated: {len(data)} bytes, "
-                              f"not even a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise CheckpointError(f"checkpoint {path} is truncated: the header announces {n} "
-                              f"bytes, the file has {len(data) - 8} after the length")
-    try:
-        meta = json.loads(data[8:8 + n])["__metadata__"]
-        desc_text, want = meta["funnn"], meta["sha256"]
-        desc = json.loads(desc_text)
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} has a corrupt or foreign header "
-                              f"(not a funnn checkpoint, or damaged)") from None
-    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
-        got = desc.get("format") if isinstance(desc, dict) else None
-        raise CheckpointError(f"checkpoint {path}: format {got!r}, expected {FORMAT!r}")
+    desc, desc_text, want = _parse_header(path, data, len(data))
     try:
         tensors = stn.load(data)
     except Exception as err:  # safetensors raises its own error types
@@ -406,7 +468,7 @@ def restore(path, like=None) -> Checkpoint:
     """
     path = os.fspath(path)
     if isinstance(like, Checkpoint):
-        like = like._asdict()
+        like = {t: v for t, v in like._asdict().items() if t in _TREES}
     if like is not None and (not isinstance(like, Mapping) or set(like) - set(_TREES)):
         raise ConfigError(f"restore: like must be a Checkpoint or a dict with keys from "
                           f"{list(_TREES)}, got {type(like).__name__}"
@@ -415,7 +477,7 @@ def restore(path, like=None) -> Checkpoint:
     desc, tensors = _read(path)
     trees = {}
     for t in _TREES:
-        d = desc["trees"][t]
+        d = desc["trees"].get(t, {"t": "none"})
         try:
             if like.get(t) is not None:
                 trees[t] = _fill(like[t], d, tensors, f"checkpoint {path}: {t}")
@@ -423,8 +485,21 @@ def restore(path, like=None) -> Checkpoint:
                 trees[t] = _decode(d, tensors, f"checkpoint {path}: {t}")
         except CheckpointError:
             raise
-        except (KeyError, TypeError, IndexError, ValueError):
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError, RecursionError):
             raise CheckpointError(f"checkpoint {path}: the description of {t} is "
                                   f"malformed") from None
     return Checkpoint(trees["params"], trees["opt_state"], int(desc["step"]), trees["key"],
-                      desc["config"], desc["metadata"])
+                      desc.get("config"), desc.get("metadata"), trees["model_state"],
+                      trees["extras"], desc.get("run"))
+
+
+def intact(directory) -> list[tuple[int, str]]:
+    """``[(step, path), ...]`` of the checkpoints in ``directory`` that pass every check."""
+    good = []
+    for step, path in checkpoints(directory):
+        try:
+            _read(path)
+        except CheckpointError:
+            continue
+        good.append((step, path))
+    return good

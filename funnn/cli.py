@@ -1,8 +1,9 @@
-"""The ``funnn`` command: ``train``, ``gradcheck``, ``bench``, ``info``.
+"""The ``funnn`` command: ``train``, ``eval``, ``gradcheck``, ``bench``, ``info``.
 
-Bad input (an unknown name, a non-positive number, a missing or corrupt data
-directory or checkpoint, an output directory that cannot be written) ends with a
-one-line message on stderr and exit code 2, never a traceback.
+Exit codes: 0 done; 1 a gradient check that disagrees; 2 bad input (an unknown
+name, a non-positive number, a missing or corrupt data directory or checkpoint, an
+output directory that cannot be written or belongs to another run), one line on
+stderr, never a traceback; 3 a diverged run (a non-finite loss); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+import uuid
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def _arg(cast, ok, expect: str, bound: str):
@@ -33,9 +36,10 @@ def _arg(cast, ok, expect: str, bound: str):
 
 
 _positive_int = _arg(int, lambda v: v > 0, "a positive integer", "must be a positive integer")
-_positive_float = _arg(float, lambda v: 0 < v < float("inf"), "a positive number",
-                       "must be a positive number")          # NaN fails 0 < v
 _seed = _arg(int, lambda v: 0 <= v < 2 ** 32, "an integer seed", "seed must lie in [0, 2**32)")
+_FLOAT32_MAX = 3.4028234663852886e38
+_learning_rate = _arg(float, lambda v: 0 < v <= _FLOAT32_MAX, "a positive number",
+                      "must be a positive number that is finite in float32 (at most 3.4e38)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,15 +57,37 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", default="autodiff", choices=list(train.ENGINES),
                    help="gradient engine: autodiff, manual (hand-written backward), bridge")
     t.add_argument("--optimizer", default=None, choices=list(train.OPTIMIZERS),
-                   help="default: the model's recipe")
-    t.add_argument("--lr", "--learning-rate", dest="lr", type=_positive_float, default=None)
+                   help="default: the model's recipe (another optimizer drops the recipe's "
+                        "rate and schedule: its own default rate, constant schedule)")
+    t.add_argument("--lr", "--learning-rate", dest="lr", type=_learning_rate, default=None)
+    t.add_argument("--schedule", default=None, choices=list(train.SCHEDULES),
+                   help="learning-rate schedule; default: the recipe's, with its optimizer")
     t.add_argument("--epochs", type=_positive_int, default=None)
     t.add_argument("--batch-size", type=_positive_int, default=None)
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--out", default="runs/train",
-                   help="output directory: checkpoints/, metrics.json, curves.png")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+                   help="run directory: run.json, checkpoints/, metrics.json, curves.png")
+    how = t.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its newest checkpoint (settings "
+                          "must match; --epochs may grow)")
+    how.add_argument("--overwrite", action="store_true",
+                     help="delete the run in --out (only files funnn wrote) and start anew")
+    t.add_argument("--from-checkpoint", default=None, metavar="PATH",
+                   help="with --resume: resume from this checkpoint instead of the newest; "
+                        "without: start a new run from its weights")
+    t.add_argument("--check-numerics", action="store_true",
+                   help="check every step; name the first layer and step that go non-finite")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="loss and accuracy of a run's checkpoint")
+    e.add_argument("run_dir", help="a run directory written by funnn train")
+    e.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a checkpoint file (default: the run's newest)")
+    e.add_argument("--data", default=None,
+                   help="dataset to evaluate on (default: the run's own); its test split")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object (loss, accuracy, ...) as the last line")
 
     g = sub.add_parser("gradcheck", help="manual vs autodiff vs finite differences, per leaf")
     g.add_argument("--model", default="mlp", choices=list(models.RECIPES))
@@ -85,47 +111,40 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from funnn.core import FunnnError
 
+    from funnn.train import TrainingDiverged
+
     try:
-        return {"train": _train, "gradcheck": _gradcheck, "bench": _bench,
+        return {"train": _train, "eval": _eval, "gradcheck": _gradcheck, "bench": _bench,
                 "info": _info}[args.command](args)
+    except TrainingDiverged as err:
+        print(f"funnn {args.command}: diverged: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (FunnnError, OSError) as err:
         print(f"funnn {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"funnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
-def _writable_dir(path: str) -> str:
+def _lock_out(path: str):
+    """Create (if needed) and lock the run directory; unwritable ones are bad input."""
+    from funnn import rundir
     from funnn.core import ConfigError
 
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
+        return rundir.RunLock(path, "--out").acquire()
     except OSError as err:
         raise ConfigError(f"output directory {path!r} cannot be written ({err.strerror or err})",
                           ("--out",)) from None
-    return path
-
-
-def _write_json(path: str, obj) -> None:
-    """Write JSON atomically: a temporary file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _plot(path: str, history: list) -> bool:
     """Loss and accuracy curves as a PNG (needs the optional matplotlib extra)."""
+    import io
+
+    from funnn import _files
+
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -142,63 +161,178 @@ def _plot(path: str, history: list) -> bool:
     ax1.legend()
     ax2.set(xlabel="epoch", ylabel="accuracy", title="test accuracy")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _files.write_atomic(path, buf.getvalue())
     return True
+
+
+def _train_config(args, recipe, train_set, x, ex) -> dict:
+    """Every setting that shapes the run's results, as it will actually run."""
+    from funnn import train
+
+    own = args.optimizer is None or args.optimizer == recipe.optimizer
+    optimizer = args.optimizer or recipe.optimizer
+    lr = args.lr or (recipe.learning_rate if own else train.DEFAULT_LR[optimizer])
+    schedule = args.schedule or (recipe.schedule if own else "constant")
+    asked = args.batch_size or recipe.batch_size
+    return {"model": recipe.name, "data": args.data, "engine": args.engine,
+            "optimizer": optimizer, "learning_rate": lr, "schedule": schedule,
+            "epochs": args.epochs or recipe.epochs,
+            "batch_size": min(asked, int(x.shape[0])), "batch_size_asked": asked,
+            "seed": args.seed, "standardize": recipe.standardize,
+            "num_outputs": train_set.num_classes or int(train_set.y.shape[-1]),
+            "input_shape": list(x.shape[1:]), "train_examples": int(x.shape[0]),
+            "test_examples": int(ex.shape[0])}
+
+
+def _describe(recipe, config: dict) -> str:
+    c = config
+    batch = f"batch {c['batch_size']}" + (
+        f" (asked {c['batch_size_asked']}; the training set has {c['train_examples']} "
+        f"examples)" if c["batch_size"] != c["batch_size_asked"] else "")
+    return (f"funnn train: {recipe.name}: {recipe.about}; data {c['data']} "
+            f"({c['train_examples']} train, {c['test_examples']} test); engine {c['engine']}; "
+            f"optimizer {c['optimizer']}, lr {c['learning_rate']:g}, {c['schedule']} schedule, "
+            f"{c['epochs']} epochs, {batch}")
 
 
 def _train(args) -> int:
     import jax
 
-    from funnn import data, models, train
+    from funnn import _files, checkpoint, data, models, rundir, train
+    from funnn.core import ConfigError
 
     recipe = models.get(args.model)
-    out = _writable_dir(args.out)
-    train_set, test_set = data.load(args.data)
-    stats = models.input_stats(train_set)
-    x, y = models.prepare(recipe, train_set, stats)
-    ex, ey = models.prepare(recipe, test_set, stats)
-    model = recipe.build(train_set.num_classes or int(train_set.y.shape[-1]))
-    key = jax.random.key(args.seed)
-    k_init, k_train = jax.random.split(key)
-    _, params = model.init(k_init, (None,) + tuple(x.shape[1:]))
-    config = {"model": recipe.name, "data": args.data, "engine": args.engine,
-              "optimizer": args.optimizer or recipe.optimizer,
-              "learning_rate": args.lr or recipe.learning_rate,
-              "epochs": args.epochs or recipe.epochs,
-              "batch_size": args.batch_size or recipe.batch_size, "seed": args.seed,
-              "schedule": recipe.schedule, "standardize": recipe.standardize}
-    print(f"funnn train: {recipe.about}; data {args.data} ({x.shape[0]} train, "
-          f"{ex.shape[0]} test); engine {args.engine}; {config['optimizer']} "
-          f"lr {config['learning_rate']}, {config['epochs']} epochs, batch {config['batch_size']}")
-    t0 = time.perf_counter()
-    result = train.fit(model, params, (x, y), recipe.loss, config["optimizer"],
-                       learning_rate=config["learning_rate"], epochs=config["epochs"],
-                       batch_size=min(config["batch_size"], int(x.shape[0])),
-                       engine=args.engine, key=k_train, eval_data=(ex, ey),
-                       schedule=recipe.schedule,
-                       progress=False if args.quiet else None,
-                       checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
-                       config=config)
-    seconds = time.perf_counter() - t0
+    out = args.out
+    if args.resume and args.from_checkpoint is None and not os.path.isdir(out):
+        raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); leave "
+                          f"out --resume to start a new run", ("--resume",))
+    lock = _lock_out(out)
+    try:
+        found = rundir.find_run(out)
+        if found is not None and not args.resume and not args.overwrite:
+            raise ConfigError(f"{out} already holds {found.describe()}; continue it with "
+                              f"--resume, or replace it with --overwrite (deletes that run's "
+                              f"files)", ("--out",))
+        if args.resume and found is None and args.from_checkpoint is None:
+            raise ConfigError(f"nothing to resume in {out}: it holds no run (a typo in "
+                              f"--out?); leave out --resume to start a new run", ("--resume",))
+        if args.resume and found is not None and found.newest is None:
+            raise ConfigError(f"nothing to resume in {out}: {found.describe()} has no "
+                              f"checkpoint yet (it stopped before its first epoch ended); "
+                              f"start again with --overwrite", ("--resume",))
+        train_set, test_set = data.load(args.data)
+        mean, scale = models.input_stats(train_set)
+        x, y = models.prepare(recipe, train_set, (mean, scale))
+        ex, ey = models.prepare(recipe, test_set, (mean, scale))
+        config = _train_config(args, recipe, train_set, x, ex)
+        model = recipe.build(config["num_outputs"])
+        k_init, k_train = jax.random.split(jax.random.key(args.seed))
+        _, params = model.init(k_init, (None,) + tuple(x.shape[1:]))
+        if args.from_checkpoint is not None and not args.resume:
+            # read before --overwrite may delete it (it may live in this run directory)
+            start = checkpoint.restore(args.from_checkpoint, like={"params": params})
+            params = start.params
+            config["from_checkpoint"] = os.path.abspath(args.from_checkpoint)
+        if args.overwrite and found is not None:
+            rundir.remove_run(out)
+        _files.remove_temp_files(out)
+        lock.mark()
+        run_id = uuid.uuid4().hex[:12]
+        if not args.resume:
+            _files.write_json(os.path.join(out, rundir.RUN_FILE), {
+                "format": "funnn.run/1", "run_id": run_id, "config": config,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        print(_describe(recipe, config))
+        extras = {"input_mean": mean, "input_scale": scale} if recipe.standardize else None
+        t0 = time.perf_counter()
+        try:
+            result = train.fit(
+                model, params, (x, y), recipe.loss, config["optimizer"],
+                learning_rate=config["learning_rate"], epochs=config["epochs"],
+                batch_size=config["batch_size"], engine=args.engine, key=k_train,
+                eval_data=(ex, ey), schedule=config["schedule"],
+                progress=False if args.quiet else None,
+                checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
+                from_checkpoint=args.from_checkpoint if args.resume else None,
+                config=config, extras=extras, check_numerics=args.check_numerics,
+                run_id=run_id, log=print)
+        except train.TrainingDiverged as err:
+            _files.write_json(os.path.join(out, "metrics.json"), {
+                "run_id": run_id if not args.resume else None, "status": "diverged",
+                "error": str(err), "config": config, "history": err.history,
+                "seconds": time.perf_counter() - t0, "final": err.history[-1]})
+            _plot(os.path.join(out, "curves.png"), err.history)
+            raise
+        seconds = time.perf_counter() - t0
+    finally:
+        lock.release()
     last = result.history[-1]
-    metrics = {"config": config, "history": result.history, "seconds": seconds,
-               "final": last}
-    _write_json(os.path.join(out, "metrics.json"), metrics)
+    metrics = {"run_id": result.run_id, "status": "completed", "config": result.config,
+               "history": result.history, "seconds": seconds, "final": last}
+    _files.write_json(os.path.join(out, "metrics.json"), metrics)
     plotted = _plot(os.path.join(out, "curves.png"), result.history)
-    acc = last.get("eval_accuracy")
     print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test loss "
-          f"{last.get('eval_loss', float('nan')):.4f}, test accuracy {acc:.2%} "
-          f"({seconds:.1f} s)")
+          f"{last.get('eval_loss', float('nan')):.4f}, test accuracy "
+          f"{_pct(last.get('eval_accuracy'))} ({seconds:.1f} s)")
     print(f"wrote {out}/metrics.json, {out}/checkpoints/"
           + (f", {out}/curves.png" if plotted else " (install matplotlib for curves.png)"))
+    return 0
+
+
+def _pct(v) -> str:
+    import math
+
+    return f"{v:.2%}" if isinstance(v, float) and math.isfinite(v) else "n/a"
+
+
+def _eval(args) -> int:
+    from funnn import checkpoint, data, models, train
+    from funnn.core import CheckpointError, DataError
+
+    run_dir = args.run_dir
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run directory {run_dir!r} does not exist")
+    path = args.checkpoint or checkpoint.latest(os.path.join(run_dir, "checkpoints"))
+    if path is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint (no {run_dir}/checkpoints/"
+                              f"ckpt_*.safetensors); is it a funnn train run directory?")
+    config = checkpoint.header(path).get("config") or {}
+    missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
+                              f"lacks {', '.join(missing)}); it was not written by funnn train")
+    recipe = models.get(config["model"])
+    model = recipe.build(int(config["num_outputs"]))
+    ck = train.restore_run(run_dir, model, checkpoint=path)
+    stats = None
+    if config.get("standardize"):
+        extras = ck.extras or {}
+        if "input_mean" not in extras or "input_scale" not in extras:
+            raise CheckpointError(f"checkpoint {path}: the model standardises its inputs but "
+                                  f"the checkpoint holds no input statistics")
+        stats = (extras["input_mean"], extras["input_scale"])
+    name = args.data or config["data"]
+    _, test_set = data.load(name)
+    if stats is not None and tuple(stats[0].shape) != tuple(test_set.x.shape[1:]):
+        raise DataError(f"dataset {name!r} has inputs of shape {tuple(test_set.x.shape[1:])}; "
+                        f"the run was trained on {tuple(stats[0].shape)}")
+    x, y = models.prepare(recipe, test_set, stats)
+    if list(x.shape[1:]) != list(config["input_shape"]):
+        raise DataError(f"dataset {name!r} gives model inputs of shape {tuple(x.shape[1:])}; "
+                        f"the run was trained on {tuple(config['input_shape'])}")
+    loss, acc = train.evaluate(model, recipe.loss, ck.params, x, y, ck.model_state)
+    print(f"{path} (epoch {ck.step}): {name} test split, {x.shape[0]} examples: loss "
+          f"{loss:.4f}, accuracy {_pct(acc)}")
+    if args.json:
+        from funnn import _files
+        print(_files.strict_json({"loss": loss, "accuracy": acc, "checkpoint": path,
+                                  "epoch": ck.step, "data": name, "examples": int(x.shape[0]),
+                                  "run_id": ck.run}))
     return 0
 
 
@@ -242,9 +376,15 @@ def _info(args) -> int:
     import funnn
 
     print(f"funnn {funnn.__version__}, Python {platform.python_version()}")
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    for d in jax.devices():
-        print(f"  device {d.id}: {d.device_kind} ({d.platform})")
+    try:  # info diagnoses broken set-ups, so it reports failures instead of raising them
+        print(f"jax {jax.__version__}, backend {jax.default_backend()}")
+        for d in jax.devices():
+            print(f"  device {d.id}: {d.device_kind} ({d.platform})")
+    except Exception as err:  # noqa: BLE001 - any backend failure is what info must report
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"jax {jax.__version__}, backend unavailable: {msg}")
+        print(f"  JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '(unset)')}; unset it or set "
+              f"JAX_PLATFORMS=cpu to use the CPU")
     extras = ["optax", "chex", "tqdm", "safetensors", "matplotlib", "hypothesis", "pytest"]
     have = {m: importlib.util.find_spec(m) is not None for m in extras}
     print("extras: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in have.items()))

@@ -72,16 +72,15 @@ class Recipe:
 RECIPES = {
     "mlp": Recipe("mlp", lambda n: mlp(n, hidden=(512,)), losses.softmax_cross_entropy, "flat",
                   False, "adamw", 3e-3, 30, 32,
-                  "64-512-10 ReLU network on standardised inputs, softmax cross-entropy, "
-                  "AdamW with cosine decay", schedule="cosine", standardize=True),
+                  "64-512-10 ReLU network on standardised inputs, softmax cross-entropy",
+                  schedule="cosine", standardize=True),
     "sigmoid": Recipe("sigmoid", sigmoid_net, losses.squared_error.with_reduction("mean"), "flat",
                       True, "sgd", 3.0, 30, 10,
-                      "the seed notes' [64, 30, 10] sigmoid network, quadratic cost, "
-                      "mini-batch SGD (eta 3.0, batch 10)"),
+                      "the seed notes' [64, 30, 10] sigmoid network, quadratic cost"),
     "cnn": Recipe("cnn", cnn, losses.softmax_cross_entropy, "image", False, "adam", 2e-3, 20, 32,
-                  "conv-ReLU-pool x2 then dense, softmax cross-entropy, Adam"),
+                  "conv-ReLU-pool x2 then dense, softmax cross-entropy"),
     "rnn": Recipe("rnn", rnn, losses.softmax_cross_entropy, "sequence", False, "adam", 5e-3, 20,
-                  32, "LSTM(64) over image rows, last state to dense, Adam"),
+                  32, "LSTM(64) over image rows, last state to dense"),
 }
 
 

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 import time
+import uuid
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from funnn import autodiff, losses, manual
-from funnn.core import ConfigError, DataError, Layer
+from funnn import _files, autodiff, losses, manual, numerics
+from funnn.core import CheckpointError, ConfigError, DataError, FunnnError, Layer
 
-__all__ = ["fit", "FitResult", "make_step", "make_epoch", "evaluate", "get_engine",
-           "get_optimizer", "ENGINES", "OPTIMIZERS"]
+__all__ = ["fit", "FitResult", "TrainingDiverged", "make_step", "make_epoch",
+           "make_checked_epoch", "evaluate", "get_engine", "get_optimizer", "as_loss",
+           "restore_run", "ENGINES", "OPTIMIZERS"]
 
 ENGINES = ("autodiff", "manual", "bridge")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
@@ -47,6 +51,9 @@ def get_engine(name: str) -> Callable:
 
 
 SCHEDULES = ("constant", "cosine")
+# A sensible starting rate per optimizer, used when a name comes without a rate.
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adam": 1e-3, "adamw": 1e-3,
+              "rmsprop": 1e-3}
 
 
 def get_optimizer(name, learning_rate: float, *, schedule: str = "constant",
@@ -160,13 +167,35 @@ def evaluate(model: Layer, loss, params, x, y, model_state=None):
 
 @dataclasses.dataclass
 class FitResult:
-    """What ``fit`` returns: final parameters and states, and one history row per epoch."""
+    """What ``fit`` returns: final parameters and states, and one history row per epoch.
+
+    ``run_id`` names the run (checkpoints carry it); ``resumed_from`` is the
+    checkpoint a resumed run continued from (None for a fresh run).
+    """
 
     params: Any
     opt_state: Any
     model_state: Any
     history: list
     epochs_done: int
+    run_id: str | None = None
+    resumed_from: str | None = None
+    config: dict | None = None
+
+
+class TrainingDiverged(FunnnError, RuntimeError):
+    """Training produced a non-finite loss (or, with ``check_numerics``, any value).
+
+    ``history`` holds every epoch run, the last one with the non-finite value;
+    ``epoch``, ``quantity`` and (with ``check_numerics``) ``step`` and ``where``
+    say what went wrong; ``checkpoint`` is the last finite checkpoint, if any.
+    """
+
+    def __init__(self, message: str, path=(), *, history=(), epoch=None, quantity=None,
+                 step=None, where=None, checkpoint=None):
+        super().__init__(message, path)
+        self.history, self.epoch, self.quantity = list(history), epoch, quantity
+        self.step, self.where, self.checkpoint = step, where, checkpoint
 
 
 def _check_positive(name, value, kind=int):
@@ -176,82 +205,379 @@ def _check_positive(name, value, kind=int):
                           f"got {value!r}", ("fit",))
 
 
-def fit(model: Layer, params, data, loss, optimizer="sgd", *, learning_rate: float = 0.1,
-        epochs: int = 10, batch_size: int = 32, engine: str = "autodiff", key=None,
-        schedule: str = "constant",
+@dataclasses.dataclass(frozen=True)
+class _PlainLoss:
+    """A plain ``loss(pred, y) -> scalar`` callable dressed as a Loss without ``.grad``."""
+
+    fn: Callable
+    name: str
+
+    def value(self, pred, y):
+        return self.fn(pred, y)
+
+
+def as_loss(loss, engine: str = "autodiff"):
+    """A Loss from a Loss, a loss name (``"mse"``) or a plain ``loss(pred, y)`` callable.
+
+    The autodiff and bridge engines differentiate ``loss.value``; the manual engine
+    needs the hand-written ``loss.grad`` too, so a plain callable is refused there.
+    """
+    if isinstance(loss, str):
+        return losses.get(loss)
+    if hasattr(loss, "value"):
+        if engine == "manual" and not callable(getattr(loss, "grad", None)):
+            raise ConfigError(f"the manual engine needs a loss with a hand-written gradient "
+                              f"(.grad); {loss!r} has none; use engine='autodiff'", ("fit",))
+        return loss
+    if callable(loss):
+        if engine == "manual":
+            raise ConfigError("the manual engine needs a loss with a hand-written gradient "
+                              "(.grad), got a plain callable; use a funnn.losses Loss (or its "
+                              "name), or engine='autodiff' or 'bridge'", ("fit",))
+        return _PlainLoss(loss, getattr(loss, "__name__", type(loss).__name__))
+    raise ConfigError(f"loss must be a funnn Loss, a loss name or a callable loss(pred, y), "
+                      f"got {type(loss).__name__}", ("fit",))
+
+
+# Settings that may change on resume: epochs may grow; the others do not change results.
+_RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint")
+
+
+def _config_diff(saved: dict, now: dict, ignore=_RESUMABLE) -> list[str]:
+    """``["learning_rate: 0.1 -> 0.2", ...]`` for every setting that differs."""
+    out = []
+    for k in sorted(set(saved) | set(now), key=str):
+        if k in ignore:
+            continue
+        a, b = saved.get(k, "(unset)"), now.get(k, "(unset)")
+        if a != b:
+            out.append(f"{k}: {a} -> {b}")
+    return out
+
+
+def _check_history(history, step: int, path: str) -> list:
+    ok = isinstance(history, list) and len(history) == step and all(
+        isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(history))
+    if not ok:
+        raise CheckpointError(f"checkpoint {path}: its history does not match its step {step} "
+                              f"(expected one row per epoch, epochs 1..{step})")
+    return history
+
+
+def _restore_point(path: str, like: dict, directory: str | None):
+    """Restore a checkpoint to resume from; a damaged one lists the intact alternatives."""
+    from funnn import checkpoint as ckpt
+    try:
+        return ckpt.restore(path, like=like)
+    except CheckpointError as err:
+        others = [(s, p) for s, p in ckpt.intact(directory) if p != path] if directory else []
+        if others:
+            listing = ", ".join(f"{p} (epoch {s})" for s, p in reversed(others))
+            hint = (f" Intact checkpoints: {listing}. Resume from one with "
+                    f"--from-checkpoint PATH (fit: from_checkpoint=PATH).")
+        else:
+            hint = " No intact checkpoint is left; start again with --overwrite."
+        raise CheckpointError(f"cannot resume: {err}.{hint}") from None
+
+
+def fit(model: Layer, params, data, loss, optimizer="sgd", *,
+        learning_rate: float | None = None, epochs: int = 10, batch_size: int = 32,
+        engine: str = "autodiff", key=None, schedule: str | None = None,
         eval_data=None, model_state=None, progress: bool | None = None,
-        checkpoint_dir=None, resume: bool = False, config: dict | None = None,
-        on_epoch: Callable | None = None) -> FitResult:
+        checkpoint_dir=None, resume: bool | str = False, overwrite: bool = False,
+        from_checkpoint=None, keep: int | None = 3, config: dict | None = None,
+        extras=None, check_numerics: bool = False, on_epoch: Callable | None = None,
+        run_id: str | None = None, log: Callable[[str], Any] | None = None) -> FitResult:
     """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
 
-    ``optimizer`` is a name (``sgd``, ``momentum``, ``nesterov``, ``adam``, ``adamw``,
-    ``rmsprop``) or an optax transformation; ``schedule`` is ``constant`` or ``cosine``
-    (decay to 0 over the run). ``progress`` shows a tqdm bar with the
-    loss and accuracy (``None``: only when stderr is a terminal). With
-    ``checkpoint_dir`` a checkpoint is written after every epoch; ``resume=True``
-    continues from the newest one there. History rows hold ``epoch``,
-    ``train_loss`` (mean over the epoch's batches), ``eval_loss``, ``eval_accuracy``
-    and ``seconds``.
+    ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
+    ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``,
+    ``nesterov``, ``adam``, ``adamw``, ``rmsprop``), with ``learning_rate``
+    (default per optimizer: ``DEFAULT_LR``, 0.1 for sgd, 1e-3 for adam) and ``schedule`` (``constant`` default, or ``cosine``: decay to 0
+    over the run), or an optax transformation, which carries its own rate and
+    schedule: passing ``learning_rate`` or ``schedule`` with one is a ConfigError.
+    ``progress`` shows a tqdm bar (``None``: only when stderr is a terminal).
+
+    Checkpoints: with ``checkpoint_dir`` a checkpoint is written after every epoch
+    (the newest ``keep`` of this run are kept) holding params, optimizer state,
+    model state, key, ``extras``, the run's config and history. The directory
+    belongs to one run and is locked while it trains. A directory holding another
+    run's checkpoints is refused unless ``resume=True`` (continue it: every
+    setting must match the saved one, except that ``epochs`` may grow),
+    ``resume="auto"`` (continue if there is something to continue) or
+    ``overwrite=True`` (delete that run's checkpoints first). ``from_checkpoint``
+    names the checkpoint to resume from (default: the newest) or, without
+    ``resume``, one whose params (and model state) start a new run.
+
+    A non-finite training or evaluation loss ends training at the end of that
+    epoch with :class:`TrainingDiverged` (its checkpoint is not written, so the
+    last one on disk is finite). ``check_numerics=True`` runs steps one at a
+    time and checks every step; the error then names the step and the first
+    layer whose output or gradient went non-finite. Off, it costs nothing.
+
+    ``run_id`` names a new run (default: a random id); ``log`` receives one-line
+    notices (``resuming run R from epoch N (path)``).
+
+    History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
+    ``eval_loss``, ``eval_accuracy`` and ``seconds``.
     """
     from funnn import checkpoint as ckpt  # imported lazily: only runs that save need it
+    from funnn import rundir
 
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
+    if engine not in ENGINES:
+        get_engine(engine)
+    loss = as_loss(loss, engine)
     x, y = _xy(data)
     num = int(x.shape[0])
+    if num == 0:
+        raise DataError(f"the training data is empty (x has shape {tuple(x.shape)})", ("fit",))
     _check_labels(model, x, y, "training")
     if eval_data is not None:
-        _check_labels(model, *_xy(eval_data), "evaluation")
+        ex, ey = _xy(eval_data)
+        if int(ex.shape[0]) == 0:
+            raise DataError(f"the evaluation data is empty (x has shape {tuple(ex.shape)})",
+                            ("fit",))
+        _check_labels(model, ex, ey, "evaluation")
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
+    if resume not in (False, True, "auto"):
+        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}", ("fit",))
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: resume continues the run "
+                          "in checkpoint_dir, overwrite deletes it", ("fit",))
+    custom = isinstance(optimizer, optax.GradientTransformation)
+    if custom and (learning_rate is not None or schedule is not None):
+        raise ConfigError("learning_rate and schedule apply to a named optimizer; an optax "
+                          "optimizer carries its own (build it with the rate or schedule "
+                          "you want)", ("fit",))
+    if learning_rate is None:
+        learning_rate = DEFAULT_LR.get(optimizer, 0.1) if isinstance(optimizer, str) else 0.1
+    schedule = "constant" if schedule is None else schedule
     opt = get_optimizer(optimizer, learning_rate, schedule=schedule,
                         total_steps=epochs * (num // batch_size))
-    if engine not in ENGINES:
-        get_engine(engine)
+    dtype = next((jnp.result_type(p) for p in jax.tree_util.tree_leaves(params)
+                  if jnp.issubdtype(jnp.result_type(p), jnp.floating)), jnp.float32)
+    if not custom and not jnp.isfinite(jnp.asarray(float(learning_rate), dtype)):
+        raise ConfigError(f"learning rate {learning_rate!r} is not finite in the parameters' "
+                          f"dtype {jnp.dtype(dtype).name} (largest: "
+                          f"{float(jnp.finfo(dtype).max):.3g})", ("fit",))
+    settings = {"optimizer": f"optax:{type(optimizer).__name__}" if custom else optimizer,
+                "learning_rate": None if custom else float(learning_rate),
+                "schedule": None if custom else schedule, "engine": engine,
+                "loss": getattr(loss, "name", repr(loss)), "batch_size": batch_size,
+                "epochs": epochs, "num_examples": num}
+    run_config = {**(config or {}), **settings}
+    key_given = key is not None
     key = jax.random.key(0) if key is None else key
     if model.stateful and model_state is None:
         model_state = model.init_state((None,) + tuple(x.shape[1:]))
+    if from_checkpoint is not None and not resume:
+        start_ck = _restore_point(os.fspath(from_checkpoint),
+                                  {"params": params, "model_state": model_state}, None)
+        params, model_state = start_ck.params, start_ck.model_state
+        run_config["from_checkpoint"] = os.fspath(from_checkpoint)
     # The epoch donates its state buffers; copy once so the caller's arrays stay valid.
     params, model_state = jax.tree_util.tree_map(jnp.copy, (params, model_state))
     ts = TrainState(params, opt.init(params), model_state)
-    history, start = [], 0
-    if resume and checkpoint_dir is not None:
-        path = ckpt.latest(checkpoint_dir)
-        if path is not None:
-            saved = ckpt.restore(path, like={"params": {"params": ts.params,
-                                             "opt_state": ts.opt_state,
-                                             "model_state": ts.model_state}})
-            tree = saved.params
-            ts = TrainState(tree["params"], tree["opt_state"], tree["model_state"])
-            start = int(saved.step)
-            history = list((saved.metadata or {}).get("history", []))
-            if saved.key is not None:
-                key = saved.key
+    history: list = []
+    start, run_id, resumed_from = 0, run_id or uuid.uuid4().hex[:12], None
 
-    run_epoch = make_epoch(model, loss, opt, engine, batch_size, num)
+    lock = None
+    if checkpoint_dir is not None:
+        cdir = os.fspath(checkpoint_dir)
+        lock = rundir.RunLock(cdir, "fit").acquire()
+    try:
+        if checkpoint_dir is not None:
+            found = rundir.find_run(cdir, cdir)
+            if resume is True and found is None and from_checkpoint is None:
+                raise ConfigError(f"nothing to resume in {cdir}: it holds no checkpoints "
+                                  f"(a typo in the directory?)", ("fit",))
+            if resume and (found is not None or from_checkpoint is not None):
+                path = os.fspath(from_checkpoint) if from_checkpoint is not None else found.newest
+                saved = _restore_point(path, {"params": ts.params, "opt_state": ts.opt_state,
+                                              "model_state": ts.model_state}, cdir)
+                diffs = _config_diff(saved.config or {}, run_config)
+                if key_given and saved.key is not None and not bool(jnp.array_equal(
+                        jax.random.key_data(saved.key), jax.random.key_data(key))):
+                    diffs.append("key: the saved run's PRNG key -> another key")
+                if diffs:
+                    raise ConfigError(f"cannot resume run {saved.run or '(no id)'} from {path}: "
+                                      f"settings differ from the saved run: "
+                                      f"{'; '.join(diffs)}. Resume with the saved settings, or "
+                                      f"start a new run (another directory, or --overwrite)",
+                                      ("fit",))
+                if "from_checkpoint" in (saved.config or {}):  # keep the run's provenance
+                    run_config.setdefault("from_checkpoint", saved.config["from_checkpoint"])
+                start = int(saved.step)
+                history = list(_check_history((saved.metadata or {}).get("history"),
+                                              start, path))
+                if start > epochs:
+                    raise ConfigError(f"run {saved.run} has already trained {start} epochs; "
+                                      f"epochs={epochs} would undo them: ask for at least "
+                                      f"{start}", ("fit",))
+                ts = TrainState(saved.params, saved.opt_state, saved.model_state)
+                key = saved.key if saved.key is not None else key
+                run_id, resumed_from = saved.run or run_id, path
+                if log is not None:
+                    log(f"resuming run {run_id} from epoch {start} ({path})")
+                    if start == epochs:
+                        log(f"run {run_id} has already trained all {epochs} epochs; nothing "
+                            f"to train (ask for more epochs to continue)")
+            elif found is not None:
+                if not overwrite:
+                    raise ConfigError(f"{cdir} already holds {found.describe()}; pass "
+                                      f"resume=True to continue it or overwrite=True to "
+                                      f"replace it", ("fit",))
+                rundir.remove_run(cdir, cdir)
+            _files.remove_temp_files(cdir)
+            lock.mark()
+        ts, history = _train_epochs(
+            model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
+            x, y, eval_data, progress, check_numerics, on_epoch,
+            lambda e, ts_, hist: ckpt.save_in(
+                cdir, e, keep=keep, params=ts_.params, opt_state=ts_.opt_state,
+                model_state=ts_.model_state, key=key, extras=extras, config=run_config,
+                metadata={"history": hist}, run=run_id) if checkpoint_dir is not None else None)
+    finally:
+        if lock is not None:
+            lock.release()
+    return FitResult(ts.params, ts.opt_state, ts.model_state, history, len(history), run_id,
+                     resumed_from, run_config)
+
+
+def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkpoint=None):
+    """Restore a run written by :func:`fit` or ``funnn train``: a :class:`Checkpoint`.
+
+    ``directory`` is a run directory (its ``checkpoints/``) or a ``checkpoint_dir``;
+    ``checkpoint`` picks a file (default: the newest). The optimizer state comes back
+    in optax's own classes, ready for ``optimizer.update``: ``optimizer`` is a name
+    or optax transformation, by default the named optimizer the run's config
+    records. With ``model`` (and an ``input_shape`` in the config, as the CLI
+    records) the params are checked against the model's own shapes.
+    """
+    from funnn import checkpoint as ckpt
+
+    directory = os.fspath(directory)
+    path = os.fspath(checkpoint) if checkpoint is not None else None
+    if path is None:
+        for d in (os.path.join(directory, "checkpoints"), directory):
+            if os.path.isdir(d) and (path := ckpt.latest(d)) is not None:
+                break
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {directory} (nor in its checkpoints/)")
+    plain = ckpt.restore(path)
+    config = plain.config or {}
+    like: dict = {"params": plain.params}
+    if model is not None and config.get("input_shape") is not None:
+        in_shape = (None,) + tuple(config["input_shape"])
+        like["params"] = jax.eval_shape(lambda k: model.init(k, in_shape)[1], jax.random.key(0))
+    if optimizer is None and config.get("optimizer") in OPTIMIZERS:
+        optimizer = config["optimizer"]
+    if optimizer is not None:
+        steps = int(config.get("epochs", 1)) * max(
+            int(config.get("num_examples", 1)) // int(config.get("batch_size", 1)), 1)
+        opt = get_optimizer(optimizer, config.get("learning_rate") or 0.1,
+                            schedule=config.get("schedule") or "constant", total_steps=steps)
+        like["opt_state"] = jax.eval_shape(opt.init, plain.params)
+    return ckpt.restore(path, like=like)
+
+
+def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
+                  x, y, eval_data, progress, check_numerics, on_epoch, save):
+    """The epoch loop of :func:`fit`: train, evaluate, check, checkpoint."""
+    run_epoch = (make_checked_epoch if check_numerics else make_epoch)(
+        model, loss, opt, engine, batch_size, num)
     run_eval = make_evaluate(model, loss) if eval_data is not None else None
     ex, ey = _xy(eval_data) if eval_data is not None else (None, None)
-
+    last_path = None
     bar = _progress(range(start, epochs), progress, epochs, start)
     for e in bar:
         t0 = time.perf_counter()
-        ts, batch_losses = run_epoch(ts, x, y, jax.random.fold_in(key, e))
+        try:
+            ts, batch_losses = run_epoch(ts, x, y, jax.random.fold_in(key, e))
+        except _NonFinite as bad:
+            step = e * (num // batch_size) + bad.batch + 1
+            where = numerics.locate(model, loss, bad.ts.params, bad.x, bad.y, key=bad.key,
+                                    state=bad.ts.model_state)
+            history.append({"epoch": e + 1, "train_loss": float("nan")})
+            raise TrainingDiverged(
+                f"step {step} (epoch {e + 1}, batch {bad.batch + 1}): {where} became "
+                f"non-finite; training stopped{_kept(last_path)}", ("fit",), history=history,
+                epoch=e + 1, quantity="step", step=step, where=where,
+                checkpoint=last_path) from None
         row = {"epoch": e + 1, "train_loss": float(jnp.mean(batch_losses))}
         if run_eval is not None:
             el, ea = run_eval(ts.params, ts.model_state, ex, ey)
             row["eval_loss"], row["eval_accuracy"] = float(el), float(ea)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        bad_q = [q for q, k in (("training loss", "train_loss"), ("test loss", "eval_loss"))
+                 if k in row and not math.isfinite(row[k])]
+        if bad_q:
+            raise TrainingDiverged(
+                f"epoch {e + 1}: the {bad_q[0]} is {row[_KEYS[bad_q[0]]]}; training stopped"
+                f"{_kept(last_path)}. Lower the learning rate, or rerun with --check-numerics "
+                f"(check_numerics=True) to find the first layer and step that went non-finite",
+                ("fit",), history=history, epoch=e + 1, quantity=bad_q[0],
+                checkpoint=last_path)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")})
-        if checkpoint_dir is not None:
-            ckpt.save_in(checkpoint_dir, e + 1, params={"params": ts.params,
-                         "opt_state": ts.opt_state, "model_state": ts.model_state},
-                         key=key, config=config or {}, metadata={"history": history})
+        last_path = save(e + 1, ts, history) or last_path
         if on_epoch is not None:
             on_epoch(row)
-    return FitResult(ts.params, ts.opt_state, ts.model_state, history, len(history))
+    return ts, history
+
+
+_KEYS = {"training loss": "train_loss", "test loss": "eval_loss"}
+
+
+def _kept(path) -> str:
+    return f" (the last finite checkpoint is {path})" if path else ""
+
+
+class _NonFinite(Exception):
+    """Raised by a checked epoch: the state before the bad step and that step's batch."""
+
+    def __init__(self, batch, ts, x, y, key):
+        super().__init__(f"non-finite at batch {batch}")
+        self.batch, self.ts, self.x, self.y, self.key = batch, ts, x, y, key
+
+
+def make_checked_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int,
+                       num_examples: int):
+    """Like :func:`make_epoch`, but one jitted step at a time, each checked for non-finite
+    loss, parameters and state; raises ``_NonFinite`` with the state before the bad step.
+
+    Same batches and keys as :func:`make_epoch` (results agree to float rounding).
+    Slower: a dispatch and a host sync per step; only used when asked for.
+    """
+    step = make_step(model, loss, optimizer, engine)
+    nb = num_examples // batch_size
+
+    @jax.jit
+    def checked(ts, x, y, key):
+        new, value = step(ts, x, y, key)
+        return new, value, numerics.all_finite((value, new.params, new.model_state))
+
+    @jax.jit
+    def order(key):
+        return jax.random.permutation(key, num_examples)[: nb * batch_size].reshape(nb, batch_size)
+
+    def epoch(ts, x, y, key):
+        idx, values = order(key), []
+        for i in range(nb):
+            b, k = idx[i], jax.random.fold_in(key, i)
+            new, value, ok = checked(ts, x[b], y[b], k)
+            if not bool(ok):
+                raise _NonFinite(i, ts, x[b], y[b], k)
+            ts = new
+            values.append(value)
+        return ts, jnp.stack(values)
+
+    return epoch
 
 
 def _check_labels(model: Layer, x, y, what: str) -> None:

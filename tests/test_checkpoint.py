@@ -182,7 +182,7 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
         ckpt.save(path, params={"bad": object()})
     with pytest.raises(CheckpointError, match="config must be JSON"):
         ckpt.save(path, params={}, config={"f": print})
-    with pytest.raises(CheckpointError, match="step must be an int"):
+    with pytest.raises(CheckpointError, match="step must be a non-negative int"):
         ckpt.save(path, params={}, step=1.5)
 
     def boom(src, dst):

@@ -1,0 +1,95 @@
+"""Find where a training step first went non-finite: which layer, output or gradient.
+
+Used by ``fit(..., check_numerics=True)`` after a step produced a NaN or inf. The
+step is replayed eagerly on the same batch, parameters and PRNG key, layer by
+layer down the ``serial`` stacks of the network (other combinators are treated
+as one unit), forward first and then the hand-written backward, and the first
+place whose value is non-finite is named by its layer path, as errors are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from funnn.core import Layer, run_forward, split_key, tree_paths
+
+__all__ = ["all_finite", "locate"]
+
+
+def all_finite(tree) -> jax.Array:
+    """A scalar bool: every floating leaf of ``tree`` is finite (jit-able)."""
+    leaves = [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(l), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _ok(tree) -> bool:
+    return bool(all_finite(tree))
+
+
+def _is_serial(layer: Layer) -> bool:
+    return layer.name == "serial" and bool(layer.children)
+
+
+def _forward(layer: Layer, params, x, state, key, path: str):
+    """``(y, res, new_state, bad)``: run ``layer`` keeping residuals; ``bad`` names the
+    first layer whose output is non-finite (None if all are finite)."""
+    if _is_serial(layer):
+        n = len(layer.children)
+        states = tuple(state) if layer.stateful else (None,) * n
+        res, new = [], []
+        for (label, child), p, s, k in zip(layer.children, params, states, split_key(key, n)):
+            x, r, s, bad = _forward(child, p, x, s, k, path + label)
+            if bad is not None:
+                return x, None, None, bad
+            res.append(r)
+            new.append(s)
+        return x, tuple(res), tuple(new) if layer.stateful else None, None
+    y, r, s = run_forward(layer, params, x, state=state, key=key, train=True)
+    return y, r, s, None if _ok(y) else f"{path} {layer.name}".strip()
+
+
+def _backward(layer: Layer, params, res, dy, path: str):
+    """``(dx, bad)``: the hand-written backward, children in reverse order; ``bad`` names
+    the first layer (in backward order) whose parameter or input gradient is non-finite."""
+    if _is_serial(layer):
+        for (label, child), p, r in reversed(list(zip(layer.children, params, res))):
+            dy, bad = _backward(child, p, r, dy, path + label)
+            if bad is not None:
+                return dy, bad
+        return dy, None
+    grads, dx = layer.backward(params, res, dy)
+    where = f"{path} {layer.name}".strip()
+    if not _ok(grads):
+        bad = [k for k, v in tree_paths(grads) if not _ok(v)]
+        return dx, f"the gradient of {where} (parameter {bad[0] if bad else '?'})"
+    if dx is not None and not _ok(dx):
+        return dx, f"the input gradient of {where}"
+    return dx, None
+
+
+def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
+    """Say where the training step on ``(x, y)`` first becomes non-finite.
+
+    Returns a phrase such as ``"the output of serial[2] dense(10)"``, ``"the loss (on
+    finite outputs)"``, ``"the gradient of serial[0] dense(64) (parameter W)"`` or,
+    when everything the step computes is finite, ``"the optimizer update"``.
+    """
+    root = "serial" if _is_serial(model) else ""
+    if not _ok(params):
+        return "the parameters (already non-finite before this step)"
+    out, res, _, bad = _forward(model, params, x, state, key, root)
+    if bad is not None:
+        return f"the output of {bad}"
+    value = loss.value(out, y)
+    if not _ok(value):
+        return "the loss (on finite outputs: e.g. a log of 0 or an overflow in the loss)"
+    grad = getattr(loss, "grad", None)
+    dout = grad(out, y) if grad is not None else jax.grad(lambda o: loss.value(o, y))(out)
+    if not _ok(dout):
+        return "the gradient of the loss with respect to the outputs"
+    _, bad = _backward(model, params, res, dout, root)
+    if bad is not None:
+        return bad
+    return "the optimizer update (outputs, loss and gradients were finite: the step is too large)"
