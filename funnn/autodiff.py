@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax
 
-from funnn.core import Layer
+from funnn.core import Layer, run_apply
 
 __all__ = ["value_and_grad", "loss_fn"]
 
@@ -22,10 +22,7 @@ def loss_fn(model: Layer, loss, *, train: bool = True):
     """``objective(params, x, y, key, state) -> (loss, new_state)``: the scalar autodiff sees."""
 
     def objective(params, x, y, key, state):
-        if model.stateful:
-            out, new_state = model.apply(params, x, state=state, key=key, train=train)
-        else:
-            out, new_state = model.apply(params, x, key=key, train=train), None
+        out, new_state = run_apply(model, params, x, state=state, key=key, train=train)
         return loss.value(out, y), new_state
 
     return objective
@@ -36,7 +33,8 @@ def value_and_grad(model: Layer, loss, *, train: bool = True):
 
     For a stateful model (batch-norm) the value is ``(loss, new_state)``. ``train``
     selects training behaviour (dropout on, batch statistics) and is fixed here so
-    the returned function has no Python branching per call.
+    the returned function has no Python branching per call. ``state`` given to a stateless
+    model raises :class:`~funnn.core.StateError`.
     """
     vg = jax.value_and_grad(loss_fn(model, loss, train=train), has_aux=True)
 
@@ -46,6 +44,6 @@ def value_and_grad(model: Layer, loss, *, train: bool = True):
             return (value, new_state), grads
     else:
         def f(params, x, y, *, key=None, state=None):
-            (value, _), grads = vg(params, x, y, key, None)
+            (value, _), grads = vg(params, x, y, key, state)   # a state raises StateError
             return value, grads
     return f

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ __all__ = [
     "FunnnError", "ShapeError", "ConfigError", "DTypeError", "KeyMissingError",
     "StateError", "DataError", "CheckpointError",
     "Layer", "run_apply", "run_forward", "layer_scope", "split_key",
+    "InputSpec", "input_spec", "check_backward",
     "check_in_shape", "check_rank", "check_features", "check_floating",
     "param_count", "tree_paths", "path_str", "summary",
 ]
@@ -67,10 +70,10 @@ class FunnnError(Exception):
     def __str__(self) -> str:
         return self._text()
 
-    def under(self, prefix: str) -> "FunnnError":
+    def under(self, prefix: str) -> FunnnError:
         """The same error with ``prefix`` prepended to its layer path."""
         err = type(self).__new__(type(self))
-        FunnnError.__init__(err, self.message, (prefix,) + self.path)
+        FunnnError.__init__(err, self.message, (prefix, *self.path))
         return err
 
 
@@ -123,8 +126,13 @@ class Layer:
 
     ``children`` lists ``(label, layer)`` pairs for combinators, used by
     :func:`summary`: labels ``"[i]"`` index a tuple of params; a single child with
-    another label (``"/residual"``) shares its parent's params. Leaves have none. ``init_state`` is ``None`` for stateless
-    layers.
+    another label (``"/residual"``) shares its parent's params. Leaves have none.
+    ``init_state`` is ``None`` for stateless layers.
+
+    ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
+    params dict without a key the layer reads raises :class:`ShapeError` (``params missing
+    key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
+    raises :class:`StateError`.
     """
 
     name: str
@@ -135,6 +143,17 @@ class Layer:
     init_state: Callable | None = None
     children: tuple = ()
 
+    def __post_init__(self):
+        # Guard the functions once, here, so every layer (custom ones included) turns the two
+        # commonest slips into funnn errors: a params dict without a key the layer reads, and
+        # state= given to a stateless layer. Both are Python-level checks: under jit they run
+        # while tracing only.
+        stateful = self.init_state is not None
+        for field in ("apply", "forward", "backward"):
+            fn = getattr(self, field)
+            object.__setattr__(self, field,
+                               _guarded(fn, self.name, stateful, field != "backward"))
+
     @property
     def stateful(self) -> bool:
         return self.init_state is not None
@@ -143,9 +162,51 @@ class Layer:
         return f"Layer({self.name})"
 
 
+def _reject_state(name: str, state) -> None:
+    """A stateless layer given a state: say so (``state=None`` means "no state" and is fine)."""
+    if state is not None:
+        raise StateError(f"this model is stateless (no batch_norm or other stateful layer) and "
+                         f"takes no state=, got a {type(state).__name__}; call it without "
+                         f"state=, or pass the state to the model it belongs to", (name,))
+
+
+def _missing_key(params, err: KeyError):
+    """The key of ``err`` when it is a key the params dict lacks, else ``None``."""
+    key = err.args[0] if len(err.args) == 1 else None
+    if isinstance(params, Mapping) and isinstance(key, str) and key not in params:
+        return key
+    return None
+
+
+def _guarded(fn, name: str, stateful: bool, takes_state: bool):
+    if not callable(fn) or getattr(fn, "_funnn_guarded", False):
+        return fn
+
+    def guarded(params, *args, **kwargs):
+        if takes_state and not stateful and "state" in kwargs:
+            _reject_state(name, kwargs.pop("state"))
+        try:
+            return fn(params, *args, **kwargs)
+        except KeyError as err:
+            key = _missing_key(params, err)
+            if key is None:
+                raise
+            raise ShapeError(f"params missing key {key!r} (got keys {sorted(map(str, params))}); "
+                             f"were these params made by this model's init?", (name,)) from None
+
+    functools.update_wrapper(guarded, fn)
+    del guarded.__wrapped__         # inspect.signature shows the guard's, which takes state=
+    guarded._funnn_guarded = True
+    return guarded
+
+
 def run_apply(layer: Layer, params, x, *, state=None, key=None, train=False):
-    """Call ``layer.apply`` uniformly: returns ``(y, new_state)`` (state ``None`` if stateless)."""
+    """Call ``layer.apply`` uniformly: returns ``(y, new_state)`` (state ``None`` if stateless).
+
+    A stateless layer given a state (other than ``None``) raises :class:`StateError`.
+    """
     if layer.init_state is None:
+        _reject_state(layer.name, state)
         return layer.apply(params, x, key=key, train=train), None
     return layer.apply(params, x, state=state, key=key, train=train)
 
@@ -153,9 +214,94 @@ def run_apply(layer: Layer, params, x, *, state=None, key=None, train=False):
 def run_forward(layer: Layer, params, x, *, state=None, key=None, train=False):
     """Call ``layer.forward`` uniformly: returns ``(y, res, new_state)``."""
     if layer.init_state is None:
+        _reject_state(layer.name, state)
         y, res = layer.forward(params, x, key=key, train=train)
         return y, res, None
     return layer.forward(params, x, state=state, key=key, train=train)
+
+
+# --------------------------------------------------------------------------- backward checks
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """The static shape of a layer's input, kept in residuals (a pytree with no leaves, so it
+    costs nothing under ``jit``, ``vmap`` and ``custom_vjp``).
+
+    ``shape`` is the array's shape, or for a tuple input a tuple of specs (``None`` where an
+    entry is not an array).
+    """
+
+    shape: tuple | None
+    is_tuple: bool = False
+
+
+def input_spec(x) -> InputSpec:
+    """The :class:`InputSpec` of ``x`` (an array, or a tuple such as ``(x, mask)``)."""
+    if isinstance(x, (tuple, list)):
+        return InputSpec(tuple(input_spec(e) for e in x), True)
+    try:
+        return InputSpec(tuple(jnp.shape(x)))
+    except TypeError:
+        return InputSpec(None)
+
+
+def _dx_problem(spec: InputSpec, dx, what: str = "dx") -> str | None:
+    if dx is None or spec.shape is None:         # no input gradient (integer ids, a mask)
+        return None
+    if spec.is_tuple:
+        if not isinstance(dx, (tuple, list)) or len(dx) != len(spec.shape):
+            return (f"backward returned {what} as a {type(dx).__name__}, expected a tuple of "
+                    f"{len(spec.shape)} like the input")
+        for i, (s, d) in enumerate(zip(spec.shape, dx)):
+            problem = _dx_problem(s, d, f"{what}[{i}]")
+            if problem:
+                return problem
+        return None
+    try:
+        got = tuple(jnp.shape(dx))
+    except TypeError:
+        return f"backward returned {what} of type {type(dx).__name__}, expected an array"
+    if got != spec.shape:
+        return f"backward returned {what} of shape {got}, expected the input's shape {spec.shape}"
+    return None
+
+
+def _leaf_shapes(tree, prefix: str = "") -> dict:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        p = path_str(path)
+        out[prefix + p if path else prefix.rstrip(".") or p] = tuple(jnp.shape(leaf))
+    return out
+
+
+def _dparams_problem(params, grads, prefix: str) -> str | None:
+    tdef = jax.tree_util.tree_structure
+    want, got = _leaf_shapes(params, prefix), _leaf_shapes(grads, prefix)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    parts = ([f"missing leaves {missing}"] if missing else []) + (
+        [f"unexpected leaves {extra}"] if extra else []) + [
+        f"leaf {k} has shape {got[k]}, the param {want[k]}" for k in want if k in got
+        and got[k] != want[k]]
+    if not parts and tdef(params) != tdef(grads):
+        parts = [f"different tree structure ({tdef(grads)}, the params {tdef(params)})"]
+    if parts:
+        return "backward returned dparams that do not match the params: " + "; ".join(parts)
+    return None
+
+
+def check_backward(name: str, params, grads, spec: InputSpec | None, dx, prefix: str = "") -> None:
+    """Raise :class:`ShapeError` (path ``name``) unless ``backward``'s ``grads`` have the tree
+    and shapes of ``params`` and ``dx`` has the input's shape (``spec``; ``None``: unknown).
+
+    ``prefix`` is put before each leaf path in the message (``"0."`` for ``serial[0]``, so the
+    paths read as in the combinator's params). Shapes are static: this runs while tracing.
+    """
+    problem = _dparams_problem(params, grads, prefix) or (
+        _dx_problem(spec, dx) if spec is not None else None)
+    if problem:
+        raise ShapeError(problem, (name,))
 
 
 def split_key(key, n: int) -> tuple:
@@ -200,7 +346,7 @@ def check_in_shape(name: str, in_shape, min_rank: int = 2, max_rank: int | None 
         free = {a % len(shape) for a in allow_none if -len(shape) <= a < len(shape)}
     out = []
     for i, d in enumerate(shape):
-        if d is None and i in free or (i == 0 and d == -1 and 0 in free):
+        if (d is None and i in free) or (i == 0 and d == -1 and 0 in free):
             out.append(None)
         elif d is None:
             only = ("only the batch axis may be None" if free == {0} else
@@ -226,7 +372,8 @@ def check_rank(name: str, x, min_rank: int, max_rank: int | None = None, what: s
         raise ShapeError(f"expected input of {want}{hint}, got shape {jnp.shape(x)}", (name,))
 
 
-def check_features(name: str, x, expected: int, axis: int = -1, what: str = "input features") -> None:
+def check_features(name: str, x, expected: int, axis: int = -1,
+                   what: str = "input features") -> None:
     """Raise :class:`ShapeError` unless ``x.shape[axis] == expected``."""
     shape = jnp.shape(x)
     if not shape:
@@ -272,33 +419,100 @@ def param_count(params) -> int:
     return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def _summary_rows(layer: Layer, params, path: str, rows: list) -> None:
+_PROBE_SHAPES = ((None, 8), (None, 8, 8), (None, 8, 8, 8), (None, 8, 8, 8, 8))
+
+
+def _probe_structure(layer: Layer):
+    """The tree structure of ``layer``'s params for some input it accepts, or ``None``.
+
+    Without the model's input shape only the structure can be checked; a leaf layer's params
+    structure (its keys) does not depend on the input's sizes.
+    """
+    for shape in _PROBE_SHAPES:
+        try:
+            out = jax.eval_shape(lambda k, shape=shape: layer.init(k, shape)[1], jax.random.key(0))
+        except Exception:
+            continue
+        return jax.tree_util.tree_structure(out)
+    return None
+
+
+def _describe_params(tree, shapes: bool = True) -> str:
+    leaves = _leaf_shapes(tree)
+    if not leaves:
+        return "no params"
+    return ", ".join(f"{k} {v}" if shapes else k for k, v in leaves.items())
+
+
+def _child_label(layer: Layer, label: str, child: Layer) -> str:
+    """The label a combinator's errors use for a child: ``serial[2]``, ``residual(dense(3))``."""
+    if label.startswith("["):
+        return layer.name.split("(")[0] + label
+    return f"{label.lstrip('/')}({child.name})"
+
+
+def _mismatch(what: str, where: tuple) -> ShapeError:
+    return ShapeError(f"params do not match the model: {what}; were these params made by this "
+                      f"model's init?", where)
+
+
+def _summary_rows(layer: Layer, params, path: str, rows: list, want, where: tuple) -> None:
+    """Walk model and params together; ``want`` is init's params (shapes only) or ``None``."""
     kids = layer.children
     if len(kids) == 1 and not kids[0][0].startswith("["):
         # a wrapper (residual) whose params are its body's
         label, child = kids[0]
-        _summary_rows(child, params, f"{path}{label}", rows)
+        _summary_rows(child, params, f"{path}{label}", rows, want,
+                      (*where, _child_label(layer, label, child)))
         return
-    if kids and isinstance(params, (tuple, list)) and len(params) == len(kids):
-        for (label, child), p in zip(kids, params):
-            _summary_rows(child, p, f"{path}{label}", rows)
+    if kids:
+        if not isinstance(params, (tuple, list)) or len(params) != len(kids):
+            seq = isinstance(params, (tuple, list))
+            got = f"a {type(params).__name__} of {len(params)}" if seq else _describe_params(params)
+            raise _mismatch(f"expected a tuple of {len(kids)} entries (one per layer), got {got}",
+                            (*where, layer.name))
+        for i, ((label, child), p) in enumerate(zip(kids, params)):
+            _summary_rows(child, p, f"{path}{label}", rows, None if want is None else want[i],
+                          (*where, _child_label(layer, label, child)))
         return
+    tdef = jax.tree_util.tree_structure
+    if want is not None:
+        ok = tdef(params) == tdef(want) and _leaf_shapes(params) == _leaf_shapes(want)
+        expected = _describe_params(want)
+    else:
+        probe = _probe_structure(layer)
+        ok = probe is None or probe == tdef(params)
+        expected = "no params" if probe is None or probe.num_leaves == 0 else _describe_params(
+            jax.tree_util.tree_unflatten(probe, [0] * probe.num_leaves), shapes=False)
+    if not ok:
+        raise _mismatch(f"expected {expected}, got {_describe_params(params)}",
+                        (*where, layer.name))
     leaves = tree_paths(params)
     shapes = ", ".join(f"{k}{tuple(jnp.shape(v))}" for k, v in leaves) if leaves else "-"
     rows.append((path or "<root>", layer.name, shapes, param_count(params)))
 
 
-def summary(model: Layer, params) -> str:
-    """A printable table: layer path, layer, parameter shapes, parameter count, and a total."""
+def summary(model: Layer, params, in_shape=None) -> str:
+    """A printable table: layer path, layer, parameter shapes, parameter count, and a total.
+
+    The params must match the model: a combinator needs one entry per child and each layer
+    the params tree its ``init`` makes; with ``in_shape`` (what ``model.init`` was given) the
+    shapes are checked as well. A mismatch raises :class:`ShapeError` naming the first layer
+    whose params do not fit, rather than printing another model's table.
+    """
+    want = None
+    if in_shape is not None:
+        want = jax.eval_shape(lambda k: model.init(k, in_shape)[1], jax.random.key(0))
     rows: list = []
-    _summary_rows(model, params, "", rows)
+    _summary_rows(model, params, "", rows, want, ())
     head = ("path", "layer", "parameters", "count")
     body = [(p, n, s, f"{c:,}") for p, n, s, c in rows]
     body.append(("", "total", "", f"{param_count(params):,}"))
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(4)]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
 
     def fmt(r):
-        return "  ".join(r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i]) for i in range(4))
+        return "  ".join(r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i])
+                         for i in range(4))
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(head), sep] + [fmt(r) for r in body[:-1]] + [sep, fmt(body[-1])])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from funnn.core import Layer, run_forward
+from funnn.core import Layer, check_backward, input_spec, run_forward
 
 __all__ = ["value_and_grad", "bridge"]
 
@@ -19,13 +19,17 @@ def value_and_grad(model: Layer, loss, *, train: bool = True):
 
     Same signature and result structure as :func:`funnn.autodiff.value_and_grad`:
     ``forward`` keeps the residuals, ``loss.grad`` gives ``dL/dout``, ``backward``
-    pushes it back through every layer.
+    pushes it back through every layer. A gradient tree or input gradient that does not match
+    the params or ``x`` raises :class:`~funnn.core.ShapeError` naming the layer (combinators
+    check each child; this checks the model itself), and ``state`` given to a stateless model
+    raises :class:`~funnn.core.StateError`; both while tracing.
     """
 
     def f(params, x, y, *, key=None, state=None):
         out, res, new_state = run_forward(model, params, x, state=state, key=key, train=train)
         value = loss.value(out, y)
-        grads, _ = model.backward(params, res, loss.grad(out, y))
+        grads, dx = model.backward(params, res, loss.grad(out, y))
+        check_backward(model.name, params, grads, input_spec(x), dx)
         return ((value, new_state) if model.stateful else value), grads
 
     return f
@@ -46,12 +50,13 @@ def bridge(model: Layer) -> Layer:
 
     def _fwd(params, x, key, state, train):
         y, res, new_state = run_forward(model, params, x, state=state, key=key, train=train)
-        return (y, new_state), (params, res)
+        return (y, new_state), (params, res, input_spec(x))
 
     def _bwd(saved, cotangents):
-        params, res = saved
+        params, res, spec = saved
         dy, _ = cotangents
         dparams, dx = model.backward(params, res, dy)
+        check_backward(model.name, params, dparams, spec, dx)
         return dparams, dx, None, None
 
     def apply_stateful(params, x, *, state=None, key=None, train=False):

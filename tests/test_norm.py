@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError, StateError
 from funnn.layers.norm import batch_norm, layer_norm
@@ -100,7 +101,7 @@ def test_layer_norm_init_and_out_shape():
     y = jax.eval_shape(layer.apply, p, jax.ShapeDtypeStruct((4, 3, 5), jnp.float64))
     assert y.shape == (4, 3, 5)
     assert layer_norm(eps=1e-3).name == "layer_norm(eps=0.001)"
-    with pytest.raises(ShapeError, match="layer_norm.*feature size"):
+    with pytest.raises(ShapeError, match=r"layer_norm.*feature size"):
         layer.init(KEY, (None,))
 
 
@@ -118,7 +119,7 @@ def test_layer_norm_matches_numpy():
 def test_layer_norm_gradients_three_ways(shape):
     layer, rng = layer_norm(), np.random.default_rng(1)
     x, p = _normal(rng, shape), _random_params(rng, shape[-1])
-    y, res = layer.forward(p, x)
+    y, _res = layer.forward(p, x)
     np.testing.assert_array_equal(y, layer.apply(p, x))
     _grads_three_ways(layer.apply, _ln_manual, p, x)
 
@@ -214,7 +215,7 @@ def test_batch_norm_init_state_and_names():
                            jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.float64))
     assert y.shape == (2, 4, 4, 3) and s2["mean"].shape == (3,)
     assert batch_norm(momentum=0.99, axis=1).name == "batch_norm(momentum=0.99, axis=1)"
-    with pytest.raises(ShapeError, match="batch_norm.*rank"):
+    with pytest.raises(ShapeError, match=r"batch_norm.*rank"):
         layer.init(KEY, (None,))
 
 
@@ -255,7 +256,7 @@ def test_batch_norm_gradients_three_ways(shape, train):
     """In train mode y depends on x through the batch statistics; state is held fixed."""
     layer, rng = batch_norm(), np.random.default_rng(2)
     x, p, s = _normal(rng, shape), _random_params(rng, 3), _state(rng, 3)
-    y, res, new = layer.forward(p, x, state=s, train=train)
+    y, _res, new = layer.forward(p, x, state=s, train=train)
     y2, new2 = layer.apply(p, x, state=s, train=train)
     np.testing.assert_array_equal(y, y2)
     jax.tree_util.tree_map(np.testing.assert_array_equal, new, new2)
@@ -295,7 +296,7 @@ def test_batch_norm_channel_axis_1_matches_transposed_input():
 
 def test_batch_norm_per_example_vmap_inference():
     """Per-example gradients in inference mode; in train mode a batch of 1 is degenerate
-    (each example would be normalised by its own statistics), so it is not tested."""
+    (each example would be normalised by its own statistics) and raises (tested below)."""
     layer, rng = batch_norm(), np.random.default_rng(5)
     x, dy = _normal(rng, (5, 3)), _normal(rng, (5, 3))
     p, s = _random_params(rng, 3), _state(rng, 3)
@@ -309,12 +310,48 @@ def test_batch_norm_per_example_vmap_inference():
     _per_example_agree(manual, auto, p, x, dy)
 
 
-def test_batch_norm_batch_of_one_in_train_mode_is_finite():
-    y, new = batch_norm().apply({"gamma": jnp.ones(2), "beta": jnp.array([3.0, 4.0])},
-                                jnp.array([[1.0, 2.0]]), state=batch_norm().init_state((1, 2)),
-                                train=True)
-    np.testing.assert_array_equal(y, [[3.0, 4.0]])           # xhat = 0: y = beta
-    assert np.all(np.isfinite(new["var"]))
+@pytest.mark.parametrize("shape", [(1, 2), (1, 1, 1, 2)], ids=["2d", "4d"])
+def test_batch_norm_batch_of_one_in_train_mode_raises(shape):
+    """One value per channel: xhat = 0, y = beta and every earlier layer gets a zero gradient,
+    silently. Both paths refuse, as PyTorch does; jit traces the same check."""
+    layer = batch_norm()
+    p = {"gamma": jnp.ones(2), "beta": jnp.array([3.0, 4.0])}
+    s, x = layer.init_state((None, 2)), jnp.ones(shape)
+    want = (r"^batch_norm: needs more than 1 value per channel in training mode, got 1 "
+            r"\(input shape \(1, [1, ]*2\)\)")
+    for call in (layer.apply, layer.forward, jax.jit(layer.apply, static_argnames="train")):
+        with pytest.raises(ShapeError, match=want):
+            call(p, x, state=s, train=True)
+    y, new = layer.apply(p, x, state=s)                 # inference: the running statistics
+    np.testing.assert_allclose(y, np.broadcast_to(1 / np.sqrt(1 + EPS) + np.array([3.0, 4.0]),
+                                                  shape), rtol=1e-12)
+    assert new is s
+    y, _ = layer.apply(p, jnp.arange(4.0).reshape(1, 2, 1, 2), state=s, train=True)
+    assert np.all(np.isfinite(y))                       # one example, 2 values per channel: fine
+
+
+def test_batch_norm_per_example_vmap_in_train_mode_names_the_layer():
+    """The README's per-example recipe (vmap over x[:, None]) hits a batch of one per example:
+    both engines raise, naming the layer; train=False works."""
+    from funnn import autodiff, losses, manual
+    from funnn.layers import dense, serial
+
+    model = serial(dense(3), batch_norm(), dense(2))
+    _, params = model.init(KEY, (None, 4))
+    state = model.init_state((None, 4))
+    rng = np.random.default_rng(11)
+    x, y = _normal(rng, (5, 4)), _normal(rng, (5, 2))
+    for engine in (autodiff, manual):
+        vg = engine.value_and_grad(model, losses.mse)
+        per_example = jax.vmap(lambda xi, yi: vg(params, xi, yi, state=state),  # noqa: B023
+                               in_axes=(0, 0))
+        with pytest.raises(ShapeError, match=r"^serial\[1\] batch_norm: needs more than 1 value "
+                                             r"per channel in training mode, got 1"):
+            per_example(x[:, None], y[:, None])
+        vg_eval = engine.value_and_grad(model, losses.mse, train=False)
+        (loss, _), grads = jax.vmap(lambda xi, yi: vg_eval(params, xi, yi, state=state))(  # noqa: B023
+            x[:, None], y[:, None])
+        assert loss.shape == (5,) and grads[0]["W"].shape == (5, 4, 3)
 
 
 def test_batch_norm_jit_equals_eager():
@@ -409,7 +446,7 @@ def test_in_serial_manual_engine_equals_autodiff_and_bridge():
     (l_m, s_m), g_m = jax.jit(manual.value_and_grad(model, losses.mse))(params, x, y, state=state)
     (l_a, s_a), g_a = jax.jit(autodiff.value_and_grad(model, losses.mse))(params, x, y,
                                                                          state=state)
-    (l_b, s_b), g_b = jax.jit(autodiff.value_and_grad(manual.bridge(model), losses.mse))(
+    (_l_b, _s_b), g_b = jax.jit(autodiff.value_and_grad(manual.bridge(model), losses.mse))(
         params, x, y, state=state)
     np.testing.assert_allclose(l_m, l_a, rtol=1e-14)
     np.testing.assert_allclose(s_m[2]["mean"], s_a[2]["mean"], rtol=1e-14)
@@ -442,7 +479,7 @@ def test_grads_come_back_in_param_and_input_dtypes(which, dt_p, dt_x):
         return man(p, x, dy), jax.vjp(f, p, x)[1](dy)
 
     got, want = both(p, x)
-    dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)  # noqa: E731
+    dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)
     assert dtypes(got) == dtypes(want) == ({"gamma": dt_p, "beta": dt_p}, dt_x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)

@@ -2,7 +2,10 @@
 
 ``serial`` chains, ``parallel`` fans out and merges, ``residual`` adds a skip
 connection. Each composes its children's ``forward``/``backward``, so any network
-built from them has a manual backward pass. PRNG keys are split once per child;
+built from them has a manual backward pass, and checks each child's backward: its dparams
+must have the child's params tree and shapes, its dx the child's input shape (kept in the
+residuals as a static :class:`~funnn.core.InputSpec`), else a :class:`ShapeError` names the
+child. PRNG keys are split once per child;
 state (batch-norm statistics) is a tuple with one entry per child (``None`` for
 stateless children). Whether a combinator is stateful is decided when it is built.
 """
@@ -12,8 +15,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from funnn.core import (ConfigError, Layer, ShapeError, StateError, layer_scope, run_apply,
-                        run_forward, split_key)
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    StateError,
+    check_backward,
+    input_spec,
+    layer_scope,
+    run_apply,
+    run_forward,
+    split_key,
+)
 
 __all__ = ["serial", "parallel", "residual", "out_shape"]
 
@@ -69,7 +82,8 @@ def _stateful(layers) -> bool:
 def serial(*layers: Layer) -> Layer:
     """Compose layers in order: ``y = f_n(... f_2(f_1(x)))``.
 
-    Params, residuals and state are tuples with one entry per layer.
+    Params and state are tuples with one entry per layer; residuals are the children's and
+    their input specs.
     Backward runs the children's backward in reverse: ``dx_{i} = backward_i(dx_{i+1})``.
     """
     layers = _check_layers("serial", layers)
@@ -108,20 +122,23 @@ def serial(*layers: Layer) -> Layer:
     def _run_forward(params, x, state, key, train):
         params = _params(name, layers, params)
         states = _states(name, layers, state) if stateful else (None,) * n
-        res, new_states = [], []
+        res, specs, new_states = [], [], []
         for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
+            specs.append(input_spec(x))
             with layer_scope(label):
                 x, r, s = run_forward(layer, p, x, state=s, key=k, train=train)
             res.append(r)
             new_states.append(s)
-        return x, tuple(res), tuple(new_states)
+        return x, (tuple(res), tuple(specs)), tuple(new_states)
 
     def backward(params, res, dy):
         params = _params(name, layers, params)
+        res, specs = res
         grads = [None] * n
         for i in reversed(range(n)):
             with layer_scope(labels[i]):
                 grads[i], dy = layers[i].backward(params[i], res[i], dy)
+                check_backward(layers[i].name, params[i], grads[i], specs[i], dy, f"{i}.")
         return tuple(grads), dy
 
     return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
@@ -178,10 +195,10 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
             shapes.append(tuple(s))
             params.append(p)
         lead = {s[:-1] for s in shapes}
-        if combine == "sum" and len(set(shapes)) != 1 or combine == "concat" and len(lead) != 1:
+        if (combine == "sum" and len(set(shapes)) != 1) or (combine == "concat" and len(lead) != 1):
             raise ShapeError(f"branch output shapes {shapes} cannot be merged by {combine}",
                              (name,))
-        out = shapes[0] if combine == "sum" else shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+        out = shapes[0] if combine == "sum" else (*shapes[0][:-1], sum(s[-1] for s in shapes))
         return out, tuple(params)
 
     def init_state(in_shape):
@@ -212,20 +229,21 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
             res.append(r)
             new.append(s)
         sizes = tuple(y.shape[-1] for y in ys)
-        return merge(ys), (tuple(res), sizes), tuple(new)
+        return merge(ys), (tuple(res), sizes, input_spec(x)), tuple(new)
 
     def backward(params, res, dy):
         params = _params(name, branches, params)
-        res, sizes = res
+        res, sizes, spec = res
         if combine == "concat":
             cuts = [sum(sizes[:i]) for i in range(1, n)]
             dys = jnp.split(dy, cuts, axis=-1)
         else:
             dys = [dy] * n
         grads, dx = [], None
-        for label, b, p, r, d in zip(labels, branches, params, res, dys):
+        for i, (label, b, p, r, d) in enumerate(zip(labels, branches, params, res, dys)):
             with layer_scope(label):
                 g, dxi = b.backward(p, r, d)
+                check_backward(b.name, p, g, spec, dxi, f"{i}.")
             grads.append(g)
             dx = _add(dx, dxi)
         return tuple(grads), dx
@@ -264,6 +282,7 @@ def residual(body: Layer) -> Layer:
     def backward(params, res, dy):
         with layer_scope(label):
             g, dx = body.backward(params, res, dy)
+            check_backward(body.name, params, g, input_spec(dy), dx)   # dy has x's shape
         return g, _add(dy, dx)
 
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,

@@ -17,8 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import (ConfigError, Layer, ShapeError, StateError, check_features,
-                        check_floating, check_in_shape, check_rank)
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    StateError,
+    check_features,
+    check_floating,
+    check_in_shape,
+    check_rank,
+)
 
 __all__ = ["layer_norm", "batch_norm"]
 
@@ -118,6 +126,8 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
     ``mean' = momentum * mean + (1 - momentum) * mu`` and
     ``var' = momentum * var + (1 - momentum) * var_batch`` with the same biased ``var``
     (as Flax, Haiku and Keras do; PyTorch stores the unbiased ``N/(N-1)`` estimate instead).
+    Training needs ``N > 1`` (a batch of one with no spatial axes is a :class:`ShapeError`,
+    as in PyTorch: it would give ``y = beta`` and zero gradients to every earlier layer).
     Inference: ``xhat = (x - mean) / sqrt(var + eps)`` with the running statistics; the
     state comes back unchanged.
 
@@ -191,6 +201,13 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         check_features(name, x, c, axis=ax, what="channels")
         _check_state(state, c)
         if train:
+            n = math.prod(x.shape[i] for i in red)
+            if n <= 1:
+                raise ShapeError(
+                    f"needs more than 1 value per channel in training mode, got {n} (input shape "
+                    f"{tuple(x.shape)}): the batch statistics would normalise every value to 0, "
+                    f"giving beta and zero gradients for every earlier layer; use a batch of more "
+                    f"than one (per-example gradients: train=False), or layer_norm", (name,))
             mu = jnp.mean(x, axis=red)
             xc = x - mu.reshape(bshape)
             var = jnp.mean(xc * xc, axis=red)
