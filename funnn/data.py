@@ -207,13 +207,21 @@ def load_mnist(directory: str, split: str = "train", flatten: bool = True,
     if split not in MNIST_FILES:
         raise ConfigError(f"mnist: unknown split {split!r}; expected 'train' or 'test'")
     directory = os.fspath(directory)
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise DataError(f"mnist: {directory!r} is a file, not a directory; mnist:DIR names "
+                        f"the directory that holds the IDX files {names} (raw or .gz)")
     if not os.path.isdir(directory):
-        names = [n for pair in MNIST_FILES.values() for n in pair]
         raise DataError(f"mnist: directory {directory!r} does not exist; it must hold the "
                         f"IDX files {names} (raw or .gz)")
     img_path, lab_path = (_find(directory, s) for s in MNIST_FILES[split])
     images = read_idx(img_path, magic=2051)
     labels = read_idx(lab_path, magic=2049)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"mnist: {img_path} must hold images (n, rows, cols) and {lab_path} "
+                        f"labels (n,); got shapes {images.shape} and {labels.shape}")
+    if len(images) == 0:
+        raise DataError(f"mnist: the {split} split is empty: {img_path} holds no images")
     if len(images) != len(labels):
         raise DataError(f"mnist: {img_path} holds {len(images)} images but {lab_path} holds "
                         f"{len(labels)} labels; expected equal counts")
@@ -352,7 +360,12 @@ def load(name: str, **kw) -> tuple[Dataset, Dataset]:
             directory = arg or kw.pop("directory", "")
             if not directory:
                 raise ConfigError("mnist needs a directory: use 'mnist:/path/to/idx/files'")
-            return load_mnist(directory, "train", **kw), load_mnist(directory, "test", **kw)
+            train, test = load_mnist(directory, "train", **kw), load_mnist(directory, "test", **kw)
+            if train.x.shape[1:] != test.x.shape[1:]:
+                raise DataError(f"mnist: the test images have shape {test.x.shape[1:]} but the "
+                                f"training images {train.x.shape[1:]} (in {directory}); both "
+                                f"splits must have images of one size")
+            return train, test
         if base in ("xor", "spirals", "teacher") and not arg:
             return _load_synthetic(base, **kw)
     except TypeError as err:  # an unexpected keyword argument

@@ -136,20 +136,18 @@ def find_run(directory, checkpoint_dir=None) -> RunInfo | None:
     metrics = _read_json(os.path.join(directory, "metrics.json")) or {}
     config = run.get("config") or metrics.get("config") or {}
     run_id = run.get("run_id") or metrics.get("run_id")
-    done, newest = 0, None
-    for step, path in reversed(found):
+    done, newest = 0, (found[-1][1] if found else None)
+    for step, path in reversed(found):   # describe by the newest readable header
         try:
             head = ckpt.header(path)
         except CheckpointError:
             continue
-        done, newest = step, path
+        done = step
         config = config or head.get("config") or {}
         run_id = run_id or head.get("run")
         break
-    if newest is None and isinstance(metrics.get("history"), list):
+    if not found and isinstance(metrics.get("history"), list):
         done = len(metrics["history"])
-    if newest is None and found:
-        newest = found[-1][1]
     return RunInfo(directory, run_id if isinstance(run_id, str) else None,
                    config if isinstance(config, dict) else {}, done, newest)
 

@@ -264,13 +264,26 @@ def _check_history(history, step: int, path: str) -> list:
     return history
 
 
+def _header_point(path: str, directory: str | None) -> dict:
+    """The header of the checkpoint to resume from; a damaged one lists the alternatives."""
+    from funnn import checkpoint as ckpt
+    return _damaged_hint(lambda: ckpt.header(path), path, directory)
+
+
 def _restore_point(path: str, like: dict, directory: str | None):
     """Restore a checkpoint to resume from; a damaged one lists the intact alternatives."""
     from funnn import checkpoint as ckpt
+    return _damaged_hint(lambda: ckpt.restore(path, like=like), path, directory)
+
+
+def _damaged_hint(read, path: str, directory: str | None):
+    from funnn import checkpoint as ckpt
     try:
-        return ckpt.restore(path, like=like)
+        return read()
     except CheckpointError as err:
-        others = [(s, p) for s, p in ckpt.intact(directory) if p != path] if directory else []
+        if directory is None:
+            raise
+        others = [(s, p) for s, p in ckpt.intact(directory) if p != path]
         if others:
             listing = ", ".join(f"{p} (epoch {s})" for s, p in reversed(others))
             hint = (f" Intact checkpoints: {listing}. Resume from one with "
@@ -397,18 +410,21 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                                   f"(a typo in the directory?)", ("fit",))
             if resume and (found is not None or from_checkpoint is not None):
                 path = os.fspath(from_checkpoint) if from_checkpoint is not None else found.newest
-                saved = _restore_point(path, {"params": ts.params, "opt_state": ts.opt_state,
-                                              "model_state": ts.model_state}, cdir)
-                diffs = _config_diff(saved.config or {}, run_config)
-                if key_given and saved.key is not None and not bool(jnp.array_equal(
-                        jax.random.key_data(saved.key), jax.random.key_data(key))):
-                    diffs.append("key: the saved run's PRNG key -> another key")
+                head = _header_point(path, cdir)
+                diffs = _config_diff(head.get("config") or {}, run_config)
                 if diffs:
-                    raise ConfigError(f"cannot resume run {saved.run or '(no id)'} from {path}: "
-                                      f"settings differ from the saved run: "
+                    raise ConfigError(f"cannot resume run {head.get('run') or '(no id)'} from "
+                                      f"{path}: settings differ from the saved run: "
                                       f"{'; '.join(diffs)}. Resume with the saved settings, or "
                                       f"start a new run (another directory, or --overwrite)",
                                       ("fit",))
+                saved = _restore_point(path, {"params": ts.params, "opt_state": ts.opt_state,
+                                              "model_state": ts.model_state}, cdir)
+                if key_given and saved.key is not None and not bool(jnp.array_equal(
+                        jax.random.key_data(saved.key), jax.random.key_data(key))):
+                    raise ConfigError(f"cannot resume run {saved.run or '(no id)'} from {path}: "
+                                      f"it was trained with another PRNG key; pass the same "
+                                      f"key (or none) to resume", ("fit",))
                 if "from_checkpoint" in (saved.config or {}):  # keep the run's provenance
                     run_config.setdefault("from_checkpoint", saved.config["from_checkpoint"])
                 start = int(saved.step)
