@@ -65,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None)
     t.add_argument("--batch-size", type=_positive_int, default=None)
     t.add_argument("--seed", type=_seed, default=0)
-    t.add_argument("--out", default="runs/train",
-                   help="run directory: run.json, checkpoints/, metrics.json, curves.png")
+    t.add_argument("--out", default=None,
+                   help="run directory: run.json, checkpoints/, metrics.json, curves.png "
+                        "(default: a new runs/<model>-<date>-<time>)")
     how = t.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its newest checkpoint (settings "
@@ -110,7 +111,6 @@ def main(argv=None) -> int:
     """Entry point of the ``funnn`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     from funnn.core import FunnnError
-
     from funnn.train import TrainingDiverged
 
     try:
@@ -170,6 +170,16 @@ def _plot(path: str, history: list) -> bool:
     return True
 
 
+def _fresh_out(model: str) -> str:
+    """``runs/<model>-<YYYYmmdd-HHMMSS>``, suffixed ``-2``, ``-3``... if that exists."""
+    base = os.path.join("runs", f"{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, i = base, 1
+    while os.path.exists(out):
+        i += 1
+        out = f"{base}-{i}"
+    return out
+
+
 def _train_config(args, recipe, train_set, x, ex) -> dict:
     """Every setting that shapes the run's results, as it will actually run."""
     from funnn import train
@@ -207,7 +217,10 @@ def _train(args) -> int:
     from funnn.core import ConfigError
 
     recipe = models.get(args.model)
-    out = args.out
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out naming the run directory to continue",
+                          ("--resume",))
+    out = args.out if args.out is not None else _fresh_out(recipe.name)
     if args.resume and args.from_checkpoint is None and not os.path.isdir(out):
         raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); leave "
                           f"out --resume to start a new run", ("--resume",))
@@ -380,7 +393,7 @@ def _info(args) -> int:
         print(f"jax {jax.__version__}, backend {jax.default_backend()}")
         for d in jax.devices():
             print(f"  device {d.id}: {d.device_kind} ({d.platform})")
-    except Exception as err:  # noqa: BLE001 - any backend failure is what info must report
+    except Exception as err:  # any backend failure is what info must report
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"jax {jax.__version__}, backend unavailable: {msg}")
         print(f"  JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '(unset)')}; unset it or set "
