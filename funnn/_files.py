@@ -33,14 +33,15 @@ def write_atomic(path: str, data: bytes) -> None:
     temporary file is removed and an existing ``path`` is left as it was.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=directory)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".tmp", dir=directory)
+    tmp: str | None = tmp_name      # None once renamed into place: nothing left to remove
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp_name, path)
         tmp = None
         try:  # make the rename itself durable; not every file system allows this
             dfd = os.open(directory, os.O_RDONLY)
@@ -87,15 +88,15 @@ def remove_temp_files(directory: str) -> list[str]:
     are touched. Call it only while holding the directory's run lock, so no live
     writer owns them.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
     for name in names:
-        ours = (name.startswith(TMP_PREFIX) and name.endswith(".tmp")
-                or name.startswith(".ckpt_") and name.endswith(".tmp")
-                or name.startswith(".tmp-") and name.endswith((".json", ".png"))
+        ours = ((name.startswith(TMP_PREFIX) and name.endswith(".tmp"))
+                or (name.startswith(".ckpt_") and name.endswith(".tmp"))
+                or (name.startswith(".tmp-") and name.endswith((".json", ".png")))
                 or name.startswith(".probe-"))
         path = os.path.join(directory, name)
         if ours and os.path.isfile(path) and not os.path.islink(path):

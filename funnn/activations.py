@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import lax
@@ -89,7 +89,7 @@ class Activation:
             return self.vjp(x, dy)
         return dy * self.df(x)
 
-    def with_params(self, **kw) -> "Activation":
+    def with_params(self, **kw) -> Activation:
         """The same activation with other parameters, e.g. ``A.elu.with_params(alpha=0.5)``."""
         base = self.name.split("(")[0]
         if not kw:
@@ -188,7 +188,10 @@ softsign = _make("softsign", lambda x: x / (1 + jnp.abs(x)), _dsoftsign, (-1.0, 
 
 
 def _isru(alpha: float = 1.0) -> Activation:
-    """ISRU: f = x / sqrt(1 + a x^2); f' = (1 / sqrt(1 + a x^2))^3; range (-1/sqrt(a), 1/sqrt(a))."""
+    """ISRU: f = x / sqrt(1 + a x^2); f' = (1 / sqrt(1 + a x^2))^3.
+
+    Range (-1/sqrt(a), 1/sqrt(a)).
+    """
     a = _scalar("isru", "alpha", alpha, positive=True)
     bound = 1 / math.sqrt(a)
     return _make(f"isru(alpha={a!r})", lambda x: x * lax.rsqrt(1 + a * x * x),
@@ -300,8 +303,8 @@ def _dgelu_tanh(x):
 
 
 gelu_tanh = _make("gelu_tanh", _gelu_tanh, _dgelu_tanh, (-0.171, _INF),
-                  "f = x/2 (1 + tanh(u)) = x s, s = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); "
-                  "f' = s + 2 x s (1 - s) u'")
+                  "f = x/2 (1 + tanh(u)) = x s, s = sigmoid(2u), "
+                  "u = sqrt(2/pi) (x + 0.044715 x^3); f' = s + 2 x s (1 - s) u'")
 
 
 def _dsilu(x):

@@ -42,7 +42,8 @@ import json
 import operator
 import os
 import re
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -377,7 +378,7 @@ def _array(d: dict, tensors: dict, where: str):
         raise CheckpointError(f"{where}: cannot rebuild this leaf ({err})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _namedtuple(name: str, fields: tuple):
     return collections.namedtuple(name, fields)
 
@@ -443,8 +444,8 @@ def _fill(like, d: dict, tensors: dict, where: str):
     if st == "dict":
         if sorted(map(repr, d["k"])) != sorted(map(repr, spec["k"])):
             raise mismatch()
-        kids = {k: c for k, c in zip(d["k"], d["c"])}
-        pairs = [(k, _fill(like[k], kids[k], tensors, f"{where}.{k}")) for k in spec["k"]]
+        by_key = {k: c for k, c in zip(d["k"], d["c"])}
+        pairs = [(k, _fill(like[k], by_key[k], tensors, f"{where}.{k}")) for k in spec["k"]]
         try:
             return type(like)(pairs)
         except TypeError:  # e.g. defaultdict: keep the items, lose the factory

@@ -25,13 +25,15 @@ callback's traceback); it cannot surface as a ConfigError itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.tree_util import PyTreeDef
 
 from funnn.core import ConfigError, DTypeError, ShapeError, tree_paths
 
@@ -63,7 +65,8 @@ def _strong(tree):
 
 def _check_same_tree(name: str, what: str, got, want) -> None:
     """Raise ShapeError unless ``got`` has the tree structure, shapes and dtypes of ``want``."""
-    gs, ws = jax.tree_util.tree_structure(got), jax.tree_util.tree_structure(want)
+    gs: PyTreeDef = jax.tree_util.tree_structure(got)
+    ws: PyTreeDef = jax.tree_util.tree_structure(want)
     if gs != ws:
         raise ShapeError(f"{what} returned a tree of structure {gs}, expected the structure "
                          f"of its input {ws}; return the state in the same containers",
@@ -368,7 +371,7 @@ def memory_report(fn: Callable, *args, **kwargs) -> dict | None:
         return None
     if stats is None:
         return None
-    get = lambda k: getattr(stats, k, None)  # noqa: E731
+    get = lambda k: getattr(stats, k, None)
     return {"temp": get("temp_size_in_bytes"), "argument": get("argument_size_in_bytes"),
             "output": get("output_size_in_bytes"), "alias": get("alias_size_in_bytes"),
             "peak": get("peak_memory_in_bytes")}

@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import PyTreeDef
 
 __all__ = [
     "FunnnError", "ShapeError", "ConfigError", "DTypeError", "KeyMissingError",
@@ -194,10 +195,10 @@ def _guarded(fn, name: str, stateful: bool, takes_state: bool):
             raise ShapeError(f"params missing key {key!r} (got keys {sorted(map(str, params))}); "
                              f"were these params made by this model's init?", (name,)) from None
 
-    functools.update_wrapper(guarded, fn)
-    del guarded.__wrapped__         # inspect.signature shows the guard's, which takes state=
-    guarded._funnn_guarded = True
-    return guarded
+    wrapper: Any = functools.update_wrapper(guarded, fn)   # Any: gets attributes set below
+    del wrapper.__wrapped__         # inspect.signature shows the guard's, which takes state=
+    wrapper._funnn_guarded = True
+    return wrapper
 
 
 def run_apply(layer: Layer, params, x, *, state=None, key=None, train=False):
@@ -277,7 +278,7 @@ def _leaf_shapes(tree, prefix: str = "") -> dict:
 
 
 def _dparams_problem(params, grads, prefix: str) -> str | None:
-    tdef = jax.tree_util.tree_structure
+    tdef: Callable[[Any], PyTreeDef] = jax.tree_util.tree_structure
     want, got = _leaf_shapes(params, prefix), _leaf_shapes(grads, prefix)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     parts = ([f"missing leaves {missing}"] if missing else []) + (
@@ -344,7 +345,7 @@ def check_in_shape(name: str, in_shape, min_rank: int = 2, max_rank: int | None 
         free = set()
     else:
         free = {a % len(shape) for a in allow_none if -len(shape) <= a < len(shape)}
-    out = []
+    out: list[int | None] = []
     for i, d in enumerate(shape):
         if (d is None and i in free) or (i == 0 and d == -1 and 0 in free):
             out.append(None)
@@ -475,7 +476,7 @@ def _summary_rows(layer: Layer, params, path: str, rows: list, want, where: tupl
             _summary_rows(child, p, f"{path}{label}", rows, None if want is None else want[i],
                           (*where, _child_label(layer, label, child)))
         return
-    tdef = jax.tree_util.tree_structure
+    tdef: Callable[[Any], PyTreeDef] = jax.tree_util.tree_structure
     if want is not None:
         ok = tdef(params) == tdef(want) and _leaf_shapes(params) == _leaf_shapes(want)
         expected = _describe_params(want)

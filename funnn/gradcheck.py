@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, manual
 from funnn.core import Layer, ShapeError, path_str, tree_paths
@@ -80,7 +81,7 @@ class Report:
         head = ["leaf", "shape"] + [f"rel {p}" for p in pairs] + ["ok"]
         rows = [[l.path, str(l.shape)] + [f"{l.rel_err[p]:.2e}" for p in pairs]
                 + ["yes" if l.ok else "NO"] for l in self.leaves]
-        for pair, a, r, ok in self.directional:
+        for pair, _a, r, ok in self.directional:
             rows.append([f"<directional {pair}>", "", *([""] * (len(pairs) - 1)),
                          f"{r:.2e}", "yes" if ok else "NO"][: len(head)])
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -145,7 +146,8 @@ def directional(model: Layer, loss, params, x, y, *, key=None, state=None, train
         if grads is None:
             grads = _both(model, loss, params, x, y, key, state, train)[1]
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        fd, dots = [], {name: [] for name in grads}
+        fd: list[float] = []
+        dots: dict[str, list[float]] = {name: [] for name in grads}
         for k in jax.random.split(jax.random.key(seed), num_directions):
             ks = jax.random.split(k, max(len(leaves), 1))
             v = [jax.random.normal(kk, l.shape, l.dtype) for kk, l in zip(ks, leaves)]
@@ -182,8 +184,9 @@ def _same_tree(g_man, g_auto, params) -> None:
     got = dict(tree_paths_shapes(g_man))
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    if missing or extra or wrong or (jax.tree_util.tree_structure(g_man)
-                                     != jax.tree_util.tree_structure(g_auto)):
+    s_man: PyTreeDef = jax.tree_util.tree_structure(g_man)
+    s_auto: PyTreeDef = jax.tree_util.tree_structure(g_auto)
+    if missing or extra or wrong or s_man != s_auto:
         parts = ([f"missing leaves {missing}"] if missing else []) + (
             [f"unexpected leaves {extra}"] if extra else []) + [
             f"{k}: manual {got[k]}, autodiff {want[k]}" for k in wrong]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,7 @@ class Loss:
 
     __call__ = value
 
-    def with_reduction(self, reduction: str) -> "Loss":
+    def with_reduction(self, reduction: str) -> Loss:
         """The same loss with ``reduction`` "sum" or "mean"."""
         return dataclasses.replace(self, reduction=reduction)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,8 @@ def cnn(num_outputs: int, channels=(16, 32)):
 
 
 def rnn(num_outputs: int, hidden: int = 64):
-    """An LSTM reads an image row by row (rows are time steps); a dense layer reads its last state."""
+    """An LSTM reads an image row by row (rows are time steps); a dense layer reads its last
+    state."""
     return L.serial(L.lstm(hidden, return_sequences=False), L.dense(num_outputs))
 
 

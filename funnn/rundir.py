@@ -50,7 +50,7 @@ class RunLock:
         self.where = where
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
@@ -81,7 +81,7 @@ class RunLock:
             os.close(self._fd)      # closing the descriptor releases the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

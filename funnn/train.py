@@ -22,7 +22,8 @@ import math
 import os
 import time
 import uuid
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,8 @@ class TrainState(NamedTuple):
     model_state: Any
 
 
-def make_step(model: Layer, loss, optimizer: optax.GradientTransformation, engine: str = "autodiff"):
+def make_step(model: Layer, loss, optimizer: optax.GradientTransformation,
+              engine: str = "autodiff"):
     """``step(ts, x, y, key) -> (ts, loss)``: one optimizer update, pure and jit-able."""
     vg = get_engine(engine)(model, loss, train=True)
 
@@ -306,9 +308,10 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
     ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``,
     ``nesterov``, ``adam``, ``adamw``, ``rmsprop``), with ``learning_rate``
-    (default per optimizer: ``DEFAULT_LR``, 0.1 for sgd, 1e-3 for adam) and ``schedule`` (``constant`` default, or ``cosine``: decay to 0
-    over the run), or an optax transformation, which carries its own rate and
-    schedule: passing ``learning_rate`` or ``schedule`` with one is a ConfigError.
+    (default per optimizer: ``DEFAULT_LR``, 0.1 for sgd, 1e-3 for adam) and ``schedule``
+    (``constant`` default, or ``cosine``: decay to 0 over the run), or an optax
+    transformation, which carries its own rate and schedule: passing ``learning_rate`` or
+    ``schedule`` with one is a ConfigError.
     ``progress`` shows a tqdm bar (``None``: only when stderr is a terminal).
 
     Checkpoints: with ``checkpoint_dir`` a checkpoint is written after every epoch
@@ -373,7 +376,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                         total_steps=epochs * (num // batch_size))
     dtype = next((jnp.result_type(p) for p in jax.tree_util.tree_leaves(params)
                   if jnp.issubdtype(jnp.result_type(p), jnp.floating)), jnp.float32)
-    if not custom and not jnp.isfinite(jnp.asarray(float(learning_rate), dtype)):
+    if not custom and float(learning_rate) > float(jnp.finfo(dtype).max):
         raise ConfigError(f"learning rate {learning_rate!r} is not finite in the parameters' "
                           f"dtype {jnp.dtype(dtype).name} (largest: "
                           f"{float(jnp.finfo(dtype).max):.3g})", ("fit",))
@@ -385,7 +388,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     run_config = {**(config or {}), **settings}
     key_given = key is not None
     key = jax.random.key(0) if key is None else key
-    if model.stateful and model_state is None:
+    if model.init_state is not None and model_state is None:     # model.stateful
         model_state = model.init_state((None,) + tuple(x.shape[1:]))
     if from_checkpoint is not None and not resume:
         start_ck = _restore_point(os.fspath(from_checkpoint),
@@ -409,7 +412,11 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                 raise ConfigError(f"nothing to resume in {cdir}: it holds no checkpoints "
                                   f"(a typo in the directory?)", ("fit",))
             if resume and (found is not None or from_checkpoint is not None):
-                path = os.fspath(from_checkpoint) if from_checkpoint is not None else found.newest
+                if from_checkpoint is not None:
+                    path = os.fspath(from_checkpoint)
+                else:   # find_run(cdir, cdir) finds a run here only by its checkpoints
+                    assert found is not None and found.newest is not None
+                    path = found.newest
                 head = _header_point(path, cdir)
                 diffs = _config_diff(head.get("config") or {}, run_config)
                 if diffs:
@@ -449,6 +456,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                                       f"replace it", ("fit",))
                 rundir.remove_run(cdir, cdir)
             _files.remove_temp_files(cdir)
+            assert lock is not None     # taken above whenever checkpoint_dir is given
             lock.mark()
         ts, history = _train_epochs(
             model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
@@ -540,7 +548,8 @@ def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start,
                 ("fit",), history=history, epoch=e + 1, quantity=bad_q[0],
                 checkpoint=last_path)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")})
+            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items()
+                             if k not in ("epoch", "seconds")})
         last_path = save(e + 1, ts, history) or last_path
         if on_epoch is not None:
             on_epoch(row)

@@ -1,4 +1,7 @@
-"""Load an example script by file path (examples/ is not a package); its __main__ block does not run."""
+"""Load an example script by file path (examples/ is not a package).
+
+Its __main__ block does not run.
+"""
 
 import importlib.util
 import pathlib

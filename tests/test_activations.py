@@ -17,10 +17,11 @@ from funnn.core import ConfigError
 
 ELEMENTWISE = [a for a in A.ALL if a.elementwise]
 LAST_AXIS = [a for a in A.ALL if not a.elementwise]
-ids = lambda a: a.name  # noqa: E731
+ids = lambda a: a.name
 
 # 16 float64 points in [-30, 30], kept 1e-3 away from the kinks at 0
-off_kink = hnp.arrays(np.float64, (16,), elements=st.floats(-30, 30).filter(lambda v: abs(v) > 1e-3))
+off_kink = hnp.arrays(np.float64, (16,),
+                      elements=st.floats(-30, 30).filter(lambda v: abs(v) > 1e-3))
 
 _autodiff = {}
 
@@ -272,5 +273,6 @@ def test_plain_python_inputs_and_jit():
         return A.elu(x) + A.elu.df(x)
     np.testing.assert_allclose(f(jnp.array([-1.0, 1.0])), [math.exp(-1) - 1 + math.exp(-1), 2.0])
     g = jax.jit(lambda act, x: act(x), static_argnums=0)   # Activation is hashable
-    np.testing.assert_allclose(g(A.get("elu", alpha=0.5), jnp.array([-1.0])), [0.5 * (math.exp(-1) - 1)])
+    np.testing.assert_allclose(g(A.get("elu", alpha=0.5), jnp.array([-1.0])),
+                               [0.5 * (math.exp(-1) - 1)])
     assert repr(A.tanh) == "Activation(tanh)" and "f'" in A.tanh.formula

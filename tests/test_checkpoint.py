@@ -143,7 +143,7 @@ def test_truncated_file(tmp_path, keep):
     n = int(keep * len(raw)) if isinstance(keep, float) else (
         len(raw) + keep if keep < 0 else keep)
     open(path, "wb").write(raw[:n])
-    with pytest.raises(CheckpointError, match="c.safetensors"):
+    with pytest.raises(CheckpointError, match=r"c.safetensors"):
         ckpt.restore(path)
 
 
@@ -153,7 +153,7 @@ def test_flipped_bytes_detected(tmp_path):
         bad = bytearray(raw)
         bad[pos] ^= 0xFF
         open(path, "wb").write(bytes(bad))
-        with pytest.raises(CheckpointError, match="c.safetensors"):
+        with pytest.raises(CheckpointError, match=r"c.safetensors"):
             ckpt.restore(path)
     bad = bytearray(raw)
     bad[-1] ^= 0x01                                             # one bit of the last tensor
@@ -168,7 +168,7 @@ def test_foreign_and_missing_files(tmp_path):
     foreign.write_bytes(stn.save({"w": np.ones(2, np.float32)}))
     with pytest.raises(CheckpointError, match="not a funnn checkpoint"):
         ckpt.restore(foreign)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*nope"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*nope"):
         ckpt.restore(tmp_path / "nope.safetensors")
 
 

@@ -12,8 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
 
-from funnn.control import (FixedPointResult, WhileResult, bounded_while, checkpointed_scan,
-                           fixed_point, memory_report)
+from funnn.control import (
+    FixedPointResult,
+    WhileResult,
+    bounded_while,
+    checkpointed_scan,
+    fixed_point,
+    memory_report,
+)
 from funnn.core import ConfigError, DTypeError, ShapeError
 
 
@@ -64,7 +70,7 @@ def test_bounded_while_matches_python_loop_and_unrolled_gradient(a):
 
 
 def test_bounded_while_composes_with_jit_vmap_grad_jvp():
-    f = lambda a: newton_while(a).state[0]  # noqa: E731
+    f = lambda a: newton_while(a).state[0]
     a = jnp.array([0.5, 2.0, 9.0, 1e3])
     batched = jax.jit(jax.vmap(jax.grad(f)))(a)
     looped = np.array([newton_dx(float(t)) for t in a])
@@ -77,7 +83,7 @@ def test_bounded_while_composes_with_jit_vmap_grad_jvp():
 
 
 def test_bounded_while_hit_max_flag():
-    grow = lambda x, n: bounded_while(lambda x: x < 8.0, lambda x: 2 * x, x, n)  # noqa: E731
+    grow = lambda x, n: bounded_while(lambda x: x < 8.0, lambda x: 2 * x, x, n)
     out = grow(1.0, 3)                       # 1 -> 2 -> 4 -> 8: stops exactly at max_steps
     assert float(out.state) == 8.0 and not bool(out.hit_max)
     out = grow(1.0, 2)                       # cut off: the result of 2 iterations, flagged
@@ -89,12 +95,12 @@ def test_bounded_while_hit_max_flag():
 
 
 def test_bounded_while_strict_raises():
-    grow = lambda x: bounded_while(lambda x: x < 8.0, lambda x: 2 * x, x, 2,  # noqa: E731
+    grow = lambda x: bounded_while(lambda x: x < 8.0, lambda x: 2 * x, x, 2,
                                    strict=True)
     with pytest.raises(ConfigError, match=r"bounded_while: .*max_steps=2"):
         grow(1.0)
     assert float(grow(3.0).state) == 12.0                       # no error when it stops
-    with pytest.raises(jax.errors.JaxRuntimeError, match="max_steps=2"):        # under jit: at run time
+    with pytest.raises(jax.errors.JaxRuntimeError, match="max_steps=2"):  # under jit: at run time
         jax.block_until_ready(jax.jit(grow)(1.0))
 
 
@@ -195,7 +201,7 @@ def test_fixed_point_linear_closed_form_and_unrolled():
 
 
 def test_fixed_point_composes_with_jit_vmap_and_closures():
-    sqrt_fp = lambda a: fixed_point(lambda a, x: (x + a / x) / 2, a, a).x  # noqa: E731
+    sqrt_fp = lambda a: fixed_point(lambda a, x: (x + a / x) / 2, a, a).x
     a = jnp.array([0.5, 2.0, 9.0, 1e4])
     np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(sqrt_fp)))(a), 1 / (2 * np.sqrt(a)),
                                rtol=1e-10)
@@ -212,7 +218,7 @@ def test_fixed_point_composes_with_jit_vmap_and_closures():
 
 
 def test_fixed_point_pytree_state():
-    f = lambda p, s: {"u": jnp.tanh(p * s["v"]), "v": 0.5 * s["u"] + 1.0}  # noqa: E731
+    f = lambda p, s: {"u": jnp.tanh(p * s["v"]), "v": 0.5 * s["u"] + 1.0}
     out = fixed_point(f, 0.8, {"u": jnp.zeros(()), "v": jnp.zeros(())}, tol=1e-14)
     assert bool(out.converged)
     u, v = float(out.x["u"]), float(out.x["v"])
@@ -229,7 +235,7 @@ def test_fixed_point_float32_default_tolerance():
 
 
 def test_fixed_point_nonconvergence_is_reported_never_silent():
-    diverge = lambda a, x: 2.0 * x + a  # noqa: E731
+    diverge = lambda a, x: 2.0 * x + a
     out = fixed_point(diverge, 1.0, 1.0)
     assert not bool(out.converged) and int(out.iterations) == 200
     assert np.isnan(float(jax.grad(lambda a: fixed_point(diverge, a, 1.0).x)(1.0)))
@@ -243,7 +249,7 @@ def test_fixed_point_nonconvergence_is_reported_never_silent():
     out = fixed_point(lambda a, x: jnp.log(x - a), 1.0, 0.5)
     assert not bool(out.converged) and int(out.iterations) < 3
     # forward converges, the adjoint gets too few iterations: the gradient is NaN, not wrong
-    slow = lambda a, x: 0.95 * x + a  # noqa: E731
+    slow = lambda a, x: 0.95 * x + a
     assert bool(fixed_point(slow, 1.0, 0.0, max_iter=2000).converged)
     g = jax.grad(lambda a: fixed_point(slow, a, 0.0, max_iter=2000, adjoint_max_iter=3).x)(1.0)
     assert np.isnan(float(g))
@@ -274,11 +280,11 @@ def _rnn_step(c, x):
 
 @pytest.mark.parametrize("n,segments", [(1, None), (16, None), (23, 4)])
 def test_checkpointed_scan_equals_scan(n, segments):
-    ckpt = lambda f, c, xs: checkpointed_scan(f, c, xs, segments=segments)  # noqa: E731
+    ckpt = lambda f, c, xs: checkpointed_scan(f, c, xs, segments=segments)
 
     @jax.jit
     def both(c, xs):
-        loss = lambda scan: lambda c, xs: scan(_rnn_step, c, xs)[1].sum()  # noqa: E731
+        loss = lambda scan: lambda c, xs: scan(_rnn_step, c, xs)[1].sum()
         return ((lax.scan(_rnn_step, c, xs), jax.grad(loss(lax.scan), (0, 1))(c, xs)),
                 (ckpt(_rnn_step, c, xs), jax.grad(loss(ckpt), (0, 1))(c, xs)))
 
@@ -288,7 +294,7 @@ def test_checkpointed_scan_equals_scan(n, segments):
 
 
 def test_checkpointed_scan_length_only_and_errors():
-    f = lambda c, _: (c * 1.01, c)  # noqa: E731
+    f = lambda c, _: (c * 1.01, c)
     c, ys = checkpointed_scan(f, 1.0, length=50)
     assert float(c) == pytest.approx(1.01 ** 50) and ys.shape == (50,)
     with pytest.raises(ConfigError, match="give xs or length"):

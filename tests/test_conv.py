@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError
 from funnn.layers.conv import conv1d, conv2d
@@ -177,7 +178,7 @@ def test_per_example_vmap_1d():
 
 
 def test_jit_equals_eager_and_lax_same():
-    layer, _, params, x, rng = build(CASES[1])
+    layer, _, params, x, _rng = build(CASES[1])
     np.testing.assert_allclose(jax.jit(layer.apply)(params, x), layer.apply(params, x),
                                rtol=1e-13)
     # lax's own "SAME" string agrees with the padding the layer computes

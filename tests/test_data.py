@@ -51,7 +51,7 @@ def test_digits_scale_and_image_layout():
 def test_digits_split_fixed_disjoint_stratified():
     tr, te = data.load("digits")
     assert (tr.x.shape, te.x.shape) == ((1437, 64), (360, 64))
-    images, labels, is_test = data._digits_arrays()
+    _images, _labels, is_test = data._digits_arrays()
     assert is_test.sum() == 360
     all_ = data.load_digits("all")
     np.testing.assert_array_equal(np.asarray(all_.x)[~is_test], np.asarray(tr.x))
@@ -166,14 +166,14 @@ def test_idx_too_long_and_bad_gzip(tmp_path):
     g = tmp_path / "a.gz"
     data.write_idx(g, np.ones((2, 2), np.uint8))
     g.write_bytes(g.read_bytes()[:-6])
-    with pytest.raises(DataError, match="a.gz"):
+    with pytest.raises(DataError, match=r"a.gz"):
         data.read_idx(g)
 
 
 def test_mnist_count_mismatch(tmp_path):
     _fake_mnist(tmp_path)
     data.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
-    with pytest.raises(DataError, match="5 images but .* 4 labels"):
+    with pytest.raises(DataError, match=r"5 images but .* 4 labels"):
         data.load_mnist(tmp_path, "train")
 
 
@@ -311,7 +311,7 @@ def test_epoch_batches():
     ids = np.asarray(xb)[..., 0].astype(int).ravel()
     assert len(set(ids.tolist())) == 9 and set(ids.tolist()) <= set(range(10))
     np.testing.assert_array_equal(np.asarray(yb), 2 * np.asarray(xb)[..., 0])
-    ex, ey = data.epoch_batches(d.x, d.y, 3, jax.random.key(0))
+    ex, _ey = data.epoch_batches(d.x, d.y, 3, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(ex), np.asarray(xb))
     other, _ = step(d.x, d.y, batch_size=3, key=jax.random.key(5))
     assert not np.array_equal(np.asarray(other), np.asarray(xb))

@@ -1,4 +1,7 @@
-"""Dense layer, combinators, engines, bridge and summary: manual vs autodiff vs finite differences."""
+"""Dense layer, combinators, engines, bridge and summary.
+
+Manual vs autodiff vs finite differences.
+"""
 
 import chex
 import jax
@@ -9,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funnn
-from funnn import autodiff, core, gradcheck, manual
 from funnn import activations as A
+from funnn import autodiff, core, gradcheck, losses, manual
 from funnn import layers as L
-from funnn import losses
 
 
 def _data(shape_x, shape_y, seed=1):
@@ -133,7 +135,7 @@ def test_engines_agree_jit_and_vmap():
         np.testing.assert_allclose(lv, la, rtol=1e-12)
         chex.assert_trees_all_close(g, ga, rtol=1e-10, atol=1e-13)
     # eager equals jit
-    l_eager, g_eager = manual.value_and_grad(model, loss)(params, x, y)
+    l_eager, _g_eager = manual.value_and_grad(model, loss)(params, x, y)
     np.testing.assert_allclose(l_eager, la, rtol=1e-12)
     # per-example gradients: vmap over examples equals a Python loop
     per_ex = jax.vmap(manual.value_and_grad(model, loss), in_axes=(None, 0, 0))(params, x, y)
@@ -177,7 +179,8 @@ def test_summary_and_count():
 def test_errors_name_the_layer_and_shapes():
     model = L.serial(L.dense(30), L.activation("sigmoid"), L.dense(10))
     _, params = model.init(jax.random.key(0), (None, 64))
-    with pytest.raises(core.ShapeError, match=r"serial\[0\] dense\(30\): expected input features 64, got 20"):
+    with pytest.raises(core.ShapeError,
+                       match=r"serial\[0\] dense\(30\): expected input features 64, got 20"):
         model.apply(params, jnp.ones((2, 20)))
     with pytest.raises(core.ShapeError, match=r"serial\[0\] dense\(30\).*no feature size"):
         model.init(jax.random.key(0), (None,))

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, KeyMissingError
 from funnn.layers.dropout import dropout
@@ -28,7 +29,7 @@ def _grads_three_ways(layer, x, *, key, train, seed=1):
 
     @jax.jit
     def run(x, dy, v, key):
-        f = lambda x: layer.apply({}, x, key=key, train=train)  # noqa: E731
+        f = lambda x: layer.apply({}, x, key=key, train=train)
         y, res = layer.forward({}, x, key=key, train=train)
         dp, dx = layer.backward({}, res, dy)
         (dx_auto,) = jax.vjp(f, x)[1](dy)
@@ -170,7 +171,7 @@ def test_per_example_gradients_with_vmap():
 def test_property_gradients_and_values(shape, rate, seed):
     key = jax.random.key(seed)
     x = jnp.asarray(np.random.default_rng(seed).normal(size=shape))
-    y, dx = _grads_three_ways(dropout(rate), x, key=key, train=True, seed=seed)
+    y, _dx = _grads_three_ways(dropout(rate), x, key=key, train=True, seed=seed)
     kept = np.asarray(y) != 0
     np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-15)
     assert y.shape == x.shape and y.dtype == x.dtype

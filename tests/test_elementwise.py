@@ -106,7 +106,7 @@ def test_init_shapes_and_params():
 def test_flatten_forward_backward_and_dtypes():
     layer = flatten()
     x = np.arange(2 * 3 * 4 * 2).reshape(2, 3, 4, 2)            # integers are fine here
-    y, res = layer.forward({}, x)
+    y, _res = layer.forward({}, x)
     np.testing.assert_array_equal(y, x.reshape(2, 24))
     np.testing.assert_array_equal(layer.apply({}, x), y)
     xf = jnp.asarray(x, jnp.float64) / 7
@@ -138,7 +138,7 @@ def test_vmap_per_example_and_jit(name):
         assert dp_v[k].shape == (3,) + params[k].shape
         np.testing.assert_allclose(dp_v[k].sum(0), dparams[k], rtol=1e-12)
     # jit == eager
-    dp_j, dx_j = jax.jit(layer.backward)(params, res, dy)
+    _dp_j, dx_j = jax.jit(layer.backward)(params, res, dy)
     np.testing.assert_allclose(dx_j, dx, rtol=1e-12)
     np.testing.assert_allclose(jax.jit(layer.apply)(params, x), y, rtol=1e-12)
 
@@ -184,7 +184,8 @@ def test_bad_init_shapes():
 
 
 def test_bad_inputs():
-    with pytest.raises(DTypeError, match=r"activation\(tanh\): expected a floating-point input, got dtype int"):
+    with pytest.raises(DTypeError,
+                       match=r"activation\(tanh\): expected a floating-point input, got dtype int"):
         activation("tanh").apply({}, jnp.arange(4))
     with pytest.raises(DTypeError, match=r"activation\(relu\)"):
         activation("relu").forward({}, jnp.arange(4))

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError
 from funnn.layers.embedding import embedding
@@ -36,9 +37,9 @@ def _grads_three_ways(layer, p, ids, seed=1):
     def run(p, ids, dy, v):
         y, res = layer.forward(p, ids)
         dp, dx = layer.backward(p, res, dy)
-        f = lambda p: layer.apply(p, ids)  # noqa: E731
+        f = lambda p: layer.apply(p, ids)
         (dp_a,) = jax.vjp(f, p)[1](dy)
-        loss = lambda t: jnp.sum(f({"table": p["table"] + t * v}) * dy)  # noqa: E731
+        loss = lambda t: jnp.sum(f({"table": p["table"] + t * v}) * dy)
         return y, dp, dx, dp_a, (loss(eps) - loss(-eps)) / (2 * eps)
 
     y, dp, dx, dp_a, fd = run(p, ids, dy, v)
@@ -157,7 +158,7 @@ def test_in_serial_manual_engine_equals_autodiff_and_bridge():
     _, params = model.init(KEY, (None, 2))
     l_m, g_m = jax.jit(manual.value_and_grad(model, losses.mse))(params, ids, y)
     l_a, g_a = jax.jit(autodiff.value_and_grad(model, losses.mse))(params, ids, y)
-    l_b, g_b = jax.jit(autodiff.value_and_grad(manual.bridge(model), losses.mse))(params, ids, y)
+    _l_b, g_b = jax.jit(autodiff.value_and_grad(manual.bridge(model), losses.mse))(params, ids, y)
     np.testing.assert_allclose(l_m, l_a, rtol=1e-14)
     for a, b, c in zip(*(jax.tree_util.tree_leaves(g) for g in (g_m, g_a, g_b))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)   # some grads are ~0 exactly

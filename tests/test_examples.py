@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from example_loader import load
 
-
-
 # --------------------------------------------------------------------------- neuron
 
 

@@ -10,10 +10,9 @@ the running statistics), a numpy GRU (PyTorch's equations) and the parity by a n
 import jax
 import numpy as np
 import pytest
-
-from funnn import layers as L
 from example_loader import load
 
+from funnn import layers as L
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def _np(tree):
 
 def _conv3x3_same(x, w, b=None):
     """y[n,i,j,o] = sum_{di,dj,c} xpad[n,i+di,j+dj,c] w[di,dj,c,o] (+ b): a correlation."""
-    n, h, wd, _ = x.shape
+    _n, h, wd, _ = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     y = sum(xp[:, di:di + h, dj:dj + wd, :] @ w[di, dj] for di in range(3) for dj in range(3))
     return y if b is None else y + b

@@ -230,18 +230,18 @@ def test_shape_mismatch(loss):
 
 def test_dtype_errors():
     ce = losses.softmax_cross_entropy
-    with pytest.raises(DTypeError, match="softmax_cross_entropy.*integers.*float"):
+    with pytest.raises(DTypeError, match=r"softmax_cross_entropy.*integers.*float"):
         ce.value(jnp.zeros((2, 3)), jnp.array([0.0, 1.0]))
-    with pytest.raises(DTypeError, match="mse.*floating"):
+    with pytest.raises(DTypeError, match=r"mse.*floating"):
         losses.mse.value(jnp.zeros((2, 3), int), jnp.zeros((2, 3)))
-    with pytest.raises(ShapeError, match="softmax_cross_entropy.*rank >= 1"):
+    with pytest.raises(ShapeError, match=r"softmax_cross_entropy.*rank >= 1"):
         ce.value(jnp.float64(1.0), jnp.array(0))
 
 
 def test_bad_reduction_and_unknown_name():
     with pytest.raises(ConfigError, match=r"mse: unknown reduction 'avg'.*'sum', 'mean'"):
         losses.mse.with_reduction("avg")
-    with pytest.raises(ConfigError, match="unknown loss 'nll'.*'squared_error'.*'mse'"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'nll'.*'squared_error'.*'mse'"):
         losses.get("nll")
     with pytest.raises(ConfigError, match="unknown reduction"):
         losses.get("mse", "avg")

@@ -343,13 +343,13 @@ def test_batch_norm_per_example_vmap_in_train_mode_names_the_layer():
     x, y = _normal(rng, (5, 4)), _normal(rng, (5, 2))
     for engine in (autodiff, manual):
         vg = engine.value_and_grad(model, losses.mse)
-        per_example = jax.vmap(lambda xi, yi: vg(params, xi, yi, state=state),  # noqa: B023
+        per_example = jax.vmap(lambda xi, yi: vg(params, xi, yi, state=state),
                                in_axes=(0, 0))
         with pytest.raises(ShapeError, match=r"^serial\[1\] batch_norm: needs more than 1 value "
                                              r"per channel in training mode, got 1"):
             per_example(x[:, None], y[:, None])
         vg_eval = engine.value_and_grad(model, losses.mse, train=False)
-        (loss, _), grads = jax.vmap(lambda xi, yi: vg_eval(params, xi, yi, state=state))(  # noqa: B023
+        (loss, _), grads = jax.vmap(lambda xi, yi: vg_eval(params, xi, yi, state=state))(
             x[:, None], y[:, None])
         assert loss.shape == (5,) and grads[0]["W"].shape == (5, 4, 3)
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError
 from funnn.layers.conv import conv2d

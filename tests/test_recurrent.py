@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError
 from funnn.layers.recurrent import gru, lstm, rnn
@@ -130,7 +131,7 @@ def test_per_example_gradients_vmap(kind, seq, mode):
     wrap = (lambda x, m: (x, m)) if masked else (lambda x, m: x)
 
     def manual(p, x, m, dy):                          # one example: x (1, T, D)
-        y, res = layer.forward(p, wrap(x, m))
+        _y, res = layer.forward(p, wrap(x, m))
         return layer.backward(p, res, dy)[0]
 
     def auto(p, x, m, dy):
@@ -393,7 +394,7 @@ def test_grads_come_back_in_param_and_input_dtypes(kind):
     got = run(tuple(c[1] for c in cases), tuple(c[2] for c in cases))
     for (layer, p, x), (manual, auto) in zip(cases, got):
         xx = x[0] if isinstance(x, tuple) else x
-        dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)  # noqa: E731
+        dtypes = lambda t: jax.tree.map(lambda a: a.dtype, t)
         assert dtypes(manual) == dtypes(auto) == (dtypes(p), xx.dtype), layer.name
         for a, b in zip(jax.tree.leaves(manual), jax.tree.leaves(auto)):
             assert _rel(a, b) < 1e-5, layer.name

@@ -40,7 +40,8 @@ def _snapshot(directory) -> dict:
             if n == rundir.LOCK_NAME:
                 continue
             p = os.path.join(root, n)
-            found[os.path.relpath(p, directory)] = hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest()
+            digest = hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest()
+            found[os.path.relpath(p, directory)] = digest
     return found
 
 
@@ -121,7 +122,7 @@ def test_fit_refuses_a_used_checkpoint_dir(tmp_path):
     assert auto.resumed_from is None and auto.epochs_done == 1
 
 
-# ------------------------------------------------------------------ 2. resume checks what it resumes
+# ----------------------------------------------------------------- 2. resume checks what it resumes
 
 
 @pytest.mark.parametrize("change, field", [
@@ -177,7 +178,8 @@ def test_foreign_checkpoint_above_epochs_is_not_reported_as_ours(xor_run, tmp_pa
     assert _main(["train", *XOR, "--epochs", "3", "--seed", "5", "--out", str(other)],
                  capsys)[0] == 0
     foreign = checkpoint.latest(other / "checkpoints")
-    (xor_run / "checkpoints" / "ckpt_00000003.safetensors").write_bytes(pathlib.Path(foreign).read_bytes())
+    (xor_run / "checkpoints" / "ckpt_00000003.safetensors").write_bytes(
+        pathlib.Path(foreign).read_bytes())
     before = _snapshot(xor_run)
     code, out, err = _main(["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run)],
                            capsys)

@@ -6,9 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from funnn import checkpoint, data, models, train
+from funnn import checkpoint, data, losses, models, train
 from funnn import layers as L
-from funnn import losses
 from funnn.core import ConfigError, DataError
 
 

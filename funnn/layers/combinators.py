@@ -12,6 +12,9 @@ stateless children). Whether a combinator is stateful is decided when it is buil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -65,7 +68,7 @@ def _states(name: str, layers, state) -> tuple:
     return tuple(state)
 
 
-def _params(name: str, layers, params) -> tuple:
+def _params(name: str, layers, params) -> tuple | list:
     """The per-child params tuple, or a clear error when it does not match the children."""
     if not isinstance(params, (tuple, list)) or len(params) != len(layers):
         got = f"a {type(params).__name__} of {len(params)}" if isinstance(
@@ -105,7 +108,7 @@ def serial(*layers: Layer) -> Layer:
         states, shape = [], in_shape
         for label, layer in zip(labels, layers):
             with layer_scope(label):
-                states.append(layer.init_state(shape) if layer.stateful else None)
+                states.append(layer.init_state(shape) if layer.init_state is not None else None)
                 shape = out_shape(layer, shape)
         return tuple(states)
 
@@ -147,6 +150,9 @@ def serial(*layers: Layer) -> Layer:
 
 def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children) -> Layer:
     """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind."""
+    # The two kinds differ in signature on purpose: a stateless layer takes no state=.
+    apply: Callable[..., Any]
+    forward: Callable[..., Any]
     if stateful:
         def apply(params, x, *, state=None, key=None, train=False):
             return run(params, x, state, key, train)
@@ -202,7 +208,8 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         return out, tuple(params)
 
     def init_state(in_shape):
-        return tuple(b.init_state(in_shape) if b.stateful else None for b in branches)
+        return tuple(b.init_state(in_shape) if b.init_state is not None else None
+                     for b in branches)
 
     def merge(ys):
         return jnp.concatenate(ys, axis=-1) if combine == "concat" else sum(ys[1:], ys[0])

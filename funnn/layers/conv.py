@@ -31,8 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import (ConfigError, Layer, ShapeError, check_features, check_floating,
-                        check_in_shape, check_rank)
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    check_features,
+    check_floating,
+    check_in_shape,
+    check_rank,
+)
 from funnn.layers.dense import get_initializer
 
 __all__ = ["conv1d", "conv2d"]
@@ -173,7 +180,7 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         kw, kb = jax.random.split(key)
         dt = dtype if dtype is not None else jnp.zeros(()).dtype
         params = {"W": w_fn(kw, k + (c_in // groups, features), dt)}
-        if use_bias:
+        if b_fn is not None:        # use_bias
             params["b"] = b_fn(kb, (features,), dt)
         return (shape[0],) + out + (features,), params
 

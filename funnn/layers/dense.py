@@ -10,7 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funnn.core import ConfigError, Layer, ShapeError, check_features, check_floating, check_in_shape
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    check_features,
+    check_floating,
+    check_in_shape,
+)
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -91,7 +98,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
         kw, kb = jax.random.split(key)
         dt = jnp.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
         params = {"W": w_fn(kw, (n_in, out), dt)}
-        if use_bias:
+        if b_fn is not None:        # use_bias
             params["b"] = b_fn(kb, (out,), dt)
         return shape[:-1] + (out,), params
 

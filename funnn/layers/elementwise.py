@@ -18,8 +18,15 @@ import math
 import jax.numpy as jnp
 
 from funnn import activations as A
-from funnn.core import (ConfigError, Layer, ShapeError, check_features, check_floating,
-                        check_in_shape, check_rank)
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    check_features,
+    check_floating,
+    check_in_shape,
+    check_rank,
+)
 
 __all__ = ["activation", "prelu", "flatten"]
 

@@ -188,10 +188,10 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise StateError(f"expected a state dict with keys ['mean', 'var'], got {got}; {hint}",
                              (name,))
-        got = (jnp.shape(state["mean"]), jnp.shape(state["var"]))
-        if got != ((c,), (c,)):
-            raise StateError(f"expected state shapes mean ({c},), var ({c},), got mean {got[0]}, "
-                             f"var {got[1]}; {hint}", (name,))
+        shapes = (jnp.shape(state["mean"]), jnp.shape(state["var"]))
+        if shapes != ((c,), (c,)):
+            raise StateError(f"expected state shapes mean ({c},), var ({c},), got mean "
+                             f"{shapes[0]}, var {shapes[1]}; {hint}", (name,))
 
     def forward(params, x, *, state=None, key=None, train=False):
         check_floating(name, x)
@@ -200,6 +200,7 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         c = params["gamma"].shape[0]
         check_features(name, x, c, axis=ax, what="channels")
         _check_state(state, c)
+        res: _TrainRes | _InferRes
         if train:
             n = math.prod(x.shape[i] for i in red)
             if n <= 1:

@@ -34,8 +34,16 @@ import numpy as np
 from jax import lax
 
 from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
-from funnn.layers.conv import (_SPATIAL, _fmt, _fmt_padding, _is_int, _ntuple, _out_sizes,
-                               _padding_spec, _pads)
+from funnn.layers.conv import (
+    _SPATIAL,
+    _fmt,
+    _fmt_padding,
+    _is_int,
+    _ntuple,
+    _out_sizes,
+    _padding_spec,
+    _pads,
+)
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool"]
 
@@ -52,20 +60,20 @@ def _geometry(kind: str, window, stride, padding, ndim):
                               f"None, got {ndim!r}", (kind,))
         nd = int(ndim)
     else:
-        nd = None
+        guess: int | None = None
         for v in (window, stride):
             if v is not None and not _is_int(v):
                 try:
-                    nd = len(v)
+                    guess = len(v)
                 except TypeError:
                     pass
                 break
-        if nd is None and not isinstance(padding, str) and not _is_int(padding):
+        if guess is None and not isinstance(padding, str) and not _is_int(padding):
             try:
-                nd = len(padding)
+                guess = len(padding)
             except TypeError:
                 pass
-        nd = nd or 2
+        nd = guess or 2
     k = _ntuple(kind, window, nd, "window")
     s = k if stride is None else _ntuple(kind, stride, nd, "stride")
     spec = _padding_spec(kind, padding, nd)

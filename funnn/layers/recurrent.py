@@ -29,7 +29,8 @@ gradient in its own param's dtype and ``dx`` in ``x``'s, as autodiff does.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
