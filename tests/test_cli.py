@@ -105,7 +105,7 @@ def test_tampered_checkpoint_on_resume(capsys, tmp_path):
     capsys.readouterr()
     code, err = _main_exit(["train", "--epochs", "2", "--out", str(out), "--quiet",
                             "--model", "sigmoid", "--resume"], capsys)
-    assert (code == 2 and "checksum" in err.lower()) or "sha256" in err.lower()
+    assert code == 2 and "checksum" in err.lower() and "sha256" in err.lower()
     assert open(path, "rb").read() == bytes(raw)      # left as it was, not overwritten
 
 
