@@ -1,19 +1,15 @@
-"""Time one training step per gradient engine, jit vs eager, against pure JAX.
+"""funnn's gradient engines against the same step in pure JAX (and peers), one process.
 
-    python benchmarks/engines.py [--model mlp] [--batch-size 128] [--repeats 200]
+    python benchmarks/engines.py [--suite engines,peers] [--quick] [--out bench-out]
 
-Prints the device and versions, medians of many repeats after warm-up (compile
-time reported separately as 'first'), and ratios measured in the same run.
+The same code as ``funnn bench``: the device and versions, this device's measured
+peaks, medians of interleaved rounds, ratios within each group, FLOP/s and the
+fraction of the peak; ``--out`` writes bench.json and roofline.png.
 """
 
-import argparse
+import sys
 
-from funnn import bench
+from funnn import cli
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mlp")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=200)
-    a = p.parse_args()
-    print(bench.format_table(bench.engine_table(a.model, a.batch_size, a.repeats)))
+    sys.exit(cli.main(["bench", *(sys.argv[1:] or ["--suite", "engines,peers", "--quick"])]))

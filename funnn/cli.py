@@ -97,11 +97,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.add_argument("--seed", type=_seed, default=0)
 
-    b = sub.add_parser("bench", help="time training steps: engines, jit vs eager")
-    b.add_argument("--model", default="mlp", choices=list(models.RECIPES))
-    b.add_argument("--batch-size", type=_positive_int, default=128)
-    b.add_argument("--repeats", type=_positive_int, default=50)
-    b.add_argument("--json", action="store_true")
+    b = sub.add_parser("bench", help="benchmark suites: engines, peers, jit, per-example, "
+                                     "control, epoch; medians, ratios and the roofline")
+    b.add_argument("--suite", default="engines",
+                   help="comma-separated: engines, peers, jit, per-example, control, epoch, "
+                        "or all (default: engines)")
+    b.add_argument("--quick", action="store_true",
+                   help="small sizes, 3 rounds (under 2 minutes on a 2-core CPU); the "
+                        "default sizes are meant for accelerators")
+    b.add_argument("--peers", default=None,
+                   help="comma-separated peers for the peers suite: flax-linen, flax-nnx, "
+                        "equinox, torch (default: all; missing ones are marked rows)")
+    b.add_argument("--rounds", type=_positive_int, default=None,
+                   help="interleaved rounds (default 3 quick, 7 full)")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="write bench.json and roofline.png there")
+    b.add_argument("--json", action="store_true", help="print bench.json's content")
 
     sub.add_parser("info", help="JAX version, devices, optional extras")
     return p
@@ -373,10 +384,20 @@ def _gradcheck(args) -> int:
 
 
 def _bench(args) -> int:
-    from funnn import bench
+    from funnn import _files, bench
 
-    rows = bench.engine_table(args.model, batch_size=args.batch_size, repeats=args.repeats)
-    print(json.dumps(rows, indent=2) if args.json else bench.format_table(rows))
+    suites = list(bench.SUITES) if args.suite == "all" else \
+        [s.strip() for s in args.suite.split(",") if s.strip()]
+    peers = None if args.peers is None else [p.strip() for p in args.peers.split(",")]
+    report = bench.run(suites, quick=args.quick, out_dir=args.out, peers=peers,
+                       rounds=args.rounds, progress=None)
+    if args.json:
+        print(_files.strict_json({k: report[k] for k in ("env", "peaks", "results")},
+                                 indent=2))
+    else:
+        print(report["table"])
+    for path in report["files"]:
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,0 +1,400 @@
+"""The benchmark suites: lists of :class:`~funnn.bench.harness.Case` groups.
+
+Architectures (random data of the stated shapes; nothing is downloaded):
+
+- ``mlp``: 784-512-512-10 ReLU network, softmax cross-entropy.
+- ``cnn``: 28x28x1 -> conv 32 (3x3, SAME) -> ReLU -> max-pool 2 -> conv 64 -> ReLU ->
+  max-pool 2 -> dense 10.
+- ``lstm``: LSTM(128) over 28 steps of 28 features, last state -> dense 10.
+
+Every training step is Adam (1e-3). ``bfloat16`` rows run the whole step in
+bfloat16 (parameters and inputs), until mixed-precision policies land.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from funnn import autodiff, control, losses, manual, train
+from funnn import layers as L
+from funnn.bench import peers
+from funnn.bench.harness import Case
+from funnn.core import ConfigError
+
+__all__ = ["SUITES", "SIZES", "build", "mlp_flops", "lstm_flops", "data_for", "trains"]
+
+LR = 1e-3
+XENT = losses.softmax_cross_entropy
+
+
+# --------------------------------------------------------------------------- data, models
+
+
+@functools.lru_cache(maxsize=32)
+def data_for(arch: str, batch: int, dtype: str = "float32"):
+    """Fixed random inputs and labels for ``arch`` (numpy, so every library can take them)."""
+    rng = np.random.default_rng(batch)
+    shape = {"mlp": (batch, 784), "cnn": (batch, 28, 28, 1), "lstm": (batch, 28, 28)}[arch]
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    return jnp.asarray(x, dtype), jnp.asarray(y)
+
+
+def funnn_model(arch: str):
+    if arch == "mlp":
+        return L.serial(L.dense(512), L.activation("relu"), L.dense(512), L.activation("relu"),
+                        L.dense(10))
+    if arch == "cnn":
+        return L.serial(L.conv2d(32, (3, 3), padding="SAME"), L.activation("relu"),
+                        L.max_pool((2, 2)), L.conv2d(64, (3, 3), padding="SAME"),
+                        L.activation("relu"), L.max_pool((2, 2)), L.flatten(), L.dense(10))
+    return L.serial(L.lstm(128, return_sequences=False), L.dense(10))
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _funnn_step(arch: str, engine: str, batch: int, dtype: str):
+    def build():
+        model = funnn_model(arch)
+        x, y = data_for(arch, batch, dtype)
+        _, params = model.init(jax.random.key(0), (None,) + tuple(x.shape[1:]))
+        params = _cast(params, dtype)
+        opt = optax.adam(LR)
+        step = train.make_step(model, XENT, opt, engine)
+        ts = train.TrainState(params, opt.init(params), None)
+        return jax.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)
+    return build
+
+
+def _xent(logits, y):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+def _pure_params(arch: str, x, dtype):
+    """Plain-JAX parameters with the same shapes and initialisation scale as funnn's."""
+    k = iter(jax.random.split(jax.random.key(0), 8))
+    def he(shape, fan_in):
+        return (jax.random.normal(next(k), shape) * (2.0 / fan_in) ** 0.5).astype(dtype)
+    if arch == "mlp":
+        dims = (x.shape[-1], 512, 512, 10)
+        return [(he((a, b), a), jnp.zeros(b, dtype)) for a, b in itertools.pairwise(dims)]
+    if arch == "cnn":
+        return [(he((3, 3, 1, 32), 9), jnp.zeros(32, dtype)),
+                (he((3, 3, 32, 64), 288), jnp.zeros(64, dtype)),
+                (he((7 * 7 * 64, 10), 3136), jnp.zeros(10, dtype))]
+    f, h = x.shape[-1], 128
+    return [(he((f, 4 * h), f), he((h, 4 * h), h), jnp.zeros(4 * h, dtype)),
+            (he((h, 10), h), jnp.zeros(10, dtype))]
+
+
+def pure_forward(arch: str, params, x):
+    """The network written directly in ``jax.numpy``/``lax``: the zero-overhead reference."""
+    if arch == "mlp":
+        for w, b in params[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        return x @ params[-1][0] + params[-1][1]
+    if arch == "cnn":
+        for w, b in params[:2]:
+            x = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x = jax.nn.relu(x + b)
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                      "VALID")
+        return x.reshape(x.shape[0], -1) @ params[2][0] + params[2][1]
+    (wx, wh, b), (wo, bo) = params
+    h0 = jnp.zeros((x.shape[0], wh.shape[0]), x.dtype)
+    xw = jnp.einsum("btf,fg->tbg", x, wx) + b
+
+    def cell(carry, xw_t):
+        h, c = carry
+        i, f, g, o = jnp.split(xw_t + h @ wh, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), None
+
+    (h, _), _ = jax.lax.scan(cell, (h0, h0), xw)
+    return h @ wo + bo
+
+
+def _pure_step(arch: str, batch: int, dtype: str):
+    def build():
+        x, y = data_for(arch, batch, dtype)
+        params = _pure_params(arch, x, dtype)
+        tx = optax.adam(LR)
+
+        @jax.jit
+        def step(state, x, y):
+            p, s = state
+            loss, g = jax.value_and_grad(lambda p: _xent(pure_forward(arch, p, x), y))(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), loss
+        return step, ((params, tx.init(params)), x, y)
+    return build
+
+
+def _peer_step(peer: str, arch: str, batch: int, dtype: str):
+    def build():
+        x, y = data_for(arch, batch, dtype)
+        return peers.PEERS[peer](arch, x, y, jnp.dtype(dtype))
+    return build
+
+
+def trains(fn, args, steps: int = 6) -> None:
+    """Raise unless ``steps`` updates on the batch lower its loss (the step really trains)."""
+    state, rest = args[0], args[1:]
+    seen: list[float] = []
+    for _ in range(steps):
+        state, loss = fn(state, *rest)
+        seen.append(float(loss))
+    first, last = seen[0], seen[-1]
+    if not (np.isfinite(last) and last < first):
+        raise AssertionError(f"does not train: loss {first:.4g} -> {last:.4g} in {steps} steps")
+
+
+# --------------------------------------------------------------------------- FLOP counts
+
+
+def mlp_flops(batch: int, dims=(784, 512, 512, 10)) -> int:
+    """Matmul FLOPs of one MLP training step: forward ``2 B n m`` per layer, backward twice
+    that (weight and input gradients), except no input gradient for the first layer."""
+    fwd = sum(2 * batch * a * b for a, b in itertools.pairwise(dims))
+    return 3 * fwd - 2 * batch * dims[0] * dims[1]
+
+
+def lstm_flops(batch: int, steps: int = 28, feat: int = 28, hidden: int = 128) -> int:
+    """Matmul FLOPs of the LSTM step (XLA counts a scan body once, so this is by hand):
+    gates ``2 B (F + H) 4H`` per time step forward, twice that backward (no dx)."""
+    gates = 2 * batch * (feat + hidden) * 4 * hidden * steps
+    head = 2 * batch * hidden * 10
+    return 3 * gates - 2 * batch * feat * 4 * hidden * steps + 3 * head
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def _step_group(suite, arch, batch, dtype, impls, check=True) -> list[Case]:
+    name = f"{arch} b{batch} {dtype}"
+    flops = lstm_flops(batch) if arch == "lstm" else None
+    cases = []
+    for impl in impls:
+        if impl == "pure JAX":
+            build = _pure_step(arch, batch, dtype)
+        elif impl.startswith("funnn "):
+            build = _funnn_step(arch, impl.split()[1], batch, dtype)
+        else:
+            build = _peer_step(impl, arch, batch, dtype)
+        jit = impl == "pure JAX" or impl.startswith("funnn ") or impl == "flax-linen"
+        cases.append(Case(suite, name, impl, batch, dtype, build, baseline=impl == "pure JAX",
+                          jit=jit, flops=flops, flops_from=None if jit else "pure JAX",
+                          check=trains if check else None, samples=batch))
+    return cases
+
+
+_Sizes = dict[str, dict[str, tuple[int, ...]]]
+_ENGINE_SIZES: _Sizes = {
+    "tiny": {"mlp": (8,), "cnn": (8,), "lstm": (8,)},
+    "quick": {"mlp": (32, 128), "cnn": (32,), "lstm": (32,)},
+    "full": {"mlp": (32, 128, 1024, 8192), "cnn": (32, 128, 1024), "lstm": (32, 128, 1024)}}
+_PEER_SIZES: _Sizes = {
+    "tiny": {"mlp": (8,)}, "quick": {"mlp": (128,), "cnn": (32,), "lstm": (32,)},
+    "full": {"mlp": (128, 1024), "cnn": (128,), "lstm": (128,)}}
+
+
+def engines(size: str) -> list[list[Case]]:
+    """funnn's three engines against pure JAX: MLP, CNN, LSTM; batch and dtype sweeps."""
+    impls = ["pure JAX", "funnn autodiff", "funnn manual", "funnn bridge"]
+    sizes = _ENGINE_SIZES[size]
+    dtypes = ("float32", "bfloat16") if size == "full" else ("float32",)
+    groups = [_step_group("engines", a, b, d, impls, check=False)
+              for d in dtypes for a, bs in sizes.items() for b in bs]
+    if size == "quick":
+        groups.append(_step_group("engines", "mlp", 128, "bfloat16", impls, check=False))
+    return groups
+
+
+def peer_suite(size: str, names=None) -> list[list[Case]]:
+    """The same steps in pure JAX, funnn, Flax linen/NNX, Equinox and PyTorch eager."""
+    chosen = list(peers.PEERS) if names is None else names
+    table = {"mlp": ["flax-linen", "flax-nnx", "equinox", "torch"],
+             "cnn": ["flax-linen", "equinox", "torch"], "lstm": ["torch"]}
+    sizes = _PEER_SIZES[size]
+    groups = []
+    for arch, bs in sizes.items():
+        impls = ["pure JAX", "funnn autodiff", "funnn manual"] + \
+            [p for p in table[arch] if p in chosen]
+        groups += [_step_group("peers", arch, b, "float32", impls) for b in bs]
+    return groups
+
+
+def jit_suite(size: str) -> list[list[Case]]:
+    """jit vs op-by-op eager for a small network: the cost of dispatch."""
+    batch, arch = 32, "mlp"
+    small = L.serial(L.dense(32), L.activation("relu"), L.dense(10))
+
+    def funnn_build(jit):
+        def build():
+            x, y = data_for(arch, batch)
+            x = x[:, :64]
+            _, params = small.init(jax.random.key(0), (None, 64))
+            opt = optax.adam(LR)
+            step = train.make_step(small, XENT, opt, "autodiff")
+            ts = train.TrainState(params, opt.init(params), None)
+            fn = lambda ts, x, y: step(ts, x, y, None)
+            return (jax.jit(fn) if jit else fn), (ts, x, y)
+        return build
+
+    name = "mlp 64-32-10 b32 float32"
+    return [[Case("jit", name, "funnn autodiff (jit)", batch, "float32", funnn_build(True),
+                  baseline=True, samples=batch),
+             Case("jit", name, "funnn autodiff (eager)", batch, "float32", funnn_build(False),
+                  jit=False, flops_from="funnn autodiff (jit)", samples=batch,
+                  note="op-by-op dispatch")]]
+
+
+def per_example_suite(size: str) -> list[list[Case]]:
+    """Per-example gradients: ``vmap(grad)``, a Python loop, funnn's engines, torch.func."""
+    batch = {"tiny": 4, "quick": 32, "full": 128}[size]
+    x, y = data_for("mlp", batch)
+    model = funnn_model("mlp")
+    _, params = model.init(jax.random.key(0), (None, 784))
+    name = f"per-example grads mlp b{batch} float32"
+
+    def vg(engine):
+        f = (autodiff if engine == "autodiff" else manual).value_and_grad(model, XENT)
+        return jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))
+
+    def pure_build():
+        loss = lambda p, x, y: XENT.value(model.apply(p, x[None]), y[None])
+        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))), (params, x, y)
+
+    def loop_build():
+        one = jax.jit(autodiff.value_and_grad(model, XENT))
+
+        def run(p, x, y):
+            return [one(p, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]
+        return run, (params, x, y)
+
+    cases = [
+        Case("per-example", name, "vmap(jax.grad)", batch, "float32", pure_build,
+             baseline=True, samples=batch),
+        Case("per-example", name, "funnn autodiff under vmap", batch, "float32",
+             lambda: (vg("autodiff"), (params, x[:, None], y[:, None])), samples=batch),
+        Case("per-example", name, "funnn manual under vmap", batch, "float32",
+             lambda: (vg("manual"), (params, x[:, None], y[:, None])), samples=batch),
+        Case("per-example", name, "python loop of jitted grads", batch, "float32", loop_build,
+             jit=False, flops_from="vmap(jax.grad)", samples=batch),
+        Case("per-example", name, "torch.func vmap(grad)", batch, "float32",
+             lambda: peers.torch_func_per_example(x, y, jnp.float32), jit=False,
+             flops_from="vmap(jax.grad)", samples=batch)]
+    pe = getattr(manual, "per_example_value_and_grad", None)
+    if pe is not None:
+        cases.insert(3, Case("per-example", name, "funnn manual per_example_value_and_grad",
+                             batch, "float32",
+                             lambda: (jax.jit(pe(model, XENT)), (params, x, y)), samples=batch))
+    return [cases]
+
+
+def control_suite(size: str) -> list[list[Case]]:
+    """Reverse mode through a loop: scan, unrolled, bounded_while, checkpointed scan."""
+    n = {"tiny": 8, "quick": 50, "full": 500}[size]   # unrolled: one copy of the body per step
+    s0 = jnp.linspace(0.1, 1.0, 64)
+    name = f"grad through a {n}-step loop, state 64"
+
+    def body(w):
+        return lambda s: s + 0.01 * jnp.sin(w * s)
+
+    def scan_f(w):
+        return jnp.sum(jax.lax.scan(lambda s, _: (body(w)(s), None), s0, length=n)[0])
+
+    def unrolled_f(w):
+        return jnp.sum(jax.lax.scan(lambda s, _: (body(w)(s), None), s0, length=n,
+                                    unroll=True)[0])
+
+    def while_f(w):
+        r = control.bounded_while(lambda c: c[1] < n, lambda c: (body(w)(c[0]), c[1] + 1),
+                                  (s0, 0), n)
+        return jnp.sum(r.state[0])
+
+    def ckpt_f(w):
+        return jnp.sum(control.checkpointed_scan(lambda s, _: (body(w)(s), None), s0,
+                                                 length=n)[0])
+
+    def case(impl, f, baseline=False):
+        return Case("control", name, impl, 1, "float32",
+                    lambda: (jax.jit(jax.grad(f)), (jnp.float32(1.5),)), baseline=baseline,
+                    flops=4.0 * 64 * n * 3, note="memory_bytes: compiled footprint")
+    return [[case("lax.scan", scan_f, True), case("lax.scan unroll=True", unrolled_f),
+             case("control.bounded_while", while_f), case("control.checkpointed_scan", ckpt_f)]]
+
+
+def epoch_suite(size: str) -> list[list[Case]]:
+    """A whole epoch of the MLP: ``fit``'s one jitted scan vs a per-batch Python loop."""
+    batch, num = {"tiny": (8, 32), "quick": (128, 2048), "full": (128, 16384)}[size]
+    model = funnn_model("mlp")
+    x, y = data_for("mlp", num)
+    _, params = model.init(jax.random.key(0), (None, 784))
+    opt = optax.adam(LR)
+    nb = num // batch
+    name = f"epoch of mlp, {num} examples, batch {batch}"
+    key = jax.random.key(3)
+
+    def scan_build():
+        run = train.make_epoch(model, XENT, opt, "autodiff", batch, num)
+
+        def epoch(ts, x, y):        # the epoch donates its state: hand it a fresh copy
+            return run(jax.tree_util.tree_map(jnp.copy, ts), x, y, key)
+        return epoch, (train.TrainState(params, opt.init(params), None), x, y)
+
+    def loop_build():
+        step = jax.jit(train.make_step(model, XENT, opt, "autodiff"))
+        order = jax.jit(lambda k: jax.random.permutation(k, num)[: nb * batch]
+                        .reshape(nb, batch))
+
+        def epoch(ts, x, y):
+            idx = order(key)
+            for i in range(nb):
+                ts, _ = step(ts, x[idx[i]], y[idx[i]], jax.random.fold_in(key, i))
+            return ts
+        return epoch, (train.TrainState(params, opt.init(params), None), x, y)
+
+    flops = mlp_flops(batch) * nb
+    return [[Case("epoch", name, "fit: one jitted scan", batch, "float32", scan_build,
+                  baseline=True, jit=False, flops=flops, samples=nb * batch),
+             Case("epoch", name, "python loop of jitted steps", batch, "float32", loop_build,
+                  jit=False, flops=flops, samples=nb * batch)]]
+
+
+SIZES = ("tiny", "quick", "full")
+SUITES: dict[str, Callable[[str], list[list[Case]]]] = {
+    "engines": engines, "peers": peer_suite, "jit": jit_suite,
+    "per-example": per_example_suite, "control": control_suite, "epoch": epoch_suite}
+
+
+def build(names, size: str = "quick", peer_names=None) -> list[list[Case]]:
+    """The groups of the named suites at ``size`` (``tiny``: for tests; ``quick``: under two
+    minutes on a 2-core CPU; ``full``: accelerators); unknown names are a ConfigError."""
+    names = list(names)
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; valid: {', '.join(SIZES)}", ("bench",))
+    bad = [n for n in names if n not in SUITES]
+    if bad:
+        raise ConfigError(f"unknown suite {bad[0]!r}; valid: {', '.join(SUITES)}", ("bench",))
+    if peer_names is not None:
+        badp = [p for p in peer_names if p not in peers.PEERS]
+        if badp:
+            raise ConfigError(f"unknown peer {badp[0]!r}; valid: {', '.join(peers.PEERS)}",
+                              ("bench",))
+    groups = []
+    for n in names:
+        groups += peer_suite(size, peer_names) if n == "peers" else SUITES[n](size)
+    return groups

@@ -1,0 +1,132 @@
+"""The benchmark harness: FLOP counts, bench.json, every suite at tiny sizes, bad input.
+
+No timing is asserted here (speed is measured by ``funnn bench``, never in tests);
+what is tested is that the harness counts, reports and fails the way it says.
+"""
+
+import builtins
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from funnn import bench, cli
+from funnn.bench import harness, peers, suites
+from funnn.core import ConfigError
+
+
+def _case(impl, build, **kw):
+    return bench.Case("t", "group", impl, 1, "float32", build, **kw)
+
+
+def test_matmul_flops_equal_the_hand_count():
+    a, b = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
+    rows = bench.run_group([_case("matmul", lambda: (jax.jit(jnp.matmul), (a, b)))],
+                           rounds=1, per_round=1)
+    assert rows[0]["flops"] == 2 * 64 * 32 * 16 and rows[0]["flops_source"] == "xla"
+    assert rows[0]["bytes"] >= 4 * (64 * 32 + 32 * 16 + 64 * 16)
+    assert rows[0]["memory_bytes"] > 0 and rows[0]["ratio"] == 1.0
+
+
+@pytest.mark.parametrize("impl", ["pure JAX", "funnn autodiff", "funnn manual"])
+def test_mlp_step_flops_match_the_hand_count(impl):
+    """Forward and backward matmuls, plus Adam: by hand 14 FLOPs per parameter (two moment
+    updates 3 + 4, two bias corrections, sqrt + eps + divide, the rate, the update)."""
+    (case,) = [c for c in suites._step_group("t", "mlp", 16, "float32", [impl], check=False)]
+    (row,) = bench.run_group([case], rounds=1, per_round=1)
+    matmuls = suites.mlp_flops(16)
+    assert matmuls == 3 * 2 * 16 * (784 * 512 + 512 * 512 + 512 * 10) - 2 * 16 * 784 * 512
+    params = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert row["flops"] == pytest.approx(matmuls + 14 * params, rel=0.03)
+
+
+def test_loops_use_the_hand_count():
+    (group,) = suites.control_suite("tiny")
+    rows = bench.run_group(group, rounds=1, per_round=1)
+    assert all(r["flops_source"] == "hand count" and r["bytes"] is None for r in rows)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert rows[0]["ratio"] == 1.0
+
+
+def test_failures_are_rows_and_the_rest_still_runs():
+    def oom():
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+    def missing():
+        raise bench.Unavailable("somepeer (pip install -e '.[peers]')")
+
+    def diverges():
+        return (lambda s, x: (s, jnp.float32(1.0))), (None, 0)
+
+    ok = _case("ok", lambda: (jax.jit(lambda x: x + 1), (jnp.ones(3),)), baseline=True)
+    rows = bench.run_group([_case("big", oom), _case("peer", missing), ok,
+                            _case("flat", diverges, jit=False, check=suites.trains)],
+                           rounds=2, per_round=1)
+    status = {r["impl"]: r["status"] for r in rows}
+    assert status["big"] == "out of memory: skipped"
+    assert status["peer"].startswith("not installed: somepeer")
+    assert status["flat"].startswith("error: AssertionError: does not train")
+    assert status["ok"] == "ok" and rows[2]["median_s"] > 0 and rows[2]["ratio"] == 1.0
+    assert rows[0]["median_s"] is None
+
+
+def test_missing_peer_library_is_a_marked_row(monkeypatch):
+    real = builtins.__import__
+
+    def no_torch(name, *a, **kw):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    x, y = suites.data_for("mlp", 4)
+    with pytest.raises(bench.Unavailable, match=r"torch \(pip install"):
+        peers.torch_eager("mlp", x, y, jnp.float32)
+
+
+@pytest.mark.slow
+def test_every_suite_runs_at_tiny_size_and_bench_json_has_the_schema(tmp_path):
+    report = bench.run(list(bench.SUITES), size="tiny", out_dir=str(tmp_path), progress=False)
+    doc = json.loads((tmp_path / "bench.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert set(doc) == {"format", "env", "peaks", "results"}
+    for k in ("device", "jax", "backend", "size", "rounds"):
+        assert k in doc["env"]
+    for k in ("float32", "float32_highest", "bfloat16", "bandwidth_bytes_per_s"):
+        assert doc["peaks"][k] > 0
+    required = {"suite", "name", "impl", "batch", "dtype", "median_s", "min_s", "max_s",
+                "flops", "bytes", "fraction_of_peak", "ratio", "compile_s"}
+    assert {r["suite"] for r in doc["results"]} == set(bench.SUITES)
+    for r in doc["results"]:
+        assert required <= set(r)
+        if r["status"] == "ok":
+            assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["ratio"] > 0
+            assert r["compile_s"] >= 0
+        else:
+            assert r["status"].startswith("not installed"), r
+    ok = [r for r in doc["results"] if r["status"] == "ok" and r["fraction_of_peak"]]
+    assert ok and all(r["fraction_of_peak"] > 0 for r in ok)
+    assert "[engines] mlp b8 float32" in report["table"]
+    if "roofline.png" in " ".join(report["files"]):
+        assert (tmp_path / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_suite_and_peer_are_clear_errors(capsys):
+    with pytest.raises(ConfigError, match="unknown suite 'speed'; valid: engines, peers"):
+        suites.build(["speed"])
+    with pytest.raises(ConfigError, match="unknown peer 'keras'; valid: flax-linen"):
+        suites.build(["peers"], peer_names=["keras"])
+    assert cli.main(["bench", "--suite", "engines,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'nope'" in err and "Traceback" not in err
+
+
+def test_peaks_are_positive_and_fraction_uses_the_rows_dtype():
+    p = harness.measure_peaks("tiny")
+    assert p["float32"] > 0 and p["bfloat16"] > 0 and p["bandwidth_bytes_per_s"] > 0
+    rows = [{"dtype": "bfloat16", "achieved_flops_per_s": p["bfloat16"] / 2},
+            {"dtype": "float32", "achieved_flops_per_s": None}]
+    harness.fill_fraction(rows, p)
+    assert rows[0]["fraction_of_peak"] == pytest.approx(0.5)
+    assert "fraction_of_peak" not in rows[1]
