@@ -40,6 +40,29 @@ _seed = _arg(int, lambda v: 0 <= v < 2 ** 32, "an integer seed", "seed must lie 
 _FLOAT32_MAX = 3.4028234663852886e38
 _learning_rate = _arg(float, lambda v: 0 < v <= _FLOAT32_MAX, "a positive number",
                       "must be a positive number that is finite in float32 (at most 3.4e38)")
+_process_id = _arg(int, lambda v: v >= 0, "a process id", "must be 0 or more")
+_seconds = _arg(float, lambda v: 0 < v < float("inf"), "a number of seconds",
+                "must be a positive number of seconds")
+
+
+def _parallel_args(p: argparse.ArgumentParser, sharding: bool = True) -> None:
+    """Devices, mesh and processes: the options ``train`` and ``info`` share."""
+    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N local devices of each process (data parallel)")
+    p.add_argument("--model-axis", type=_positive_int, default=1, metavar="M",
+                   help="tensor-parallel degree: a mesh of (devices / M) x M")
+    if sharding:
+        p.add_argument("--sharding", default="replicated", metavar="SPEC",
+                       help="replicated (default), fsdp, tensor, or JSON rules by parameter "
+                            "path, e.g. '{\"0.W\": [null, \"model\"], \"*\": \"fsdp\"}'")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, to join a multi-process job (jax.distributed); "
+                        "'auto' lets JAX detect SLURM, Open MPI or TPU pods")
+    p.add_argument("--num-processes", type=_positive_int, default=None, metavar="P")
+    p.add_argument("--process-id", type=_process_id, default=None, metavar="I")
+    p.add_argument("--init-timeout", type=_seconds, default=60.0, metavar="S",
+                   help="seconds to wait for the coordinator and the other processes "
+                        "(default 60)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--check-numerics", action="store_true",
                    help="check every step; name the first layer and step that go non-finite")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _parallel_args(t)
 
     e = sub.add_parser("eval", help="loss and accuracy of a run's checkpoint")
     e.add_argument("run_dir", help="a run directory written by funnn train")
@@ -114,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write bench.json and roofline.png there")
     b.add_argument("--json", action="store_true", help="print bench.json's content")
 
-    sub.add_parser("info", help="JAX version, devices, optional extras")
+    i = sub.add_parser("info", help="JAX version, devices, processes, the mesh, optional "
+                                     "extras")
+    _parallel_args(i, sharding=False)
     return p
 
 
@@ -221,31 +247,64 @@ def _describe(recipe, config: dict) -> str:
             f"{c['epochs']} epochs, {batch}")
 
 
+def _join(args) -> None:
+    """Join the multi-process job the options name (before JAX starts), if any."""
+    from funnn import parallel
+    from funnn.core import ConfigError
+
+    if args.coordinator is None:
+        if args.num_processes is not None or args.process_id is not None:
+            raise ConfigError("--num-processes and --process-id need --coordinator HOST:PORT",
+                              ("--coordinator",))
+        return
+    auto = args.coordinator == "auto"
+    if not auto and (args.num_processes is None or args.process_id is None):
+        raise ConfigError("--coordinator HOST:PORT needs --num-processes and --process-id",
+                          ("--coordinator",))
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id,
+                        timeout=args.init_timeout)
+
+
+def _mesh(args):
+    """The mesh the options ask for, or None (one device, no mesh) when they ask for none."""
+    from funnn import parallel
+
+    if (args.devices is None and args.coordinator is None and args.model_axis == 1
+            and getattr(args, "sharding", "replicated") == "replicated"):
+        return None
+    return parallel.make_mesh(args.devices, model=args.model_axis)
+
+
 def _train(args) -> int:
     import jax
 
-    from funnn import _files, checkpoint, data, models, rundir, train
-    from funnn.core import ConfigError
+    from funnn import _files, checkpoint, data, models, parallel, rundir, train
+    from funnn.core import ConfigError, FunnnError
 
+    _join(args)
+    main = parallel.is_main()       # with several processes, process 0 alone writes files
     recipe = models.get(args.model)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out naming the run directory to continue",
                           ("--resume",))
     out = args.out if args.out is not None else _fresh_out(recipe.name)
-    if args.resume and args.from_checkpoint is None and not os.path.isdir(out):
-        raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); leave "
-                          f"out --resume to start a new run", ("--resume",))
-    lock = _lock_out(out)
+    lock, agreed = None, False
     try:
-        found = rundir.find_run(out)
+        if main and args.resume and args.from_checkpoint is None and not os.path.isdir(out):
+            raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); "
+                              f"leave out --resume to start a new run", ("--resume",))
+        mesh = _mesh(args)
+        sharding = parallel.parse_sharding(args.sharding)
+        lock = _lock_out(out) if main else None
+        found = rundir.find_run(out) if main else None
         if found is not None and not args.resume and not args.overwrite:
             raise ConfigError(f"{out} already holds {found.describe()}; continue it with "
                               f"--resume, or replace it with --overwrite (deletes that run's "
                               f"files)", ("--out",))
-        if args.resume and found is None and args.from_checkpoint is None:
+        if main and args.resume and found is None and args.from_checkpoint is None:
             raise ConfigError(f"nothing to resume in {out}: it holds no run (a typo in "
                               f"--out?); leave out --resume to start a new run", ("--resume",))
-        if args.resume and found is not None and found.newest is None:
+        if main and args.resume and found is not None and found.newest is None:
             raise ConfigError(f"nothing to resume in {out}: {found.describe()} has no "
                               f"checkpoint yet (it stopped before its first epoch ended); "
                               f"start again with --overwrite", ("--resume",))
@@ -262,16 +321,27 @@ def _train(args) -> int:
             start = checkpoint.restore(args.from_checkpoint, like={"params": params})
             params = start.params
             config["from_checkpoint"] = os.path.abspath(args.from_checkpoint)
-        if args.overwrite and found is not None:
-            rundir.remove_run(out)
-        _files.remove_temp_files(out)
-        lock.mark()
+        if mesh is not None:    # every bad spec or batch size stops here, before any file
+            parallel.check_batch(config["batch_size"], parallel.plan(mesh, params, sharding).mesh,
+                                 "--batch-size")
         run_id = uuid.uuid4().hex[:12]
-        if not args.resume:
-            _files.write_json(os.path.join(out, rundir.RUN_FILE), {
-                "format": "funnn.run/1", "run_id": run_id, "config": config,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if main:
+            if args.overwrite and found is not None:
+                rundir.remove_run(out)
+            _files.remove_temp_files(out)
+            assert lock is not None
+            lock.mark()
+            if not args.resume:
+                _files.write_json(os.path.join(out, rundir.RUN_FILE), {
+                    "format": "funnn.run/1", "run_id": run_id, "config": config,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        parallel.agree(None)     # every process is ready (a no-op for one process)
+        agreed = True
         print(_describe(recipe, config))
+        if mesh is not None:
+            print(f"funnn train: mesh {parallel.describe(mesh)}; process "
+                  f"{jax.process_index()} of {jax.process_count()}; parameters "
+                  f"{args.sharding}")
         extras = {"input_mean": mean, "input_scale": scale} if recipe.standardize else None
         t0 = time.perf_counter()
         try:
@@ -284,8 +354,10 @@ def _train(args) -> int:
                 checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
                 from_checkpoint=args.from_checkpoint if args.resume else None,
                 config=config, extras=extras, check_numerics=args.check_numerics,
-                run_id=run_id, log=print)
+                run_id=run_id, log=print, mesh=mesh, sharding=sharding)
         except train.TrainingDiverged as err:
+            if not main:
+                raise
             _files.write_json(os.path.join(out, "metrics.json"), {
                 "run_id": run_id if not args.resume else None, "status": "diverged",
                 "error": str(err), "config": config, "history": err.history,
@@ -293,9 +365,19 @@ def _train(args) -> int:
             _plot(os.path.join(out, "curves.png"), err.history)
             raise
         seconds = time.perf_counter() - t0
+    except (FunnnError, OSError) as err:
+        if not agreed:
+            parallel.agree(err)     # the other processes stop too, instead of waiting
+        raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     last = result.history[-1]
+    if not main:
+        print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f} (process "
+              f"{jax.process_index()} of {jax.process_count()}; process 0 writes the run "
+              f"directory)")
+        return 0
     metrics = {"run_id": result.run_id, "status": "completed", "config": result.config,
                "history": result.history, "seconds": seconds, "final": last}
     _files.write_json(os.path.join(out, "metrics.json"), metrics)
@@ -411,9 +493,11 @@ def _info(args) -> int:
 
     print(f"funnn {funnn.__version__}, Python {platform.python_version()}")
     try:  # info diagnoses broken set-ups, so it reports failures instead of raising them
+        _info_join(args)
         print(f"jax {jax.__version__}, backend {jax.default_backend()}")
         for d in jax.devices():
-            print(f"  device {d.id}: {d.device_kind} ({d.platform})")
+            print(f"  device {d.id}: {d.device_kind} ({d.platform}), process {d.process_index}")
+        _info_mesh(args)
     except Exception as err:  # any backend failure is what info must report
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"jax {jax.__version__}, backend unavailable: {msg}")
@@ -423,6 +507,37 @@ def _info(args) -> int:
     have = {m: importlib.util.find_spec(m) is not None for m in extras}
     print("extras: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in have.items()))
     return 0
+
+
+def _info_join(args) -> None:
+    from funnn.core import FunnnError
+
+    try:
+        _join(args)
+    except FunnnError as err:
+        print(f"processes: cannot join the job: {err}")
+
+
+def _info_mesh(args) -> None:
+    import jax
+
+    from funnn import parallel
+    from funnn.core import FunnnError
+
+    print(f"processes: {jax.process_count()} (this is process {jax.process_index()}), "
+          f"{jax.local_device_count()} local device(s), {jax.device_count()} in all")
+    try:
+        asked = _mesh(args)
+        mesh = asked if asked is not None else parallel.make_mesh(None, model=args.model_axis)
+    except FunnnError as err:
+        print(f"mesh: {err}")
+        return
+    if asked is None:
+        print(f"mesh: none (funnn train uses one device unless --devices, --model-axis, "
+              f"--sharding or --coordinator ask); all devices would give "
+              f"{parallel.describe(mesh)}")
+    else:
+        print(f"mesh: {parallel.describe(mesh)}; each batch split {mesh.shape['data']} ways")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from funnn.core import CheckpointError, ConfigError, DataError, FunnnError, Laye
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "make_step", "make_epoch",
            "make_checked_epoch", "evaluate", "get_engine", "get_optimizer", "as_loss",
-           "restore_run", "ENGINES", "OPTIMIZERS"]
+           "restore_run", "make_sharded_epoch", "ENGINES", "OPTIMIZERS"]
 
 ENGINES = ("autodiff", "manual", "bridge")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
@@ -142,6 +142,34 @@ def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_
     return jax.jit(epoch, donate_argnums=0)
 
 
+def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_shardings,
+                       key_impl):
+    """:func:`make_epoch` on a mesh: ``epoch(ts, xb, yb, key_data) -> (ts, batch_losses)``.
+
+    ``xb``/``yb`` are the epoch's batches stacked ``(num_batches, batch, ...)`` and
+    split over the mesh's ``data`` axis (``plan.feed``); ``ts`` lives on
+    ``state_shardings`` (``plan.params``/``plan.like``) in and out, and is donated.
+    The same step as :func:`make_epoch` with the same per-step keys; XLA inserts
+    the collectives, so both engines run sharded unchanged.
+    """
+    step = make_step(model, loss, optimizer, engine)
+
+    def epoch(ts, xb, yb, key_data):
+        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+
+        def body(ts, batch):
+            x, y, i = batch
+            x = jax.lax.with_sharding_constraint(x, plan.rows)
+            y = jax.lax.with_sharding_constraint(y, plan.rows)
+            return step(ts, x, y, jax.random.fold_in(key, i))
+
+        return jax.lax.scan(body, ts, (xb, yb, jnp.arange(xb.shape[0])))
+
+    return jax.jit(epoch, in_shardings=(state_shardings, plan.batches, plan.batches,
+                                        plan.replicated),
+                   out_shardings=(state_shardings, plan.replicated), donate_argnums=0)
+
+
 @functools.lru_cache(maxsize=64)
 def make_evaluate(model: Layer, loss):
     """A jitted ``evaluate(params, model_state, x, y) -> (loss, accuracy)`` in inference mode.
@@ -242,7 +270,7 @@ def as_loss(loss, engine: str = "autodiff"):
 
 
 # Settings that may change on resume: epochs may grow; the others do not change results.
-_RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint")
+_RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint", "mesh", "sharding")
 
 
 def _config_diff(saved: dict, now: dict, ignore=_RESUMABLE) -> list[str]:
@@ -302,7 +330,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         checkpoint_dir=None, resume: bool | str = False, overwrite: bool = False,
         from_checkpoint=None, keep: int | None = 3, config: dict | None = None,
         extras=None, check_numerics: bool = False, on_epoch: Callable | None = None,
-        run_id: str | None = None, log: Callable[[str], Any] | None = None) -> FitResult:
+        run_id: str | None = None, log: Callable[[str], Any] | None = None,
+        mesh=None, sharding="replicated") -> FitResult:
     """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
@@ -334,6 +363,17 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     ``run_id`` names a new run (default: a random id); ``log`` receives one-line
     notices (``resuming run R from epoch N (path)``).
 
+    ``mesh`` (a ``jax.sharding.Mesh`` with a ``data`` axis, or a number of local
+    devices) trains data-parallel: each batch is split over ``data``, and
+    ``sharding`` lays out the parameters and optimizer state (``"replicated"``,
+    ``"fsdp"``, ``"tensor"`` or per-path rules: see :mod:`funnn.parallel`). The
+    results equal single-device training up to float rounding; ``batch_size`` must
+    be a multiple of the data degree. With several processes
+    (``parallel.initialize``) call ``fit`` with the same arguments on every one
+    and a mesh over all their devices: each feeds its own rows of every batch,
+    process 0 alone writes checkpoints, and every process reads them to resume
+    (``checkpoint_dir`` on a filesystem they share). ``check_numerics`` needs no mesh.
+
     History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
     ``eval_loss``, ``eval_accuracy`` and ``seconds``.
     """
@@ -359,6 +399,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
+    plan = _plan(mesh, sharding, params, batch_size, check_numerics)
     if resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}", ("fit",))
     if resume and overwrite:
@@ -385,6 +426,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                 "schedule": None if custom else schedule, "engine": engine,
                 "loss": getattr(loss, "name", repr(loss)), "batch_size": batch_size,
                 "epochs": epochs, "num_examples": num}
+    if plan is not None:
+        settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
     run_config = {**(config or {}), **settings}
     key_given = key is not None
     key = jax.random.key(0) if key is None else key
@@ -401,12 +444,12 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     history: list = []
     start, run_id, resumed_from = 0, run_id or uuid.uuid4().hex[:12], None
 
-    lock = None
-    if checkpoint_dir is not None:
-        cdir = os.fspath(checkpoint_dir)
-        lock = rundir.RunLock(cdir, "fit").acquire()
+    lock, main, ready = None, plan is None or _is_main(), False
     try:
         if checkpoint_dir is not None:
+            cdir = os.fspath(checkpoint_dir)
+            if main:    # with several processes, process 0 alone owns the directory
+                lock = rundir.RunLock(cdir, "fit").acquire()
             found = rundir.find_run(cdir, cdir)
             if resume is True and found is None and from_checkpoint is None:
                 raise ConfigError(f"nothing to resume in {cdir}: it holds no checkpoints "
@@ -454,17 +497,34 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                     raise ConfigError(f"{cdir} already holds {found.describe()}; pass "
                                       f"resume=True to continue it or overwrite=True to "
                                       f"replace it", ("fit",))
-                rundir.remove_run(cdir, cdir)
-            _files.remove_temp_files(cdir)
-            assert lock is not None     # taken above whenever checkpoint_dir is given
-            lock.mark()
-        ts, history = _train_epochs(
-            model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
-            x, y, eval_data, progress, check_numerics, on_epoch,
-            lambda e, ts_, hist: ckpt.save_in(
+                if main:
+                    rundir.remove_run(cdir, cdir)
+            if main:
+                _files.remove_temp_files(cdir)
+                assert lock is not None     # taken above whenever checkpoint_dir is given
+                lock.mark()
+        ready = True
+        if plan is not None:
+            _agree(None, start)
+            ts = TrainState(*(plan.place(t, s) for t, s in zip(ts, _state_shardings(plan, ts))))
+
+        def save(e, ts_, hist):
+            if checkpoint_dir is None:
+                return None
+            if plan is not None:
+                ts_ = _gather(ts_)      # a collective: every process takes part
+            return ckpt.save_in(
                 cdir, e, keep=keep, params=ts_.params, opt_state=ts_.opt_state,
                 model_state=ts_.model_state, key=key, extras=extras, config=run_config,
-                metadata={"history": hist}, run=run_id) if checkpoint_dir is not None else None)
+                metadata={"history": hist}, run=run_id) if main else None
+
+        ts, history = _train_epochs(
+            model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
+            x, y, eval_data, progress if main else False, check_numerics, on_epoch, save, plan)
+    except (FunnnError, OSError) as err:
+        if plan is not None and not ready:
+            _agree(err, 0)     # the other processes stop too, instead of waiting for this one
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -510,12 +570,18 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
 
 
 def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
-                  x, y, eval_data, progress, check_numerics, on_epoch, save):
+                  x, y, eval_data, progress, check_numerics, on_epoch, save, plan=None):
     """The epoch loop of :func:`fit`: train, evaluate, check, checkpoint."""
-    run_epoch = (make_checked_epoch if check_numerics else make_epoch)(
-        model, loss, opt, engine, batch_size, num)
     run_eval = make_evaluate(model, loss) if eval_data is not None else None
     ex, ey = _xy(eval_data) if eval_data is not None else (None, None)
+    if plan is not None:
+        run_epoch = _sharded_runner(model, loss, opt, engine, batch_size, num, plan, ts, key)
+        if ex is not None and ey is not None:   # split over data when it divides the split
+            split = plan.rows if int(ex.shape[0]) % plan.data_size == 0 else plan.replicated
+            ex, ey = plan.place(ex, split), plan.place(ey, split)
+    else:
+        run_epoch = (make_checked_epoch if check_numerics else make_epoch)(
+            model, loss, opt, engine, batch_size, num)
     last_path = None
     bar = _progress(range(start, epochs), progress, epochs, start)
     for e in bar:
@@ -557,6 +623,65 @@ def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start,
 
 
 _KEYS = {"training loss": "train_loss", "test loss": "eval_loss"}
+
+
+def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):
+    """fit's mesh settings checked before anything compiles: a ``parallel.Plan`` or None."""
+    if mesh is None:
+        if not (isinstance(sharding, str) and sharding == "replicated"):
+            raise ConfigError(f"sharding={sharding!r} needs a mesh: pass mesh=N (devices) or "
+                              f"a jax.sharding.Mesh", ("fit",))
+        return None
+    from funnn import parallel
+
+    if check_numerics:
+        raise ConfigError("check_numerics runs one step at a time on one device; leave out "
+                          "mesh= to use it", ("fit",))
+    plan = parallel.plan(mesh, params, sharding)
+    parallel.check_batch(batch_size, plan.mesh)
+    return plan
+
+
+def _is_main() -> bool:
+    from funnn import parallel
+    return parallel.is_main()
+
+
+def _agree(err, value: int) -> None:
+    from funnn import parallel
+    parallel.agree(err, value, "the epoch to start from")
+
+
+def _gather(tree):
+    from funnn import parallel
+    return parallel.gather(tree)
+
+
+def _state_shardings(plan, ts: TrainState) -> TrainState:
+    return TrainState(plan.params, plan.like(ts.opt_state),
+                      jax.tree_util.tree_map(lambda _: plan.replicated, ts.model_state))
+
+
+def _sharded_runner(model, loss, opt, engine, batch_size, num, plan, ts, key):
+    """``run(ts, x, y, epoch_key)`` for a mesh: the same shuffle as :func:`make_epoch`,
+    computed on the host; each process feeds its own rows of every batch."""
+    import numpy as np
+
+    epoch = make_sharded_epoch(model, loss, opt, engine, plan, _state_shardings(plan, ts),
+                               jax.random.key_impl(key))
+    nb = num // batch_size
+    order = jax.jit(lambda k: jax.random.permutation(k, num)[: nb * batch_size]
+                    .reshape(nb, batch_size))
+    host: dict = {}
+
+    def run(ts, x, y, k):
+        if not host:
+            host.update(x=np.asarray(x), y=np.asarray(y))
+        idx = np.asarray(order(k))
+        kd = plan.place(jax.random.key_data(k), plan.replicated)
+        return epoch(ts, plan.feed(host["x"], idx), plan.feed(host["y"], idx), kd)
+
+    return run
 
 
 def _kept(path) -> str:

@@ -1,0 +1,482 @@
+"""Many devices and many hosts: meshes, shardings and processes on JAX's own SPMD runtime.
+
+A :class:`~jax.sharding.Mesh` arranges devices on two named axes, ``data`` and
+``model``. The batch is split over ``data``; parameters and optimizer state are
+laid out by a *sharding spec*; ``jax.jit`` compiles one SPMD program and XLA
+inserts the collectives (the gradient all-reduce of data parallelism, the
+all-gathers of sharded parameters). Nothing here sends a byte by hand.
+
+Specs (``fit(..., sharding=...)``, ``funnn train --sharding``):
+
+- ``"replicated"`` (default): every device holds all parameters and optimizer
+  state; plain data parallelism.
+- ``"fsdp"``: each parameter (and its optimizer state) is split over ``data``
+  along its largest axis that the data degree divides; others stay replicated.
+- ``"tensor"``: each parameter's last (output) axis is split over ``model``
+  where the model degree divides it (dense ``W`` by columns and its ``b``).
+- rules: ``{"0.W": (None, "model"), "2.*": "fsdp", "*": "replicated"}`` (or a
+  list of ``(pattern, spec)`` pairs): a glob over parameter paths as
+  ``funnn.core.summary`` and ``tree_paths`` name them; the first matching rule
+  wins; a spec is a ``PartitionSpec``, a tuple of axis names / ``None`` (one
+  per leading array axis), or one of the names above; unmatched leaves are
+  replicated. A pattern that matches nothing, an unknown axis, or an axis that
+  does not divide its dimension is a :class:`~funnn.core.ConfigError`.
+
+One device is a mesh of shape ``data=1, model=1``: the same code path, with no
+collective left in it. Several processes (``initialize``) form one mesh over
+all their devices; each feeds only its own rows of every batch
+(``jax.make_array_from_process_local_data``), and :func:`is_main` (process 0)
+alone writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+import math
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from funnn.core import ConfigError, path_str
+
+__all__ = ["DATA", "MODEL", "SPECS", "initialize", "make_mesh", "as_mesh", "describe", "Plan",
+           "plan", "check_batch", "is_main", "agree", "gather", "parse_coordinator",
+           "parse_sharding"]
+
+DATA, MODEL = "data", "model"
+SPECS = ("replicated", "fsdp", "tensor")
+_WHERE = ("parallel",)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``; bad text is an error."""
+    text = str(address).strip()
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 < port < 65536:
+        raise ConfigError(f"coordinator must be HOST:PORT with a port in 1..65535 (e.g. "
+                          f"10.0.0.1:1234), got {address!r}", ("--coordinator",))
+    return host, port
+
+
+def _wait_for(host: str, port: int, timeout: float) -> None:
+    """Retry a TCP connection to the coordinator until it answers or ``timeout`` passes."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(
+                    1.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            last = err.strerror or type(err).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"cannot reach the coordinator {host}:{port} within {timeout:g} s ({last}); "
+                f"start process 0 with the same --coordinator first, check the host name, "
+                f"port and firewall, or raise --init-timeout", ("--coordinator",))
+        time.sleep(0.2)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout: float = 60.0) -> None:
+    """Join a multi-process JAX job (``jax.distributed.initialize``); call before any JAX work.
+
+    ``coordinator="HOST:PORT"`` is process 0's address (process 0 listens there);
+    ``num_processes`` and ``process_id`` (0 .. P-1) say who this is. ``"auto"`` (or
+    all three None) lets JAX detect the cluster (SLURM, Open MPI, TPU pods; also
+    ``JAX_COORDINATOR_ADDRESS``). CPU processes talk through gloo
+    (``jax_cpu_collectives_implementation``), GPUs through NCCL, TPUs as JAX does.
+
+    Bad input is a :class:`ConfigError` before JAX starts: a malformed address, a
+    process id outside ``[0, num_processes)``. A process other than 0 first waits
+    up to ``timeout`` seconds for the coordinator's port to answer and raises a
+    ConfigError if it does not. Past that point JAX owns the wait: if the other
+    processes never register within ``timeout``, JAX ends the process itself
+    (``DEADLINE_EXCEEDED``, SIGABRT); it never hangs.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < float("inf")):
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}",
+                          ("--init-timeout",))
+    auto = coordinator in (None, "auto")
+    if auto and (num_processes is not None or process_id is not None):
+        raise ConfigError("num_processes and process_id come with a coordinator HOST:PORT; "
+                          "with 'auto' JAX detects them", ("--coordinator",))
+    if not auto:
+        assert coordinator is not None
+        host, port = parse_coordinator(coordinator)
+        for name, v in (("num_processes", num_processes), ("process_id", process_id)):
+            if v is None or isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an int with a coordinator, got {v!r}",
+                                  (f"--{name.replace('_', '-')}",))
+        assert num_processes is not None and process_id is not None
+        if num_processes < 1:
+            raise ConfigError(f"num_processes must be at least 1, got {num_processes}",
+                              ("--num-processes",))
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"process_id must lie in [0, {num_processes}) for "
+                              f"{num_processes} processes, got {process_id}", ("--process-id",))
+    if jax.distributed.is_initialized():
+        if auto or (jax.process_count(), jax.process_index()) == (num_processes, process_id):
+            return
+        raise ConfigError(f"this process already joined a job as process "
+                          f"{jax.process_index()} of {jax.process_count()}", _WHERE)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    wait = math.ceil(timeout)
+    try:
+        if auto:
+            jax.distributed.initialize(initialization_timeout=wait)
+        else:
+            if process_id != 0:
+                t0 = time.monotonic()
+                _wait_for(host, port, timeout)
+                wait = max(1, math.ceil(timeout - (time.monotonic() - t0)))
+            jax.distributed.initialize(coordinator, num_processes, process_id,
+                                       initialization_timeout=wait)
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = (" (call it before any JAX computation)" if "initialized" in first.lower()
+                else "")
+        raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
+                          ("--coordinator",)) from None
+
+
+def is_main() -> bool:
+    """True on process 0 (the only one that writes files); always True for one process."""
+    return jax.process_index() == 0
+
+
+def agree(error: BaseException | None = None, value: int = 0, what: str = "") -> None:
+    """Every process says whether it is ready (and a number that must match); all stop together.
+
+    With one process this does nothing. With several it gathers ``(failed, value)``
+    from every process (``multihost_utils.process_allgather``): if any failed,
+    the others raise a ConfigError naming it, instead of waiting forever in the
+    next collective; if ``value`` differs between processes (say, the epoch a
+    resume starts from), every process raises one naming ``what``.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    got = np.asarray(multihost_utils.process_allgather(
+        np.array([error is not None, value], np.int32))).reshape(-1, 2)
+    failed = [i for i, f in enumerate(got[:, 0]) if f]
+    if failed and error is None:
+        raise ConfigError(f"process {', '.join(map(str, failed))} could not start (see its "
+                          f"error); stopping process {jax.process_index()} too", _WHERE)
+    if not failed and len(set(got[:, 1].tolist())) > 1:
+        raise ConfigError(f"processes disagree on {what or 'a setting'}: "
+                          f"{got[:, 1].tolist()} (process 0, 1, ...); is the run directory on "
+                          f"a filesystem every process sees?", _WHERE)
+
+
+def gather(tree):
+    """Host (numpy-convertible) copies of global arrays; from every process when sharded.
+
+    One process: the tree as it is (``np.asarray`` already assembles its shards).
+    Several: ``multihost_utils.process_allgather``, a collective every process
+    must call at the same point.
+    """
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# --------------------------------------------------------------------------- meshes
+
+
+def make_mesh(devices=None, *, model: int = 1) -> Mesh:
+    """A ``Mesh`` with axes ``("data", "model")``: ``model`` devices per tensor-parallel group.
+
+    ``devices``: None (every device of every process), an int N (the first N
+    local devices of each process, so a two-process job with N=4 has 8), or a
+    list of devices. The data degree is ``len(devices) // model``.
+    """
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1:
+        raise ConfigError(f"model (the tensor-parallel degree) must be a positive int, got "
+                          f"{model!r}", ("--model-axis",))
+    local = jax.local_devices()
+    if devices is None:
+        chosen = list(jax.devices())
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        n = int(devices)
+        if n < 1:
+            raise ConfigError(f"devices must be a positive int, got {n}", ("--devices",))
+        if n > len(local):
+            more = (f"; on a CPU, simulate more with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={n} set before JAX starts"
+                    if local[0].platform == "cpu" else "")
+            raise ConfigError(f"asked for {n} devices but this process has {len(local)} "
+                              f"({local[0].platform}){more}", ("--devices",))
+        mine = {d.id for d in sorted(local, key=lambda d: d.id)[:n]}
+        per: dict[int, list] = {}
+        for d in jax.devices():
+            per.setdefault(d.process_index, []).append(d)
+        chosen = [d for p in sorted(per) for d in sorted(per[p], key=lambda d: d.id)[:n]]
+        if not mine <= {d.id for d in chosen}:    # another process with fewer devices
+            raise ConfigError("the processes see different devices", ("--devices",))
+    elif isinstance(devices, Sequence) and devices and all(
+            isinstance(d, jax.Device) for d in devices):
+        chosen = list(devices)
+    else:
+        raise ConfigError(f"devices must be None, a positive int or a list of jax devices, "
+                          f"got {devices!r}", ("--devices",))
+    if len(chosen) % model:
+        raise ConfigError(f"the model axis ({model}) must divide the number of devices "
+                          f"({len(chosen)})", ("--model-axis",))
+    per_process = len(chosen) // max(len({d.process_index for d in chosen}), 1)
+    if per_process % model:
+        raise ConfigError(f"the model axis ({model}) must divide the devices of each process "
+                          f"({per_process}), so a tensor-parallel group stays on one host",
+                          ("--model-axis",))
+    return Mesh(np.array(chosen, dtype=object).reshape(len(chosen) // model, model),
+                (DATA, MODEL))
+
+
+def as_mesh(mesh) -> Mesh:
+    """A Mesh from a Mesh or an int (that many local devices, data-parallel)."""
+    if isinstance(mesh, Mesh):
+        if DATA not in mesh.axis_names:
+            raise ConfigError(f"the mesh needs an axis named {DATA!r} to split the batch "
+                              f"over; it has {tuple(mesh.axis_names)}", ("fit",))
+        return mesh
+    if isinstance(mesh, (int, np.integer)) and not isinstance(mesh, bool):
+        return make_mesh(int(mesh))
+    raise ConfigError(f"mesh must be a jax.sharding.Mesh or a number of devices, got "
+                      f"{type(mesh).__name__}", ("fit",))
+
+
+def describe(mesh: Mesh) -> str:
+    """``data=4 x model=2 over 8 cpu devices in 2 processes``."""
+    devs = list(mesh.devices.flat)
+    procs = len({d.process_index for d in devs})
+    axes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    return (f"{axes} over {len(devs)} {devs[0].platform} device{'s' * (len(devs) > 1)} in "
+            f"{procs} process{'es' * (procs > 1)}")
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    """The batch must split evenly over the ``data`` axis (checked before any compile)."""
+    n = mesh.shape[DATA]
+    if batch_size % n:
+        up = -(-batch_size // n) * n
+        raise ConfigError(f"{what} {batch_size} is not divisible by the data-parallel degree "
+                          f"{n} (mesh axis {DATA!r}); use a multiple of {n}, e.g. {up}",
+                          ("fit",))
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def parse_sharding(text: str):
+    """CLI text -> spec: a name (``fsdp``) or JSON rules (``{"0.W": [null, "model"]}``)."""
+    import json
+
+    text = str(text).strip()
+    if not text.startswith(("{", "[")):
+        return text
+    try:
+        rules = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"sharding rules are not valid JSON ({err})", ("--sharding",)) \
+            from None
+    if isinstance(rules, dict):
+        return rules
+    if isinstance(rules, list) and all(isinstance(r, list) and len(r) == 2 for r in rules):
+        return [tuple(r) for r in rules]
+    raise ConfigError('sharding rules must be a JSON object {"pattern": spec} or a list of '
+                      '[pattern, spec] pairs', ("--sharding",))
+
+
+def _axes_of(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _policy(name: str, shape: tuple, mesh: Mesh, where: str) -> P:
+    if name == "replicated":
+        return P()
+    if name == "fsdp":
+        n = mesh.shape[DATA]
+        fits = [i for i, s in enumerate(shape) if s % n == 0 and s >= n]
+        if n == 1 or not fits:
+            return P()
+        best = max(fits, key=lambda i: (shape[i], -i))
+        return P(*([None] * best + [DATA]))
+    if name == "tensor":
+        if MODEL not in mesh.axis_names:
+            raise ConfigError(f"sharding 'tensor' needs a mesh axis {MODEL!r}; build one with "
+                              f"parallel.make_mesh(n, model=k) (funnn train --model-axis k)",
+                              _WHERE)
+        n = mesh.shape[MODEL]
+        if not shape or n == 1 or shape[-1] % n:
+            return P()
+        return P(*([None] * (len(shape) - 1) + [MODEL]))
+    raise ConfigError(f"unknown sharding {name!r} for {where}; valid: {', '.join(SPECS)}, or "
+                      f"rules {{'layer.path': spec}}", _WHERE)
+
+
+def _explicit(spec, shape: tuple, mesh: Mesh, where: str) -> P:
+    entries = tuple(spec) if isinstance(spec, (P, tuple, list)) else None
+    if entries is None:
+        raise ConfigError(f"sharding for {where}: a spec is a PartitionSpec, a tuple of axis "
+                          f"names or None, or one of {', '.join(SPECS)}; got {spec!r}", _WHERE)
+    if len(entries) > len(shape):
+        raise ConfigError(f"sharding for {where}: spec {entries} has {len(entries)} entries but "
+                          f"the parameter has shape {shape}", _WHERE)
+    used: list[str] = []
+    for dim, entry in enumerate(entries):
+        axes = _axes_of(entry)
+        for a in axes:
+            if a not in mesh.axis_names:
+                raise ConfigError(f"sharding for {where}: unknown mesh axis {a!r}; the mesh has "
+                                  f"axes {tuple(mesh.axis_names)}", _WHERE)
+            if a in used:
+                raise ConfigError(f"sharding for {where}: mesh axis {a!r} is used twice in "
+                                  f"{entries}", _WHERE)
+            used.append(a)
+        k = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % k:
+            raise ConfigError(f"sharding for {where}: axis {dim} of shape {shape} has size "
+                              f"{shape[dim]}, not divisible by {k} devices ({'x'.join(axes)})",
+                              _WHERE)
+    return P(*entries)
+
+
+def _specs(params, sharding, mesh: Mesh) -> list[P]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [path_str(p) for p, _ in flat]
+    shapes = [tuple(np.shape(a)) for _, a in flat]
+    if isinstance(sharding, str):
+        return [_policy(sharding, s, mesh, p) for p, s in zip(paths, shapes)]
+    if isinstance(sharding, Mapping):
+        rules = list(sharding.items())
+    elif isinstance(sharding, Sequence) and all(
+            isinstance(r, (tuple, list)) and len(r) == 2 for r in sharding):
+        rules = [tuple(r) for r in sharding]
+    else:
+        raise ConfigError(f"sharding must be one of {', '.join(SPECS)} or rules "
+                          f"{{'layer.path': spec}}, got {sharding!r}", _WHERE)
+    for pattern, _ in rules:
+        if not isinstance(pattern, str) or not any(fnmatch.fnmatchcase(p, pattern)
+                                                   for p in paths):
+            raise ConfigError(f"sharding rule {pattern!r} matches no parameter; the parameter "
+                              f"paths are {', '.join(paths)}", _WHERE)
+    out = []
+    for p, s in zip(paths, shapes):
+        spec = next((sp for pat, sp in rules if fnmatch.fnmatchcase(p, pat)), "replicated")
+        out.append(_policy(spec, s, mesh, p) if isinstance(spec, str)
+                   else _explicit(spec, s, mesh, p))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where everything of a run lives on a mesh: parameters, optimizer state, batches.
+
+    ``params`` is a pytree of ``NamedSharding`` shaped like the parameters;
+    :meth:`like` extends it to an optimizer state; ``batches`` splits axis 1 of
+    an epoch's stacked batches ``(num_batches, batch, ...)`` over ``data``.
+    """
+
+    mesh: Mesh
+    params: Any
+    shapes: tuple = ()
+    sharding: Any = "replicated"
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return self.named(P())
+
+    @property
+    def rows(self) -> NamedSharding:
+        return self.named(P(DATA))
+
+    @property
+    def batches(self) -> NamedSharding:
+        return self.named(P(None, DATA))
+
+    @property
+    def data_size(self) -> int:
+        return int(self.mesh.shape[DATA])
+
+    def specs(self) -> dict:
+        """``{"0.W": PartitionSpec(None, 'data'), ...}``: the layout of every parameter."""
+        flat = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        return {path_str(p): s.spec for p, s in flat}
+
+    def like(self, tree):
+        """Shardings for ``tree`` (an optimizer state, concrete or from ``eval_shape``):
+        every subtree shaped like the parameters gets theirs, every other leaf is
+        replicated."""
+        pdef = jax.tree_util.tree_structure(self.params)
+
+        def params_like(node) -> bool:
+            leaves, d = jax.tree_util.tree_flatten(node)
+            same = bool(d == pdef)  # type: ignore[operator]  # PyTreeDef's stub lacks __eq__
+            return same and tuple(tuple(np.shape(l)) for l in leaves) == self.shapes
+
+        return jax.tree_util.tree_map(
+            lambda n: self.params if params_like(n) else self.replicated, tree,
+            is_leaf=params_like)
+
+    def place(self, tree, shardings):
+        """Global arrays with ``shardings`` from host values every process holds alike."""
+        def put(a, s):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, s, lambda idx: np.array(a[idx]))
+        return jax.tree_util.tree_map(put, tree, shardings)
+
+    def feed(self, x, idx):
+        """One epoch's batches ``x[idx]`` as a global ``(num_batches, batch, ...)`` array.
+
+        This process gathers only the rows its own devices hold
+        (``jax.make_array_from_process_local_data``); ``idx`` is the same
+        ``(num_batches, batch)`` index array on every process.
+        """
+        gshape = tuple(idx.shape) + tuple(x.shape[1:])
+        lo, hi = self._local_rows(gshape)
+        return jax.make_array_from_process_local_data(self.batches, x[idx[:, lo:hi]], gshape)
+
+    def _local_rows(self, gshape: tuple) -> tuple[int, int]:
+        index = self.batches.addressable_devices_indices_map(gshape).values()
+        spans = sorted({(s[1].start or 0, gshape[1] if s[1].stop is None else s[1].stop)
+                        for s in index if s is not None})
+        for (_, a), (b, _) in itertools.pairwise(spans):
+            if a != b:
+                raise ConfigError("this process's devices do not hold one contiguous block of "
+                                  "the batch; build the mesh with parallel.make_mesh", _WHERE)
+        return spans[0][0], spans[-1][1]
+
+
+def plan(mesh, params, sharding="replicated") -> Plan:
+    """Check ``sharding`` against ``mesh`` and the parameters' shapes; a :class:`Plan`.
+
+    Only shapes are read (params may come from ``jax.eval_shape``); nothing is
+    compiled, so every bad spec fails here, before training starts.
+    """
+    mesh = as_mesh(mesh)
+    specs = _specs(params, sharding, mesh)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shardings = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+    return Plan(mesh, shardings, tuple(tuple(np.shape(a)) for a in leaves), sharding)
