@@ -122,10 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_seed, default=0)
 
     b = sub.add_parser("bench", help="benchmark suites: engines, peers, jit, per-example, "
-                                     "control, epoch; medians, ratios and the roofline")
+                                     "control, epoch, parallel; medians, ratios and the "
+                                     "roofline")
     b.add_argument("--suite", default="engines",
                    help="comma-separated: engines, peers, jit, per-example, control, epoch, "
-                        "or all (default: engines)")
+                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), or all "
+                        "(default: engines)")
     b.add_argument("--quick", action="store_true",
                    help="small sizes, 3 rounds (under 2 minutes on a 2-core CPU); the "
                         "default sizes are meant for accelerators")
@@ -261,6 +263,9 @@ def _join(args) -> None:
     if not auto and (args.num_processes is None or args.process_id is None):
         raise ConfigError("--coordinator HOST:PORT needs --num-processes and --process-id",
                           ("--coordinator",))
+    who = "this process" if auto else f"process {args.process_id} of {args.num_processes}"
+    print(f"funnn {args.command}: {who} joins {args.coordinator}; waits up to "
+          f"{args.init_timeout:g} s for the others", flush=True)
     parallel.initialize(args.coordinator, args.num_processes, args.process_id,
                         timeout=args.init_timeout)
 
@@ -294,6 +299,10 @@ def _train(args) -> int:
             raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); "
                               f"leave out --resume to start a new run", ("--resume",))
         mesh = _mesh(args)
+        if mesh is not None and args.check_numerics:
+            raise ConfigError("--check-numerics runs one step at a time on one device; leave "
+                              "out --devices, --model-axis, --sharding and --coordinator",
+                              ("--check-numerics",))
         sharding = parallel.parse_sharding(args.sharding)
         lock = _lock_out(out) if main else None
         found = rundir.find_run(out) if main else None
@@ -470,6 +479,9 @@ def _bench(args) -> int:
 
     suites = list(bench.SUITES) if args.suite == "all" else \
         [s.strip() for s in args.suite.split(",") if s.strip()]
+    if "parallel" in suites:     # before JAX starts: 8 simulated CPU devices (CPU only)
+        from funnn import parallel
+        parallel.simulate_cpu_devices(8)
     peers = None if args.peers is None else [p.strip() for p in args.peers.split(",")]
     report = bench.run(suites, quick=args.quick, out_dir=args.out, peers=peers,
                        rounds=args.rounds, progress=None)

@@ -49,7 +49,7 @@ from funnn.core import ConfigError, path_str
 
 __all__ = ["DATA", "MODEL", "SPECS", "initialize", "make_mesh", "as_mesh", "describe", "Plan",
            "plan", "check_batch", "is_main", "agree", "gather", "parse_coordinator",
-           "parse_sharding"]
+           "parse_sharding", "simulate_cpu_devices"]
 
 DATA, MODEL = "data", "model"
 SPECS = ("replicated", "fsdp", "tensor")
@@ -198,6 +198,29 @@ def gather(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def simulate_cpu_devices(n: int) -> bool:
+    """Ask XLA for ``n`` CPU devices (``--xla_force_host_platform_device_count``) if JAX has
+    not started yet and nobody asked for a count; True if the flag is (now) set.
+
+    Simulated devices share the machine's cores: they test sharded programs and
+    measure their overhead, never a speed-up. Other platforms are unaffected.
+    """
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return True
+    try:
+        from jax._src import xla_bridge
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):     # a JAX without this private helper
+        started = True
+    if started:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return True
 
 
 # --------------------------------------------------------------------------- meshes

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funnn import autodiff, control, losses, manual, train
+from funnn import autodiff, control, losses, manual, parallel, train
 from funnn import layers as L
 from funnn.bench import peers
-from funnn.bench.harness import Case
+from funnn.bench.harness import Case, Unavailable
 from funnn.core import ConfigError
 
 __all__ = ["SUITES", "SIZES", "build", "mlp_flops", "lstm_flops", "data_for", "trains"]
@@ -374,10 +374,103 @@ def epoch_suite(size: str) -> list[list[Case]]:
                   jit=False, flops=flops, samples=nb * batch)]]
 
 
+def _dp_step(n: int, sharding: str, batch: int, ref: dict):
+    """One Adam step of the MLP on an ``n``-device mesh; ``ref`` gets the 1-device step."""
+    def build():
+        have = jax.local_device_count()
+        if have < n:
+            raise Unavailable(f"{n} devices wanted, this process has {have}; on a CPU set "
+                              f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+        model = funnn_model("mlp")
+        x, y = data_for("mlp", batch)
+        _, params = model.init(jax.random.key(0), (None, 784))
+        opt = optax.adam(LR)
+        step = train.make_step(model, XENT, opt, "autodiff")
+        ts = train.TrainState(params, opt.init(params), None)
+        plan = parallel.plan(parallel.make_mesh(n), params, sharding)
+        sh = train.TrainState(plan.params, plan.like(ts.opt_state), None)
+
+        def sharded(ts, x, y):
+            rows = plan.rows
+            return step(ts, jax.lax.with_sharding_constraint(x, rows),
+                        jax.lax.with_sharding_constraint(y, rows), None)
+
+        ref.update(one=(jax.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)))
+        fn = jax.jit(sharded, in_shardings=(sh, plan.rows, plan.rows),
+                     out_shardings=(sh, plan.replicated))
+        placed = train.TrainState(*(plan.place(t, s) for t, s in zip(ts, sh)))
+        return fn, (placed, plan.place(x, plan.rows), plan.place(y, plan.rows))
+    return build
+
+
+def _same_as_one_device(ref: dict):
+    """Raise unless the sharded step gives the 1-device step's parameters (1e-5 relative)."""
+    def check(fn, args):
+        one, one_args = ref["one"]
+        (want, _), (got, _) = one(*one_args), fn(*args)
+        for a, b in zip(jax.tree_util.tree_leaves(want.params),
+                        jax.tree_util.tree_leaves(got.params)):
+            a, b = np.asarray(a), np.asarray(b)
+            if float(np.linalg.norm(a - b)) > 1e-5 * max(float(np.linalg.norm(a)), 1e-30):
+                raise AssertionError("the sharded step differs from the 1-device step")
+    return check
+
+
+def _allreduce(n: int):
+    """``psum`` over ``data`` of one gradient-sized tree per device: the collective alone."""
+    def build():
+        if jax.local_device_count() < n:
+            raise Unavailable(f"{n} devices wanted, this process has {jax.local_device_count()}")
+        mesh = parallel.make_mesh(n)
+        _, params = funnn_model("mlp").init(jax.random.key(0), (None, 784))
+        per_device = jax.tree_util.tree_map(
+            lambda a: np.broadcast_to(np.asarray(a), (n,) + a.shape), params)
+        spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
+        grads = jax.tree_util.tree_map(lambda a: jax.device_put(a, spread), per_device)
+        psum = jax.shard_map(lambda g: jax.tree_util.tree_map(
+            lambda a: jax.lax.psum(a, parallel.DATA), g), mesh=mesh,
+            in_specs=jax.sharding.PartitionSpec(parallel.DATA),
+            out_specs=jax.sharding.PartitionSpec())
+        return jax.jit(psum), (grads,)
+    return build
+
+
+def parallel_suite(size: str) -> list[list[Case]]:
+    """The MLP's Adam step data-parallel over 1, 2, 4, 8 devices (replicated and fsdp
+    parameters), and the gradient all-reduce alone: its ratio is the collective's share
+    of the replicated step. Each sharded step is checked against the 1-device step."""
+    batch = {"tiny": 16, "quick": 256, "full": 2048}[size]
+    counts = [1, 2, 4, 8]
+    if size == "tiny":   # the tests: only what this process has
+        counts = [n for n in (1, 2) if n <= jax.local_device_count()]
+    cpu = jax.default_backend() == "cpu"
+    note = (" (CPU-simulated devices share the same cores: shows correctness and overhead, "
+            "not speed-up)" if cpu else "")
+    groups = []
+    for n in counts:
+        name = f"mlp b{batch} data-parallel on {n} device{'s' * (n > 1)}{note}"
+        ref: dict = {}
+        flops = mlp_flops(batch)     # XLA counts one device's share of a sharded program
+        cases = [Case("parallel", name, "step, replicated params", batch, "float32",
+                      _dp_step(n, "replicated", batch, ref), baseline=True, flops=flops,
+                      check=_same_as_one_device(ref), samples=batch)]
+        if n > 1:
+            ref_f: dict = {}
+            cases += [Case("parallel", name, "step, fsdp params", batch, "float32",
+                           _dp_step(n, "fsdp", batch, ref_f), check=_same_as_one_device(ref_f),
+                           flops=flops, samples=batch),
+                      Case("parallel", name, "all-reduce: share of step", batch, "float32",
+                           _allreduce(n), flops=0.0,
+                           note="the gradient psum alone; its ratio is its share of the step")]
+        groups.append(cases)
+    return groups
+
+
 SIZES = ("tiny", "quick", "full")
 SUITES: dict[str, Callable[[str], list[list[Case]]]] = {
     "engines": engines, "peers": peer_suite, "jit": jit_suite,
-    "per-example": per_example_suite, "control": control_suite, "epoch": epoch_suite}
+    "per-example": per_example_suite, "control": control_suite, "epoch": epoch_suite,
+    "parallel": parallel_suite}
 
 
 def build(names, size: str = "quick", peer_names=None) -> list[list[Case]]:

@@ -1,0 +1,280 @@
+"""Many devices and many hosts: meshes, sharding specs, fit on a mesh, two real processes.
+
+This process started JAX with one CPU device, so the multi-device checks run in
+fresh processes with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``:
+``tests/_parallel_worker.py`` (8 devices, ``fit`` on every layout, both engines,
+float32 and float64) and the ``funnn`` command itself (two processes on 127.0.0.1
+with 4 devices each against one process with 8).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funnn import cli, data, parallel, train
+from funnn import layers as L
+from funnn.core import ConfigError
+
+HERE = Path(__file__).parent
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _funnn(*args, devices: int = 1, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "funnn.cli", *args], cwd=cwd,
+                            env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(*procs, timeout=400):
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def _rel(a, b) -> float:
+    worst = 0.0
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        worst = max(worst, float(np.linalg.norm(u - v) / max(np.linalg.norm(v), 1e-300)))
+    return worst
+
+
+# --------------------------------------------------------------------------- 8 devices
+
+
+@pytest.mark.slow
+def test_eight_devices_train_like_one_on_every_layout(tmp_path):
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, str(HERE / "_parallel_worker.py"), str(out)],
+                       env=_env(8), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["devices"] == 8
+    tol = {"float32": 1e-5, "float64": 1e-10}
+    for dtype in tol:
+        for engine in ("autodiff", "manual"):
+            rows = rep[f"{dtype} {engine}"]
+            assert "replicated" in rows
+            for layout, row in rows.items():
+                where = f"{dtype} {engine} {layout}"
+                assert row["dtype"] == dtype, where
+                assert row["params"] <= tol[dtype], (where, row["params"])
+                assert row["opt_state"] <= tol[dtype], (where, row["opt_state"])
+                assert row["loss"] <= tol[dtype] and row["eval"] <= 10 * tol[dtype], where
+                assert row["mu_specs"] == row["param_specs"], where   # Adam's state follows
+    rows = rep["float32 autodiff"]
+    assert rows["replicated"]["mesh"] == {"data": 8, "model": 1}
+    assert rows["replicated"]["param_specs"] == ["P()"] * 6
+    # fsdp splits each leaf's largest axis over data where 8 divides it: W (2, 16) by
+    # columns, b (16,), W (16, 8) by rows, b (8,); the (8, 3) W too; b (3,) stays whole
+    assert rows["fsdp"]["param_specs"] == ["P(None, 'data')", "P('data',)", "P('data',)",
+                                           "P('data',)", "P('data',)", "P()"]
+    # tensor parallel on data=4 x model=2: output axes split where 2 divides them
+    assert rows["tensor"]["mesh"] == {"data": 4, "model": 2}
+    assert rows["tensor"]["param_specs"] == ["P(None, 'model')", "P('model',)",
+                                             "P(None, 'model')", "P('model',)", "P()", "P()"]
+    rules = next(v for k, v in rows.items() if k.startswith("{"))
+    assert rules["param_specs"] == ["P(None, 'model')", "P()", "P('data',)", "P('data',)",
+                                    "P('data', None)", "P()"]
+    assert rep["dropout+batch_norm"]["params"] <= 1e-5
+    assert rep["dropout+batch_norm"]["state"] <= 1e-5
+    err = rep["errors"]
+    assert err["batch"].startswith("ConfigError") and "batch_size 30 is not divisible by the " \
+        "data-parallel degree 8" in err["batch"] and "e.g. 32" in err["batch"]
+    assert "unknown mesh axis 'modle'" in err["axis"] and "('data', 'model')" in err["axis"]
+    assert "rule '7.W' matches no parameter" in err["path"] and "0.W, 0.b" in err["path"]
+    assert "axis 1 of shape (8, 3) has size 3, not divisible by 8" in err["indivisible"]
+    assert "needs a mesh axis 'model'" in err["tensor_without_model_axis"]
+    assert "asked for 16 devices but this process has 8" in err["devices"]
+    assert rep["compiles_during_errors"] == 0      # every bad input fails before compiling
+    assert [(impl, status) for _, impl, status in rep["bench"]] == [
+        ("step, replicated params", "ok"), ("step, replicated params", "ok"),
+        ("step, fsdp params", "ok"), ("all-reduce: share of step", "ok")]
+    assert all("not speed-up" in name for name, _, _ in rep["bench"])
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_two_processes_end_where_eight_devices_end_and_both_resume(tmp_path):
+    port = _free_port()
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("train", "--epochs", "5", "--quiet")
+    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
+    runs = _finish(_funnn(*common, "--devices", "8", "--out", str(one), devices=8),
+                   *(_funnn(*common, *job, "--process-id", str(i), "--out", str(two),
+                            devices=4) for i in (0, 1)))
+    for code, _, stderr in runs:
+        assert code == 0, stderr[-3000:]
+    assert "8 cpu devices in 1 process" in runs[0][1]
+    assert "8 cpu devices in 2 processes" in runs[1][1] and "process 0 of 2" in runs[1][1]
+    assert "process 1 of 2; process 0 writes the run directory" in runs[2][1]
+    # process 0 alone wrote the run directory, the same files as the one-process run
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
+    a, b = train.restore_run(one), train.restore_run(two)
+    assert a.step == b.step == 5
+    assert _rel(b.params, a.params) <= 1e-5 and _rel(b.opt_state, a.opt_state) <= 1e-5
+    fa, fb = (json.loads((d / "metrics.json").read_text())["final"] for d in (one, two))
+    assert abs(fa["train_loss"] - fb["train_loss"]) <= 1e-5 * fa["train_loss"]
+    assert fa["eval_accuracy"] == fb["eval_accuracy"]
+    assert b.config["mesh"] == {"data": 8, "model": 1}
+
+    # every process resumes from process 0's checkpoint, here onto fsdp parameters
+    port = _free_port()
+    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
+    more = ("train", "--epochs", "6", "--quiet", "--resume")
+    runs = _finish(_funnn(*more, "--devices", "8", "--out", str(one), devices=8),
+                   *(_funnn(*more, *job, "--process-id", str(i), "--out", str(two),
+                            "--sharding", "fsdp", devices=4) for i in (0, 1)))
+    for code, stdout, stderr in runs:
+        assert code == 0, stderr[-3000:]
+        assert "from epoch 5" in stdout
+    a, b = train.restore_run(one), train.restore_run(two)
+    assert a.step == b.step == 6
+    assert _rel(b.params, a.params) <= 1e-5 and _rel(b.opt_state, a.opt_state) <= 1e-5
+
+
+def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
+    t0 = time.perf_counter()
+    ((code, _, stderr),) = _finish(_funnn(
+        "train", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+        "--process-id", "1", "--init-timeout", "2"), timeout=120)
+    assert code == 2, stderr
+    assert "cannot reach the coordinator 127.0.0.1:" in stderr and "within 2 s" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert time.perf_counter() - t0 < 60
+
+
+def test_process_zero_alone_stops_after_the_timeout_instead_of_hanging():
+    """Past the coordinator's port, JAX owns the wait: it ends the process (SIGABRT)."""
+    t0 = time.perf_counter()
+    ((code, stdout, stderr),) = _finish(_funnn(
+        "train", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+        "--process-id", "0", "--init-timeout", "1"), timeout=120)
+    assert code != 0
+    assert "waits up to 1 s" in stdout + stderr
+    assert time.perf_counter() - t0 < 60
+
+
+# --------------------------------------------------------------------------- this process
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": 2},
+     r"process_id must lie in \[0, 2\) for 2 processes, got 2"),
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": -1}, r"got -1"),
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 0, "process_id": 0},
+     "num_processes must be at least 1"),
+    ({"coordinator": "127.0.0.1", "num_processes": 2, "process_id": 0}, "HOST:PORT"),
+    ({"coordinator": "host:99999", "num_processes": 2, "process_id": 0}, "1..65535"),
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": None},
+     "process_id must be an int"),
+    ({"coordinator": "auto", "num_processes": 2, "process_id": 0}, "JAX detects them"),
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": 1, "timeout": 0},
+     "timeout must be a positive number"),
+])
+def test_bad_process_settings_fail_before_jax_is_touched(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        parallel.initialize(**kw)
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "2"],
+     "process_id must lie in [0, 2)"),
+    (["train", "--num-processes", "2", "--process-id", "0"], "need --coordinator"),
+    (["train", "--coordinator", "127.0.0.1:9"], "needs --num-processes and --process-id"),
+    (["train", "--devices", "2"], "asked for 2 devices but this process has 1 (cpu)"),
+    (["train", "--sharding", "zero3"], "unknown sharding 'zero3'"),
+    (["train", "--sharding", '{"9.W": "fsdp"}'], "rule '9.W' matches no parameter"),
+    (["train", "--sharding", '{"0.W": [null, "modle"]}'], "unknown mesh axis 'modle'"),
+    (["train", "--sharding", "{oops"], "not valid JSON"),
+    (["train", "--model", "sigmoid", "--devices", "1", "--check-numerics"],
+     "--check-numerics runs one step at a time on one device"),
+])
+def test_bad_parallel_options_exit_2_with_one_line(argv, match, capsys, tmp_path):
+    code = cli.main(argv + ["--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_device_mesh_is_the_same_code_path_and_says_where_arrays_live():
+    tr, te = data.load("xor", n=64)
+    model = L.serial(L.dense(8), L.activation("tanh"), L.dense(2))
+    _, params = model.init(jax.random.key(0), (None, 2))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    x = np.asarray(tr.x, np.float64)
+    kw = dict(epochs=2, batch_size=16, progress=False, eval_data=(np.asarray(te.x), te.y))
+    plain = train.fit(model, params, (x, tr.y), "softmax_cross_entropy", "adam", **kw)
+    meshed = train.fit(model, params, (x, tr.y), "softmax_cross_entropy", "adam", mesh=1,
+                       sharding="fsdp", **kw)
+    assert _rel(meshed.params, plain.params) <= 1e-10
+    assert _rel(meshed.opt_state, plain.opt_state) <= 1e-10
+    assert [r["train_loss"] for r in meshed.history] == pytest.approx(
+        [r["train_loss"] for r in plain.history], rel=1e-10)
+    w = meshed.params[0]["W"]
+    assert isinstance(w.sharding, jax.sharding.NamedSharding) and w.dtype == jnp.float64
+    assert dict(w.sharding.mesh.shape) == {"data": 1, "model": 1}
+    assert meshed.config["mesh"] == {"data": 1, "model": 1}
+    assert meshed.config["sharding"] == "fsdp"
+
+
+def test_plans_check_specs_against_the_mesh_and_the_shapes():
+    model = L.serial(L.dense(4), L.activation("relu"), L.dense(2))
+    _, params = model.init(jax.random.key(0), (None, 3))
+    mesh = parallel.make_mesh(1)
+    plan = parallel.plan(mesh, params, [("0.W", (None, "model")), ("0.b", ("model",)),
+                                        ("*", "fsdp")])
+    spec = jax.sharding.PartitionSpec
+    assert plan.specs() == {"0.W": spec(None, "model"), "0.b": spec("model"), "2.W": spec(),
+                            "2.b": spec()}
+    for spec, match in [
+            ({"0.W": ("data", "model", None)}, r"has 3 entries but the parameter has shape"),
+            ({"0.W": ("data", "data")}, "used twice"),
+            ({"0.W": 3}, "a spec is a PartitionSpec"),
+            ("zero3", "unknown sharding 'zero3'"),
+            (42, "sharding must be one of replicated, fsdp, tensor")]:
+        with pytest.raises(ConfigError, match=match):
+            parallel.plan(mesh, params, spec)
+    with pytest.raises(ConfigError, match=r"the model axis \(3\) must divide"):
+        parallel.make_mesh(1, model=3)
+    with pytest.raises(ConfigError, match="needs an axis named 'data'"):
+        parallel.as_mesh(jax.sharding.Mesh(np.array(jax.devices()), ("batch",)))
+    with pytest.raises(ConfigError, match="sharding='fsdp' needs a mesh"):
+        train.fit(model, params, (np.ones((8, 3)), np.zeros(8, int)), "softmax_cross_entropy",
+                  batch_size=4, sharding="fsdp", progress=False)
+    assert parallel.parse_sharding('[["0.W", [null, "model"]]]') == [("0.W", [None, "model"])]
+    assert parallel.parse_coordinator("[::1]:8476") == ("::1", 8476)
+
+
+def test_info_shows_processes_and_the_mesh(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "processes: 1 (this is process 0)" in out and "process 0" in out
+    assert "mesh: none" in out and "data=1 x model=1 over 1 cpu device" in out
+    assert cli.main(["info", "--devices", "4"]) == 0
+    assert "asked for 4 devices but this process has 1" in capsys.readouterr().out
