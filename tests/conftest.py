@@ -14,4 +14,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile(
     "funnn", max_examples=12, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# `pytest --hypothesis-profile=thorough`: many more examples, for runs outside the default suite
+# (tests/test_properties.py draws a new random network per example: ~0.3-3 s each).
+settings.register_profile("thorough", parent=settings.get_profile("funnn"), max_examples=400)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "funnn"))
