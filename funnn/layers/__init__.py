@@ -4,6 +4,7 @@ Every constructor returns a :class:`funnn.core.Layer` with ``init``, ``apply``
 (the autodiff path) and the hand-written ``forward``/``backward`` pair.
 """
 
+from funnn.layers.attention import cross_attention, multi_head_attention
 from funnn.layers.combinators import out_shape, parallel, residual, serial
 from funnn.layers.conv import conv1d, conv2d
 from funnn.layers.dense import INITIALIZERS, dense
@@ -13,10 +14,13 @@ from funnn.layers.embedding import embedding
 from funnn.layers.norm import batch_norm, layer_norm
 from funnn.layers.pool import avg_pool, global_avg_pool, max_pool
 from funnn.layers.recurrent import gru, lstm, rnn
+from funnn.layers.transformer import positional_embedding, tied_embedding, transformer_block
 
 __all__ = [
     "serial", "parallel", "residual", "out_shape",
     "dense", "INITIALIZERS", "activation", "prelu", "flatten",
     "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool",
     "dropout", "layer_norm", "batch_norm", "embedding", "rnn", "lstm", "gru",
+    "multi_head_attention", "cross_attention", "transformer_block", "positional_embedding",
+    "tied_embedding",
 ]
