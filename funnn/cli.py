@@ -344,8 +344,8 @@ def _train(args) -> int:
                 _files.write_json(os.path.join(out, rundir.RUN_FILE), {
                     "format": "funnn.run/1", "run_id": run_id, "config": config,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        agreed = True            # one agreement per process, whatever it answers
         parallel.agree(None)     # every process is ready (a no-op for one process)
-        agreed = True
         print(_describe(recipe, config))
         if mesh is not None:
             print(f"funnn train: mesh {parallel.describe(mesh)}; process "

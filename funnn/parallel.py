@@ -178,8 +178,8 @@ def agree(error: BaseException | None = None, value: int = 0, what: str = "") ->
         np.array([error is not None, value], np.int32))).reshape(-1, 2)
     failed = [i for i, f in enumerate(got[:, 0]) if f]
     if failed and error is None:
-        raise ConfigError(f"process {', '.join(map(str, failed))} could not start (see its "
-                          f"error); stopping process {jax.process_index()} too", _WHERE)
+        raise ConfigError(f"process {', '.join(map(str, failed))} failed (see its error); "
+                          f"stopping process {jax.process_index()} too", _WHERE)
     if not failed and len(set(got[:, 1].tolist())) > 1:
         raise ConfigError(f"processes disagree on {what or 'a setting'}: "
                           f"{got[:, 1].tolist()} (process 0, 1, ...); is the run directory on "

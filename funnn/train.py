@@ -513,10 +513,19 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                 return None
             if plan is not None:
                 ts_ = _gather(ts_)      # a collective: every process takes part
-            return ckpt.save_in(
-                cdir, e, keep=keep, params=ts_.params, opt_state=ts_.opt_state,
-                model_state=ts_.model_state, key=key, extras=extras, config=run_config,
-                metadata={"history": hist}, run=run_id) if main else None
+            path, failed = None, None
+            try:
+                path = ckpt.save_in(
+                    cdir, e, keep=keep, params=ts_.params, opt_state=ts_.opt_state,
+                    model_state=ts_.model_state, key=key, extras=extras, config=run_config,
+                    metadata={"history": hist}, run=run_id) if main else None
+            except (FunnnError, OSError) as err:
+                failed = err
+            if plan is not None:
+                _agree(failed, e)       # a failed write stops every process, not just 0
+            if failed is not None:
+                raise failed
+            return path
 
         ts, history = _train_epochs(
             model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,

@@ -156,6 +156,15 @@ def test_two_processes_end_where_eight_devices_end_and_both_resume(tmp_path):
     assert a.step == b.step == 6
     assert _rel(b.params, a.params) <= 1e-5 and _rel(b.opt_state, a.opt_state) <= 1e-5
 
+    # a setup error on process 0 alone (nothing to resume there) stops process 1 too
+    t0, port = time.perf_counter(), _free_port()
+    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
+    runs = _finish(*(_funnn("train", "--resume", "--out", str(tmp_path / "typo"), *job,
+                            "--process-id", str(i), devices=4) for i in (0, 1)), timeout=120)
+    assert [code for code, _, _ in runs] == [2, 2]
+    assert "nothing to resume" in runs[0][2] and "process 0 failed" in runs[1][2]
+    assert time.perf_counter() - t0 < 100
+
 
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
     t0 = time.perf_counter()
