@@ -102,6 +102,23 @@ def test_manual_equals_autodiff_and_fd(kind, seq, mode, train):
     _grad_check(layer, p, x, mask, dy, train)
 
 
+@pytest.mark.parametrize("kind", CELLS)
+def test_unroll_gives_the_same_layer(kind):
+    """unroll=3 (T=4: one full block and a remainder step) and unroll=True: gradients still
+    agree three ways, and the output equals the rolled loop's (float64, to rounding)."""
+    rng = np.random.default_rng(8)
+    mask = jnp.array([[1, 0, 1, 1], [1, 1, 1, 0]])
+    x = jnp.asarray(rng.normal(size=(B, T, D)))
+    dy = jnp.asarray(rng.normal(size=(B, T, H)))
+    rolled = CELLS[kind](H, masked=True)
+    p = _params(rolled, D, 9)
+    for unroll in (3, True):
+        layer = CELLS[kind](H, masked=True, unroll=unroll)
+        _grad_check(layer, p, x, mask, dy, train=False)
+        got, want = _jit(lambda p, x: (layer.apply(p, x), rolled.apply(p, x)))(p, (x, mask))
+        assert _rel(got, want) < 1e-12
+
+
 @pytest.mark.slow
 @settings(max_examples=9)
 @given(kind=st.sampled_from(sorted(CELLS)), b=st.integers(1, 3), t=st.integers(1, 5),
@@ -310,6 +327,9 @@ def test_config_errors():
         gru(3, masked=1)
     with pytest.raises(ConfigError, match="dtype"):
         gru(3, dtype=jnp.int32)
+    for bad in (0, -1, 2.5, "2", None):
+        with pytest.raises(ConfigError, match="unroll must be a positive int"):
+            lstm(3, unroll=bad)
 
 
 @pytest.mark.parametrize("kind", CELLS)

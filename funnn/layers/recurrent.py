@@ -2,9 +2,11 @@
 
 Input ``x`` is ``(batch, time, features)``. The state starts at zero. The forward pass is
 a ``lax.scan`` over time; the backward pass (BPTT) is a reverse ``lax.scan`` over the
-cached states that carries ``dL/dh`` (and ``dL/dc`` for the LSTM) back through time and
-emits each step's pre-activation gradient; the weight gradients are then summed over
-(batch, time) in one contraction per weight, ``dW = sum_t x_t^T da_t``.
+cached residuals that carries ``dL/dh`` (and ``dL/dc`` for the LSTM) back through time and
+emits each step's pre-activation gradient ``da_t``; only ``dh_{t-1} = da_t W_h^T`` is a
+product inside the loop. The weight gradients and ``dx`` are then one matrix product each
+over all (time, batch) rows after the loop: ``dW = X^T dA`` with the steps stacked,
+``dx = dA W_x^T``.
 
 Row-vector convention: ``h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)``, weights ``(in, out)``.
 
@@ -20,6 +22,18 @@ Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
   zeros: ``y_t = m_t h_t``. With ``return_sequences=False`` the output is the final
   carried state, i.e. the state after the last unmasked step. The mask gets no gradient:
   ``backward`` returns ``dx = (dx, None)`` and ``apply`` stops its gradient.
+* ``unroll`` (default 1): steps per iteration of the compiled loops, passed to
+  ``lax.scan`` (forward and backward; ``True`` unrolls fully); results agree to rounding. On a
+  2-core CPU, an LSTM(128) over 28 steps: full unrolling makes the manual engine's step
+  about 10% faster and compiles about 5x longer, and makes autodiff's slower; 2 to 7 change
+  little (``benchmarks/lstm_cpu.py --unroll``).
+
+Speed notes (measured with ``benchmarks/lstm_cpu.py``; XLA on CPU): every op inside the
+loop costs a few microseconds to launch, so a step does few, wide ops (the LSTM's four
+activations are one sigmoid, below); and the input is projected inside the step rather
+than for all steps before the loop, which kept a ``(time, batch, 4 hidden)`` array alive
+and pushed the training step's scratch memory past 32 MiB, where malloc hands out fresh
+``mmap``-ed (page-faulting) memory on every call: the LSTM step took 3x PyTorch's time.
 
 ``train`` and ``key`` are accepted for the layer contract and ignored (no dropout here).
 The scans run in the wider of ``x``'s and the params' dtypes; ``backward`` returns each
@@ -63,24 +77,41 @@ def _split(a, n):
 
 
 def _contract(x, d):
-    """``sum_t x_t^T d_t``: ``x (T, B, m)``, ``d (T, B, n)`` -> ``(m, n)``."""
-    return jnp.einsum("tbm,tbn->mn", x, d)
+    """``sum_t x_t^T d_t``: ``x (T, B, m)``, ``d (T, B, n)`` -> ``(m, n)``, one matrix product."""
+    return x.reshape(-1, x.shape[-1]).T @ d.reshape(-1, d.shape[-1])
+
+
+def _xw(x_t, w):
+    """``x_t W`` from the step's input stored transposed, ``x_t^T (in, B)``.
+
+    Both products then read a row-major operand: this one, and the weight gradient
+    ``x_t^T dz`` that autodiff accumulates every step (measured: the transposed store makes
+    the autodiff LSTM step about 5% faster on a 2-core CPU; see ``benchmarks/lstm_cpu.py``).
+    """
+    return lax.dot_general(x_t, w, (((0,), (0,)), ((), ())))
+
+
+def _project(x_tm, w):
+    """``x_t W`` for all steps at once: ``(T, B, m) @ (n, k)``; the input gradient ``dz W^T``."""
+    return (x_tm.reshape(-1, x_tm.shape[-1]) @ w).reshape(x_tm.shape[:-1] + (w.shape[-1],))
 
 
 class _Cell(NamedTuple):
     """One recurrent cell, time-major, unmasked; :func:`_layer` adds scan, mask and checks.
 
     ``init(key, n_in, H, dt) -> params``; ``carry`` is a tuple with ``h`` first;
-    ``step(p, carry, xw_t) -> (carry', res_t)`` with ``xw = x W_x + b`` precomputed by
-    ``xproj(p, x_tm)``; ``back(p, dcarry', carry, res_t) -> (dcarry, dpre_t)``;
-    ``finish(p, x_tm, carries, dpre) -> (dparams, dx_tm)``.
+    ``step(p, carry, x_t, keep) -> (carry', res_t)`` (``res_t`` is ``None`` unless ``keep``);
+    ``back(p, dcarry', h_{t-1}, res_t) -> (dcarry, dpre_t)``;
+    ``finish(p, x_tm, h_prev, dpre) -> (dparams, dx_tm)`` with the weight gradients as one
+    matrix product each over all (time, batch) rows.
+
+    Each step projects its own input, ``x_t W_x`` (see the module's speed notes).
     """
 
     kind: str
     wx: str
     n_carry: int
     init: Callable
-    xproj: Callable
     step: Callable
     back: Callable
     finish: Callable
@@ -96,28 +127,37 @@ def _rnn_init(key, n_in, hidden, dt):
     return {"W_xh": w_x, "W_hh": w_h, "b": jnp.zeros((hidden,), dt)}
 
 
-def _rnn_step(p, carry, xw_t):
-    h = jnp.tanh(xw_t + carry[0] @ p["W_hh"])
-    return (h,), h
+def _rnn_step(p, carry, x_t, keep):
+    h = jnp.tanh(_xw(x_t, p["W_xh"]) + carry[0] @ p["W_hh"] + p["b"])
+    return (h,), ((1 - h * h) if keep else None)       # residual: tanh' = 1 - h^2
 
 
-def _rnn_back(p, dcarry, carry, h):
-    da = dcarry[0] * (1 - h * h)
+def _rnn_back(p, dcarry, h_prev, dtanh):
+    da = dcarry[0] * dtanh
     return (da @ p["W_hh"].T,), da
 
 
-def _rnn_finish(p, x_tm, carries, da):
-    return ({"W_xh": _contract(x_tm, da), "W_hh": _contract(carries[0], da),
-             "b": da.sum((0, 1))}, da @ p["W_xh"].T)
+def _rnn_finish(p, x_tm, h_prev, da):
+    return ({"W_xh": _contract(x_tm, da), "W_hh": _contract(h_prev, da),
+             "b": da.sum((0, 1))}, _project(da, p["W_xh"].T))
 
 
-_RNN = _Cell("rnn", "W_xh", 1, _rnn_init, lambda p, x: x @ p["W_xh"] + p["b"],
-             _rnn_step, _rnn_back, _rnn_finish)
+_RNN = _Cell("rnn", "W_xh", 1, _rnn_init, _rnn_step, _rnn_back, _rnn_finish)
 
 
 # --------------------------------------------------------------------------- LSTM
 # z = x_t W_x + h_{t-1} W_h + b, split in gate order (i, f, g, o);
 # i, f, o = sigmoid, g = tanh;  c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+#
+# All four activations are one sigmoid over z: g = tanh(z_g) = 2 sigmoid(2 z_g) - 1, so
+# a = sigmoid(s z) s - (s - 1) with s = 2 on the g block and 1 elsewhere (one fused
+# elementwise pass instead of four). The step keeps, for the hand-written backward, the
+# factors that multiply the incoming gradients (computed here, where the values are at hand):
+#   dc_t += dh_t q,  q = o (1 - tanh^2 c_t)
+#   dz = [dc_t, dc_t, dc_t, dh_t] * P,
+#   P = [g i(1-i), c_{t-1} f(1-f), i (1-g^2), tanh(c_t) o(1-o)],
+#   dc_{t-1} = dc_t f,  dh_{t-1} = dz W_h^T,
+# so each reverse step is one elementwise pass and one matrix product.
 
 
 def _lstm_init(key, n_in, hidden, dt):
@@ -126,33 +166,34 @@ def _lstm_init(key, n_in, hidden, dt):
     return {"W_x": w_x, "W_h": w_h, "b": b}
 
 
-def _lstm_step(p, carry, xw_t):
+def _lstm_step(p, carry, x_t, keep):
     h, c = carry
-    zi, zf, zg, zo = _split(xw_t + h @ p["W_h"], 4)
-    i, f, g, o = _sigmoid(zi), _sigmoid(zf), jnp.tanh(zg), _sigmoid(zo)
+    z = _xw(x_t, p["W_x"]) + h @ p["W_h"] + p["b"]
+    s = np.repeat(np.array([1, 1, 2, 1], z.dtype), h.shape[-1])
+    i, f, g, o = _split(_sigmoid(z * s) * s - (s - 1), 4)
     c_new = f * c + i * g
     tc = jnp.tanh(c_new)
-    return (o * tc, c_new), (i, f, g, o, tc)
+    if not keep:
+        return (o * tc, c_new), None
+    pz = jnp.concatenate([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g),
+                          tc * o * (1 - o)], axis=-1)
+    return (o * tc, c_new), (pz, o * (1 - tc * tc), f)
 
 
-def _lstm_back(p, dcarry, carry, res):
+def _lstm_back(p, dcarry, h_prev, res):
     dh, dc = dcarry
-    i, f, g, o, tc = res
-    do = dh * tc
-    dc = dc + dh * o * (1 - tc * tc)                    # through h = o tanh(c)
-    di, df, dg = dc * g, dc * carry[1], dc * i
-    dz = jnp.concatenate([di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g),
-                          do * o * (1 - o)], axis=-1)
+    pz, q, f = res
+    dc = dc + dh * q                                    # through h = o tanh(c)
+    dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * pz
     return (dz @ p["W_h"].T, dc * f), dz
 
 
-def _lstm_finish(p, x_tm, carries, dz):
-    return ({"W_x": _contract(x_tm, dz), "W_h": _contract(carries[0], dz),
-             "b": dz.sum((0, 1))}, dz @ p["W_x"].T)
+def _lstm_finish(p, x_tm, h_prev, dz):
+    return ({"W_x": _contract(x_tm, dz), "W_h": _contract(h_prev, dz),
+             "b": dz.sum((0, 1))}, _project(dz, p["W_x"].T))
 
 
-_LSTM = _Cell("lstm", "W_x", 2, _lstm_init, lambda p, x: x @ p["W_x"] + p["b"],
-              _lstm_step, _lstm_back, _lstm_finish)
+_LSTM = _Cell("lstm", "W_x", 2, _lstm_init, _lstm_step, _lstm_back, _lstm_finish)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -167,17 +208,17 @@ def _gru_init(key, n_in, hidden, dt):
             "b_x": jnp.zeros((3 * hidden,), dt), "b_h": jnp.zeros((3 * hidden,), dt)}
 
 
-def _gru_step(p, carry, xw_t):
+def _gru_step(p, carry, x_t, keep):
     h = carry[0]
-    xr, xz, xn = _split(xw_t, 3)
+    xr, xz, xn = _split(_xw(x_t, p["W_x"]) + p["b_x"], 3)
     hr, hz, hn = _split(h @ p["W_h"] + p["b_h"], 3)
     r, z = _sigmoid(xr + hr), _sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
-    return ((1 - z) * n + z * h,), (r, z, n, hn)
+    return ((1 - z) * n + z * h,), ((r, z, n, hn) if keep else None)
 
 
-def _gru_back(p, dcarry, carry, res):
-    dh, (h, (r, z, n, hn)) = dcarry[0], (carry[0], res)
+def _gru_back(p, dcarry, h, res):
+    dh, (r, z, n, hn) = dcarry[0], res
     dan = dh * (1 - z) * (1 - n * n)                    # pre-activation of n
     dar = dan * hn * r * (1 - r)
     daz = dh * (h - n) * z * (1 - z)
@@ -186,14 +227,13 @@ def _gru_back(p, dcarry, carry, res):
     return (dh * z + dhw @ p["W_h"].T,), (dxw, dhw)
 
 
-def _gru_finish(p, x_tm, carries, dpre):
+def _gru_finish(p, x_tm, h_prev, dpre):
     dxw, dhw = dpre
-    return ({"W_x": _contract(x_tm, dxw), "W_h": _contract(carries[0], dhw),
-             "b_x": dxw.sum((0, 1)), "b_h": dhw.sum((0, 1))}, dxw @ p["W_x"].T)
+    return ({"W_x": _contract(x_tm, dxw), "W_h": _contract(h_prev, dhw),
+             "b_x": dxw.sum((0, 1)), "b_h": dhw.sum((0, 1))}, _project(dxw, p["W_x"].T))
 
 
-_GRU = _Cell("gru", "W_x", 1, _gru_init, lambda p, x: x @ p["W_x"] + p["b_x"],
-             _gru_step, _gru_back, _gru_finish)
+_GRU = _Cell("gru", "W_x", 1, _gru_init, _gru_step, _gru_back, _gru_finish)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -210,7 +250,7 @@ def _blend(m, new, old):
     return new if m is None else jax.tree.map(lambda a, b: m * a + (1 - m) * b, new, old)
 
 
-def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
+def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Layer:
     kind = cell.kind
     if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
         raise ConfigError(f"hidden size must be a positive int, got {hidden!r}", (kind,))
@@ -219,6 +259,11 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
             raise ConfigError(f"{opt} must be True or False, got {v!r}", (kind,))
     if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise ConfigError(f"dtype must be a floating dtype, got {dtype!r}", (kind,))
+    if not (isinstance(unroll, (bool, np.bool_))
+            or (isinstance(unroll, (int, np.integer)) and unroll >= 1)):
+        raise ConfigError(f"unroll must be a positive int or True/False, got {unroll!r}",
+                          (kind,))
+    unroll = bool(unroll) if isinstance(unroll, (bool, np.bool_)) else int(unroll)
     hidden, seq, masked = int(hidden), bool(return_sequences), bool(masked)
     name = f"{kind}({hidden}{'' if seq else ', return_sequences=False'}" \
            f"{', masked=True' if masked else ''})"
@@ -284,13 +329,13 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
         carry0 = (jnp.zeros((x.shape[0], hidden), dt),) * cell.n_carry
 
         def f(carry, inp):
-            xw_t, m_t = inp
-            new, r = cell.step(params, carry, xw_t)
+            x_t, m_t = inp
+            new, r = cell.step(params, carry, x_t, keep)
             new = _blend(m_t, new, carry)
             out = new[0] if seq else None
-            return new, ((out, carry, r) if keep else out)
+            return new, ((out, carry[0], r) if keep else out)
 
-        last, outs = lax.scan(f, carry0, (cell.xproj(params, x_tm), m_tm))
+        last, outs = lax.scan(f, carry0, (jnp.transpose(x, (1, 2, 0)), m_tm), unroll=unroll)
         hs = outs[0] if keep else outs
         if seq:
             y = jnp.swapaxes(hs if m_tm is None else m_tm * hs, 0, 1)
@@ -307,30 +352,30 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
         return _scan(params, x, mask, True)
 
     def backward(params, res, dy):
-        x_tm, m_tm, carries, cres = res
+        x_tm, m_tm, h_prev, cres = res
         t, b = x_tm.shape[:2]
         want = (b, t, hidden) if seq else (b, hidden)
         if jnp.shape(dy) != want:
             raise ShapeError(f"expected output gradient dy of shape {want}, got "
                              f"{jnp.shape(dy)}", (name,))
-        dt = carries[0].dtype
+        dt = h_prev.dtype
         dy = jnp.asarray(dy).astype(dt)                  # one dtype for the reverse scan's carry
         zero = jnp.zeros((b, hidden), dt)
         dlast = (zero if seq else dy,) + (zero,) * (cell.n_carry - 1)
         dys = jnp.swapaxes(dy, 0, 1) if seq else None
 
         def f(dcarry, inp):
-            dy_t, m_t, carry, r = inp
+            dy_t, m_t, h_t, r = inp
             if seq:                                      # y_t = m_t h_t
                 dcarry = (dcarry[0] + (dy_t if m_t is None else m_t * dy_t),) + dcarry[1:]
             dnew = dcarry if m_t is None else jax.tree.map(lambda d: m_t * d, dcarry)
-            dprev, dpre = cell.back(params, dnew, carry, r)
+            dprev, dpre = cell.back(params, dnew, h_t, r)
             if m_t is not None:                          # the carried (1 - m) part
                 dprev = jax.tree.map(lambda a, d: a + (1 - m_t) * d, dprev, dcarry)
             return dprev, dpre
 
-        _, dpre = lax.scan(f, dlast, (dys, m_tm, carries, cres), reverse=True)
-        dparams, dx_tm = cell.finish(params, x_tm, carries, dpre)
+        _, dpre = lax.scan(f, dlast, (dys, m_tm, h_prev, cres), reverse=True, unroll=unroll)
+        dparams, dx_tm = cell.finish(params, x_tm, h_prev, dpre)
         # cotangents in their primals' dtypes, as autodiff's (x may be wider than the params)
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
         dx = jnp.swapaxes(dx_tm, 0, 1).astype(x_tm.dtype)
@@ -340,7 +385,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype) -> Layer:
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,
-        dtype=None) -> Layer:
+        dtype=None, unroll: int | bool = 1) -> Layer:
     """Elman RNN: ``h_t = tanh(x_t W_xh + h_{t-1} W_hh + b)``, ``h_0 = 0``.
 
     Shapes: ``x (batch, time, in) -> (batch, time, hidden)``, or ``(batch, hidden)`` with
@@ -348,13 +393,13 @@ def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,
     Glorot-uniform ``W_xh``, orthogonal ``W_hh``, zero ``b``.
     Derivative (BPTT): ``da_t = dh_t (1 - h_t^2)``, ``dh_{t-1} += da_t W_hh^T``,
     ``dW_xh = sum_t x_t^T da_t``, ``dW_hh = sum_t h_{t-1}^T da_t``, ``dx_t = da_t W_xh^T``.
-    Options ``return_sequences`` and ``masked``: see the module docstring.
+    Options ``return_sequences``, ``masked`` and ``unroll``: see the module docstring.
     """
-    return _layer(_RNN, hidden, return_sequences, masked, dtype)
+    return _layer(_RNN, hidden, return_sequences, masked, dtype, unroll)
 
 
 def lstm(hidden: int, *, return_sequences: bool = True, masked: bool = False,
-         dtype=None) -> Layer:
+         dtype=None, unroll: int | bool = 1) -> Layer:
     """LSTM with the four gates concatenated in order ``(i, f, g, o)``; ``h_0 = c_0 = 0``.
 
     ``z = x_t W_x + h_{t-1} W_h + b``; ``i, f, o = sigmoid``, ``g = tanh`` of its blocks;
@@ -364,13 +409,15 @@ def lstm(hidden: int, *, return_sequences: bool = True, masked: bool = False,
     forget-gate block ``b[H:2H] = 1``. (PyTorch's ``weight_ih_l0`` is ``W_x.T``, same order.)
     Derivative: ``dc_t += dh_t o (1 - tanh^2 c_t)``, ``do = dh_t tanh c_t``, ``di = dc_t g``,
     ``df = dc_t c_{t-1}``, ``dg = dc_t i``, ``dc_{t-1} = dc_t f``, times each gate's
-    activation derivative gives ``dz``; ``dh_{t-1} = dz W_h^T``.
+    activation derivative gives ``dz``; ``dh_{t-1} = dz W_h^T``. The forward keeps those
+    products' step-local factors, so each reverse step is one elementwise pass and one
+    matrix product; ``dW_h = sum_t h_{t-1}^T dz_t`` is one product after the loop.
     """
-    return _layer(_LSTM, hidden, return_sequences, masked, dtype)
+    return _layer(_LSTM, hidden, return_sequences, masked, dtype, unroll)
 
 
 def gru(hidden: int, *, return_sequences: bool = True, masked: bool = False,
-        dtype=None) -> Layer:
+        dtype=None, unroll: int | bool = 1) -> Layer:
     """GRU, gates ``(r, z, n)``, reset applied as in cuDNN / PyTorch; ``h_0 = 0``.
 
     ``r = sigmoid(x W_xr + b_xr + h W_hr + b_hr)``, ``z`` likewise,
@@ -381,4 +428,4 @@ def gru(hidden: int, *, return_sequences: bool = True, masked: bool = False,
     Derivative: ``dn = dh (1 - z)``, ``dz = dh (h_{t-1} - n)``, ``dh_{t-1} = dh z + ...``;
     through ``n``: ``d(hW_hn + b_hn) = dn (1 - n^2) r``, ``dr = dn (1 - n^2) (h W_hn + b_hn)``.
     """
-    return _layer(_GRU, hidden, return_sequences, masked, dtype)
+    return _layer(_GRU, hidden, return_sequences, masked, dtype, unroll)
