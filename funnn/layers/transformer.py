@@ -46,7 +46,7 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
         y = h + drop(dense(F)(gelu(dense(mlp_dim)(layer_norm(h)))))
 
     Params: ``{"attn": (layer_norm, multi_head_attention), "mlp": (layer_norm, dense(mlp_dim),
-    {}, dense(F)[, {}])}``; the MLP half is ``residual(serial(...))`` built for ``F`` at first
+    {}, dense(F), {})}`` (the same for any ``dropout``); the MLP half is ``residual(serial(...))`` built for ``F`` at first
     use; the attention half is written out here so ``mask=``/``lengths=`` reach the attention.
     ``dropout`` applies to the attention weights and to both residual branches (training only,
     ``key=`` required). Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
@@ -63,9 +63,8 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
 
     @functools.cache
     def mlp_half(f: int) -> Layer:
-        tail = (dropout_layer(dropout),) if dropout else ()
         return residual(serial(layer_norm(eps), dense(int(mlp_dim)), activation("gelu"),
-                               dense(f), *tail))
+                               dense(f), dropout_layer(dropout)))
 
     def init(key, in_shape):
         shape = check_in_shape(name, in_shape, 3, 3, allow_none=(0, 1))
