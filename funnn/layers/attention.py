@@ -16,13 +16,15 @@ Hand-written backward (``dO`` from ``dy W_o^T``), the FlashAttention-2 equations
 
 ``implementation`` picks what the forward keeps for the backward:
 
-* ``"materialized"``: ``P`` itself, ``O(T * S)`` memory per head; the fastest on CPU.
+* ``"materialized"``: ``P`` itself, ``O(T * S)`` memory per head (the textbook version).
 * ``"chunked"``: flash-attention style. The forward runs an online softmax over key blocks
   of ``block_size`` (a ``lax.scan``) and keeps only ``O`` and the row log-sum-exp
   ``lse = m + log(l)``; the backward recomputes ``P = exp(S - lse)`` block by block.
   ``O(T + S)`` memory besides the projections (one ``T x block_size`` tile at a time).
-* ``"auto"``: ``"materialized"`` on CPU, and on GPU/TPU while the key length is at most
-  1024; ``"chunked"`` beyond that. ``apply`` (the autodiff path) calls
+* ``"auto"``: ``"chunked"`` on every backend. Measured on CPU (2 cores, float32, batch 2,
+  4 heads, 128 features; forward + backward, jitted): chunked 6.3 / 31 / 182 ms against
+  materialized 7.4 / 93 / 538 ms at 256 / 512 / 1024 tokens (the ``T x S`` softmax tile does
+  not stay in cache). GPU timings are not measured yet. ``apply`` (the autodiff path) calls
   ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU for float16/bfloat16
   inputs without dropout (falling back when cuDNN refuses the shape); elsewhere it runs the
   same computation as the manual forward. jax 0.10's ``dot_product_attention`` with
@@ -79,7 +81,6 @@ from funnn.layers.dense import INITIALIZERS
 __all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = ("auto", "materialized", "chunked")
-_AUTO_CHUNK_ABOVE = 1024          # "auto" off CPU: chunked when the key length exceeds this
 
 
 def _positive(value, what: str, layer: str, allow_none: bool = False) -> int | None:
@@ -404,11 +405,7 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         return y + params[b] if use_bias else y
 
     def _choose(s):
-        if implementation != "auto":
-            return implementation
-        if jax.default_backend() == "cpu" or s <= _AUTO_CHUNK_ABOVE:
-            return "materialized"
-        return "chunked"
+        return "chunked" if implementation == "auto" else implementation
 
     def _run(params, xin, key, train, mask, lengths, keep_res):
         x, c = _split_input(xin)

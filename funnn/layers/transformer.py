@@ -46,8 +46,9 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
         y = h + drop(dense(F)(gelu(dense(mlp_dim)(layer_norm(h)))))
 
     Params: ``{"attn": (layer_norm, multi_head_attention), "mlp": (layer_norm, dense(mlp_dim),
-    {}, dense(F), {})}`` (the same for any ``dropout``); the MLP half is ``residual(serial(...))`` built for ``F`` at first
-    use; the attention half is written out here so ``mask=``/``lengths=`` reach the attention.
+    {}, dense(F), {})}`` (the same for any ``dropout``). The MLP half is
+    ``residual(serial(...))``, built for ``F`` at first use; the attention half is written out
+    here so that ``mask=``/``lengths=`` reach the attention.
     ``dropout`` applies to the attention weights and to both residual branches (training only,
     ``key=`` required). Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
     """
