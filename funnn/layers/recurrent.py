@@ -25,15 +25,18 @@ Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
 * ``unroll`` (default 1): steps per iteration of the compiled loops, passed to
   ``lax.scan`` (forward and backward; ``True`` unrolls fully); results agree to rounding. On a
   2-core CPU, an LSTM(128) over 28 steps: full unrolling makes the manual engine's step
-  about 10% faster and compiles about 5x longer, and makes autodiff's slower; 2 to 7 change
-  little (``benchmarks/lstm_cpu.py --unroll``).
+  about 10% faster and its compile 5x longer, and autodiff's step slower and its compile
+  almost 20x longer; 2 to 7 change little (``benchmarks/lstm_cpu.py --unroll``).
 
-Speed notes (measured with ``benchmarks/lstm_cpu.py``; XLA on CPU): every op inside the
-loop costs a few microseconds to launch, so a step does few, wide ops (the LSTM's four
-activations are one sigmoid, below); and the input is projected inside the step rather
-than for all steps before the loop, which kept a ``(time, batch, 4 hidden)`` array alive
-and pushed the training step's scratch memory past 32 MiB, where malloc hands out fresh
-``mmap``-ed (page-faulting) memory on every call: the LSTM step took 3x PyTorch's time.
+Speed notes (measured with ``benchmarks/lstm_cpu.py``, XLA on a 2-core CPU): every op
+inside the loop costs microseconds to launch, so a step does few, wide ops (the LSTM's four
+activations are one sigmoid, below) and keeps few residuals. The input is projected inside
+the step, not for all steps before the loop: that ``(time, batch, 4 hidden)`` array (and
+its gradient) pushed an LSTM(128) training step's scratch memory to 34-42 MB, past glibc
+malloc's 32 MiB ``mmap`` ceiling, so every call page-faulted through fresh memory (about
+10 ms of a 20-26 ms step). A per-step ``(128, 128) x (128, 512)`` product runs on one core
+(XLA's CPU library splits only larger ones), which is most of what still separates the
+step from PyTorch's fused LSTM on two cores.
 
 ``train`` and ``key`` are accepted for the layer contract and ignored (no dropout here).
 The scans run in the wider of ``x``'s and the params' dtypes; ``backward`` returns each
