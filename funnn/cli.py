@@ -264,7 +264,8 @@ def _join(args) -> None:
         raise ConfigError("--coordinator HOST:PORT needs --num-processes and --process-id",
                           ("--coordinator",))
     who = "this process" if auto else f"process {args.process_id} of {args.num_processes}"
-    print(f"funnn {args.command}: {who} joins {args.coordinator}; waits up to "
+    where = "the job JAX detects" if auto else args.coordinator
+    print(f"funnn {args.command}: {who} joins {where}; waits up to "
           f"{args.init_timeout:g} s for the others", flush=True)
     parallel.initialize(args.coordinator, args.num_processes, args.process_id,
                         timeout=args.init_timeout)

@@ -149,9 +149,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             jax.distributed.initialize(coordinator, num_processes, process_id,
                                        initialization_timeout=wait)
     except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = (str(err).strip().splitlines()[0].rstrip(".") if str(err).strip()
+                 else type(err).__name__)
         hint = (" (call it before any JAX computation)" if "initialized" in first.lower()
-                else "")
+                else "; no SLURM, Open MPI or TPU job was detected: give HOST:PORT, the "
+                     "number of processes and this process's id" if auto else "")
         raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
                           ("--coordinator",)) from None
 

@@ -149,13 +149,15 @@ def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_s
     ``xb``/``yb`` are the epoch's batches stacked ``(num_batches, batch, ...)`` and
     split over the mesh's ``data`` axis (``plan.feed``); ``ts`` lives on
     ``state_shardings`` (``plan.params``/``plan.like``) in and out, and is donated.
+    ``key_data`` is a typed key's data for ``key_impl`` (None: a raw uint32 key).
     The same step as :func:`make_epoch` with the same per-step keys; XLA inserts
     the collectives, so both engines run sharded unchanged.
     """
     step = make_step(model, loss, optimizer, engine)
 
     def epoch(ts, xb, yb, key_data):
-        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+        key = key_data if key_impl is None else jax.random.wrap_key_data(key_data,
+                                                                          impl=key_impl)
 
         def body(ts, batch):
             x, y, i = batch
@@ -676,8 +678,9 @@ def _sharded_runner(model, loss, opt, engine, batch_size, num, plan, ts, key):
     computed on the host; each process feeds its own rows of every batch."""
     import numpy as np
 
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     epoch = make_sharded_epoch(model, loss, opt, engine, plan, _state_shardings(plan, ts),
-                               jax.random.key_impl(key))
+                               jax.random.key_impl(key) if typed else None)
     nb = num // batch_size
     order = jax.jit(lambda k: jax.random.permutation(k, num)[: nb * batch_size]
                     .reshape(nb, batch_size))
@@ -687,7 +690,7 @@ def _sharded_runner(model, loss, opt, engine, batch_size, num, plan, ts, key):
         if not host:
             host.update(x=np.asarray(x), y=np.asarray(y))
         idx = np.asarray(order(k))
-        kd = plan.place(jax.random.key_data(k), plan.replicated)
+        kd = plan.place(jax.random.key_data(k) if typed else k, plan.replicated)
         return epoch(ts, plan.feed(host["x"], idx), plan.feed(host["y"], idx), kd)
 
     return run

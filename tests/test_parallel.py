@@ -107,11 +107,8 @@ def test_eight_devices_train_like_one_on_every_layout(tmp_path):
     assert "axis 1 of shape (8, 3) has size 3, not divisible by 8" in err["indivisible"]
     assert "needs a mesh axis 'model'" in err["tensor_without_model_axis"]
     assert "asked for 16 devices but this process has 8" in err["devices"]
-    assert rep["compiles_during_errors"] == 0      # every bad input fails before compiling
-    assert [(impl, status) for _, impl, status in rep["bench"]] == [
-        ("step, replicated params", "ok"), ("step, replicated params", "ok"),
-        ("step, fsdp params", "ok"), ("all-reduce: share of step", "ok")]
-    assert all("not speed-up" in name for name, _, _ in rep["bench"])
+    assert rep["compiles_before_errors"] > 0       # the listener does see compiles...
+    assert rep["compiles_during_errors"] == 0      # ...and every bad input fails before one
 
 
 # --------------------------------------------------------------------------- processes
@@ -287,3 +284,14 @@ def test_info_shows_processes_and_the_mesh(capsys):
     assert "mesh: none" in out and "data=1 x model=1 over 1 cpu device" in out
     assert cli.main(["info", "--devices", "4"]) == 0
     assert "asked for 4 devices but this process has 1" in capsys.readouterr().out
+
+
+def test_parallel_bench_suite_says_cpu_devices_show_overhead_not_speed_up():
+    from funnn.bench import suites
+
+    (group,) = suites.parallel_suite("tiny")           # this process has one device
+    assert [c.impl for c in group] == ["step, replicated params"]
+    assert "CPU-simulated devices" in group[0].name and "not speed-up" in group[0].name
+    quick = suites.parallel_suite("quick")
+    assert [len(g) for g in quick] == [1, 3, 3, 3]       # 1, 2, 4, 8 devices
+    assert quick[3][2].impl == "all-reduce: share of step"
