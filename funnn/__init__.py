@@ -18,6 +18,7 @@ def __getattr__(name):
     # so `import funnn` stays light.
     import importlib
 
-    if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench"):
+    if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench", "parallel",
+                "rundir", "numerics"):
         return importlib.import_module(f"funnn.{name}")
     raise AttributeError(f"module 'funnn' has no attribute {name!r}")
