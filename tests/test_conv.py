@@ -142,10 +142,13 @@ CASES = [
 IDS = [f"{nd}d-{kw}" for nd, _, _, kw, _ in CASES]
 
 
-def build(case, seed=0):
+LOWERINGS = ["patches", "native"]
+
+
+def build(case, seed=0, lowering="auto"):
     """The layer, its init out_shape (traced only: no compile), numpy-drawn params, x, rng."""
     nd, features, k, opts, shape = case
-    layer = (conv1d if nd == 1 else conv2d)(features, k, **opts)
+    layer = (conv1d if nd == 1 else conv2d)(features, k, lowering=lowering, **opts)
     box = []
     jax.eval_shape(lambda key: box.append(layer.init(key, (None,) + shape[1:])[0]), KEY)
     rng = np.random.default_rng(seed)
@@ -156,29 +159,33 @@ def build(case, seed=0):
     return layer, box[0], params, jnp.asarray(rng.normal(size=shape)), rng
 
 
-def check_case(case, seed, fd=True):
+def check_case(case, seed, fd=True, lowering="auto"):
     nd, _, _, opts, _ = case
-    layer, out_shape, params, x, rng = build(case, seed)
+    layer, out_shape, params, x, rng = build(case, seed, lowering)
     y, dy, dp = check_gradients(layer, params, x, rng, fd=fd)
     np.testing.assert_allclose(y, reference(opts, nd, params, x), rtol=1e-12, atol=1e-12)
     assert out_shape == (None,) + y.shape[1:]
     return layer, params, x, dy, dp
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_case_numpy_reference_and_gradients(case):
-    layer, params, x, dy, dp = check_case(case, seed=1)
+def test_case_numpy_reference_and_gradients(case, lowering):
+    layer, params, x, dy, dp = check_case(case, seed=1, lowering=lowering)
     if x.shape[0] > 1 and case[0] == 2:       # 2-D batched cases: per-example gradients too
         check_per_example(layer, params, x, dy, dp)
 
 
-def test_per_example_vmap_1d():
-    layer, params, x, dy, dp = check_case(CASES[7], seed=2)
+@pytest.mark.parametrize("case, lowering", [(CASES[7], "native"), (CASES[8], "patches")],
+                         ids=["groups3-native", "patches"])
+def test_per_example_vmap_1d(case, lowering):
+    layer, params, x, dy, dp = check_case(case, seed=2, lowering=lowering)
     check_per_example(layer, params, x, dy, dp)
 
 
-def test_jit_equals_eager_and_lax_same():
-    layer, _, params, x, _rng = build(CASES[1])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_jit_equals_eager_and_lax_same(lowering):
+    layer, _, params, x, _rng = build(CASES[1], lowering=lowering)
     np.testing.assert_allclose(jax.jit(layer.apply)(params, x), layer.apply(params, x),
                                rtol=1e-13)
     # lax's own "SAME" string agrees with the padding the layer computes
@@ -187,9 +194,11 @@ def test_jit_equals_eager_and_lax_same():
     np.testing.assert_allclose(layer.apply(params, x), ref + params["b"], rtol=1e-13)
 
 
-def test_float32_input_gradients_keep_dtypes():
+@pytest.mark.parametrize("case", [CASES[2], CASES[5]], ids=["groups2", "groups1"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_float32_input_gradients_keep_dtypes(case, lowering):
     """float32 x with float64 params: manual cotangents have the primals' dtypes, as autodiff's."""
-    layer, _, params, x, rng = build(CASES[2])
+    layer, _, params, x, rng = build(case, lowering=lowering)
     x = x.astype(jnp.float32)
     dy = jnp.asarray(rng.normal(size=jax.eval_shape(layer.apply, params, x).shape))
     man, auto = jax.jit(lambda p, x, dy: (layer.backward(p, layer.forward(p, x)[1], dy),
@@ -217,13 +226,35 @@ def conv_configs(draw):
     return nd, features, k, opts, (draw(st.integers(1, 2)),) + sizes + (c_in,)
 
 
+@given(conv_configs(), st.integers(0, 2**31 - 1), st.sampled_from(LOWERINGS))
+def test_property_random_options(case, seed, lowering):
+    check_case(case, seed, lowering=lowering)
+
+
 @given(conv_configs(), st.integers(0, 2**31 - 1))
-def test_property_random_options(case, seed):
-    check_case(case, seed)
+def test_property_lowerings_agree(case, seed):
+    """patches and native: the same forward, manual gradients and autodiff gradients to float64
+    precision (groups > 1 runs natively under both names, which must also agree)."""
+    layer_p, _, params, x, rng = build(case, seed, "patches")
+    layer_n = build(case, seed, "native")[0]
+    dy = jnp.asarray(rng.normal(size=jax.eval_shape(layer_p.apply, params, x).shape))
+
+    @jax.jit
+    def run(params, x, dy):
+        def both(layer):
+            return (layer.apply(params, x), layer.backward(params, layer.forward(params, x)[1], dy),
+                    jax.vjp(layer.apply, params, x)[1](dy))
+        return both(layer_p), both(layer_n)
+
+    got_p, got_n = run(params, x, dy)
+    for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(got_n)):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-12, rel_err(a, b)
 
 
 def test_params_and_names():
     assert conv2d(32, 3, stride=2).name == "conv2d(32, 3x3, stride=2)"
+    assert conv2d(32, 3, lowering="patches").name == "conv2d(32, 3x3, lowering=patches)"
+    assert conv2d(32, 3, lowering="auto").name == conv2d(32, 3).name
     assert (conv1d(8, 5, padding="same", use_bias=False).name
             == "conv1d(8, 5, padding=SAME, no bias)")
     shape, params = conv2d(8, (3, 2), groups=2).init(KEY, (-1, 8, 8, 4))
@@ -249,6 +280,8 @@ def test_params_and_names():
     (lambda: conv2d(4, 3, padding="FULL"), "padding"),
     (lambda: conv2d(4, 3, padding=((1, 1),)), "padding"),
     (lambda: conv1d(4, 3, padding=-1), "padding"),
+    (lambda: conv2d(4, 3, lowering="im2col"), "lowering must be one of 'auto', 'patches', "
+                                              "'native'"),
 ])
 def test_config_errors(make, words):
     with pytest.raises(ConfigError, match=words) as err:

@@ -235,6 +235,31 @@ def test_max_pool_ties_first_max_gets_all(shape, window, opts):
         np.testing.assert_allclose(got, expect, rtol=1e-14, atol=1e-14)
 
 
+def test_max_pool_gradient_is_not_select_and_scatter_and_keeps_int8():
+    """The CPU-slow select_and_scatter is avoided (apply is a select over window views), and the
+    manual path keeps an int8 window index, not x, as its residual."""
+    layer = max_pool((2, 2))
+    x = jnp.zeros((2, 4, 4, 3), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: layer.apply({}, x).sum()))(x))
+    assert "select_and_scatter" not in jaxpr and "reduce_window" not in jaxpr
+    _, res = layer.forward({}, x)
+    leaves = jax.tree.leaves(res)
+    assert [(a.dtype, a.shape) for a in leaves] == [(jnp.int8, (2, 2, 2, 3))]
+
+
+def test_max_pool_nan_propagates():
+    """A NaN in a window makes its maximum NaN (as lax.max) and takes that window's gradient."""
+    x = jnp.array([1.0, np.nan, 3.0, 0.0, 2.0, 1.0]).reshape(1, 6, 1)
+    layer = max_pool(2, ndim=1)
+    y, res = layer.forward({}, x)
+    np.testing.assert_array_equal(y.ravel(), [np.nan, 3.0, 2.0])
+    np.testing.assert_array_equal(layer.apply({}, x), y)
+    dx = layer.backward({}, res, jnp.ones_like(y))[1]
+    np.testing.assert_array_equal(dx.ravel(), [0, 1, 1, 0, 1, 0])
+    auto = jax.grad(lambda x: layer.apply({}, x).sum())(x)
+    np.testing.assert_array_equal(auto, dx)
+
+
 @pytest.mark.parametrize("layer", [max_pool(2, ndim=1), avg_pool(2, padding="SAME", ndim=1),
                                    global_avg_pool()],
                          ids=lambda l: l.name)

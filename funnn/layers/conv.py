@@ -22,9 +22,39 @@ Padding: ``"VALID"`` (none); ``"SAME"`` (``m = ceil(n / s)``; the total padding
 ``max((m-1) s + e - n, 0)`` is split with the odd one on the high side, as lax and
 TensorFlow do); an int ``p`` (``(p, p)`` on every axis); or explicit pairs ``((lo, hi), ...)``,
 one per spatial axis.
+
+Lowerings (``lowering=``, fixed when the layer is built, applied when it is traced):
+
+- ``"native"``: ``lax.conv_general_dilated`` for the forward; the manual backward is the two
+  transposed convolutions above, with the paddings and the stride dilation of ``dy`` passed to
+  the convolutions (no padded copies of ``x`` or ``dy``).
+- ``"patches"`` (im2col): ``P[(n, o), (kk, ci)] = xpad[n, o s + kk d, ci]``, shape
+  ``(N prod(m), K C_in)`` for the ``K = prod(k)`` kernel offsets, and one matrix product
+  ``y = P @ W.reshape(K C_in, C_out) + b``. Manual backward: ``dW = P^T dy`` and
+  ``dx = col2im(dy @ W^T)``, where col2im adds column block ``kk`` back at ``xpad[o s + kk d]``
+  (one zero pad with interior ``s - 1`` per offset, summed, cropped). With ``groups > 1`` it
+  runs natively (a block-diagonal ``W`` would do ``groups`` times the work).
+- ``"auto"`` (the default): native, on every backend.
+
+Why native on CPU as well (issue 9, ``benchmarks/cnn_cpu.py``: conv 1->32 and 32->64, 3x3 SAME,
+28x28, batch 128, float32, Adam; 2-core AMD EPYC VM, jax 0.10.2). XLA's CPU backend hands
+convolutions to YNNPACK: the 32->64 forward and input gradient took 4.8 ms each, no slower than
+the im2col product alone (6.1 ms), while the patch matrix is ``K = 9`` times the input (29 MB
+for that layer). The kernel gradient (9.6 ms, with transposed copies of ``x`` and ``dy``) is
+the slow part, but im2col's ``P^T dy`` with P built was slower still (34 ms). What decided it
+was memory: XLA runs a jitted step in one temp buffer, and glibc serves allocations over
+32 MiB with a fresh ``mmap``, so a step whose buffer crosses 32 MiB page-faults all of it on
+every call (about 10k faults, ~10 ms here). The whole training step needs 31.8 MiB with native
+convolutions (both engines), 41.0 MiB with patches in the 1-channel layer (where im2col's
+kernel gradient is the faster one: 1.2 vs 3.6 ms) and 92.3 MiB with patches in both. (The step's
+real bottleneck was max-pooling: see ``pool.py``.) The step times: ``benchmarks/cnn_cpu.py``.
+No GPU was available to measure; native (cuDNN) is the default there too.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +75,7 @@ from funnn.layers.dense import get_initializer
 __all__ = ["conv1d", "conv2d"]
 
 _SPATIAL = {1: "W", 2: "H, W", 3: "D, H, W"}
+_LOWERINGS = ("auto", "patches", "native")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -138,12 +169,57 @@ def _dimension_numbers(nd: int, lhs, rhs, out) -> lax.ConvDimensionNumbers:
                                     spec(out, range(nd + 2)))
 
 
+# --------------------------------------------------------------------------- patches (im2col)
+
+
+def _patch_views(x, k, s, d, pads, m) -> list:
+    """``xpad[:, o s + kk d, :]`` for each kernel offset ``kk`` (row-major), each ``(N, *m, C)``."""
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
+                 + [(0, 0, 0)])
+    n_b, n_c = x.shape[0], x.shape[-1]
+    views = []
+    for kk in itertools.product(*(range(ki) for ki in k)):
+        start = tuple(ki * di for ki, di in zip(kk, d))
+        end = tuple(st + (mi - 1) * si + 1 for st, mi, si in zip(start, m, s))
+        views.append(lax.slice(xp, (0,) + start + (0,), (n_b,) + end + (n_c,), (1,) + s + (1,)))
+    return views
+
+
+def _patches(x, k, s, d, pads, m):
+    """im2col: ``P[(n, o), (kk, ci)] = xpad[n, o s + kk d, ci]``, shape ``(N prod(m), K C_in)``
+    with ``K = prod(k)``; the column order matches ``W.reshape(K C_in, C_out)``."""
+    views = _patch_views(x, k, s, d, pads, m)
+    p = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return p.reshape(-1, p.shape[-1])
+
+
+def _col2im(dp, k, s, d, pads, sizes, m):
+    """The transpose of :func:`_patches`: ``dp (N, *m, K, C_in)`` -> ``dx (N, *sizes, C_in)``.
+
+    Column block ``kk`` of the patches read ``xpad[o s + kk d]``, so it is added back there:
+    one zero pad per offset (``lo = kk d``, interior ``s - 1``), summed, then cropped.
+    """
+    nd = len(k)
+    padded = [n + lo + hi for n, (lo, hi) in zip(sizes, pads)]
+    zero = jnp.zeros((), dp.dtype)
+    parts = []
+    for j, kk in enumerate(itertools.product(*(range(ki) for ki in k))):
+        cfg = [(ki * di, p - ki * di - (mi - 1) * si - 1, si - 1)
+               for ki, di, p, mi, si in zip(kk, d, padded, m, s)]
+        parts.append(lax.pad(dp[(slice(None),) * (nd + 1) + (j,)], zero,
+                             [(0, 0, 0)] + cfg + [(0, 0, 0)]))
+    dxp = functools.reduce(lax.add, parts)
+    start = (0,) + tuple(lo for lo, _ in pads) + (0,)
+    limit = (dp.shape[0],) + tuple(lo + n for (lo, _), n in zip(pads, sizes)) + (dp.shape[-1],)
+    return lax.slice(dxp, start, limit)
+
+
 # --------------------------------------------------------------------------- the layer
 
 
 def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dilation=1,
           groups: int = 1, use_bias: bool = True, w_init="glorot_uniform", b_init="zeros",
-          dtype=None) -> Layer:
+          dtype=None, lowering: str = "auto") -> Layer:
     kind = f"conv{nd}d"
     if not _is_int(features) or features < 1:
         raise ConfigError(f"features (output channels) must be a positive int, got {features!r}",
@@ -155,11 +231,15 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
     if not _is_int(groups) or groups < 1 or features % groups:
         raise ConfigError(f"groups must be a positive int dividing features={features}, "
                           f"got {groups!r}", (kind,))
+    if lowering not in _LOWERINGS:
+        raise ConfigError(f"lowering must be one of {', '.join(map(repr, _LOWERINGS))}, got "
+                          f"{lowering!r}", (kind,))
     extras = [f"stride={_fmt(s)}" if set(s) != {1} else "",
               f"padding={_fmt_padding(pad_spec)}" if pad_spec != "VALID" else "",
               f"dilation={_fmt(d)}" if set(d) != {1} else "",
               f"groups={groups}" if groups != 1 else "",
-              "no bias" if not use_bias else ""]
+              "no bias" if not use_bias else "",
+              f"lowering={lowering}" if lowering != "auto" else ""]
     name = f"{kind}({', '.join([str(features), 'x'.join(map(str, k))] + [e for e in extras if e])})"
     w_fn = get_initializer(w_init, "kernel", name)
     b_fn = get_initializer(b_init, "bias", name) if use_bias else None
@@ -198,12 +278,22 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         _out_sizes(name, x.shape[1:-1], ext, s, pads, "kernel")
         return pads
 
+    def use_patches() -> bool:
+        """The lowering, decided at trace time: ``"auto"`` is native on every backend (the
+        measurements in the module docstring); patches never for groups > 1."""
+        return lowering == "patches" and groups == 1
+
     def apply(params, x, *, key=None, train=False):
         pads = _check(params, x)
         dt = jnp.result_type(x, params["W"])
-        y = lax.conv_general_dilated(x.astype(dt), params["W"].astype(dt), s, pads,
-                                     rhs_dilation=d, dimension_numbers=dn,
-                                     feature_group_count=groups)
+        x, w = x.astype(dt), params["W"].astype(dt)
+        if use_patches():
+            m = _out_sizes(name, x.shape[1:-1], ext, s, pads, "kernel")
+            y = (_patches(x, k, s, d, pads, m) @ w.reshape(-1, features)).reshape(
+                x.shape[:1] + m + (features,))
+        else:
+            y = lax.conv_general_dilated(x, w, s, pads, rhs_dilation=d, dimension_numbers=dn,
+                                         feature_group_count=groups)
         return y + params["b"] if use_bias else y
 
     def forward(params, x, *, key=None, train=False):
@@ -215,14 +305,29 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         x_dt, w_dt = x.dtype, params["W"].dtype
         dt = jnp.result_type(x, params["W"], dy)
         x, w, dy = x.astype(dt), params["W"].astype(dt), dy.astype(dt)
+        dw, dx = (_backward_patches if use_patches() else _backward_native)(x, w, dy, pads)
+        grads = {"W": dw.astype(w_dt)}
+        if use_bias:
+            grads["b"] = dy.sum(axis=tuple(range(nd + 1))).astype(params["b"].dtype)
+        return grads, dx.astype(x_dt)        # cotangents in their primals' dtypes, as autodiff
+
+    def _backward_patches(x, w, dy, pads):
+        """dW = P^T dy and dx = col2im(dy W^T), with P = patches(x) (module docstring)."""
+        sizes, m = x.shape[1:-1], dy.shape[1:-1]
+        dy2, w2 = dy.reshape(-1, features), w.reshape(-1, features)
+        dw = (_patches(x, k, s, d, pads, m).T @ dy2).reshape(w.shape)
+        dp = (dy2 @ w2.T).reshape(dy.shape[:-1] + (-1, x.shape[-1]))
+        return dw, _col2im(dp, k, s, d, pads, sizes, m)
+
+    def _backward_native(x, w, dy, pads):
+        """dW and dx as the two transposed convolutions (module docstring); the paddings go
+        into the convolutions (no padded copies of x or dy)."""
         sizes, m = x.shape[1:-1], dy.shape[1:-1]
         span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
-        none = [(0, 0, 0)]
-        # dW: pad x, dropping the trailing rows no window reaches, so the result is exactly k.
-        trim = [(lo, hi - (n + lo + hi - e) % si, 0)
+        # dW: x padded, dropping the trailing rows no window reaches, so the result is exactly k.
+        trim = [(lo, hi - (n + lo + hi - e) % si)
                 for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
-        xp = lax.pad(x, jnp.zeros((), dt), none + trim + none)
-        dw = lax.conv_general_dilated(xp, dy, d, [(0, 0)] * nd, rhs_dilation=s,
+        dw = lax.conv_general_dilated(x, dy, d, trim, rhs_dilation=s,
                                       dimension_numbers=dn_w, batch_group_count=groups)
         # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
         c_ing, c_outg = w.shape[-2], features // groups
@@ -230,15 +335,12 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         wt = jnp.transpose(wt, tuple(range(nd)) + (nd + 2, nd + 1, nd))  # (*k, C_out/g, g, C_in/g)
         wt = wt.reshape(k + (c_outg, groups * c_ing))
         wt = jnp.flip(wt, axis=tuple(range(nd)))
-        dyp = lax.pad(dy, jnp.zeros((), dt),
-                      none + [(e - 1 - lo, n + lo - sp, si - 1)
-                              for n, (lo, _), e, sp, si in zip(sizes, pads, ext, span, s)] + none)
-        dx = lax.conv_general_dilated(dyp, wt, (1,) * nd, [(0, 0)] * nd, rhs_dilation=d,
-                                      dimension_numbers=dn, feature_group_count=groups)
-        grads = {"W": dw.astype(w_dt)}
-        if use_bias:
-            grads["b"] = dy.sum(axis=tuple(range(nd + 1))).astype(params["b"].dtype)
-        return grads, dx.astype(x_dt)        # cotangents in their primals' dtypes, as autodiff
+        dx = lax.conv_general_dilated(dy, wt, (1,) * nd,
+                                      [(e - 1 - lo, n + lo - sp)
+                                       for n, (lo, _), e, sp in zip(sizes, pads, ext, span)],
+                                      lhs_dilation=s, rhs_dilation=d, dimension_numbers=dn,
+                                      feature_group_count=groups)
+        return dw, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
 
@@ -260,7 +362,9 @@ def conv2d(features: int, kernel_size, **options) -> Layer:
     Options (keyword only): ``stride=1``, ``padding="VALID"`` ("SAME", an int or
     ``((lo, hi), (lo, hi))``), ``dilation=1`` (ints or per-axis tuples), ``groups=1``
     (must divide C_in and features), ``use_bias=True``, ``w_init="glorot_uniform"``,
-    ``b_init="zeros"`` (a name, a callable ``(key, shape, dtype)`` or an array), ``dtype``.
+    ``b_init="zeros"`` (a name, a callable ``(key, shape, dtype)`` or an array), ``dtype``,
+    ``lowering="auto"`` (``"patches"``: im2col and one matrix product; ``"native"``; see the
+    module docstring for what ``"auto"`` picks and why).
     Derivative: ``dW`` = x correlated with dy, ``dx`` = transposed convolution of dy, ``db``
     = sum of dy (module docstring).
     """
