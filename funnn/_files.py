@@ -106,3 +106,28 @@ def remove_temp_files(directory: str) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None without the optional ``plot`` extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def write_figure(path: str, fig, dpi: int = 100) -> None:
+    """Save a matplotlib figure to ``path`` as PNG, atomically, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -180,15 +180,10 @@ def _lock_out(path: str):
 
 def _plot(path: str, history: list) -> bool:
     """Loss and accuracy curves as a PNG (needs the optional matplotlib extra)."""
-    import io
-
     from funnn import _files
 
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _files.pyplot()
+    if plt is None:
         return False
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -200,12 +195,7 @@ def _plot(path: str, history: list) -> bool:
     ax1.legend()
     ax2.set(xlabel="epoch", ylabel="accuracy", title="test accuracy")
     fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    _files.write_atomic(path, buf.getvalue())
+    _files.write_figure(path, fig, dpi=100)
     return True
 
 

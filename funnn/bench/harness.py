@@ -352,15 +352,11 @@ def write_outputs(out_dir: str, env: dict, peaks: dict | None, rows: list[dict])
 
 
 def _roofline(path: str, peaks: dict, rows: list[dict]) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    import io
-
     from funnn import _files
+
+    plt = _files.pyplot()
+    if plt is None:
+        return False
 
     pts = [r for r in rows if r.get("intensity") and r.get("achieved_flops_per_s")]
     lo = min([r["intensity"] for r in pts] + [0.1]) / 2
@@ -378,10 +374,5 @@ def _roofline(path: str, peaks: dict, rows: list[dict]) -> bool:
            ylabel="achieved FLOP/s", title="roofline (measured ceilings)")
     ax.legend(fontsize=5, loc="lower right", ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    _files.write_atomic(path, buf.getvalue())
+    _files.write_figure(path, fig, dpi=110)
     return True
