@@ -30,6 +30,7 @@ import optax
 import funnn
 from funnn import layers as L
 from funnn import losses
+from funnn.bench.harness import interleave
 from funnn.train import TrainState, make_step
 
 B, T, D, H, C = 128, 28, 28, 128, 10
@@ -106,20 +107,7 @@ def main():
     print(f"model: lstm({H}, return_sequences=False, unroll={a.unroll}) + dense({C}); "
           f"x ({B}, {T}, {D}) float32, Adam; {a.rounds} rounds x {a.repeats} steps, interleaved")
 
-    for run in runs.values():                            # warm-up
-        for _ in range(3):
-            run()
-    times = {k: [] for k in runs}
-    round_medians = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for k, run in runs.items():
-            ts = []
-            for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                run()
-                ts.append(time.perf_counter() - t0)
-            times[k] += ts
-            round_medians[k].append(statistics.median(ts))
+    times, round_medians = interleave(runs, a.rounds, a.repeats)      # 3 warm-up calls each
 
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in runs:

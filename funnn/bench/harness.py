@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Case", "Unavailable", "run_group", "measure_peaks", "environment", "format_table",
-           "write_outputs", "timeit", "fill_fraction", "ROW_FIELDS"]
+           "write_outputs", "timeit", "interleave", "fill_fraction", "ROW_FIELDS"]
 
 ROW_FIELDS = ("suite", "name", "impl", "batch", "dtype", "median_s", "min_s", "max_s",
               "flops", "bytes", "flops_source", "achieved_flops_per_s", "fraction_of_peak",
@@ -114,6 +114,29 @@ def timeit(fn: Callable, *args, repeats: int = 50, warmup: int = 3) -> dict:
         times.append(time.perf_counter() - t0)
     return {"median": statistics.median(times), "min": min(times), "max": max(times),
             "first": first, "repeats": repeats}
+
+
+def interleave(runs: dict[str, Callable[[], Any]], rounds: int, repeats: int,
+               warmup: int = 3) -> tuple[dict, dict]:
+    """Time zero-argument ``runs`` in interleaved rounds (each must block until done).
+
+    Returns ``(times, round_medians)``: every call's seconds and each round's median, by name.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict = {k: [] for k in runs}
+    round_medians: dict = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                ts.append(time.perf_counter() - t0)
+            times[k] += ts
+            round_medians[k].append(statistics.median(ts))
+    return times, round_medians
 
 
 def _is_oom(err: BaseException) -> bool:
