@@ -130,6 +130,12 @@ class Layer:
     another label (``"/residual"``) shares its parent's params. Leaves have none.
     ``init_state`` is ``None`` for stateless layers.
 
+    ``context`` names the side inputs the layer reads besides ``x`` (keyword arguments of
+    ``apply`` and ``forward``, such as ``("mask", "lengths")`` for attention and the recurrent
+    layers); combinators pass each child the ones it names and carry the rest along, so a mask
+    flows through a ``serial`` stack. ``derived`` is ``True`` when ``backward`` was derived by
+    ``jax.vjp`` (:func:`layer_from_apply`) rather than written by hand.
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
@@ -143,6 +149,8 @@ class Layer:
     backward: Callable
     init_state: Callable | None = None
     children: tuple = ()
+    context: tuple = ()
+    derived: bool = False
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
