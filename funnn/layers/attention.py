@@ -492,7 +492,8 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
             return grads, (dx.astype(x.dtype), dc.astype(c.dtype))
         return grads, (dx + dc).astype(x.dtype)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 context=("mask", "lengths"))
 
 
 def multi_head_attention(num_heads: int, *, head_dim: int | None = None,
