@@ -75,6 +75,9 @@ from funnn.core import (
     check_floating,
     check_in_shape,
     check_rank,
+    matmul_wide,
+    upcast,
+    wide,
 )
 from funnn.layers.dense import INITIALIZERS
 
@@ -167,26 +170,37 @@ def _drop_mask(key, keep, shape, dtype):
     return jnp.where(z, jnp.asarray(1.0 / keep, dtype), jnp.zeros((), dtype))
 
 
+def _ein(spec, a, b):
+    """``einsum`` accumulated in float32 for bfloat16/float16 operands (result in float32)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=wide(jnp.result_type(a, b)))
+
+
 def _materialized_fwd(q, k, v, allowed, drop, scale):
-    """``q (b,t,K,G,d)``, ``k, v (b,s,K,d)`` -> ``o (b,t,K,G,d)``, ``p (b,K,G,t,s)``."""
-    sc = _masked(jnp.einsum("btkgd,bskd->bkgts", q, k) * scale, allowed)
+    """``q (b,t,K,G,d)``, ``k, v (b,s,K,d)`` -> ``o (b,t,K,G,d)``, ``p (b,K,G,t,s)``.
+
+    Scores, softmax and sums run in :func:`~funnn.core.wide` precision (float32 for
+    bfloat16); ``P`` is kept, and multiplies ``V``, in the compute dtype."""
+    dt = q.dtype
+    sc = _masked(_ein("btkgd,bskd->bkgts", q, k) * scale, allowed)
     m = _safe(lax.stop_gradient(jnp.max(sc, axis=-1, keepdims=True)))
     e = jnp.exp(sc - m)
     l_ = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / jnp.where(l_ > 0, l_, jnp.ones((), l_.dtype))
+    p = (e / jnp.where(l_ > 0, l_, jnp.ones((), l_.dtype))).astype(dt)
     pd = p if drop is None else p * drop
-    return jnp.einsum("bkgts,bskd->btkgd", pd, v), p
+    return _ein("bkgts,bskd->btkgd", pd, v).astype(dt), p
 
 
 def _materialized_bwd(q, k, v, p, drop, scale, do):
+    dt = q.dtype
     pd = p if drop is None else p * drop
-    dv = jnp.einsum("bkgts,btkgd->bskd", pd, do)                  # dV = P^T dO
-    dp = jnp.einsum("btkgd,bskd->bkgts", do, v)                   # dP = dO V^T
+    dv = _ein("bkgts,btkgd->bskd", pd, do).astype(dt)             # dV = P^T dO
+    dp = _ein("btkgd,bskd->bkgts", do, v)                         # dP = dO V^T
     if drop is not None:
         dp = dp * drop
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))       # softmax JVP
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k) * scale           # dQ = dS K / sqrt(d)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q) * scale           # dK = dS^T Q / sqrt(d)
+    pw = upcast(p)
+    ds = (pw * (dp - jnp.sum(dp * pw, axis=-1, keepdims=True))).astype(dt)   # softmax JVP
+    dq = (_ein("bkgts,bskd->btkgd", ds, k) * scale).astype(dt)    # dQ = dS K / sqrt(d)
+    dk = (_ein("bkgts,btkgd->bskd", ds, q) * scale).astype(dt)    # dK = dS^T Q / sqrt(d)
     return dq, dk, dv
 
 
@@ -220,11 +234,12 @@ def _chunked_fwd(q, k, v, kvalid, full, causal, drop_key, keep, scale, block):
     bs = min(block, k.shape[1])
     _, xs = _blocks(k, v, kvalid, full, bs)
     dt = q.dtype
+    wt = wide(dt)                     # running max, sums and output accumulate in float32
 
     def step(carry, xs):
         m, l_, acc = carry
         kj, vj, kvj, fj, j = xs
-        sc = _masked(jnp.einsum("btkgd,bskd->bkgts", q, kj) * scale,
+        sc = _masked(_ein("btkgd,bskd->bkgts", q, kj) * scale,
                      _allowed(kvj, fj, causal, t, bs, j * bs))
         m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(sc, axis=-1)))
         m_safe = _safe(m_new)
@@ -232,17 +247,18 @@ def _chunked_fwd(q, k, v, kvalid, full, causal, drop_key, keep, scale, block):
         p = jnp.exp(sc - m_safe[..., None])
         l_ = alpha * l_ + jnp.sum(p, axis=-1)
         z = _chunk_drop(drop_key, keep, j, p.shape, dt)
-        pv = jnp.einsum("bkgts,bskd->btkgd", p if z is None else p * z, vj)
+        pc = p.astype(dt)
+        pv = _ein("bkgts,bskd->btkgd", pc if z is None else pc * z, vj)
         acc = jnp.moveaxis(alpha, -1, 1)[..., None] * acc + pv
         return (m_new, l_, acc), None
 
-    init = (jnp.full((b, nk, g, t), -jnp.inf, dt), jnp.zeros((b, nk, g, t), dt),
-            jnp.zeros(q.shape, dt))
+    init = (jnp.full((b, nk, g, t), -jnp.inf, wt), jnp.zeros((b, nk, g, t), wt),
+            jnp.zeros(q.shape, wt))
     (m, l_, acc), _ = lax.scan(step, init, xs)
     pos = l_ > 0
-    o = acc / jnp.moveaxis(jnp.where(pos, l_, jnp.ones((), dt)), -1, 1)[..., None]
-    lse = jnp.where(pos, _safe(m) + jnp.log(jnp.where(pos, l_, jnp.ones((), dt))), jnp.inf)
-    return o, lse
+    o = acc / jnp.moveaxis(jnp.where(pos, l_, jnp.ones((), wt)), -1, 1)[..., None]
+    lse = jnp.where(pos, _safe(m) + jnp.log(jnp.where(pos, l_, jnp.ones((), wt))), jnp.inf)
+    return o.astype(dt), lse
 
 
 def _chunked_bwd(q, k, v, kvalid, full, causal, drop_key, keep, scale, block, o, lse, do):
@@ -251,22 +267,25 @@ def _chunked_bwd(q, k, v, kvalid, full, causal, drop_key, keep, scale, block, o,
     s = k.shape[1]
     bs = min(block, s)
     nb, xs = _blocks(k, v, kvalid, full, bs)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", do, o)[..., None]      # rowsum(dP * P)
+    dt = q.dtype
+    delta = _ein("btkgd,btkgd->bkgt", do, o)[..., None]            # rowsum(dP * P)
 
     def step(dq, xs):
         kj, vj, kvj, fj, j = xs
-        sc = _masked(jnp.einsum("btkgd,bskd->bkgts", q, kj) * scale,
+        sc = _masked(_ein("btkgd,bskd->bkgts", q, kj) * scale,
                      _allowed(kvj, fj, causal, t, bs, j * bs))
         p = jnp.exp(sc - lse[..., None])                            # 0 where masked
-        z = _chunk_drop(drop_key, keep, j, p.shape, q.dtype)
-        dvj = jnp.einsum("bkgts,btkgd->bskd", p if z is None else p * z, do)
-        dp = jnp.einsum("btkgd,bskd->bkgts", do, vj)
-        ds = p * ((dp if z is None else dp * z) - delta)
-        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kj) * scale
-        dkj = jnp.einsum("bkgts,btkgd->bskd", ds, q) * scale
+        z = _chunk_drop(drop_key, keep, j, p.shape, dt)
+        pc = p.astype(dt)
+        dvj = _ein("bkgts,btkgd->bskd", pc if z is None else pc * z, do).astype(dt)
+        dp = _ein("btkgd,bskd->bkgts", do, vj)
+        ds = (p * ((dp if z is None else dp * z) - delta)).astype(dt)
+        dq = dq + _ein("bkgts,bskd->btkgd", ds, kj) * scale
+        dkj = (_ein("bkgts,btkgd->bskd", ds, q) * scale).astype(dt)
         return dq, (dkj, dvj)
 
-    dq, (dk, dv) = lax.scan(step, jnp.zeros_like(q), xs)
+    dq, (dk, dv) = lax.scan(step, jnp.zeros(q.shape, wide(dt)), xs)
+    dq = dq.astype(dt)
 
     def unstack(a):                                  # (nb, b, bs, K, d) -> (b, s, K, d)
         a = jnp.moveaxis(a, 0, 1)
@@ -470,7 +489,7 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         scale = 1.0 / math.sqrt(d)
         o2 = o.reshape(-1, h * d)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        grads = {"W_o": o2.T @ dy2}
+        grads = {"W_o": matmul_wide(o2.T, dy2)}
         do = (dy @ params["W_o"].T).reshape(q.shape)                # dO = dy W_o^T
         if isinstance(res, _Chunked):
             dq, dk, dv = _chunked_bwd(q, k, v, res.kvalid, res.full, causal and not cross,
@@ -481,10 +500,11 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
             b, k.shape[1], -1)
         x2, c2 = x.reshape(-1, x.shape[-1]), c.reshape(-1, c.shape[-1])
         for w, a2, da in (("W_q", x2, dq), ("W_k", c2, dk), ("W_v", c2, dv)):
-            grads[w] = a2.T @ da.reshape(-1, da.shape[-1])
+            grads[w] = matmul_wide(a2.T, da.reshape(-1, da.shape[-1]))
         if use_bias:
-            grads.update(b_q=dq.sum((0, 1)), b_k=dk.sum((0, 1)), b_v=dv.sum((0, 1)),
-                         b_o=dy2.sum(0))
+            acc = wide(dy2.dtype)
+            grads.update(b_q=dq.sum((0, 1), dtype=acc), b_k=dk.sum((0, 1), dtype=acc),
+                         b_v=dv.sum((0, 1), dtype=acc), b_o=dy2.sum(0, dtype=acc))
         grads = {n: grads[n].astype(params[n].dtype) for n in params}
         dx = dq @ params["W_q"].T
         dc = dk @ params["W_k"].T + dv @ params["W_v"].T

@@ -57,7 +57,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_floating, check_in_shape
+from funnn.core import (
+    ConfigError,
+    DTypeError,
+    Layer,
+    ShapeError,
+    check_floating,
+    check_in_shape,
+    matmul_wide,
+)
 
 __all__ = ["rnn", "lstm", "gru"]
 
@@ -84,7 +92,7 @@ def _split(a, n):
 
 def _contract(x, d):
     """``sum_t x_t^T d_t``: ``x (T, B, m)``, ``d (T, B, n)`` -> ``(m, n)``, one matrix product."""
-    return x.reshape(-1, x.shape[-1]).T @ d.reshape(-1, d.shape[-1])
+    return matmul_wide(x.reshape(-1, x.shape[-1]).T, d.reshape(-1, d.shape[-1]))
 
 
 def _xw(x_t, w):
