@@ -130,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "roofline")
     b.add_argument("--suite", default="engines",
                    help="comma-separated: engines, peers, jit, per-example, control, epoch, "
-                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), or all "
-                        "(default: engines)")
+                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), attention, "
+                        "or all (default: engines)")
     b.add_argument("--quick", action="store_true",
                    help="small sizes, 3 rounds (under 2 minutes on a 2-core CPU); the "
                         "default sizes are meant for accelerators")

@@ -6,9 +6,19 @@ Architectures (random data of the stated shapes; nothing is downloaded):
 - ``cnn``: 28x28x1 -> conv 32 (3x3, SAME) -> ReLU -> max-pool 2 -> conv 64 -> ReLU ->
   max-pool 2 -> dense 10.
 - ``lstm``: LSTM(128) over 28 steps of 28 features, last state -> dense 10.
+- ``wide``: 4096-4096-4096-4096-10 ReLU network (the roofline row: big enough to reach a
+  GPU's matmul peak; full size only).
 
-Every training step is Adam (1e-3). ``bfloat16`` rows run the whole step in
-bfloat16 (parameters and inputs), until mixed-precision policies land.
+Every training step is Adam (1e-3). ``bfloat16`` rows are mixed precision: float32 master
+weights, the layers computing in bfloat16 (funnn's ``precision="bf16"`` policy; the pure-JAX
+step casts its parameters to bfloat16 inside the differentiated function, the same thing
+written by hand). Their fraction of peak is against the measured bfloat16 peak.
+
+The ``attention`` suite times multi-head self-attention forward + backward (gradients of
+the projections and of ``x``) at sequence lengths 256 to 4096: funnn's two hand-written
+strategies and its autodiff path (cuDNN on a GPU in bfloat16), against softmax(QK^T)V written
+plainly under ``jax.grad``, ``jax.nn.dot_product_attention`` (XLA, and cuDNN on a GPU) and,
+where installed, PyTorch's ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funnn import autodiff, control, losses, manual, parallel, train
+from funnn import autodiff, control, losses, manual, parallel, precision, train
 from funnn import layers as L
 from funnn.bench import peers
+from funnn.bench.attention import attention_suite
 from funnn.bench.harness import Case, Unavailable
 from funnn.core import ConfigError
 
@@ -41,13 +52,20 @@ XENT = losses.softmax_cross_entropy
 def data_for(arch: str, batch: int, dtype: str = "float32"):
     """Fixed random inputs and labels for ``arch`` (numpy, so every library can take them)."""
     rng = np.random.default_rng(batch)
-    shape = {"mlp": (batch, 784), "cnn": (batch, 28, 28, 1), "lstm": (batch, 28, 28)}[arch]
+    shape = {"mlp": (batch, 784), "cnn": (batch, 28, 28, 1), "lstm": (batch, 28, 28),
+             "wide": (batch, WIDE)}[arch]
     x = rng.standard_normal(shape).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
     return jnp.asarray(x, dtype), jnp.asarray(y)
 
 
+WIDE = 4096
+
+
 def funnn_model(arch: str):
+    if arch == "wide":
+        return L.serial(L.dense(WIDE), L.activation("relu"), L.dense(WIDE),
+                        L.activation("relu"), L.dense(WIDE), L.activation("relu"), L.dense(10))
     if arch == "mlp":
         return L.serial(L.dense(512), L.activation("relu"), L.dense(512), L.activation("relu"),
                         L.dense(10))
@@ -67,7 +85,8 @@ def _funnn_step(arch: str, engine: str, batch: int, dtype: str):
         model = funnn_model(arch)
         x, y = data_for(arch, batch, dtype)
         _, params = model.init(jax.random.key(0), (None,) + tuple(x.shape[1:]))
-        params = _cast(params, dtype)
+        if dtype == "bfloat16":          # mixed precision: float32 master weights
+            model = precision.apply_policy(model, "bf16")
         opt = optax.adam(LR)
         step = train.make_step(model, XENT, opt, engine)
         ts = train.TrainState(params, opt.init(params), None)
@@ -85,8 +104,8 @@ def _pure_params(arch: str, x, dtype):
     k = iter(jax.random.split(jax.random.key(0), 8))
     def he(shape, fan_in):
         return (jax.random.normal(next(k), shape) * (2.0 / fan_in) ** 0.5).astype(dtype)
-    if arch == "mlp":
-        dims = (x.shape[-1], 512, 512, 10)
+    if arch in ("mlp", "wide"):
+        dims = (x.shape[-1], 512, 512, 10) if arch == "mlp" else (WIDE,) * 4 + (10,)
         return [(he((a, b), a), jnp.zeros(b, dtype)) for a, b in itertools.pairwise(dims)]
     if arch == "cnn":
         return [(he((3, 3, 1, 32), 9), jnp.zeros(32, dtype)),
@@ -99,7 +118,7 @@ def _pure_params(arch: str, x, dtype):
 
 def pure_forward(arch: str, params, x):
     """The network written directly in ``jax.numpy``/``lax``: the zero-overhead reference."""
-    if arch == "mlp":
+    if arch in ("mlp", "wide"):
         for w, b in params[:-1]:
             x = jax.nn.relu(x @ w + b)
         return x @ params[-1][0] + params[-1][1]
@@ -129,13 +148,18 @@ def pure_forward(arch: str, params, x):
 def _pure_step(arch: str, batch: int, dtype: str):
     def build():
         x, y = data_for(arch, batch, dtype)
-        params = _pure_params(arch, x, dtype)
+        params = _pure_params(arch, x, "float32")        # float32 master weights
         tx = optax.adam(LR)
+
+        def objective(p, x, y):
+            if dtype != "float32":                       # mixed precision, by hand
+                p = _cast(p, dtype)
+            return _xent(pure_forward(arch, p, x.astype(dtype)), y)
 
         @jax.jit
         def step(state, x, y):
             p, s = state
-            loss, g = jax.value_and_grad(lambda p: _xent(pure_forward(arch, p, x), y))(p)
+            loss, g = jax.value_and_grad(objective)(p, x, y)
             u, s = tx.update(g, s, p)
             return (optax.apply_updates(p, u), s), loss
         return step, ((params, tx.init(params)), x, y)
@@ -204,7 +228,8 @@ _Sizes = dict[str, dict[str, tuple[int, ...]]]
 _ENGINE_SIZES: _Sizes = {
     "tiny": {"mlp": (8,), "cnn": (8,), "lstm": (8,)},
     "quick": {"mlp": (32, 128), "cnn": (32,), "lstm": (32,)},
-    "full": {"mlp": (32, 128, 1024, 8192), "cnn": (32, 128, 1024), "lstm": (32, 128, 1024)}}
+    "full": {"mlp": (32, 128, 1024, 8192), "cnn": (32, 128, 1024), "lstm": (32, 128, 1024),
+             "wide": (8192,)}}
 _PEER_SIZES: _Sizes = {
     "tiny": {"mlp": (8,)}, "quick": {"mlp": (128,), "cnn": (32,), "lstm": (32,)},
     "full": {"mlp": (128, 1024), "cnn": (128,), "lstm": (128,)}}
@@ -470,7 +495,7 @@ SIZES = ("tiny", "quick", "full")
 SUITES: dict[str, Callable[[str], list[list[Case]]]] = {
     "engines": engines, "peers": peer_suite, "jit": jit_suite,
     "per-example": per_example_suite, "control": control_suite, "epoch": epoch_suite,
-    "parallel": parallel_suite}
+    "parallel": parallel_suite, "attention": attention_suite}
 
 
 def build(names, size: str = "quick", peer_names=None) -> list[list[Case]]:
