@@ -93,9 +93,10 @@ def _case_builds(b, t, heads, d, dtype):
             return _grad_of(_plain(heads, how)), (ws, x, dy)
         return build
 
-    def funnn_build(impl):
+    def funnn_build(impl, block=None):
         layer = L.multi_head_attention(heads, causal=True, use_bias=False,
-                                       implementation="auto" if impl == "autodiff" else impl)
+                                       implementation="auto" if impl == "autodiff" else impl,
+                                       block_size=block)
 
         def build():
             x, dy, ws = _inputs(b, t, f, dtype)
@@ -134,6 +135,8 @@ def _case_builds(b, t, heads, d, dtype):
             return grads
         return run, ()
 
+    blocks = {f"funnn manual chunked, block {n}": funnn_build("chunked", n)
+              for n in (128, 1024) if n < t}
     return {
         "softmax(QK^T)V, jax.grad": jax_build("plain"),
         "jax dot_product_attention (xla)": jax_build("xla"),
@@ -142,7 +145,7 @@ def _case_builds(b, t, heads, d, dtype):
         "funnn manual chunked": funnn_build("chunked"),
         "funnn manual materialized": funnn_build("materialized"),
         "torch SDPA": torch_build,
-    }
+    } | (blocks if dtype != "float32" else {})
 
 
 def attention_suite(size: str) -> list[list[Case]]:
