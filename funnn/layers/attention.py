@@ -24,12 +24,21 @@ Hand-written backward (``dO`` from ``dy W_o^T``), the FlashAttention-2 equations
 * ``"auto"``: ``"chunked"`` on every backend. Measured on CPU (2 cores, float32, batch 2,
   4 heads, 128 features; forward + backward, jitted): chunked 6.3 / 31 / 182 ms against
   materialized 7.4 / 93 / 538 ms at 256 / 512 / 1024 tokens (the ``T x S`` softmax tile does
-  not stay in cache). GPU timings are not measured yet. ``apply`` (the autodiff path) calls
+  not stay in cache). ``apply`` (the autodiff path) calls
   ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU for float16/bfloat16
   inputs without dropout (falling back when cuDNN refuses the shape); elsewhere it runs the
-  same computation as the manual forward. jax 0.10's ``dot_product_attention`` with
-  ``implementation=None`` is plain XLA that computes the softmax in float32 even for float64
-  inputs, so it is not used for float32/float64 (float64 checks would lose precision).
+  same computation as the manual forward.
+* ``block_size=None`` picks the key block by backend (``AUTO_BLOCK``): 128 on a CPU, 1024 on
+  a GPU. Measured on one H200 (``funnn bench --suite attention``: causal, 16 heads x 64,
+  bfloat16, batch 4, seq 4096, forward + backward with the projections): chunked blocks of
+  128 / 512 / 1024 keys 19.7 / 14.8 / 13.9 ms, materialized 12.4 ms, softmax(QK^T)V under
+  ``jax.grad`` 12.8 ms, the autodiff path (cuDNN) 2.3 ms, PyTorch SDPA 2.4 ms. XLA runs the
+  chunked loop as separate kernels per block and the backward recomputes ``QK^T``, so the
+  hand-written chunked backward stays about 1.08x the plain one on a GPU; its point there is
+  memory (linear in the sequence), not speed. ``apply`` is the fast path.
+* jax 0.10's ``dot_product_attention`` with ``implementation=None`` is plain XLA that
+  computes the softmax in float32 even for float64 inputs, so it is not used for
+  float32/float64 (float64 checks would lose precision).
 
 Masks (keyword arguments of ``apply`` and ``forward``; key positions are the context's for
 cross-attention): ``lengths=`` integer ``(batch,)``, key ``s`` is valid when
@@ -85,7 +94,7 @@ __all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = ("auto", "materialized", "chunked")
 # keys per block of the chunked strategy when block_size is None, by backend
-AUTO_BLOCK = {"cpu": 128, "gpu": 512, "tpu": 512}
+AUTO_BLOCK = {"cpu": 128, "gpu": 1024, "tpu": 1024}
 
 
 def _positive(value, what: str, layer: str, allow_none: bool = False) -> int | None:
@@ -428,8 +437,9 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         return "chunked" if implementation == "auto" else implementation
 
     def _block():
-        """Keys per block of the chunked strategy: ``block_size``, or by backend (measured:
-        128 keeps a CPU's tile in cache; a GPU wants fewer, wider blocks)."""
+        """Keys per block of the chunked strategy: ``block_size``, or by backend (measured, see
+        the module docstring: 128 keeps a CPU's tile in cache; a GPU wants fewer, wider
+        blocks)."""
         if block_fixed is not None:
             return block_fixed
         return AUTO_BLOCK.get(jax.default_backend(), AUTO_BLOCK["cpu"])
