@@ -40,7 +40,7 @@ import optax
 
 from funnn.core import ConfigError, Layer, run_apply, run_forward, upcast, wide
 
-__all__ = ["Policy", "POLICIES", "get_policy", "apply_policy", "wide", "upcast",
+__all__ = ["Policy", "POLICIES", "get_policy", "apply_policy", "unwrap", "wide", "upcast",
            "loss_scaled", "LossScaled", "LossScaleState"]
 
 def _dtype(value, what: str) -> jnp.dtype:
@@ -177,11 +177,19 @@ def apply_policy(model: Layer, policy) -> Layer:
 
         def forward_(params, x, *, key=None, train=False, **ctx):
             return forward(params, x, key=key, train=train, **ctx)
-    return Layer(name=f"{model.name}@{policy.name}", init=model.init,
-                 apply=apply if model.stateful else apply_,
-                 forward=forward if model.stateful else forward_, backward=backward,
-                 init_state=model.init_state, children=(("", model),),
-                 context=model.context, derived=False)
+    wrapped = Layer(name=f"{model.name}@{policy.name}", init=model.init,
+                    apply=apply if model.stateful else apply_,
+                    forward=forward if model.stateful else forward_, backward=backward,
+                    init_state=model.init_state, children=(("", model),),
+                    context=model.context, derived=False)
+    object.__setattr__(wrapped, "_funnn_policy", (model, policy))   # for unwrap()
+    return wrapped
+
+
+def unwrap(layer: Layer):
+    """``(model, policy)`` when ``layer`` was made by :func:`apply_policy`, else ``None`` (for
+    tools that walk the layers inside, such as ``check_numerics``'s replay)."""
+    return getattr(layer, "_funnn_policy", None)
 
 
 # --------------------------------------------------------------------------- loss scaling

@@ -266,3 +266,15 @@ def test_f16_fit_checkpoints_the_loss_scale_and_cli_records_precision(tmp_path, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["precision"] == "bf16"
     assert cli.main(["eval", str(out), "--json"]) == 0
+
+
+def test_check_numerics_names_the_layer_inside_a_mixed_precision_model(digits):
+    recipe, (x, y), _ = digits
+    model = L.serial(L.dense(16), L.activation("relu"), L.dense(10))
+    _, params = model.init(jax.random.key(0), (None, 64))
+    assert precision.unwrap(precision.apply_policy(model, "bf16"))[0] is model
+    assert precision.unwrap(model) is None
+    with pytest.raises(train.TrainingDiverged, match=r"output of serial\[2\] dense\(10\)"):
+        train.fit(model, params, (x, y), "softmax_cross_entropy", "sgd", learning_rate=1e37,
+                  epochs=2, batch_size=64, precision="bf16", check_numerics=True,
+                  progress=False)
