@@ -149,12 +149,13 @@ def _key_masks(name, b, t, s, mask, lengths):
     return kvalid, full
 
 
-def _allowed(kvalid, full, causal, t, s, k0=0):
-    """Boolean ``(b|1, 1, 1, t, s)`` of allowed (query, key) pairs for keys ``k0..k0+s``, or
-    ``None`` when everything is allowed. ``kvalid``/``full`` are already cut to those keys."""
+def _allowed(kvalid, full, causal, t, s, k0=0, q0=0):
+    """Boolean ``(b|1, 1, 1, t, s)`` of allowed (query, key) pairs for queries ``q0..q0+t`` and
+    keys ``k0..k0+s``, or ``None`` when everything is allowed. ``kvalid``/``full`` are already
+    cut to those queries and keys."""
     out = None
     if causal:
-        out = (jnp.arange(s)[None, :] + k0 <= jnp.arange(t)[:, None])[None, None, None]
+        out = (jnp.arange(s)[None, :] + k0 <= jnp.arange(t)[:, None] + q0)[None, None, None]
     if kvalid is not None:
         kv = kvalid[:, None, None, None, :]
         out = kv if out is None else out & kv
@@ -303,6 +304,126 @@ def _chunked_bwd(q, k, v, kvalid, full, causal, drop_key, keep, scale, block, o,
         return a.reshape((a.shape[0], nb * bs) + a.shape[3:])[:, :s]
 
     return dq, unstack(dk), unstack(dv)
+
+
+# --------------------------------------------------------------------------- tiled, causal-aware
+
+
+def _pad_axis(a, axis, size, value=0):
+    if a is None or a.shape[axis] == size:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, widths, constant_values=value)
+
+
+def _tile(a, axis, start, size):
+    return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
+def _tiled_fwd(q, k, v, kvalid, full, causal, scale, block):
+    """The chunked forward tiled over query blocks *and* key blocks: query block ``i`` visits
+    key blocks ``0..j_max(i)`` only, so a causal layer skips the tiles above the diagonal
+    (half the work). A ``fori_loop`` with a traced bound: the manual path never differentiates
+    it (its backward is :func:`_tiled_bwd`). Returns ``o`` and ``lse`` as
+    :func:`_chunked_fwd`."""
+    b, t, nkv, g = q.shape[:4]
+    s = k.shape[1]
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    dt, wt = q.dtype, wide(q.dtype)
+    if kvalid is None and nk * bk != s:
+        kvalid = jnp.ones((b, s), bool)
+    qp = _pad_axis(q, 1, nq * bq)
+    kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
+    kvp = _pad_axis(kvalid, 1, nk * bk, False)
+    fp = None if full is None else _pad_axis(_pad_axis(full, 1, nq * bq, False), 2, nk * bk,
+                                             False)
+
+    def q_block(i):
+        qi = _tile(qp, 1, i * bq, bq)
+        fi = _tile(fp, 1, i * bq, bq)
+
+        def body(j, carry):
+            m, l_, acc = carry
+            kj, vj = _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
+            allowed = _allowed(_tile(kvp, 1, j * bk, bk), _tile(fi, 2, j * bk, bk), causal,
+                               bq, bk, j * bk, i * bq)
+            sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            m_safe = _safe(m_new)
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(sc - m_safe[..., None])
+            l_ = alpha * l_ + jnp.sum(p, axis=-1)
+            pv = _ein("bkgts,bskd->btkgd", p.astype(dt), vj)
+            return m_new, l_, jnp.moveaxis(alpha, -1, 1)[..., None] * acc + pv
+
+        stop = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1) if causal else nk
+        init = (jnp.full((b, nkv, g, bq), -jnp.inf, wt), jnp.zeros((b, nkv, g, bq), wt),
+                jnp.zeros(qi.shape, wt))
+        m, l_, acc = lax.fori_loop(0, stop, body, init)
+        pos = l_ > 0
+        o = acc / jnp.moveaxis(jnp.where(pos, l_, jnp.ones((), wt)), -1, 1)[..., None]
+        lse = jnp.where(pos, _safe(m) + jnp.log(jnp.where(pos, l_, jnp.ones((), wt))), jnp.inf)
+        return o.astype(dt), lse
+
+    o, lse = lax.map(q_block, jnp.arange(nq))       # (nq, b, bq, ...), (nq, b, K, G, bq)
+    o = jnp.moveaxis(o, 0, 1).reshape((b, nq * bq) + q.shape[2:])[:, :t]
+    lse = jnp.moveaxis(lse, 0, -2).reshape(lse.shape[1:-1] + (nq * bq,))[..., :t]
+    return o, lse
+
+
+def _tiled_bwd(q, k, v, kvalid, full, causal, scale, block, o, lse, do):
+    """The backward of :func:`_tiled_fwd` (FlashAttention-2's order): for each key block ``j``,
+    the query blocks that see it (from the diagonal down when causal) recompute
+    ``P = exp(S - lse)`` and add to ``dK_j``, ``dV_j`` and ``dQ_i``."""
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    dt, wt = q.dtype, wide(q.dtype)
+    if kvalid is None and nk * bk != s:
+        kvalid = jnp.ones((b, s), bool)
+    delta = _ein("btkgd,btkgd->bkgt", do, o)                          # rowsum(dP * P)
+    qp, dop = _pad_axis(q, 1, nq * bq), _pad_axis(do, 1, nq * bq)
+    lsep = _pad_axis(lse, 3, nq * bq, jnp.inf)                         # padded rows: P = 0
+    deltap = _pad_axis(delta, 3, nq * bq)
+    kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
+    kvp = _pad_axis(kvalid, 1, nk * bk, False)
+    fp = None if full is None else _pad_axis(_pad_axis(full, 1, nq * bq, False), 2, nk * bk,
+                                             False)
+
+    def k_block(dq, j):
+        kj, vj = _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
+        kvj, fj = _tile(kvp, 1, j * bk, bk), _tile(fp, 2, j * bk, bk)
+
+        def body(i, carry):
+            dq, dk, dv = carry
+            qi, doi = _tile(qp, 1, i * bq, bq), _tile(dop, 1, i * bq, bq)
+            lsei, deltai = _tile(lsep, 3, i * bq, bq), _tile(deltap, 3, i * bq, bq)
+            allowed = _allowed(kvj, _tile(fj, 1, i * bq, bq), causal, bq, bk, j * bk, i * bq)
+            sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
+            p = jnp.exp(sc - lsei[..., None])                            # 0 where masked
+            dv = dv + _ein("bkgts,btkgd->bskd", p.astype(dt), doi)
+            dp = _ein("btkgd,bskd->bkgts", doi, vj)
+            ds = (p * (dp - deltai[..., None])).astype(dt)
+            dq_i = _tile(dq, 1, i * bq, bq) + _ein("bkgts,bskd->btkgd", ds, kj) * scale
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, 1)
+            dk = dk + _ein("bkgts,btkgd->bskd", ds, qi) * scale
+            return dq, dk, dv
+
+        start = (j * bk) // bq if causal else 0
+        zeros = jnp.zeros(kj.shape, wt)
+        dq, dk, dv = lax.fori_loop(start, nq, body, (dq, zeros, zeros))
+        return dq, (dk.astype(dt), dv.astype(dt))
+
+    dq, (dk, dv) = lax.scan(k_block, jnp.zeros(qp.shape, wt), jnp.arange(nk))
+
+    def unstack(a):                                  # (nk, b, bk, K, d) -> (b, s, K, d)
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape((a.shape[0], nk * bk) + a.shape[3:])[:, :s]
+
+    return dq[:, :t].astype(dt), unstack(dk), unstack(dv)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -463,10 +584,14 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
             o = _cudnn(q, k, v, kvalid, full, lengths, mask)
             if o is not None:
                 return _out(params, o, b, t), None
-        if how == "chunked":
+        res: _Chunked | _Materialized
+        if how == "chunked" and keep_res and not dropping:     # the manual path: tiled
+            o, lse = _tiled_fwd(q, k, v, kvalid, full, causal and not cross, scale, _block())
+            res = _Chunked(x, c, q, k, v, o, lse, kvalid, full, None)
+        elif how == "chunked":    # differentiable (apply) or with dropout: key blocks only
             o, lse = _chunked_fwd(q, k, v, kvalid, full, causal and not cross,
                                   key if dropping else None, 1.0 - rate, scale, _block())
-            res: _Chunked | _Materialized = _Chunked(x, c, q, k, v, o, lse, kvalid, full,
+            res = _Chunked(x, c, q, k, v, o, lse, kvalid, full,
                                                      key if dropping else None)
         else:
             allowed = _allowed(kvalid, full, causal and not cross, t, s)
@@ -509,7 +634,10 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         dy2 = dy.reshape(-1, dy.shape[-1])
         grads = {"W_o": matmul_wide(o2.T, dy2)}
         do = (dy @ params["W_o"].T).reshape(q.shape)                # dO = dy W_o^T
-        if isinstance(res, _Chunked):
+        if isinstance(res, _Chunked) and res.key is None:
+            dq, dk, dv = _tiled_bwd(q, k, v, res.kvalid, res.full, causal and not cross,
+                                    scale, _block(), o, res.lse, do)
+        elif isinstance(res, _Chunked):
             dq, dk, dv = _chunked_bwd(q, k, v, res.kvalid, res.full, causal and not cross,
                                       res.key, 1.0 - rate, scale, _block(), o, res.lse, do)
         else:
