@@ -28,14 +28,19 @@ Hand-written backward (``dO`` from ``dy W_o^T``), the FlashAttention-2 equations
   ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU for float16/bfloat16
   inputs without dropout (falling back when cuDNN refuses the shape); elsewhere it runs the
   same computation as the manual forward.
-* ``block_size=None`` picks the key block by backend (``AUTO_BLOCK``): 128 on a CPU, 1024 on
-  a GPU. Measured on one H200 (``funnn bench --suite attention``: causal, 16 heads x 64,
-  bfloat16, batch 4, seq 4096, forward + backward with the projections): chunked blocks of
-  128 / 512 / 1024 keys 19.7 / 14.8 / 13.9 ms, materialized 12.4 ms, softmax(QK^T)V under
-  ``jax.grad`` 12.8 ms, the autodiff path (cuDNN) 2.3 ms, PyTorch SDPA 2.4 ms. XLA runs the
-  chunked loop as separate kernels per block and the backward recomputes ``QK^T``, so the
-  hand-written chunked backward stays about 1.08x the plain one on a GPU; its point there is
-  memory (linear in the sequence), not speed. ``apply`` is the fast path.
+* The manual path's chunked forward and backward tile queries *and* keys (blocks of
+  ``block_size``): query block ``i`` visits only key blocks ``0..j_max(i)``, so a causal layer
+  skips the tiles above the diagonal, half the work (a ``fori_loop`` with a traced bound,
+  which the hand-written backward never differentiates; the backward runs in
+  FlashAttention-2's order, key block by key block). ``apply`` and training with attention
+  dropout keep the differentiable key-block ``scan``.
+* ``block_size=None`` picks the block by backend (``AUTO_BLOCK``): 128 on a CPU, 1024 on a
+  GPU. Measured on one H200 (causal, 16 heads x 64, bfloat16, forward + backward with the
+  projections; ``benchmarks/results/h200/attention_tiled.txt``): at seq 4096 (batch 4) the
+  tiled chunked backward 11.2 ms against softmax(QK^T)V under ``jax.grad`` 12.8 ms (0.87x,
+  with linear memory), materialized 12.4 ms, 128-key tiles 43.2 ms; at seq 1024 (batch 16)
+  chunked 3.9 ms against 3.5 ms (one tile, nothing to skip). The autodiff path (cuDNN)
+  2.3 ms and PyTorch SDPA 2.3 ms at seq 4096: ``apply`` is the fast path on a GPU.
 * jax 0.10's ``dot_product_attention`` with ``implementation=None`` is plain XLA that
   computes the softmax in float32 even for float64 inputs, so it is not used for
   float32/float64 (float64 checks would lose precision).
