@@ -288,12 +288,13 @@ def roofline_suite(size: str) -> list[list[Case]]:
     mixed precision, Adam and plain SGD: how close a training step gets to the device's
     measured matmul peak, and what the optimizer's memory-bound update costs."""
     batches = {"tiny": (8,), "quick": (256,), "full": (8192, 16384)}[size]
+    optimizers = ("adam",) if size == "tiny" else ("adam", "sgd")
     arch = {"tiny": "wide:64", "quick": "wide:1024", "full": "wide"}[size]
     impls = ["pure JAX", "funnn autodiff", "funnn manual"]
     groups = []
     for dtype in ("float32", "bfloat16"):
         for b in batches:
-            for opt in ("adam", "sgd"):
+            for opt in optimizers:
                 cases = _step_group("roofline", arch, b, dtype, impls, check=False,
                                     optimizer=opt)
                 groups.append(cases)
