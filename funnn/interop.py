@@ -280,6 +280,24 @@ def _replace(tree, trail, value):
     return type(tree)(items) if isinstance(tree, tuple) else items
 
 
+#: where each funnn param comes from, per layer kind: the state-dict key under the prefix.
+_SOURCES = {
+    "dense": {"W": "weight", "b": "bias"}, "conv1d": {"W": "weight", "b": "bias"},
+    "conv2d": {"W": "weight", "b": "bias"}, "layer_norm": {"gamma": "weight", "beta": "bias"},
+    "batch_norm": {"gamma": "weight", "beta": "bias", "mean": "running_mean",
+                   "var": "running_var"},
+    "embedding": {"table": "weight"},
+    "rnn": {"W_xh": "weight_ih_l0", "W_hh": "weight_hh_l0", "b": "bias_ih_l0 + bias_hh_l0"},
+    "lstm": {"W_x": "weight_ih_l0", "W_h": "weight_hh_l0", "b": "bias_ih_l0 + bias_hh_l0"},
+    "gru": {"W_x": "weight_ih_l0", "W_h": "weight_hh_l0", "b_x": "bias_ih_l0",
+            "b_h": "bias_hh_l0"},
+    "multi_head_attention": {"W_q": "in_proj_weight", "W_k": "in_proj_weight",
+                             "W_v": "in_proj_weight", "W_o": "out_proj.weight",
+                             "b_q": "in_proj_bias", "b_k": "in_proj_bias",
+                             "b_v": "in_proj_bias", "b_o": "out_proj.bias"},
+}
+
+
 def _check_like(new, like, prefix: str, where: tuple, kind: str) -> dict:
     """Check converted arrays against init's, cast to init's dtypes."""
     if not isinstance(like, Mapping):
@@ -293,9 +311,10 @@ def _check_like(new, like, prefix: str, where: tuple, kind: str) -> dict:
     for k, ref in like.items():
         a = np.asarray(new[k])
         if a.shape != tuple(np.shape(ref)):
-            raise StateDictError(f"PyTorch module {prefix!r} gives {k} of shape {a.shape} (after "
-                                 f"the layout change), the layer's {k} is {tuple(np.shape(ref))}",
-                                 where)
+            src = _SOURCES.get(kind, {}).get(k, k)
+            raise StateDictError(f"state_dict key {_key(prefix, src)!r} gives {k} of shape "
+                                 f"{a.shape} (in funnn's layout), the layer's {k} is "
+                                 f"{tuple(np.shape(ref))}; is this the right module?", where)
         out[k] = jax.numpy.asarray(a, dtype=jax.numpy.result_type(ref))
     return out
 
