@@ -281,7 +281,7 @@ def _replace(tree, trail, value):
 
 
 #: where each funnn param comes from, per layer kind: the state-dict key under the prefix.
-_SOURCES = {
+_SOURCES: dict[str, dict[str, str]] = {
     "dense": {"W": "weight", "b": "bias"}, "conv1d": {"W": "weight", "b": "bias"},
     "conv2d": {"W": "weight", "b": "bias"}, "layer_norm": {"gamma": "weight", "beta": "bias"},
     "batch_norm": {"gamma": "weight", "beta": "bias", "mean": "running_mean",
@@ -311,7 +311,7 @@ def _check_like(new, like, prefix: str, where: tuple, kind: str) -> dict:
     for k, ref in like.items():
         a = np.asarray(new[k])
         if a.shape != tuple(np.shape(ref)):
-            src = _SOURCES.get(kind, {}).get(k, k)
+            src = _SOURCES.get(kind, {}).get(k) or k
             raise StateDictError(f"state_dict key {_key(prefix, src)!r} gives {k} of shape "
                                  f"{a.shape} (in funnn's layout), the layer's {k} is "
                                  f"{tuple(np.shape(ref))}; is this the right module?", where)
