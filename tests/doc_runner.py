@@ -8,6 +8,7 @@ fenced as ```bash and never run; long trainings are marked. Tracebacks name the 
 line of the Markdown file.
 
 Exit status 0 when every block ran; the last line printed is ``ran N of M python blocks``.
+``--timings`` after the path prints each block's seconds to stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import pathlib
 import re
 import sys
+import time
 
 FENCE = re.compile(r"^(\s*)```+\s*([\w+-]*)")
 SKIP = re.compile(r"^\s*<!--\s*not run:\s*(.+?)\s*-->\s*$")
@@ -41,7 +43,7 @@ def blocks(text: str):
     return out
 
 
-def run(path: str) -> tuple[int, int]:
+def run(path: str, timings: bool = False) -> tuple[int, int]:
     page = pathlib.Path(path)
     found = blocks(page.read_text())
     ns: dict = {"__name__": "__main__"}
@@ -51,11 +53,14 @@ def run(path: str) -> tuple[int, int]:
             continue
         # pad with newlines so the traceback's line numbers are the Markdown file's
         code = compile("\n" * (line - 1) + src, str(page), "exec")
+        t0 = time.perf_counter()
         exec(code, ns)
+        if timings:
+            print(f"[block at line {line}: {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
         ran += 1
     return ran, len(found)
 
 
 if __name__ == "__main__":
-    ran, total = run(sys.argv[1])
+    ran, total = run(sys.argv[1], timings="--timings" in sys.argv[2:])
     print(f"ran {ran} of {total} python blocks")
