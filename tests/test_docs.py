@@ -67,14 +67,17 @@ def _public_modules():
 
 
 def test_every_public_module_has_an_api_page():
-    """One line per module: ``docs/api/<module>.md`` holding ``::: funnn.<module>``, and its
-    entry under "API reference" in ``mkdocs.yml``."""
+    """One line per module: ``- funnn.<module>: api/<module>.md`` under "API reference" in
+    ``mkdocs.yml``; the page is generated from it (``docs/hooks/funnn_docs.py``) unless
+    ``docs/api/<module>.md`` is written by hand, which must then render the module."""
     nav = (ROOT / "mkdocs.yml").read_text()
     for mod in _public_modules():
+        assert f"- funnn.{mod}: api/{mod}.md" in nav, (
+            f"funnn.{mod} has no API page: add the line '      - funnn.{mod}: api/{mod}.md' "
+            f"under 'API reference' in mkdocs.yml")
         page = DOCS / "api" / f"{mod}.md"
-        assert page.exists(), f"funnn.{mod} has no API page: add {page.relative_to(ROOT)}"
-        assert f"::: funnn.{mod}" in page.read_text()
-        assert f"api/{mod}.md" in nav, f"mkdocs.yml nav lacks api/{mod}.md"
+        if page.exists():
+            assert f"::: funnn.{mod}" in page.read_text()
 
 
 def test_one_curriculum_page_per_seed():
