@@ -271,3 +271,26 @@ def test_against_pytorch():
     x = _r(2, 2, 9)
     np.testing.assert_allclose(m.apply(p, x.transpose(0, 2, 1)),
                                c1(t(x)).detach().numpy().transpose(0, 2, 1), rtol=1e-9)
+
+
+def test_nested_paths_and_converter_options():
+    """Paths go through combinators ("1.0": the first layer inside the residual's serial);
+    options reach the converter (the second layer of a stacked PyTorch LSTM)."""
+    model = L.serial(L.dense(3), L.residual(L.serial(L.dense(3), L.activation("tanh"))))
+    sd = {**sd_linear(4, 3, "a."), **sd_linear(3, 3, "b.")}
+    params = interop.load(model, _init(model, (None, 4)), sd, {"0": "a", "1.0": "b"})
+    x = _r(2, 4)
+    h = np_linear(sd, "a.", x)
+    np.testing.assert_allclose(model.apply(params, x), h + np.tanh(np_linear(sd, "b.", h)),
+                               rtol=1e-10)
+
+    two = {**{k.replace("_l0", "_l1"): v for k, v in sd_recurrent("lstm", 5, 5).items()},
+           **sd_recurrent("lstm", 3, 5)}
+    stack = L.serial(L.lstm(5), L.lstm(5))
+    p = interop.load(stack, _init(stack, (None, 6, 3)), two,
+                     {"0": ("", {"layer": 0}), "1": ("", {"layer": 1})})
+    x = _r(2, 6, 3)
+    first = np_recurrent("lstm", two, x)
+    second = np_recurrent("lstm", {k.replace("_l1", "_l0"): v for k, v in two.items()
+                                   if k.endswith("_l1")}, first)
+    np.testing.assert_allclose(stack.apply(p, x), second, rtol=1e-9, atol=1e-12)
