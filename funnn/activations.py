@@ -47,7 +47,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jax import lax
 
-from funnn.core import ConfigError
+from funnn.core import ConfigError, upcast
 
 __all__ = [
     "Activation", "get", "names", "ALL",
@@ -321,14 +321,19 @@ swish = silu
 
 
 def _softmax(x):
-    z = x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))   # stable: z <= 0
+    # bfloat16/float16 inputs: exponentials and the sum in float32, the result in x's dtype
+    x = jnp.asarray(x)
+    xw = upcast(x)
+    z = xw - lax.stop_gradient(jnp.max(xw, axis=-1, keepdims=True))   # stable: z <= 0
     e = jnp.exp(z)
-    return e / jnp.sum(e, axis=-1, keepdims=True)
+    return (e / jnp.sum(e, axis=-1, keepdims=True)).astype(x.dtype)
 
 
 def _log_softmax(x):
-    z = x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-    return z - jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
+    x = jnp.asarray(x)
+    xw = upcast(x)
+    z = xw - lax.stop_gradient(jnp.max(xw, axis=-1, keepdims=True))
+    return (z - jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))).astype(x.dtype)
 
 
 def _softmax_jac(x):
@@ -344,12 +349,15 @@ def _log_softmax_jac(x):
 
 
 def _softmax_vjp(x, dy):
-    s = _softmax(_arr(x))
-    return s * (dy - jnp.sum(dy * s, axis=-1, keepdims=True))
+    dt = jnp.result_type(dy)
+    s, dy = upcast(_softmax(upcast(_arr(x)))), upcast(dy)
+    return (s * (dy - jnp.sum(dy * s, axis=-1, keepdims=True))).astype(dt)
 
 
 def _log_softmax_vjp(x, dy):
-    return dy - _softmax(_arr(x)) * jnp.sum(dy, axis=-1, keepdims=True)
+    dt = jnp.result_type(dy)
+    s, dy = _softmax(upcast(_arr(x))), upcast(dy)
+    return (dy - s * jnp.sum(dy, axis=-1, keepdims=True)).astype(dt)
 
 
 softmax = _make("softmax", _softmax, _softmax_jac, (0.0, 1.0),

@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--from-checkpoint", default=None, metavar="PATH",
                    help="with --resume: resume from this checkpoint instead of the newest; "
                         "without: start a new run from its weights")
+    t.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"],
+                   help="mixed precision: float32 master weights, layers computing in "
+                        "bfloat16 (bf16) or float16 with dynamic loss scaling (f16); "
+                        "default f32")
     t.add_argument("--check-numerics", action="store_true",
                    help="check every step; name the first layer and step that go non-finite")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -127,8 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "roofline")
     b.add_argument("--suite", default="engines",
                    help="comma-separated: engines, peers, jit, per-example, control, epoch, "
-                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), or all "
-                        "(default: engines)")
+                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), attention, "
+                        "or all (default: engines)")
     b.add_argument("--quick", action="store_true",
                    help="small sizes, 3 rounds (under 2 minutes on a 2-core CPU); the "
                         "default sizes are meant for accelerators")
@@ -220,7 +224,8 @@ def _train_config(args, recipe, train_set, x, ex) -> dict:
     schedule = args.schedule or (recipe.schedule if own else "constant")
     asked = args.batch_size or recipe.batch_size
     return {"model": recipe.name, "data": args.data, "engine": args.engine,
-            "optimizer": optimizer, "learning_rate": lr, "schedule": schedule,
+            "precision": args.precision, "optimizer": optimizer, "learning_rate": lr,
+            "schedule": schedule,
             "epochs": args.epochs or recipe.epochs,
             "batch_size": min(asked, int(x.shape[0])), "batch_size_asked": asked,
             "seed": args.seed, "standardize": recipe.standardize,
@@ -235,7 +240,8 @@ def _describe(recipe, config: dict) -> str:
         f" (asked {c['batch_size_asked']}; the training set has {c['train_examples']} "
         f"examples)" if c["batch_size"] != c["batch_size_asked"] else "")
     return (f"funnn train: {recipe.name}: {recipe.about}; data {c['data']} "
-            f"({c['train_examples']} train, {c['test_examples']} test); engine {c['engine']}; "
+            f"({c['train_examples']} train, {c['test_examples']} test); engine {c['engine']}"
+            f"{'' if c.get('precision', 'f32') == 'f32' else ', precision ' + c['precision']}; "
             f"optimizer {c['optimizer']}, lr {c['learning_rate']:g}, {c['schedule']} schedule, "
             f"{c['epochs']} epochs, {batch}")
 
@@ -355,7 +361,8 @@ def _train(args) -> int:
                 checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
                 from_checkpoint=args.from_checkpoint if args.resume else None,
                 config=config, extras=extras, check_numerics=args.check_numerics,
-                run_id=run_id, log=print, mesh=mesh, sharding=sharding)
+                run_id=run_id, log=print, mesh=mesh, sharding=sharding,
+                precision=args.precision)
         except train.TrainingDiverged as err:
             if not main:
                 raise
@@ -398,7 +405,7 @@ def _pct(v) -> str:
 
 
 def _eval(args) -> int:
-    from funnn import checkpoint, data, models, train
+    from funnn import checkpoint, data, models, precision, train
     from funnn.core import CheckpointError, DataError
 
     run_dir = args.run_dir
@@ -416,6 +423,7 @@ def _eval(args) -> int:
     recipe = models.get(config["model"])
     model = recipe.build(int(config["num_outputs"]))
     ck = train.restore_run(run_dir, model, checkpoint=path)
+    model = precision.apply_policy(model, config.get("precision"))   # compute as it trained
     stats = None
     if config.get("standardize"):
         extras = ck.extras or {}

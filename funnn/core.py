@@ -42,10 +42,13 @@ from jax.tree_util import PyTreeDef
 __all__ = [
     "FunnnError", "ShapeError", "ConfigError", "DTypeError", "KeyMissingError",
     "StateError", "DataError", "CheckpointError",
-    "Layer", "run_apply", "run_forward", "layer_scope", "split_key",
+    "Layer", "run_apply", "run_forward", "merged_context", "check_context",
+    "layer_from_apply", "layer_scope",
+    "split_key",
     "InputSpec", "input_spec", "check_backward",
     "check_in_shape", "check_rank", "check_features", "check_floating",
-    "param_count", "tree_paths", "path_str", "summary",
+    "wide", "upcast", "matmul_wide",
+    "param_count", "tree_paths", "path_str", "summary", "derived_layers",
 ]
 
 
@@ -158,10 +161,12 @@ class Layer:
         # state= given to a stateless layer. Both are Python-level checks: under jit they run
         # while tracing only.
         stateful = self.init_state is not None
+        object.__setattr__(self, "context", tuple(self.context))
         for field in ("apply", "forward", "backward"):
             fn = getattr(self, field)
             object.__setattr__(self, field,
-                               _guarded(fn, self.name, stateful, field != "backward"))
+                               _guarded(fn, self.name, stateful, field != "backward",
+                                        self.context))
 
     @property
     def stateful(self) -> bool:
@@ -187,11 +192,28 @@ def _missing_key(params, err: KeyError):
     return None
 
 
-def _guarded(fn, name: str, stateful: bool, takes_state: bool):
+_CALL_KEYWORDS = frozenset({"state", "key", "train"})
+
+
+def _reject_context(name: str, kwargs, context: tuple) -> None:
+    """A side input (``mask=``, ``lengths=``) that no layer of this model reads: say so, rather
+    than let it vanish."""
+    unknown = sorted(k for k in kwargs if k not in _CALL_KEYWORDS and k not in context)
+    if unknown:
+        reads = (f"this model reads only {', '.join(f'{k}=' for k in context)}" if context
+                 else "no layer of this model reads side inputs")
+        raise ConfigError(f"got {', '.join(f'{k}=' for k in unknown)}, but {reads} (masks are "
+                          f"read by attention, transformer blocks and the recurrent layers)",
+                          (name,))
+
+
+def _guarded(fn, name: str, stateful: bool, takes_state: bool, context: tuple = ()):
     if not callable(fn) or getattr(fn, "_funnn_guarded", False):
         return fn
 
     def guarded(params, *args, **kwargs):
+        if takes_state:
+            _reject_context(name, kwargs, context)
         if takes_state and not stateful and "state" in kwargs:
             _reject_state(name, kwargs.pop("state"))
         try:
@@ -209,24 +231,46 @@ def _guarded(fn, name: str, stateful: bool, takes_state: bool):
     return wrapper
 
 
-def run_apply(layer: Layer, params, x, *, state=None, key=None, train=False):
+def _read(layer: Layer, context) -> dict:
+    """The side inputs of ``context`` that ``layer`` reads (``None`` values dropped)."""
+    return {k: v for k, v in context.items() if v is not None and k in layer.context}
+
+
+def run_apply(layer: Layer, params, x, *, state=None, key=None, train=False, **context):
     """Call ``layer.apply`` uniformly: returns ``(y, new_state)`` (state ``None`` if stateless).
 
-    A stateless layer given a state (other than ``None``) raises :class:`StateError`.
+    ``context`` holds side inputs such as ``mask=`` and ``lengths=``; the layer gets those it
+    names in ``layer.context`` and no others, so a combinator can hand every child the same
+    context. A stateless layer given a state (other than ``None``) raises :class:`StateError`.
     """
+    ctx = _read(layer, context)
     if layer.init_state is None:
         _reject_state(layer.name, state)
-        return layer.apply(params, x, key=key, train=train), None
-    return layer.apply(params, x, state=state, key=key, train=train)
+        return layer.apply(params, x, key=key, train=train, **ctx), None
+    return layer.apply(params, x, state=state, key=key, train=train, **ctx)
 
 
-def run_forward(layer: Layer, params, x, *, state=None, key=None, train=False):
-    """Call ``layer.forward`` uniformly: returns ``(y, res, new_state)``."""
+def run_forward(layer: Layer, params, x, *, state=None, key=None, train=False, **context):
+    """Call ``layer.forward`` uniformly: returns ``(y, res, new_state)``; ``context`` as in
+    :func:`run_apply`."""
+    ctx = _read(layer, context)
     if layer.init_state is None:
         _reject_state(layer.name, state)
-        y, res = layer.forward(params, x, key=key, train=train)
+        y, res = layer.forward(params, x, key=key, train=train, **ctx)
         return y, res, None
-    return layer.forward(params, x, state=state, key=key, train=train)
+    return layer.forward(params, x, state=state, key=key, train=train, **ctx)
+
+
+def check_context(layer: Layer, context) -> None:
+    """Raise :class:`ConfigError` for a side input that no layer of ``layer`` reads (the engines
+    call this once, at the top of a model, where nothing should be dropped silently)."""
+    _reject_context(layer.name, {k: v for k, v in context.items() if v is not None},
+                    layer.context)
+
+
+def merged_context(layers) -> tuple:
+    """The side inputs any of ``layers`` reads, in first-seen order (a combinator's context)."""
+    return tuple(dict.fromkeys(k for l in layers for k in l.context))
 
 
 # --------------------------------------------------------------------------- backward checks
@@ -320,6 +364,30 @@ def split_key(key, n: int) -> tuple:
     if n == 1:
         return (key,)
     return tuple(jax.random.split(key, n))
+
+
+# --------------------------------------------------------------------------- dtypes
+
+_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def wide(dtype) -> jnp.dtype:
+    """The dtype to accumulate, normalise or take a softmax in: float32 for bfloat16 and
+    float16 (mixed precision, :mod:`funnn.precision`), else ``dtype`` itself."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else dtype
+
+
+def upcast(x):
+    """``x`` in :func:`wide` of its dtype: unchanged for float32, float64 and integers."""
+    dt = jnp.result_type(x)
+    return x.astype(wide(dt)) if jnp.issubdtype(dt, jnp.floating) else x
+
+
+def matmul_wide(a, b):
+    """``a @ b`` accumulated in :func:`wide` of the operands' dtype (float32 for bfloat16), as
+    the hand-written weight gradients ``x^T dy`` need; the result is in that wide dtype."""
+    return jnp.matmul(a, b, preferred_element_type=wide(jnp.result_type(a, b)))
 
 
 # --------------------------------------------------------------------------- shapes
@@ -498,11 +566,15 @@ def _summary_rows(layer: Layer, params, path: str, rows: list, want, where: tupl
                         (*where, layer.name))
     leaves = tree_paths(params)
     shapes = ", ".join(f"{k}{tuple(jnp.shape(v))}" for k, v in leaves) if leaves else "-"
-    rows.append((path or "<root>", layer.name, shapes, param_count(params)))
+    shown = f"{layer.name} [derived]" if layer.derived else layer.name
+    rows.append((path or "<root>", shown, shapes, param_count(params)))
 
 
 def summary(model: Layer, params, in_shape=None) -> str:
     """A printable table: layer path, layer, parameter shapes, parameter count, and a total.
+
+    A layer whose backward is derived by ``jax.vjp`` (:func:`layer_from_apply`) is marked
+    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's.
 
     The params must match the model: a combinator needs one entry per child and each layer
     the params tree its ``init`` makes; with ``in_shape`` (what ``model.init`` was given) the
@@ -524,4 +596,54 @@ def summary(model: Layer, params, in_shape=None) -> str:
                          for i in range(4))
 
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(head), sep] + [fmt(r) for r in body[:-1]] + [sep, fmt(body[-1])])
+    lines = [fmt(head), sep] + [fmt(r) for r in body[:-1]] + [sep, fmt(body[-1])]
+    if derived_layers(model):
+        lines.append("[derived]: backward derived by jax.vjp (layer_from_apply), not hand-written")
+    return "\n".join(lines)
+
+
+def derived_layers(model: Layer, path: str = "") -> list[str]:
+    """Paths (as in :func:`summary`) of the layers in ``model`` whose backward is derived by
+    ``jax.vjp`` rather than written by hand; empty for a fully hand-written model."""
+    if model.derived:
+        return [f"{path or '<root>'} {model.name}"]
+    return [p for label, child in model.children for p in derived_layers(child, path + label)]
+
+
+def layer_from_apply(init: Callable, apply: Callable, *, name: str = "custom",
+                     context: Sequence[str] = ()) -> Layer:
+    """A layer from ``init`` and ``apply`` alone: ``forward``/``backward`` come from ``jax.vjp``.
+
+    For a layer one has no hand-written backward for (yet). ``init(key, in_shape) ->
+    (out_shape, params)``; ``apply(params, x, *, key=None, train=False, **side_inputs) -> y``
+    written with ``jax.numpy``/``lax``. ``forward`` runs ``jax.vjp`` of ``apply`` and keeps the
+    returned pullback (a pytree of the residual arrays autodiff chose) as the residuals;
+    ``backward`` calls it. The dx of an integer input is ``None``. Such a layer works with
+    every engine and combinator, but its "manual" gradient is autodiff's: ``gradcheck`` and
+    :func:`summary` mark it derived, so a comparison never passes it off as hand-written.
+    ``context`` names side inputs (``"mask"``) that ``apply`` reads as keyword arguments.
+    Stateless only.
+    """
+    if not (callable(init) and callable(apply)):
+        raise ConfigError(f"layer_from_apply needs callables init and apply, got "
+                          f"{type(init).__name__} and {type(apply).__name__}", (str(name),))
+
+    def forward(params, x, *, key=None, train=False, **ctx):
+        floating = jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        if floating:
+            y, pullback = jax.vjp(lambda p, v: apply(p, v, key=key, train=train, **ctx),
+                                  params, x)
+        else:                                   # integer ids: no input gradient
+            y, pullback = jax.vjp(lambda p: (apply(p, x, key=key, train=train, **ctx)),
+                                  params)
+        return y, pullback
+
+    def backward(params, pullback, dy):
+        grads = pullback(dy)
+        return grads[0], (grads[1] if len(grads) == 2 else None)
+
+    def apply_(params, x, *, key=None, train=False, **ctx):
+        return apply(params, x, key=key, train=train, **ctx)
+
+    return Layer(name=str(name), init=init, apply=apply_, forward=forward, backward=backward,
+                 context=tuple(context), derived=True)

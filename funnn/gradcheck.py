@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, manual
-from funnn.core import Layer, ShapeError, path_str, tree_paths
+from funnn.core import Layer, ShapeError, derived_layers, path_str, tree_paths
 
 __all__ = ["compare", "directional", "Report", "LeafCheck"]
 
@@ -57,6 +57,7 @@ class Report:
     rtol: dict
     method: str            # "full" finite differences, "directional", or "none"
     directional: tuple = ()  # (pair, abs_err, rel_err, ok) rows for directional checks
+    derived: tuple = ()    # layers whose backward is jax.vjp's (layer_from_apply), by path
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,7 @@ class Report:
                         "rel_err": l.rel_err, "ok": l.ok} for l in self.leaves],
             "directional": [{"pair": d[0], "abs_err": d[1], "rel_err": d[2], "ok": d[3]}
                             for d in self.directional],
+            "derived": list(self.derived),
         }
 
     def __str__(self) -> str:
@@ -91,6 +93,10 @@ class Report:
         verdict = "all leaves agree" if self.ok else f"{len(self.failures())} disagree"
         out.append(f"loss {self.loss:.6g}; finite differences: {self.method}; rtol: {tol}; "
                    f"{verdict}")
+        if self.derived:
+            out.append("not hand-written: the 'manual' gradient of " + ", ".join(self.derived)
+                       + " is derived by jax.vjp (layer_from_apply), so manual~autodiff "
+                       "checks nothing there")
         return "\n".join(out)
 
 
@@ -241,4 +247,5 @@ def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bo
             dirs = directional(model, loss, params, x, y, key=key, state=state, train=train,
                                grads=grads, num_directions=num_directions, eps=eps, rtol=rtol_fd)
         return Report(tuple(rows), loss_value,
-                      {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs)
+                      {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs,
+                      tuple(derived_layers(model)))

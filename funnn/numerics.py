@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from funnn import precision
 from funnn.core import Layer, run_forward, split_key, tree_paths
 
 __all__ = ["all_finite", "locate"]
@@ -76,12 +77,18 @@ def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
     finite outputs)"``, ``"the gradient of serial[0] dense(64) (parameter W)"`` or,
     when everything the step computes is finite, ``"the optimizer update"``.
     """
-    root = "serial" if _is_serial(model) else ""
     if not _ok(params):
         return "the parameters (already non-finite before this step)"
+    inner = precision.unwrap(model)          # a mixed-precision model: replay its layers
+    if inner is not None:
+        model, policy = inner
+        params, x = policy.cast_to_compute(params), policy.cast_to_compute(x)
+    root = "serial" if _is_serial(model) else ""
     out, res, _, bad = _forward(model, params, x, state, key, root)
     if bad is not None:
         return f"the output of {bad}"
+    if inner is not None:
+        out = policy.cast_to_output(out)
     value = loss.value(out, y)
     if not _ok(value):
         return "the loss (on finite outputs: e.g. a log of 0 or an overflow in the loss)"
@@ -89,6 +96,8 @@ def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
     dout = grad(out, y) if grad is not None else jax.grad(lambda o: loss.value(o, y))(out)
     if not _ok(dout):
         return "the gradient of the loss with respect to the outputs"
+    if inner is not None:
+        dout = policy.cast_to_compute(dout)
     _, bad = _backward(model, params, res, dout, root)
     if bad is not None:
         return bad

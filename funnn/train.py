@@ -27,10 +27,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jmp
 import optax
 
 from funnn import _files, autodiff, losses, manual, numerics
 from funnn.core import CheckpointError, ConfigError, DataError, FunnnError, Layer
+from funnn.precision import LossScaled, apply_policy, get_policy, loss_scaled, scaled_loss
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "make_step", "make_epoch",
            "make_checked_epoch", "evaluate", "get_engine", "get_optimizer", "as_loss",
@@ -105,19 +107,41 @@ class TrainState(NamedTuple):
 
 def make_step(model: Layer, loss, optimizer: optax.GradientTransformation,
               engine: str = "autodiff"):
-    """``step(ts, x, y, key) -> (ts, loss)``: one optimizer update, pure and jit-able."""
-    vg = get_engine(engine)(model, loss, train=True)
+    """``step(ts, x, y, key) -> (ts, loss)``: one optimizer update, pure and jit-able.
+
+    Under a :func:`funnn.precision.loss_scaled` optimizer (float16 training) the loss is
+    multiplied by the scale in the optimizer state before the backward pass, the gradients are
+    divided by it, and a step with non-finite gradients changes nothing but the scale.
+    """
+    engine_vg = get_engine(engine)
+    vg = engine_vg(model, loss, train=True)
+
+    def grads_of(vg_, ts, x, y, key):
+        if model.stateful:
+            (value, new_state), grads = vg_(ts.params, x, y, key=key, state=ts.model_state)
+        else:
+            value, grads = vg_(ts.params, x, y, key=key)
+            new_state = ts.model_state
+        return value, grads, new_state
 
     def step(ts: TrainState, x, y, key):
-        if model.stateful:
-            (value, new_state), grads = vg(ts.params, x, y, key=key, state=ts.model_state)
-        else:
-            value, grads = vg(ts.params, x, y, key=key)
-            new_state = ts.model_state
+        value, grads, new_state = grads_of(vg, ts, x, y, key)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         return TrainState(optax.apply_updates(ts.params, updates), opt_state, new_state), value
 
-    return step
+    def scaled_step(ts: TrainState, x, y, key):
+        scale = optimizer.loss_scale(ts.opt_state)
+        scaled = engine_vg(model, scaled_loss(loss, scale.loss_scale), train=True)
+        value, grads, new_state = grads_of(scaled, ts, x, y, key)
+        grads = scale.unscale(grads)
+        finite = jmp.all_finite(grads)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        new = TrainState(optax.apply_updates(ts.params, updates), opt_state, new_state)
+        new = jmp.select_tree(finite, new, ts)
+        opt = optimizer.with_loss_scale(new.opt_state, scale.adjust(finite))
+        return new._replace(opt_state=opt), value / scale.loss_scale.astype(value.dtype)
+
+    return scaled_step if isinstance(optimizer, LossScaled) else step
 
 
 def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_examples: int):
@@ -272,12 +296,14 @@ def as_loss(loss, engine: str = "autodiff"):
 
 
 # Settings that may change on resume: epochs may grow; the others do not change results.
+_SAVED_DEFAULTS = {"precision": "f32"}
 _RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint", "mesh", "sharding")
 
 
 def _config_diff(saved: dict, now: dict, ignore=_RESUMABLE) -> list[str]:
     """``["learning_rate: 0.1 -> 0.2", ...]`` for every setting that differs."""
     out = []
+    saved = {**_SAVED_DEFAULTS, **saved}        # runs saved before a setting existed
     for k in sorted(set(saved) | set(now), key=str):
         if k in ignore:
             continue
@@ -333,7 +359,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         from_checkpoint=None, keep: int | None = 3, config: dict | None = None,
         extras=None, check_numerics: bool = False, on_epoch: Callable | None = None,
         run_id: str | None = None, log: Callable[[str], Any] | None = None,
-        mesh=None, sharding="replicated") -> FitResult:
+        mesh=None, sharding="replicated", precision=None) -> FitResult:
     """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
@@ -375,6 +401,12 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     and a mesh over all their devices: each feeds its own rows of every batch,
     process 0 alone writes checkpoints, and every process reads them to resume
     (``checkpoint_dir`` on a filesystem they share). ``check_numerics`` needs no mesh.
+
+    ``precision`` (``"f32"`` default, ``"bf16"``, ``"f16"`` or a
+    :class:`funnn.precision.Policy`) trains with float32 master weights and the layers
+    computing in the policy's compute dtype, on either engine (:mod:`funnn.precision`);
+    ``"f16"`` adds dynamic loss scaling (the scale lives in the optimizer state). Evaluation
+    runs under the same policy.
 
     History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
     ``eval_loss``, ``eval_accuracy`` and ``seconds``.
@@ -428,6 +460,11 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                 "schedule": None if custom else schedule, "engine": engine,
                 "loss": getattr(loss, "name", repr(loss)), "batch_size": batch_size,
                 "epochs": epochs, "num_examples": num}
+    policy = get_policy(precision)
+    settings["precision"] = policy.name
+    model = apply_policy(model, policy)                 # the float32 policy: the model itself
+    if policy.needs_loss_scaling:
+        opt = loss_scaled(opt)
     if plan is not None:
         settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
     run_config = {**(config or {}), **settings}
@@ -551,7 +588,9 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
     in optax's own classes, ready for ``optimizer.update``: ``optimizer`` is a name
     or optax transformation, by default the named optimizer the run's config
     records. With ``model`` (and an ``input_shape`` in the config, as the CLI
-    records) the params are checked against the model's own shapes.
+    records) the params are checked against the model's own shapes. A run trained under a
+    mixed-precision policy records it (``config["precision"]``); predict with
+    ``precision.apply_policy(model, config["precision"])`` to compute as it trained.
     """
     from funnn import checkpoint as ckpt
 
@@ -576,6 +615,8 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
             int(config.get("num_examples", 1)) // int(config.get("batch_size", 1)), 1)
         opt = get_optimizer(optimizer, config.get("learning_rate") or 0.1,
                             schedule=config.get("schedule") or "constant", total_steps=steps)
+        if get_policy(config.get("precision")).needs_loss_scaling:
+            opt = loss_scaled(opt)          # float16 runs keep the loss scale with the optimizer
         like["opt_state"] = jax.eval_shape(opt.init, plain.params)
     return ckpt.restore(path, like=like)
 

@@ -9,6 +9,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from funnn import bench, cli
@@ -130,3 +131,30 @@ def test_peaks_are_positive_and_fraction_uses_the_rows_dtype():
     harness.fill_fraction(rows, p)
     assert rows[0]["fraction_of_peak"] == pytest.approx(0.5)
     assert "fraction_of_peak" not in rows[1]
+
+
+def test_attention_suite_rows_compute_the_same_gradients():
+    """Every implementation in the attention suite is the same function: equal gradients of the
+    projections and the input (torch SDPA too, where installed)."""
+    from funnn.bench import attention as bench_attention
+
+    with jax.enable_x64(False):
+        outs = {}
+        for impl, build in bench_attention._case_builds(2, 16, 2, 4, "float32").items():
+            try:
+                fn, args = build()
+            except harness.Unavailable:
+                continue
+            outs[impl] = fn(*args)
+        ref = outs.pop("softmax(QK^T)V, jax.grad")
+        want = [ref[1]] + [ref[0][n] for n in ("W_q", "W_k", "W_v", "W_o")]
+        assert {"funnn autodiff", "funnn manual chunked", "funnn manual materialized",
+                "jax dot_product_attention (xla)"} <= set(outs)
+        for impl, got in outs.items():
+            got = ([g.detach().numpy() for g in got] if impl == "torch SDPA" else
+                   [got[1]] + [got[0][n] for n in ("W_q", "W_k", "W_v", "W_o")])
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5,
+                                           err_msg=impl)
+    # nominal FLOPs: projections 3 x 4 x 2BTF^2, causal attention 3.5 x 4BHT^2D / 2
+    assert bench_attention.attention_flops(1, 8, 2, 4) == 3 * 8 * 8 * 64 + 3.5 * 2 * 2 * 64 * 4

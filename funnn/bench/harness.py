@@ -338,7 +338,8 @@ def format_table(rows: list[dict], env: dict | None = None, peaks: dict | None =
                      f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s, memory "
                      f"{peaks['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     lines.append("medians of interleaved rounds; ratio to the group's first row marked *")
-    head = (f"  {'impl':<26}{'median ms':>11}{'min ms':>9}{'ratio':>7}{'GFLOP/s':>10}"
+    w = max([26] + [len(r["impl"]) + 1 for r in rows])
+    head = (f"  {'impl':<{w}}{'median ms':>11}{'min ms':>9}{'ratio':>7}{'GFLOP/s':>10}"
             f"{'% peak':>8}{'FLOP/B':>8}{'compile s':>10}  status")
     group = None
     for r in rows:
@@ -352,7 +353,7 @@ def format_table(rows: list[dict], env: dict | None = None, peaks: dict | None =
         mark = "*" if r["ratio"] is not None and abs(r["ratio"] - 1.0) < 1e-12 else " "
         status = r["status"] if r["status"] != "ok" else (
             f"{r['samples_per_s']:.0f} samples/s" if r.get("samples_per_s") else "")
-        lines.append(f"{mark} {r['impl']:<26}{_fmt(ms, '.3f'):>11}{_fmt(mn, '.3f'):>9}"
+        lines.append(f"{mark} {r['impl']:<{w}}{_fmt(ms, '.3f'):>11}{_fmt(mn, '.3f'):>9}"
                      f"{_fmt(r['ratio'], '.2f'):>7}{_fmt(gf, '.2f'):>10}{_fmt(pk, '.1f'):>8}"
                      f"{_fmt(r['intensity'], '.1f'):>8}{_fmt(r['compile_s'], '.2f'):>10}  "
                      f"{status}")

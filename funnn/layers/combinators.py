@@ -8,6 +8,13 @@ residuals as a static :class:`~funnn.core.InputSpec`), else a :class:`ShapeError
 child. PRNG keys are split once per child;
 state (batch-norm statistics) is a tuple with one entry per child (``None`` for
 stateless children). Whether a combinator is stateful is decided when it is built.
+
+Side inputs (``mask=``, ``lengths=``) given to a combinator reach every child that names them
+in its ``context`` (attention, transformer blocks, recurrent layers); the others pass them by.
+A combinator reads the union of its children's side inputs, so a padded batch runs through
+``serial(embedding, transformer_block, lstm, dense)`` with one ``lengths=`` argument. Layers
+that change the sequence length (strided conv1d, pooling over time) do not adjust a mask: put
+them after the last masked layer.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from funnn.core import (
     check_backward,
     input_spec,
     layer_scope,
+    merged_context,
     run_apply,
     run_forward,
     split_key,
@@ -112,24 +120,24 @@ def serial(*layers: Layer) -> Layer:
                 shape = out_shape(layer, shape)
         return tuple(states)
 
-    def _run(params, x, state, key, train):
+    def _run(params, x, state, key, train, ctx):
         params = _params(name, layers, params)
         states = _states(name, layers, state) if stateful else (None,) * n
         new_states = []
         for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
             with layer_scope(label):
-                x, s = run_apply(layer, p, x, state=s, key=k, train=train)
+                x, s = run_apply(layer, p, x, state=s, key=k, train=train, **ctx)
             new_states.append(s)
         return x, tuple(new_states)
 
-    def _run_forward(params, x, state, key, train):
+    def _run_forward(params, x, state, key, train, ctx):
         params = _params(name, layers, params)
         states = _states(name, layers, state) if stateful else (None,) * n
         res, specs, new_states = [], [], []
         for label, layer, p, s, k in zip(labels, layers, params, states, split_key(key, n)):
             specs.append(input_spec(x))
             with layer_scope(label):
-                x, r, s = run_forward(layer, p, x, state=s, key=k, train=train)
+                x, r, s = run_forward(layer, p, x, state=s, key=k, train=train, **ctx)
             res.append(r)
             new_states.append(s)
         return x, (tuple(res), tuple(specs)), tuple(new_states)
@@ -145,30 +153,36 @@ def serial(*layers: Layer) -> Layer:
         return tuple(grads), dy
 
     return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
-                     tuple(zip([f"[{i}]" for i in range(n)], layers)))
+                     tuple(zip([f"[{i}]" for i in range(n)], layers)), merged_context(layers))
 
 
-def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children) -> Layer:
-    """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind."""
+def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children,
+              context) -> Layer:
+    """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind.
+
+    ``context`` (the side inputs some child reads, such as ``mask``) arrives as keyword
+    arguments and is handed to every child, each taking what it names.
+    """
     # The two kinds differ in signature on purpose: a stateless layer takes no state=.
     apply: Callable[..., Any]
     forward: Callable[..., Any]
     if stateful:
-        def apply(params, x, *, state=None, key=None, train=False):
-            return run(params, x, state, key, train)
+        def apply(params, x, *, state=None, key=None, train=False, **ctx):
+            return run(params, x, state, key, train, ctx)
 
-        def forward(params, x, *, state=None, key=None, train=False):
-            return run_forward_(params, x, state, key, train)
+        def forward(params, x, *, state=None, key=None, train=False, **ctx):
+            return run_forward_(params, x, state, key, train, ctx)
     else:
-        def apply(params, x, *, key=None, train=False):
-            return run(params, x, None, key, train)[0]
+        def apply(params, x, *, key=None, train=False, **ctx):
+            return run(params, x, None, key, train, ctx)[0]
 
-        def forward(params, x, *, key=None, train=False):
-            y, res, _ = run_forward_(params, x, None, key, train)
+        def forward(params, x, *, key=None, train=False, **ctx):
+            y, res, _ = run_forward_(params, x, None, key, train, ctx)
             return y, res
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 init_state=init_state if stateful else None, children=children)
+                 init_state=init_state if stateful else None, children=children,
+                 context=context)
 
 
 def _add(a, b):
@@ -214,24 +228,24 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
     def merge(ys):
         return jnp.concatenate(ys, axis=-1) if combine == "concat" else sum(ys[1:], ys[0])
 
-    def run(params, x, state, key, train):
+    def run(params, x, state, key, train, ctx):
         params = _params(name, branches, params)
         states = _states(name, branches, state) if stateful else (None,) * n
         ys, new = [], []
         for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
             with layer_scope(label):
-                y, s = run_apply(b, p, x, state=s, key=k, train=train)
+                y, s = run_apply(b, p, x, state=s, key=k, train=train, **ctx)
             ys.append(y)
             new.append(s)
         return merge(ys), tuple(new)
 
-    def run_fwd(params, x, state, key, train):
+    def run_fwd(params, x, state, key, train, ctx):
         params = _params(name, branches, params)
         states = _states(name, branches, state) if stateful else (None,) * n
         ys, res, new = [], [], []
         for label, b, p, s, k in zip(labels, branches, params, states, split_key(key, n)):
             with layer_scope(label):
-                y, r, s = run_forward(b, p, x, state=s, key=k, train=train)
+                y, r, s = run_forward(b, p, x, state=s, key=k, train=train, **ctx)
             ys.append(y)
             res.append(r)
             new.append(s)
@@ -256,7 +270,7 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         return tuple(grads), dx
 
     return _assemble(name, init, run, run_fwd, backward, stateful, init_state,
-                     tuple(zip([f"[{i}]" for i in range(n)], branches)))
+                     tuple(zip([f"[{i}]" for i in range(n)], branches)), merged_context(branches))
 
 
 def residual(body: Layer) -> Layer:
@@ -276,14 +290,14 @@ def residual(body: Layer) -> Layer:
                              f"must keep the shape", (name,))
         return in_shape, p
 
-    def run(params, x, state, key, train):
+    def run(params, x, state, key, train, ctx):
         with layer_scope(label):
-            y, s = run_apply(body, params, x, state=state, key=key, train=train)
+            y, s = run_apply(body, params, x, state=state, key=key, train=train, **ctx)
         return x + y, s
 
-    def run_fwd(params, x, state, key, train):
+    def run_fwd(params, x, state, key, train, ctx):
         with layer_scope(label):
-            y, r, s = run_forward(body, params, x, state=state, key=key, train=train)
+            y, r, s = run_forward(body, params, x, state=state, key=key, train=train, **ctx)
         return x + y, r, s
 
     def backward(params, res, dy):
@@ -293,4 +307,4 @@ def residual(body: Layer) -> Layer:
         return g, _add(dy, dx)
 
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
-                     (("/residual", body),))
+                     (("/residual", body),), body.context)

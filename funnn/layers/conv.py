@@ -75,6 +75,8 @@ from funnn.core import (
     check_floating,
     check_in_shape,
     check_rank,
+    matmul_wide,
+    wide,
 )
 from funnn.layers.dense import get_initializer
 
@@ -314,14 +316,15 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         dw, dx = (_backward_patches if use_patches() else _backward_native)(x, w, dy, pads)
         grads = {"W": dw.astype(w_dt)}
         if use_bias:
-            grads["b"] = dy.sum(axis=tuple(range(nd + 1))).astype(params["b"].dtype)
+            grads["b"] = dy.sum(axis=tuple(range(nd + 1)), dtype=wide(dt)).astype(
+                params["b"].dtype)
         return grads, dx.astype(x_dt)        # cotangents in their primals' dtypes, as autodiff
 
     def _backward_patches(x, w, dy, pads):
         """dW = P^T dy and dx = col2im(dy W^T), with P = patches(x) (module docstring)."""
         sizes, m = x.shape[1:-1], dy.shape[1:-1]
         dy2, w2 = dy.reshape(-1, features), w.reshape(-1, features)
-        dw = (_patches(x, k, s, d, pads, m).T @ dy2).reshape(w.shape)
+        dw = matmul_wide(_patches(x, k, s, d, pads, m).T, dy2).reshape(w.shape)
         dp = (dy2 @ w2.T).reshape(dy.shape[:-1] + (-1, x.shape[-1]))
         return dw, _col2im(dp, k, s, d, pads, sizes, m)
 
@@ -334,7 +337,8 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         trim = [(lo, hi - (n + lo + hi - e) % si)
                 for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
         dw = lax.conv_general_dilated(x, dy, d, trim, rhs_dilation=s,
-                                      dimension_numbers=dn_w, batch_group_count=groups)
+                                      dimension_numbers=dn_w, batch_group_count=groups,
+                                      preferred_element_type=wide(x.dtype))
         # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
         c_ing, c_outg = w.shape[-2], features // groups
         wt = w.reshape(k + (c_ing, groups, c_outg))

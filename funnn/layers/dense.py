@@ -17,6 +17,8 @@ from funnn.core import (
     check_features,
     check_floating,
     check_in_shape,
+    matmul_wide,
+    wide,
 )
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
@@ -124,9 +126,10 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
     def backward(params, x, dy):
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         w = params["W"]
-        grads = {"W": (x2.T @ dy2).astype(w.dtype)}     # cotangents in their primals' dtypes
+        # cotangents in their primals' dtypes; accumulated in float32 for bfloat16/float16
+        grads = {"W": matmul_wide(x2.T, dy2).astype(w.dtype)}
         if use_bias:
-            grads["b"] = dy2.sum(0).astype(params["b"].dtype)
+            grads["b"] = dy2.sum(0, dtype=wide(dy2.dtype)).astype(params["b"].dtype)
         return grads, (dy @ w.T).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_in_shape
+from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_in_shape, wide
 
 __all__ = ["embedding"]
 
@@ -87,8 +87,9 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
 
     def backward(params, res, dy):
         table = params["table"]
-        dy2 = dy.reshape(-1, f).astype(table.dtype)
-        dtable = jnp.zeros_like(table).at[res.reshape(-1)].add(dy2, mode="drop")
-        return {"table": dtable}, None
+        acc = wide(table.dtype)                  # scatter-add in float32 for bfloat16/float16
+        dy2 = dy.reshape(-1, f).astype(acc)
+        dtable = jnp.zeros(table.shape, acc).at[res.reshape(-1)].add(dy2, mode="drop")
+        return {"table": dtable.astype(table.dtype)}, None
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)

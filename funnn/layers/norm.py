@@ -26,6 +26,7 @@ from funnn.core import (
     check_floating,
     check_in_shape,
     check_rank,
+    upcast,
 )
 
 __all__ = ["layer_norm", "batch_norm"]
@@ -76,23 +77,27 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         check_floating(name, x)
         check_rank(name, x, 1, what="(..., features)")
         check_features(name, x, params["gamma"].shape[0])
-        xc = x - jnp.mean(x, axis=-1, keepdims=True)
+        xw = upcast(x)                        # bfloat16/float16: the moments in float32
+        xc = xw - jnp.mean(xw, axis=-1, keepdims=True)
         inv = lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
         xhat = xc * inv
-        return xhat * params["gamma"] + params["beta"], (xhat, inv)
+        y = (xhat * upcast(params["gamma"]) + upcast(params["beta"])).astype(x.dtype)
+        return y, (xhat.astype(x.dtype), inv)
 
     def apply(params, x, *, key=None, train=False):
         return forward(params, x)[0]
 
     def backward(params, res, dy):
         xhat, inv = res
+        x_dt = xhat.dtype                     # xhat has x's dtype; the rest runs in inv's
         f = dy.shape[-1]
-        dxhat = dy * params["gamma"]
+        xhat, dy = upcast(xhat), upcast(dy)
+        dxhat = dy * upcast(params["gamma"])
         dx = inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
                     - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
         dgamma = (dy * xhat).reshape(-1, f).sum(0).astype(params["gamma"].dtype)
         dbeta = dy.reshape(-1, f).sum(0).astype(params["beta"].dtype)
-        return {"gamma": dgamma, "beta": dbeta}, dx.astype(xhat.dtype)   # xhat has x's dtype
+        return {"gamma": dgamma, "beta": dbeta}, dx.astype(x_dt)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
 
@@ -108,7 +113,7 @@ class _TrainRes(NamedTuple):
 
 class _InferRes(NamedTuple):
     """Batch-norm residuals in inference mode: ``xhat`` (input shape), ``inv`` ``(C,)`` and
-    ``x0``, an empty array of ``x``'s dtype (``xhat`` takes the wider of ``x`` and the state)."""
+    ``x0``, an empty array of ``x``'s dtype (``xhat`` is kept in it too)."""
     xhat: jnp.ndarray
     inv: jnp.ndarray
     x0: jnp.ndarray
@@ -209,21 +214,24 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
                     f"{tuple(x.shape)}): the batch statistics would normalise every value to 0, "
                     f"giving beta and zero gradients for every earlier layer; use a batch of more "
                     f"than one (per-example gradients: train=False), or layer_norm", (name,))
-            mu = jnp.mean(x, axis=red)
-            xc = x - mu.reshape(bshape)
+            xw = upcast(x)                    # bfloat16/float16: statistics in float32
+            mu = jnp.mean(xw, axis=red)
+            xc = xw - mu.reshape(bshape)
             var = jnp.mean(xc * xc, axis=red)
             inv = lax.rsqrt(var + eps)
             xhat = xc * inv.reshape(bshape)
             new_state = {k: (momentum * state[k] + (1 - momentum) * lax.stop_gradient(v))
                          .astype(jnp.result_type(state[k]))   # same dtype: a lax.scan carry
                          for k, v in (("mean", mu), ("var", var))}
-            res = _TrainRes(xhat, inv)
+            res = _TrainRes(xhat.astype(x.dtype), inv)
         else:
-            inv = lax.rsqrt(state["var"] + eps)
-            xhat = (x - state["mean"].reshape(bshape)) * inv.reshape(bshape)
+            inv = lax.rsqrt(upcast(state["var"]) + eps)
+            xhat = (upcast(x) - upcast(state["mean"]).reshape(bshape)) * inv.reshape(bshape)
             new_state = state
-            res = _InferRes(xhat, inv, jnp.zeros((0,), x.dtype))
-        y = xhat * params["gamma"].reshape(bshape) + params["beta"].reshape(bshape)
+            res = _InferRes(xhat.astype(x.dtype), inv, jnp.zeros((0,), x.dtype))
+        # the output keeps x's dtype: float32 statistics do not promote a bfloat16 layer
+        y = (xhat * upcast(params["gamma"]).reshape(bshape)
+             + upcast(params["beta"]).reshape(bshape)).astype(x.dtype)
         return y, res, new_state
 
     def apply(params, x, *, state=None, key=None, train=False):
@@ -233,15 +241,17 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
     def backward(params, res, dy):
         _, red, bshape = _axes(dy.ndim, dy.shape)
         xhat, inv = res[0], res[1]
+        x_dt = xhat.dtype                                # xhat has x's dtype
+        xhat, dy = upcast(xhat), upcast(dy)
         dgamma = jnp.sum(dy * xhat, axis=red).astype(params["gamma"].dtype)
         dbeta = jnp.sum(dy, axis=red).astype(params["beta"].dtype)
-        dxhat = dy * params["gamma"].reshape(bshape)
+        dxhat = dy * upcast(params["gamma"]).reshape(bshape)
         if isinstance(res, _InferRes):
             dx = (dxhat * inv.reshape(bshape)).astype(res.x0.dtype)
-        else:                                            # xhat has x's dtype here
+        else:
             dx = inv.reshape(bshape) * (dxhat - jnp.mean(dxhat, axis=red, keepdims=True)
                                         - xhat * jnp.mean(dxhat * xhat, axis=red, keepdims=True))
-            dx = dx.astype(xhat.dtype)
+            dx = dx.astype(x_dt)
         return {"gamma": dgamma, "beta": dbeta}, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,

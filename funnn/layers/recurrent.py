@@ -15,7 +15,10 @@ Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
 * ``return_sequences=True`` (the default, as in PyTorch, so layers stack): the output is
   every hidden state, ``(batch, time, hidden)``; ``False``: only the final state
   ``(batch, hidden)``.
-* ``masked=True``: the input is a pair ``(x, mask)``, ``mask`` either ``(batch, time)`` of
+* Masks: ``apply``/``forward`` take ``mask=`` (``(batch, time)`` of 0/1 or bool) or
+  ``lengths=`` (integer ``(batch,)``), so a recurrent layer reads the mask that flows through
+  a ``serial`` stack wherever it sits; or build with
+  ``masked=True``: the input is a pair ``(x, mask)``, ``mask`` either ``(batch, time)`` of
   0/1 (or bool), or integer ``lengths`` of shape ``(batch,)`` meaning
   ``mask[b, t] = t < lengths[b]``. A masked step carries the state forward unchanged,
   ``s_t = m_t s'_t + (1 - m_t) s_{t-1}`` (``s'_t`` the cell's update), and outputs
@@ -54,7 +57,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_floating, check_in_shape
+from funnn.core import (
+    ConfigError,
+    DTypeError,
+    Layer,
+    ShapeError,
+    check_floating,
+    check_in_shape,
+    matmul_wide,
+)
 
 __all__ = ["rnn", "lstm", "gru"]
 
@@ -81,7 +92,7 @@ def _split(a, n):
 
 def _contract(x, d):
     """``sum_t x_t^T d_t``: ``x (T, B, m)``, ``d (T, B, n)`` -> ``(m, n)``, one matrix product."""
-    return x.reshape(-1, x.shape[-1]).T @ d.reshape(-1, d.shape[-1])
+    return matmul_wide(x.reshape(-1, x.shape[-1]).T, d.reshape(-1, d.shape[-1]))
 
 
 def _xw(x_t, w):
@@ -287,7 +298,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         p = _jit_init(cell.init)(key, s[2], hidden, dt)
         return (out if seq else (s[0], hidden)), p
 
-    def _inputs(params, xin):
+    def _inputs(params, xin, mask_kw=None, lengths_kw=None):
         """Validate; returns ``x (B, T, D)`` and ``mask (B, T)`` in x's dtype, or ``None``."""
         if masked:
             if not (isinstance(xin, (tuple, list)) and len(xin) == 2):
@@ -295,11 +306,22 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
                                  f"with x (batch, time, features); got a single input of shape "
                                  f"{jnp.shape(xin)}", (name,))
             x, mask = xin
+            if mask_kw is not None or lengths_kw is not None:
+                raise ConfigError("built with masked=True, the mask comes in the input pair "
+                                  "(x, mask); do not also pass mask= or lengths=", (name,))
         elif isinstance(xin, (tuple, list)):
             raise ShapeError(f"got a {type(xin).__name__} input; build the layer with "
-                             f"masked=True to pass (x, mask)", (name,))
+                             f"masked=True to pass (x, mask), or pass mask= or lengths=",
+                             (name,))
         else:
-            x, mask = xin, None
+            if mask_kw is not None and lengths_kw is not None:
+                raise ConfigError("got both mask= and lengths=; pass one", (name,))
+            x = xin
+            mask = mask_kw if mask_kw is not None else lengths_kw
+            if mask_kw is not None and jnp.ndim(mask_kw) != 2:
+                raise ShapeError(f"expected mask of shape (batch, time) = "
+                                 f"{tuple(jnp.shape(x))[:2]}, got {jnp.shape(mask_kw)}; a "
+                                 f"recurrent layer reads key-padding masks only", (name,))
         x = jnp.asarray(x)
         shape, n_in = x.shape, params[cell.wx].shape[0]
         if len(shape) != 3:
@@ -346,12 +368,12 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
             y = last[0]
         return y, ((x_tm, m_tm, outs[1], outs[2]) if keep else None)
 
-    def apply(params, x, *, key=None, train=False):
-        x, mask = _inputs(params, x)
+    def apply(params, x, *, key=None, train=False, mask=None, lengths=None):
+        x, mask = _inputs(params, x, mask, lengths)
         return _scan(params, x, mask, False)[0]
 
-    def forward(params, x, *, key=None, train=False):
-        x, mask = _inputs(params, x)
+    def forward(params, x, *, key=None, train=False, mask=None, lengths=None):
+        x, mask = _inputs(params, x, mask, lengths)
         return _scan(params, x, mask, True)
 
     def backward(params, res, dy):
@@ -384,7 +406,8 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         dx = jnp.swapaxes(dx_tm, 0, 1).astype(x_tm.dtype)
         return dparams, ((dx, None) if masked else dx)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 context=("mask", "lengths"))
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,

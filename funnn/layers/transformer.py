@@ -20,6 +20,8 @@ from funnn.core import (
     check_rank,
     input_spec,
     layer_scope,
+    run_apply,
+    run_forward,
     split_key,
 )
 from funnn.layers.attention import multi_head_attention
@@ -114,7 +116,8 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
             g_ln, dx = ln.backward(p_ln, r_ln, du)
         return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dh + dx
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 context=attn.context)
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
@@ -197,7 +200,8 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
     ``(batch, T, features)`` to the same shape (e.g. ``serial(positional_embedding(...),
     transformer_block(...), layer_norm())``).
     Params: a pair ``({"table": (V, F)}, body_params)``; the table is the
-    :func:`~funnn.layers.embedding` layer's. ``mask=``/``lengths=`` pass to ``body``.
+    :func:`~funnn.layers.embedding` layer's. Side inputs (``mask=``, ``lengths=``) pass to
+    ``body`` when it reads them.
     Derivative: ``dtable = dlogits^T h`` (summed over positions) ``+ scatter_add(ids, dh0)``,
     where ``dh = dlogits @ table`` flows back through ``body`` to ``dh0``; ``dx`` is ``None``.
     """
@@ -219,21 +223,20 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
                              f"{f} features for the tied output projection", (name,))
         return tuple(out)[:-1] + (n,), (p_emb, p_body)
 
-    def apply(params, ids, *, key=None, train=False, mask=None, lengths=None):
+    def apply(params, ids, *, key=None, train=False, **ctx):
         p_emb, p_body = params
         with layer_scope(name):
             h0 = emb.apply(p_emb, ids)
             with layer_scope(b_label):
-                h = body.apply(p_body, h0, key=key, train=train, **_masks(mask, lengths))
+                h, _ = run_apply(body, p_body, h0, key=key, train=train, **ctx)
         return h @ p_emb["table"].T
 
-    def forward(params, ids, *, key=None, train=False, mask=None, lengths=None):
+    def forward(params, ids, *, key=None, train=False, **ctx):
         p_emb, p_body = params
         with layer_scope(name):
             h0, r_emb = emb.forward(p_emb, ids)
             with layer_scope(b_label):
-                h, r_body = body.forward(p_body, h0, key=key, train=train,
-                                         **_masks(mask, lengths))
+                h, r_body, _ = run_forward(body, p_body, h0, key=key, train=train, **ctx)
         return h @ p_emb["table"].T, (r_emb, r_body, h, input_spec(h0))
 
     def backward(params, res, dy):
@@ -250,4 +253,4 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
         return ({"table": (g_emb["table"] + d_out).astype(table.dtype)}, g_body), None
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 children=(("[0]", emb), ("[1]", body)))
+                 children=(("[0]", emb), ("[1]", body)), context=body.context)
