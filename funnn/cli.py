@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: an MLP on the shipped digits)")
     t.add_argument("--model", default="mlp", choices=list(models.RECIPES),
-                   help="mlp (default), cnn, rnn, or sigmoid (the seed notes' [64,30,10] network)")
+                   help="mlp (default), cnn, rnn, or sigmoid (the [64,30,10] network of "
+                        "Nielsen's book Neural Networks and Deep Learning)")
     t.add_argument("--data", default="digits",
                    help="digits (shipped, default), mnist:DIR (local IDX files), xor, spirals")
     t.add_argument("--engine", default="autodiff", choices=list(train.ENGINES),

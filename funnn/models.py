@@ -30,7 +30,8 @@ def mlp(num_outputs: int, hidden=(128,), activation: str = "relu"):
 
 
 def sigmoid_net(num_outputs: int, hidden=(30,)):
-    """The seed notes' network ``[in, 30, 10]``: sigmoid everywhere, outputs in (0, 1)."""
+    """The ``[in, 30, 10]`` network of Nielsen's book *Neural Networks and Deep Learning*
+    (the source seed 002 follows): sigmoid everywhere, outputs in (0, 1)."""
     body = [l for h in hidden for l in (L.dense(h, w_init="normal"), L.activation("sigmoid"))]
     return L.serial(*body, L.dense(num_outputs, w_init="normal"), L.activation("sigmoid"))
 
@@ -77,7 +78,8 @@ RECIPES = {
                   schedule="cosine", standardize=True),
     "sigmoid": Recipe("sigmoid", sigmoid_net, losses.squared_error.with_reduction("mean"), "flat",
                       True, "sgd", 3.0, 30, 10,
-                      "the seed notes' [64, 30, 10] sigmoid network, quadratic cost"),
+                      "the [64, 30, 10] sigmoid network of Nielsen's book Neural Networks "
+                      "and Deep Learning, quadratic cost"),
     "cnn": Recipe("cnn", cnn, losses.softmax_cross_entropy, "image", False, "adam", 2e-3, 20, 32,
                   "conv-ReLU-pool x2 then dense, softmax cross-entropy"),
     "rnn": Recipe("rnn", rnn, losses.softmax_cross_entropy, "sequence", False, "adam", 5e-3, 20,

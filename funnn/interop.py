@@ -1,0 +1,360 @@
+"""Loading PyTorch-layout weights: a ``state_dict`` of numpy arrays in, funnn params out.
+
+No torch import: give the arrays as numpy (``{k: v.numpy() for k, v in
+module.state_dict().items()}``, or read them from a ``.safetensors`` or ``.npz`` file).
+
+Two levels:
+
+* one converter per layer family, ``dense``, ``conv``, ``layer_norm``, ``batch_norm``,
+  ``embedding``, ``rnn``, ``lstm``, ``gru`` and ``multi_head_attention``: each takes the
+  state dict and the PyTorch module's key prefix and returns that layer's funnn params;
+* :func:`load`, which walks a funnn model, converts the layers named in a mapping
+  ``{funnn path: PyTorch prefix}`` and checks every array against the shapes the model's own
+  ``init`` made, so a wrong model, a missing key or a transposed array is an error naming
+  the key and the layer path, never a silent broadcast later.
+
+The layout rules (PyTorch → funnn; funnn keeps row vectors, ``y = x @ W + b``, and
+channels last):
+
+- `Linear`: `weight (out, in)`, `bias` → `W = weight.T`, `b = bias`.
+- `Conv1d` / `Conv2d`: `weight (O, I/groups, K)` / OIHW `(O, I/groups, KH, KW)` →
+  WIO `weight.transpose(2, 1, 0)` / HWIO `weight.transpose(2, 3, 1, 0)`; `b = bias`.
+- `LayerNorm`: `weight`, `bias` → `gamma`, `beta`.
+- `BatchNorm1d/2d`: `weight`, `bias` → `gamma`, `beta`; `running_mean`, `running_var` →
+  the state `{"mean", "var"}`.
+- `Embedding`: `weight (n, F)` → `table` (same layout).
+- `RNN`: `weight_ih_l0 (H, in)`, `weight_hh_l0 (H, H)` → `W_xh`, `W_hh` transposed;
+  `b = bias_ih_l0 + bias_hh_l0`.
+- `LSTM`: the same with 4 gate blocks stacked in the order `(i, f, g, o)`, which funnn
+  shares; `W_x`, `W_h` transposed, `b = b_ih + b_hh`.
+- `GRU`: 3 gate blocks `(r, z, n)`, shared order; `W_x`, `W_h` transposed, `b_x = b_ih`,
+  `b_h = b_hh`.
+- `MultiheadAttention`: `in_proj_weight (3E, E)` is `[W_q; W_k; W_v]` row blocks, each
+  transposed; `in_proj_bias` likewise; `out_proj.weight.T` → `W_o`, `out_proj.bias` → `b_o`.
+
+The GRU keeps its two biases apart because its candidate gate multiplies the recurrent
+part, bias included, by the reset gate: ``n = tanh(x W_xn + b_xn + r * (h W_hn + b_hn))``.
+The LSTM's and the RNN's biases are only ever added, so one sum is exact.
+
+A dense layer after a flatten needs one more step: PyTorch flattens ``(C, H, W)`` per example
+(NCHW), funnn ``(H, W, C)`` (NHWC), so the rows of ``W`` come in another order.
+``dense(sd, prefix, flatten_from=(C, H, W))`` (or ``(C, W)`` after a 1-D conv) reorders them.
+
+BatchNorm: PyTorch's ``momentum=0.1`` is funnn's ``momentum=0.9`` (the weight of the old
+statistic). PyTorch stores the unbiased running variance; inference uses the stored value in
+both libraries, so the loaded model predicts exactly as PyTorch's does in ``eval()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from funnn.core import ConfigError, FunnnError, Layer
+
+__all__ = [
+    "StateDictError", "load", "dense", "conv", "layer_norm", "batch_norm", "embedding",
+    "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS",
+]
+
+
+class StateDictError(FunnnError, ValueError):
+    """A state dict lacks a key, or holds an array of the wrong shape or rank."""
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _get(sd: Mapping[str, Any], prefix: str, name: str, ndim: int, what: str,
+         optional: bool = False):
+    """``sd[prefix.name]`` as a numpy array of rank ``ndim``; a clear error otherwise."""
+    k = _key(prefix, name)
+    if k not in sd:
+        if optional:
+            return None
+        near = sorted(s for s in sd if s.startswith(_key(prefix, "")) or not prefix)[:8]
+        raise StateDictError(f"state_dict has no key {k!r} ({what}); keys under "
+                             f"{(prefix or '<root>')!r}: {near or 'none'}")
+    a = np.asarray(sd[k])
+    if a.ndim != ndim:
+        raise StateDictError(f"state_dict key {k!r} ({what}) has shape {a.shape}, expected "
+                             f"rank {ndim}")
+    return a
+
+
+def _expect(k: str, a, shape: tuple, what: str) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise StateDictError(f"state_dict key {k!r} ({what}) has shape {tuple(a.shape)}, "
+                             f"expected {tuple(shape)}")
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def dense(sd: Mapping[str, Any], prefix: str = "", *, flatten_from: tuple | None = None) -> dict:
+    """``nn.Linear``: ``{"W": weight.T, "b": bias}`` (zeros when the module has no bias).
+
+    ``flatten_from=(C, H, W)`` (or ``(C, W)``): the layer follows a flatten of a
+    channels-first feature map in PyTorch; its input rows are reordered to funnn's
+    channels-last flatten order ``(H, W, C)``.
+    """
+    w = _get(sd, prefix, "weight", 2, "Linear weight (out, in)")
+    out, n_in = w.shape
+    b = _get(sd, prefix, "bias", 1, "Linear bias (out,)", optional=True)
+    if b is None:
+        b = np.zeros((out,), w.dtype)
+    _expect(_key(prefix, "bias"), b, (out,), "Linear bias (out,)")
+    W = w.T
+    if flatten_from is not None:
+        cf = tuple(int(d) for d in flatten_from)
+        if int(np.prod(cf)) != n_in:
+            raise StateDictError(f"state_dict key {_key(prefix, 'weight')!r} has {n_in} inputs, "
+                                 f"but flatten_from={cf} has {int(np.prod(cf))}")
+        # rows are (C, *spatial) in PyTorch order; move C last
+        W = W.reshape(cf + (out,))
+        W = np.moveaxis(W, 0, -2).reshape(n_in, out)
+    return {"W": np.ascontiguousarray(W), "b": b}
+
+
+def conv(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.Conv1d`` / ``nn.Conv2d``: OIW / OIHW weights to WIO / HWIO, ``b = bias``."""
+    k = _key(prefix, "weight")
+    if k not in sd:
+        _get(sd, prefix, "weight", 4, "Conv weight (O, I/groups, *kernel)")
+    w = np.asarray(sd[k])
+    if w.ndim not in (3, 4):
+        raise StateDictError(f"state_dict key {k!r} (Conv weight) has shape {w.shape}, expected "
+                             f"rank 3 (Conv1d: O, I/groups, K) or 4 (Conv2d: O, I/groups, KH, KW)")
+    W = np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
+    out: dict = {"W": np.ascontiguousarray(W)}
+    b = _get(sd, prefix, "bias", 1, "Conv bias (O,)", optional=True)
+    if b is not None:
+        _expect(_key(prefix, "bias"), b, (w.shape[0],), "Conv bias (O,)")
+        out["b"] = b
+    return out
+
+
+def layer_norm(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.LayerNorm`` over the last axis: ``{"gamma": weight, "beta": bias}``."""
+    g = _get(sd, prefix, "weight", 1, "LayerNorm weight (F,)")
+    b = _get(sd, prefix, "bias", 1, "LayerNorm bias (F,)")
+    _expect(_key(prefix, "bias"), b, g.shape, "LayerNorm bias (F,)")
+    return {"gamma": g, "beta": b}
+
+
+def batch_norm(sd: Mapping[str, Any], prefix: str = "") -> tuple[dict, dict]:
+    """``nn.BatchNorm1d/2d``: ``({"gamma", "beta"}, {"mean", "var"})`` (params, state).
+
+    ``num_batches_tracked`` is ignored (funnn's momentum is fixed).
+    """
+    g = _get(sd, prefix, "weight", 1, "BatchNorm weight (C,)")
+    c = g.shape
+    parts = []
+    for name in ("bias", "running_mean", "running_var"):
+        a = _get(sd, prefix, name, 1, f"BatchNorm {name} (C,)")
+        _expect(_key(prefix, name), a, c, f"BatchNorm {name} (C,)")
+        parts.append(a)
+    b, mean, var = parts
+    return {"gamma": g, "beta": b}, {"mean": mean, "var": var}
+
+
+def embedding(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.Embedding``: ``{"table": weight}`` (the same ``(num_embeddings, features)``)."""
+    return {"table": _get(sd, prefix, "weight", 2, "Embedding weight (num_embeddings, F)")}
+
+
+def _recurrent(sd, prefix: str, gates: int, kind: str, layer: int):
+    wi = _get(sd, prefix, f"weight_ih_l{layer}", 2, f"{kind} weight_ih ({gates}*H, in)")
+    if wi.shape[0] % gates:
+        raise StateDictError(f"state_dict key {_key(prefix, f'weight_ih_l{layer}')!r} has "
+                             f"shape {wi.shape}; its first axis must be {gates}*hidden")
+    h = wi.shape[0] // gates
+    wh = _get(sd, prefix, f"weight_hh_l{layer}", 2, f"{kind} weight_hh ({gates}*H, H)")
+    _expect(_key(prefix, f"weight_hh_l{layer}"), wh, (gates * h, h),
+            f"{kind} weight_hh ({gates}*H, H)")
+    biases = []
+    for name in (f"bias_ih_l{layer}", f"bias_hh_l{layer}"):
+        b = _get(sd, prefix, name, 1, f"{kind} {name} ({gates}*H,)", optional=True)
+        if b is None:
+            b = np.zeros((gates * h,), wi.dtype)
+        _expect(_key(prefix, name), b, (gates * h,), f"{kind} {name} ({gates}*H,)")
+        biases.append(b)
+    return np.ascontiguousarray(wi.T), np.ascontiguousarray(wh.T), biases[0], biases[1]
+
+
+def rnn(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
+    """``nn.RNN`` (tanh), one layer: ``{"W_xh", "W_hh", "b": bias_ih + bias_hh}``."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 1, "RNN", layer)
+    return {"W_xh": wx, "W_hh": wh, "b": bi + bh}
+
+
+def lstm(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
+    """``nn.LSTM``, one layer: gate order ``(i, f, g, o)`` in both; ``b = bias_ih + bias_hh``."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 4, "LSTM", layer)
+    return {"W_x": wx, "W_h": wh, "b": bi + bh}
+
+
+def gru(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
+    """``nn.GRU``, one layer: gate order ``(r, z, n)`` in both; the biases stay apart."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 3, "GRU", layer)
+    return {"W_x": wx, "W_h": wh, "b_x": bi, "b_h": bh}
+
+
+def multi_head_attention(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.MultiheadAttention``: ``W_q, W_k, W_v`` from the row blocks of ``in_proj_weight``
+    (or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ), transposed; ``W_o`` from
+    ``out_proj``. Bias-free modules give params without ``b_*`` (``use_bias=False``).
+    """
+    if _key(prefix, "in_proj_weight") in sd:
+        w = _get(sd, prefix, "in_proj_weight", 2, "in_proj_weight (3E, E)")
+        if w.shape[0] % 3:
+            raise StateDictError(f"state_dict key {_key(prefix, 'in_proj_weight')!r} has shape "
+                                 f"{w.shape}; its first axis must be 3*E")
+        e = w.shape[0] // 3
+        wq, wk, wv = w[:e], w[e:2 * e], w[2 * e:]
+    else:
+        wq, wk, wv = (_get(sd, prefix, f"{n}_proj_weight", 2, f"{n}_proj_weight (E, {n}dim)")
+                      for n in ("q", "k", "v"))
+        e = wq.shape[0]
+    wo = _get(sd, prefix, "out_proj.weight", 2, "out_proj.weight (E, E)")
+    out = {"W_q": wq.T, "W_k": wk.T, "W_v": wv.T, "W_o": wo.T}
+    bias = _get(sd, prefix, "in_proj_bias", 1, "in_proj_bias (3E,)", optional=True)
+    if bias is not None:
+        _expect(_key(prefix, "in_proj_bias"), bias, (3 * e,), "in_proj_bias (3E,)")
+        bo = _get(sd, prefix, "out_proj.bias", 1, "out_proj.bias (E,)")
+        out.update(b_q=bias[:e], b_k=bias[e:2 * e], b_v=bias[2 * e:], b_o=bo)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+#: funnn layer kind (the layer name up to its first parenthesis) -> converter.
+CONVERTERS = {
+    "dense": dense, "conv1d": conv, "conv2d": conv, "layer_norm": layer_norm,
+    "batch_norm": batch_norm, "embedding": embedding, "rnn": rnn, "lstm": lstm, "gru": gru,
+    "multi_head_attention": multi_head_attention,
+}
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def _find(model: Layer, params, state, path: str):
+    """The layer at ``path`` ("0", "2.1"), with a setter for its params and state."""
+    parts = [p for p in path.split(".") if p] if path not in ("", "<root>") else []
+    layer, where = model, [model.name]
+    trail: list = []          # (index) steps into params/state tuples
+
+    def unwrap(l: Layer) -> Layer:
+        while len(l.children) == 1 and not l.children[0][0].startswith("["):
+            l = l.children[0][1]
+        return l
+
+    layer = unwrap(layer)
+    for p in parts:
+        kids = [c for lab, c in layer.children if lab.startswith("[")]
+        if not kids:
+            raise ConfigError(f"path {path!r}: {layer.name} has no sub-layers", tuple(where))
+        if not p.isdigit() or int(p) >= len(kids):
+            raise ConfigError(f"path {path!r}: {layer.name} has sub-layers 0..{len(kids) - 1}, "
+                              f"got {p!r}", tuple(where))
+        trail.append(int(p))
+        layer = unwrap(kids[int(p)])
+        where.append(f"[{p}] {layer.name}")
+    return layer, trail
+
+
+def _at(tree, trail):
+    for i in trail:
+        tree = tree[i]
+    return tree
+
+
+def _replace(tree, trail, value):
+    if not trail:
+        return value
+    items = list(tree)
+    items[trail[0]] = _replace(items[trail[0]], trail[1:], value)
+    return type(tree)(items) if isinstance(tree, tuple) else items
+
+
+#: where each funnn param comes from, per layer kind: the state-dict key under the prefix.
+_SOURCES: dict[str, dict[str, str]] = {
+    "dense": {"W": "weight", "b": "bias"}, "conv1d": {"W": "weight", "b": "bias"},
+    "conv2d": {"W": "weight", "b": "bias"}, "layer_norm": {"gamma": "weight", "beta": "bias"},
+    "batch_norm": {"gamma": "weight", "beta": "bias", "mean": "running_mean",
+                   "var": "running_var"},
+    "embedding": {"table": "weight"},
+    "rnn": {"W_xh": "weight_ih_l0", "W_hh": "weight_hh_l0", "b": "bias_ih_l0 + bias_hh_l0"},
+    "lstm": {"W_x": "weight_ih_l0", "W_h": "weight_hh_l0", "b": "bias_ih_l0 + bias_hh_l0"},
+    "gru": {"W_x": "weight_ih_l0", "W_h": "weight_hh_l0", "b_x": "bias_ih_l0",
+            "b_h": "bias_hh_l0"},
+    "multi_head_attention": {"W_q": "in_proj_weight", "W_k": "in_proj_weight",
+                             "W_v": "in_proj_weight", "W_o": "out_proj.weight",
+                             "b_q": "in_proj_bias", "b_k": "in_proj_bias",
+                             "b_v": "in_proj_bias", "b_o": "out_proj.bias"},
+}
+
+
+def _check_like(new, like, prefix: str, where: tuple, kind: str) -> dict:
+    """Check converted arrays against init's, cast to init's dtypes."""
+    if not isinstance(like, Mapping):
+        raise ConfigError(f"{kind} params are not a dict; cannot load into them", where)
+    missing = sorted(set(like) - set(new))
+    extra = sorted(set(new) - set(like))
+    if missing or extra:
+        raise StateDictError(f"PyTorch module {prefix!r} gives params {sorted(new)}, the layer "
+                             f"has {sorted(like)} (bias setting differs?)", where)
+    out = {}
+    for k, ref in like.items():
+        a = np.asarray(new[k])
+        if a.shape != tuple(np.shape(ref)):
+            src = _SOURCES.get(kind, {}).get(k) or k
+            raise StateDictError(f"state_dict key {_key(prefix, src)!r} gives {k} of shape "
+                                 f"{a.shape} (in funnn's layout), the layer's {k} is "
+                                 f"{tuple(np.shape(ref))}; is this the right module?", where)
+        out[k] = jax.numpy.asarray(a, dtype=jax.numpy.result_type(ref))
+    return out
+
+
+def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[str, Any], *,
+         state=None):
+    """Load PyTorch weights into the layers of ``model`` named by ``mapping``.
+
+    ``params`` (and ``state`` for a model with batch-norm) come from ``model.init`` /
+    ``model.init_state``: they give the shapes every array must have and the dtypes to cast
+    to; layers not in ``mapping`` keep theirs. ``mapping`` sends a funnn layer path (indices
+    into combinators joined by dots, ``"0"``, ``"2.1"``; ``""`` for the model itself) to
+    the PyTorch module's key prefix (``"fc1"``), or to ``(prefix, options)`` with options for
+    the converter (``("fc", {"flatten_from": (8, 4, 4)})``).
+
+    Returns the new params, or ``(params, state)`` when ``state`` is given. Errors
+    (:class:`StateDictError`, :class:`~funnn.core.ConfigError`) name the state-dict key, the
+    layer path and both shapes: a missing key, a wrong shape, a layer kind with no converter.
+    """
+    for path, target in mapping.items():
+        prefix, options = (target, {}) if isinstance(target, str) else target
+        layer, trail = _find(model, params, state, path)
+        kind = layer.name.split("(")[0]
+        where = (f"{model.name}[{path}] {layer.name}" if path else layer.name,)
+        if kind not in CONVERTERS:
+            raise ConfigError(f"no PyTorch converter for layer {layer.name!r} (kinds: "
+                              f"{', '.join(CONVERTERS)})", where)
+        try:
+            converted = CONVERTERS[kind](state_dict, prefix, **options)
+        except FunnnError as err:
+            raise err.under(where[0]) from None
+        if kind == "batch_norm":
+            new_p, new_s = converted
+            if state is None:
+                raise ConfigError("a batch_norm layer needs state=model.init_state(in_shape) "
+                                  "to receive its running statistics", where)
+            s_like = _at(state, trail)
+            state = _replace(state, trail, _check_like(new_s, s_like, prefix, where, kind))
+        else:
+            new_p = converted
+        params = _replace(params, trail, _check_like(new_p, _at(params, trail), prefix, where,
+                                                     kind))
+    return params if state is None else (params, state)

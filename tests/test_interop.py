@@ -1,0 +1,296 @@
+"""funnn.interop: PyTorch-layout arrays in, the PyTorch layer's outputs out.
+
+Two oracles: a numpy transcription of each PyTorch layer written from PyTorch's documented
+formulas on PyTorch's own layouts (NCHW, ``weight (out, in)``, gates stacked ``i, f, g, o``),
+which runs everywhere; and PyTorch itself where it is installed (``importorskip``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from funnn import interop
+from funnn import layers as L
+from funnn.core import ConfigError
+
+RNG = np.random.default_rng(0)
+
+
+def _r(*shape):
+    return RNG.normal(size=shape)
+
+
+def _sig(z):
+    return 1 / (1 + np.exp(-z))
+
+
+# --------------------------------------------------------------------------- numpy references
+
+
+def np_linear(sd, p, x):
+    return x @ sd[f"{p}weight"].T + sd[f"{p}bias"]
+
+
+def np_conv2d_nchw(w, b, x, pad):
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
+    y = np.zeros((n, o, ho, wo))
+    for i in range(ho):
+        for j in range(wo):
+            y[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i:i + kh, j:j + kw], w)
+    return y + b[None, :, None, None]
+
+
+def np_conv1d_ncw(w, b, x):
+    _, _, k = w.shape
+    wo = x.shape[2] - k + 1
+    y = np.stack([np.einsum("ncw,ocw->no", x[:, :, i:i + k], w) for i in range(wo)], -1)
+    return y + b[None, :, None]
+
+
+def np_recurrent(kind, sd, x):
+    """PyTorch's RNN / LSTM / GRU, batch_first, one layer, from zero state."""
+    wi, wh = sd["weight_ih_l0"], sd["weight_hh_l0"]
+    bi, bh = sd["bias_ih_l0"], sd["bias_hh_l0"]
+    hid = wh.shape[1]
+    h, c = np.zeros((x.shape[0], hid)), np.zeros((x.shape[0], hid))
+    out = []
+    for t in range(x.shape[1]):
+        gi, gh = x[:, t] @ wi.T + bi, h @ wh.T + bh
+        if kind == "rnn":
+            h = np.tanh(gi + gh)
+        elif kind == "lstm":
+            i, f, g, o = np.split(gi + gh, 4, axis=-1)
+            c = _sig(f) * c + _sig(i) * np.tanh(g)
+            h = _sig(o) * np.tanh(c)
+        else:
+            ir, iz, in_ = np.split(gi, 3, axis=-1)
+            hr, hz, hn = np.split(gh, 3, axis=-1)
+            r, z = _sig(ir + hr), _sig(iz + hz)
+            n = np.tanh(in_ + r * hn)
+            h = (1 - z) * n + z * h
+        out.append(h)
+    return np.stack(out, 1)
+
+
+def np_mha(sd, x, heads):
+    e = x.shape[-1]
+    w, b = sd["in_proj_weight"], sd["in_proj_bias"]
+    q, k, v = (x @ w[i * e:(i + 1) * e].T + b[i * e:(i + 1) * e] for i in range(3))
+    d = e // heads
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, d).transpose(0, 2, 1, 3)
+    q, k, v = split(q), split(k), split(v)
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = (p @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+    return o @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def sd_linear(n_in, n_out, p=""):
+    return {f"{p}weight": _r(n_out, n_in), f"{p}bias": _r(n_out)}
+
+
+def sd_recurrent(kind, n_in, hid):
+    g = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
+    return {"weight_ih_l0": _r(g * hid, n_in), "weight_hh_l0": _r(g * hid, hid),
+            "bias_ih_l0": _r(g * hid), "bias_hh_l0": _r(g * hid)}
+
+
+def sd_mha(e):
+    return {"in_proj_weight": _r(3 * e, e), "in_proj_bias": _r(3 * e),
+            "out_proj.weight": _r(e, e), "out_proj.bias": _r(e)}
+
+
+def _init(model, shape):
+    return model.init(jax.random.key(0), shape)[1]
+
+
+# --------------------------------------------------------------------------- against numpy
+
+
+def test_dense_mlp_against_numpy():
+    sd = {**sd_linear(5, 7, "fc1."), **sd_linear(7, 3, "fc2.")}
+    model = L.serial(L.dense(7), L.activation("tanh"), L.dense(3))
+    params = interop.load(model, _init(model, (None, 5)), sd, {"0": "fc1", "2": "fc2"})
+    x = _r(4, 5)
+    want = np_linear(sd, "fc2.", np.tanh(np_linear(sd, "fc1.", x)))
+    np.testing.assert_allclose(model.apply(params, x), want, rtol=1e-10)
+
+
+def test_cnn_with_flatten_order_against_numpy():
+    """conv (OIHW -> HWIO), NCHW flatten (C, H, W) vs funnn's NHWC flatten (H, W, C)."""
+    sd = {"conv.weight": _r(4, 2, 3, 3), "conv.bias": _r(4), **sd_linear(4 * 5 * 6, 3, "fc.")}
+    model = L.serial(L.conv2d(4, (3, 3), padding=1), L.flatten(), L.dense(3))
+    params = interop.load(model, _init(model, (None, 5, 6, 2)), sd,
+                          {"0": "conv", "2": ("fc", {"flatten_from": (4, 5, 6)})})
+    x_nchw = _r(2, 2, 5, 6)
+    feat = np_conv2d_nchw(sd["conv.weight"], sd["conv.bias"], x_nchw, pad=1)
+    want = np_linear(sd, "fc.", feat.reshape(2, -1))
+    got = model.apply(params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # without flatten_from the rows are in the wrong order: the outputs differ
+    bad = interop.load(model, _init(model, (None, 5, 6, 2)), sd, {"0": "conv", "2": "fc"})
+    assert not np.allclose(model.apply(bad, jnp.asarray(x_nchw.transpose(0, 2, 3, 1))), want)
+
+
+def test_conv1d_against_numpy():
+    sd = {"weight": _r(3, 2, 4), "bias": _r(3)}
+    model = L.conv1d(3, 4)
+    params = interop.load(model, _init(model, (None, 9, 2)), sd, {"": ""})
+    x = _r(2, 2, 9)
+    want = np_conv1d_ncw(sd["weight"], sd["bias"], x)
+    np.testing.assert_allclose(model.apply(params, x.transpose(0, 2, 1)), want.transpose(0, 2, 1),
+                               rtol=1e-10)
+
+
+def test_norms_and_embedding_against_numpy():
+    sd = {"emb.weight": _r(10, 6), "ln.weight": _r(6), "ln.bias": _r(6),
+          "bn.weight": _r(6), "bn.bias": _r(6), "bn.running_mean": _r(6),
+          "bn.running_var": RNG.uniform(0.5, 2.0, 6), "bn.num_batches_tracked": np.array(3)}
+    model = L.serial(L.embedding(10, 6), L.layer_norm(), L.batch_norm(momentum=0.9))
+    params, state = interop.load(model, _init(model, (None, 4)), sd,
+                                 {"0": "emb", "1": "ln", "2": "bn"},
+                                 state=model.init_state((None, 4)))
+    ids = RNG.integers(0, 10, (3, 4))
+    e = sd["emb.weight"][ids]
+    ln = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)
+    ln = ln * sd["ln.weight"] + sd["ln.bias"]
+    bn = (ln - sd["bn.running_mean"]) / np.sqrt(sd["bn.running_var"] + 1e-5)
+    want = bn * sd["bn.weight"] + sd["bn.bias"]
+    got, _ = model.apply(params, jnp.asarray(ids), state=state, train=False)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    np.testing.assert_array_equal(state[2]["var"], sd["bn.running_var"])
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_recurrent_against_numpy(kind):
+    sd = sd_recurrent(kind, 3, 5)
+    model = getattr(L, kind)(5)
+    params = interop.load(model, _init(model, (None, 6, 3)), sd, {"": ""})
+    x = _r(2, 6, 3)
+    np.testing.assert_allclose(model.apply(params, x), np_recurrent(kind, sd, x), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_attention_against_numpy():
+    sd = sd_mha(8)
+    model = L.multi_head_attention(2)
+    params = interop.load(model, _init(model, (None, 5, 8)), sd, {"": ""})
+    x = _r(3, 5, 8)
+    np.testing.assert_allclose(model.apply(params, x), np_mha(sd, x, 2), rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_key_the_layer_and_the_shapes():
+    model = L.serial(L.dense(7), L.activation("tanh"), L.dense(3))
+    params = _init(model, (None, 5))
+    sd = {**sd_linear(5, 7, "fc1."), **sd_linear(7, 3, "fc2.")}
+    with pytest.raises(interop.StateDictError, match=r"^serial\[2\] dense\(3\): .*'fc9\.weight'"):
+        interop.load(model, params, sd, {"2": "fc9"})
+    bad = {**sd, "fc2.weight": _r(3, 6)}
+    with pytest.raises(interop.StateDictError) as err:
+        interop.load(model, params, bad, {"2": "fc2"})
+    assert "serial[2] dense(3)" in str(err.value) and "'fc2.weight'" in str(err.value) \
+        and "(7, 3)" in str(err.value)
+    with pytest.raises(ConfigError, match=r"serial\[1\] activation\(tanh\): no PyTorch converter"):
+        interop.load(model, params, sd, {"1": "act"})
+    with pytest.raises(ConfigError, match=r"sub-layers 0\.\.2"):
+        interop.load(model, params, sd, {"5": "fc1"})
+    with pytest.raises(interop.StateDictError, match=r"'w\.bias'.*shape \(4,\), expected \(3,\)"):
+        interop.dense({"w.weight": _r(3, 2), "w.bias": _r(4)}, "w")
+    with pytest.raises(interop.StateDictError, match=r"'weight_ih_l0'.*4\*hidden"):
+        interop.lstm({"weight_ih_l0": _r(6, 2), "weight_hh_l0": _r(6, 6)})
+
+
+# --------------------------------------------------------------------------- against PyTorch
+
+
+def _sd(module):
+    return {k: v.detach().numpy().astype(np.float64) for k, v in module.state_dict().items()}
+
+
+def test_against_pytorch():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)
+
+    # CNN: conv -> relu -> batch-norm -> flatten -> linear, NCHW in PyTorch
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
+                        nn.Flatten(), nn.Linear(4 * 5 * 6, 3)).double()
+    with torch.no_grad():
+        net[2].running_mean.uniform_(-1, 1)
+        net[2].running_var.uniform_(0.5, 2)
+    net.eval()
+    model = L.serial(L.conv2d(4, (3, 3), padding=1), L.activation("relu"), L.batch_norm(),
+                     L.flatten(), L.dense(3))
+    params, state = interop.load(model, _init(model, (None, 5, 6, 2)), _sd(net),
+                                 {"0": "0", "2": "2", "4": ("4", {"flatten_from": (4, 5, 6)})},
+                                 state=model.init_state((None, 5, 6, 2)))
+    x = _r(3, 2, 5, 6)
+    got, _ = model.apply(params, x.transpose(0, 2, 3, 1), state=state, train=False)
+    np.testing.assert_allclose(got, net(t(x)).detach().numpy(), rtol=1e-9, atol=1e-12)
+
+    # recurrent layers, batch_first
+    for kind, cls in (("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)):
+        mod = cls(3, 5, batch_first=True).double()
+        m = getattr(L, kind)(5)
+        p = interop.load(m, _init(m, (None, 6, 3)), _sd(mod), {"": ""})
+        x = _r(2, 6, 3)
+        np.testing.assert_allclose(m.apply(p, x), mod(t(x))[0].detach().numpy(), rtol=1e-9,
+                                   atol=1e-12, err_msg=kind)
+
+    # embedding, layer norm, attention, conv1d
+    emb, ln = nn.Embedding(10, 8).double(), nn.LayerNorm(8).double()
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.uniform_(-1, 1)
+        mha.in_proj_bias.uniform_(-1, 1)
+    sd = {**{f"e.{k}": v for k, v in _sd(emb).items()}, **{f"l.{k}": v for k, v in _sd(ln).items()},
+          **{f"a.{k}": v for k, v in _sd(mha).items()}}
+    model = L.serial(L.embedding(10, 8), L.layer_norm(), L.multi_head_attention(2))
+    params = interop.load(model, _init(model, (None, 5)), sd, {"0": "e", "1": "l", "2": "a"})
+    ids = RNG.integers(0, 10, (3, 5))
+    h = ln(emb(torch.tensor(ids)))
+    want = mha(h, h, h, need_weights=False)[0].detach().numpy()
+    np.testing.assert_allclose(model.apply(params, jnp.asarray(ids)), want, rtol=1e-9, atol=1e-12)
+
+    c1 = nn.Conv1d(2, 3, 4).double()
+    m = L.conv1d(3, 4)
+    p = interop.load(m, _init(m, (None, 9, 2)), _sd(c1), {"": ""})
+    x = _r(2, 2, 9)
+    np.testing.assert_allclose(m.apply(p, x.transpose(0, 2, 1)),
+                               c1(t(x)).detach().numpy().transpose(0, 2, 1), rtol=1e-9)
+
+
+def test_nested_paths_and_converter_options():
+    """Paths go through combinators ("1.0": the first layer inside the residual's serial);
+    options reach the converter (the second layer of a stacked PyTorch LSTM)."""
+    model = L.serial(L.dense(3), L.residual(L.serial(L.dense(3), L.activation("tanh"))))
+    sd = {**sd_linear(4, 3, "a."), **sd_linear(3, 3, "b.")}
+    params = interop.load(model, _init(model, (None, 4)), sd, {"0": "a", "1.0": "b"})
+    x = _r(2, 4)
+    h = np_linear(sd, "a.", x)
+    np.testing.assert_allclose(model.apply(params, x), h + np.tanh(np_linear(sd, "b.", h)),
+                               rtol=1e-10)
+
+    two = {**{k.replace("_l0", "_l1"): v for k, v in sd_recurrent("lstm", 5, 5).items()},
+           **sd_recurrent("lstm", 3, 5)}
+    stack = L.serial(L.lstm(5), L.lstm(5))
+    p = interop.load(stack, _init(stack, (None, 6, 3)), two,
+                     {"0": ("", {"layer": 0}), "1": ("", {"layer": 1})})
+    x = _r(2, 6, 3)
+    first = np_recurrent("lstm", two, x)
+    second = np_recurrent("lstm", {k.replace("_l1", "_l0"): v for k, v in two.items()
+                                   if k.endswith("_l1")}, first)
+    np.testing.assert_allclose(stack.apply(p, x), second, rtol=1e-9, atol=1e-12)
