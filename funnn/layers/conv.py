@@ -76,6 +76,7 @@ from funnn.core import (
     check_in_shape,
     check_rank,
 )
+from funnn.layers._per_example import gram_cheaper
 from funnn.layers.dense import get_initializer
 
 __all__ = ["conv1d", "conv2d"]
@@ -348,7 +349,49 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
                                       feature_group_count=groups)
         return dw, dx
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def _pe_factors(params, x, dy):
+        """Per example: patches ``(B, T, K, g, C_in/g)`` and deltas ``(B, T, g, C_out/g)``, with
+        ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets; and ``dx``."""
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        dt = jnp.result_type(x, params["W"], dy)
+        xd, dyd = x.astype(dt), dy.astype(dt)
+        m = dy.shape[1:-1]
+        b, kk, c_ing = x.shape[0], int(np.prod(k)), params["W"].shape[-2]
+        pt = _patches(xd, k, s, d, pads, m).reshape(b, -1, kk, groups, c_ing)
+        dl = dyd.reshape(b, -1, groups, features // groups)
+        return pt, dl
+
+    def _pe_dx(params, x, dy):
+        return backward(params, x, dy)[1]
+
+    def per_example(params, x, dy):
+        """dW_i = P_i^T dy_i over example i's patches (per group); db_i = sum_t dy_it."""
+        pt, dl = _pe_factors(params, x, dy)
+        w = params["W"]
+        dw = jnp.einsum("btkgc,btgo->bkcgo", pt, dl).reshape((x.shape[0],) + w.shape)
+        grads = {"W": dw.astype(w.dtype)}
+        if use_bias:
+            grads["b"] = dy.reshape(dy.shape[0], -1, features).sum(1).astype(params["b"].dtype)
+        return grads, _pe_dx(params, x, dy)
+
+    def per_example_norms(params, x, dy):
+        """||dW_i||^2 through the patches: the Gram form ``sum_{t,s} (P_t . P_s)(dy_t . dy_s)``
+        (per group) when ``T^2 (K C_in + C_out) < T K C_in C_out``, else materialised."""
+        pt, dl = _pe_factors(params, x, dy)
+        t, kc, co = pt.shape[1], pt.shape[2] * pt.shape[4], dl.shape[3]
+        if gram_cheaper(t, kc, co):
+            gx = jnp.einsum("btkgc,bskgc->bgts", pt, pt)
+            gd = jnp.einsum("btgo,bsgo->bgts", dl, dl)
+            sq = jnp.sum(gx * gd, (1, 2, 3))
+        else:
+            dw = jnp.einsum("btkgc,btgo->bkcgo", pt, dl)
+            sq = jnp.sum(jnp.square(dw), (1, 2, 3, 4))
+        if use_bias:
+            sq = sq + jnp.sum(jnp.square(dl.sum(1)), (1, 2))
+        return sq, _pe_dx(params, x, dy)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:
