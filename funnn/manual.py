@@ -20,7 +20,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from funnn.core import ConfigError, Layer, ShapeError, StateError, check_backward, input_spec, run_forward
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    StateError,
+    check_backward,
+    input_spec,
+    run_forward,
+)
 
 __all__ = ["value_and_grad", "bridge", "per_example_value_and_grad", "per_example_grad_norms",
            "clipped_value_and_grad", "per_example_loss"]
@@ -133,7 +141,7 @@ def _reject_stateful(model: Layer, what: str) -> None:
 
 
 def _rules(model: Layer, field: str, what: str):
-    from funnn.layers.combinators import rule         # layers sit below the engines
+    from funnn.layers.combinators import rule  # layers sit below the engines
     _reject_stateful(model, what)
     return rule(model, field)
 

@@ -216,7 +216,7 @@ def test_bad_clip_norm_and_stateful_model():
     for make in (manual.per_example_value_and_grad, manual.per_example_grad_norms):
         with pytest.raises(StateError, match="undefined for a stateful model"):
             make(bn, XENT)
-    with pytest.raises(StateError, match="batch statistics|whole batch"):
+    with pytest.raises(StateError, match="whole batch"):
         manual.clipped_value_and_grad(bn, XENT, 1.0)
 
 
