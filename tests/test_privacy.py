@@ -121,7 +121,7 @@ def test_dp_manual_equals_autodiff_fallback_and_resume_is_exact(digits, tmp_path
     for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)):
         np.testing.assert_array_equal(u, v)
     assert [h["epsilon"] for h in c.history] == [h["epsilon"] for h in a.history]
-    with pytest.raises(ConfigError, match="dp_noise: 0.8 -> 0.9"):
+    with pytest.raises(ConfigError, match=r"dp_noise: 0\.8 -> 0\.9"):
         train.fit(model, params, (x, y), recipe.loss, "sgd", epochs=3, engine="manual",
                   dp=privacy.DP(1.0, 0.9), checkpoint_dir=d, resume=True, **kw)
 
@@ -133,7 +133,7 @@ def test_dp_fit_bad_input():
     with pytest.raises(ConfigError, match="undefined for a stateful model"):
         train.fit(model, params, (x, y), "softmax_cross_entropy", dp=privacy.DP(1.0, 1.0),
                   batch_size=4)
-    with pytest.raises(ConfigError, match="dp must be a funnn.privacy.DP"):
+    with pytest.raises(ConfigError, match=r"dp must be a funnn\.privacy\.DP"):
         train.fit(L.dense(2), None, (x, y), "softmax_cross_entropy", dp=(1.0, 1.0),
                   batch_size=4)
 
