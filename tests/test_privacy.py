@@ -171,3 +171,24 @@ def test_cli_dp_run_records_settings_and_epsilon(capsys, tmp_path):
                      "--dp-noise", "1", "--dp-delta", "1e-6", "--engine", "manual",
                      "--resume"]) == 2
     assert "dp_clip: 1.0 -> 2.0" in capsys.readouterr().err
+
+
+def test_per_example_grads_feed_optax_dpsgd():
+    """optax's DP-SGD aggregate takes per-example gradients (leading batch axis): with no noise
+    its update is -lr times funnn's clipped mean."""
+    import optax
+
+    from funnn import losses, manual
+    model = L.serial(L.dense(4), L.activation("tanh"), L.dense(3))
+    _, params = model.init(jax.random.key(0), (None, 5))
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    xent = losses.softmax_cross_entropy
+    _, g = manual.per_example_value_and_grad(model, xent)(params, x, y)
+    # optax.contrib.dpsgd(0.1, 0.5, 0.0, seed) is this chain (its seed= is deprecated)
+    opt = optax.chain(optax.contrib.differentially_private_aggregate(
+        l2_norm_clip=0.5, noise_multiplier=0.0, key=jax.random.key(0)), optax.sgd(0.1))
+    updates, _ = opt.update(g, opt.init(params), params)
+    _, clipped = manual.clipped_value_and_grad(model, xent, 0.5)(params, x, y)
+    for u, c in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped)):
+        np.testing.assert_allclose(u, -0.1 * c, rtol=1e-6, atol=1e-9)
