@@ -172,6 +172,12 @@ def test_attention(impl):
     check(model, (None, 5, 4), _normal((3, 5, 4)), _labels((3, 5), 3))
 
 
+def test_cross_attention():
+    model = L.serial(L.cross_attention(2, implementation="materialized"), L.dense(3))
+    x, ctx = _normal((3, 2, 4)), _normal((3, 5, 6), 5)
+    check(model, ((None, 2, 4), (None, 5, 6)), (x, ctx), _labels((3,), 3).repeat(2).reshape(3, 2))
+
+
 def test_attention_dropout_with_key():
     model = L.serial(L.multi_head_attention(2, dropout=0.3, implementation="materialized"),
                      L.dense(3))
