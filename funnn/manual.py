@@ -154,12 +154,13 @@ def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
     layers' batched per-example rules (``dW_i = sum_t x_it^T delta_it`` as one einsum over
     the batch), never ``vmap`` over single examples. Stateful models (batch-norm) raise
     :class:`~funnn.core.StateError`; a layer without a rule raises
-    :class:`~funnn.core.ConfigError` naming it.
+    :class:`~funnn.core.ConfigError` naming it. Other keyword arguments (side inputs such as
+    ``mask=``/``lengths=``) go to ``model.forward``, as in :func:`value_and_grad`.
     """
     per_ex = _rules(model, "per_example", "a per-example gradient")
 
-    def f(params, x, y, *, key=None):
-        out, res = model.forward(params, x, key=key, train=train)
+    def f(params, x, y, *, key=None, **context):
+        out, res = model.forward(params, x, key=key, train=train, **context)
         values, delta = per_example_loss(loss, out, y)
         grads, _ = per_ex(params, res, delta)
         return values, grads
@@ -174,8 +175,8 @@ def per_example_grad_norms(model: Layer, loss, *, train: bool = True):
     positions, the Gram form with them; see :mod:`funnn.layers._per_example`)."""
     norms_rule = _rules(model, "per_example_norms", "a per-example gradient norm")
 
-    def f(params, x, y, *, key=None):
-        out, res = model.forward(params, x, key=key, train=train)
+    def f(params, x, y, *, key=None, **context):
+        out, res = model.forward(params, x, key=key, train=train, **context)
         values, delta = per_example_loss(loss, out, y)
         sq, _ = norms_rule(params, res, delta)
         return values, jnp.sqrt(jnp.maximum(sq, 0))
@@ -210,8 +211,8 @@ def clipped_grad_sum(model: Layer, loss, clip_norm, *, train: bool = True):
     c = _check_clip(clip_norm)
     norms_rule = _rules(model, "per_example_norms", "per-example clipping")
 
-    def f(params, x, y, weights, *, key=None):
-        out, res = model.forward(params, x, key=key, train=train)
+    def f(params, x, y, weights, *, key=None, **context):
+        out, res = model.forward(params, x, key=key, train=train, **context)
         values, delta = per_example_loss(loss, out, y)
         sq, _ = norms_rule(params, res, delta)
         norms = jnp.sqrt(jnp.maximum(sq, 0))
@@ -235,9 +236,9 @@ def clipped_value_and_grad(model: Layer, loss, clip_norm, *, train: bool = True)
     """
     g = clipped_grad_sum(model, loss, clip_norm, train=train)
 
-    def f(params, x, y, *, key=None):
+    def f(params, x, y, *, key=None, **context):
         b = jnp.shape(x[0] if isinstance(x, (tuple, list)) else x)[0]
-        values, _, grads = g(params, x, y, jnp.full((b,), 1.0 / b), key=key)
+        values, _, grads = g(params, x, y, jnp.full((b,), 1.0 / b), key=key, **context)
         return jnp.mean(values), grads
 
     return f

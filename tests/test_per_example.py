@@ -237,3 +237,19 @@ def test_layer_without_rule_and_no_batch_axis():
     _, params = dense.init(jax.random.key(0), (None, 3))
     with pytest.raises(ShapeError, match="batch axis"):
         manual.per_example_value_and_grad(dense, XENT)(params, jnp.ones(3), jnp.array(1))
+
+
+def test_side_inputs_reach_the_forward():
+    model = L.multi_head_attention(2, implementation="chunked", block_size=2)
+    _, params = model.init(jax.random.key(0), (None, 4, 4))
+    x, y, lengths = _normal((3, 4, 4)), _normal((3, 4, 4), 6), jnp.array([4, 2, 1])
+
+    def one(xi, yi, li):
+        return jax.grad(lambda p: losses.mse.value(model.apply(p, xi[None], lengths=li[None]),
+                                                   yi[None]))(params)
+
+    ref = jax.vmap(one)(x, y, lengths)
+    _, g = manual.per_example_value_and_grad(model, losses.mse)(params, x, y, lengths=lengths)
+    _close(g, ref, "attention with lengths")
+    _, n = manual.per_example_grad_norms(model, losses.mse)(params, x, y, lengths=lengths)
+    _close(n, jnp.sqrt(_leaves_sq(ref, 3)), "norms with lengths")
