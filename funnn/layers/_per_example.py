@@ -19,8 +19,6 @@ positions. Only ``jax.numpy``: no ``vmap``, no autodiff.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -92,7 +90,3 @@ def paramless(backward) -> dict:
 
     return {"per_example": per_example, "per_example_norms": per_example_norms}
 
-
-def positions(shape) -> int:
-    """Number of positions of a ``(B, ..., f)`` shape (1 without middle axes)."""
-    return math.prod(shape[1:-1])

@@ -329,13 +329,18 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
     def _backward_native(x, w, dy, pads):
         """dW and dx as the two transposed convolutions (module docstring); the paddings go
         into the convolutions (no padded copies of x or dy)."""
-        sizes, m = x.shape[1:-1], dy.shape[1:-1]
-        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
+        sizes = x.shape[1:-1]
         # dW: x padded, dropping the trailing rows no window reaches, so the result is exactly k.
         trim = [(lo, hi - (n + lo + hi - e) % si)
                 for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
         dw = lax.conv_general_dilated(x, dy, d, trim, rhs_dilation=s,
                                       dimension_numbers=dn_w, batch_group_count=groups)
+        return dw, _dx_native(x, w, dy, pads)
+
+    def _dx_native(x, w, dy, pads):
+        """dx alone: the full correlation of the s-dilated dy with the flipped kernel."""
+        sizes, m = x.shape[1:-1], dy.shape[1:-1]
+        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
         # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
         c_ing, c_outg = w.shape[-2], features // groups
         wt = w.reshape(k + (c_ing, groups, c_outg))
@@ -347,11 +352,11 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
                                        for n, (lo, _), e, sp in zip(sizes, pads, ext, span)],
                                       lhs_dilation=s, rhs_dilation=d, dimension_numbers=dn,
                                       feature_group_count=groups)
-        return dw, dx
+        return dx
 
     def _pe_factors(params, x, dy):
         """Per example: patches ``(B, T, K, g, C_in/g)`` and deltas ``(B, T, g, C_out/g)``, with
-        ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets; and ``dx``."""
+        ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets."""
         pads = _pads(pad_spec, x.shape[1:-1], ext, s)
         dt = jnp.result_type(x, params["W"], dy)
         xd, dyd = x.astype(dt), dy.astype(dt)
@@ -362,7 +367,13 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         return pt, dl
 
     def _pe_dx(params, x, dy):
-        return backward(params, x, dy)[1]
+        """dx without the batch dW (the per-example rules make their own)."""
+        if use_patches():
+            return backward(params, x, dy)[1]
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        dt = jnp.result_type(x, params["W"], dy)
+        return _dx_native(x.astype(dt), params["W"].astype(dt), dy.astype(dt), pads).astype(
+            x.dtype)
 
     def per_example(params, x, dy):
         """dW_i = P_i^T dy_i over example i's patches (per group); db_i = sum_t dy_it."""
