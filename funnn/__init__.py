@@ -19,6 +19,6 @@ def __getattr__(name):
     import importlib
 
     if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench", "parallel",
-                "rundir", "numerics", "interop", "precision"):
+                "rundir", "numerics", "interop", "precision", "privacy"):
         return importlib.import_module(f"funnn.{name}")
     raise AttributeError(f"module 'funnn' has no attribute {name!r}")

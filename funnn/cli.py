@@ -40,6 +40,11 @@ _seed = _arg(int, lambda v: 0 <= v < 2 ** 32, "an integer seed", "seed must lie 
 _FLOAT32_MAX = 3.4028234663852886e38
 _learning_rate = _arg(float, lambda v: 0 < v <= _FLOAT32_MAX, "a positive number",
                       "must be a positive number that is finite in float32 (at most 3.4e38)")
+_positive_float = _arg(float, lambda v: 0 < v < float("inf"), "a positive number",
+                      "must be a positive finite number")
+_non_negative_float = _arg(float, lambda v: 0 <= v < float("inf"), "a number >= 0",
+                           "must be a finite number >= 0")
+_delta = _arg(float, lambda v: 0 < v < 1, "a number in (0, 1)", "must lie in (0, 1)")
 _process_id = _arg(int, lambda v: v >= 0, "a process id", "must be 0 or more")
 _seconds = _arg(float, lambda v: 0 < v < float("inf"), "a number of seconds",
                 "must be a positive number of seconds")
@@ -108,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--check-numerics", action="store_true",
                    help="check every step; name the first layer and step that go non-finite")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--dp-clip", type=_positive_float, default=None, metavar="C",
+                   help="DP-SGD: clip each example's gradient to norm C (needs --dp-noise)")
+    t.add_argument("--dp-noise", type=_non_negative_float, default=None, metavar="S",
+                   help="DP-SGD: Gaussian noise of standard deviation S*C on the clipped sum")
+    t.add_argument("--dp-delta", type=_delta, default=None, metavar="D",
+                   help="DP-SGD: the delta epsilon is reported at (default 1e-5)")
+    t.add_argument("--dp-sampling", default=None, choices=["poisson", "fixed"],
+                   help="DP-SGD batch sampling (default poisson; see funnn.privacy)")
     _parallel_args(t)
 
     e = sub.add_parser("eval", help="loss and accuracy of a run's checkpoint")
@@ -223,7 +236,9 @@ def _train_config(args, recipe, train_set, x, ex) -> dict:
     lr = args.lr or (recipe.learning_rate if own else train.DEFAULT_LR[optimizer])
     schedule = args.schedule or (recipe.schedule if own else "constant")
     asked = args.batch_size or recipe.batch_size
-    return {"model": recipe.name, "data": args.data, "engine": args.engine,
+    dp = _dp(args)
+    return {**({} if dp is None else dp.config()),
+            "model": recipe.name, "data": args.data, "engine": args.engine,
             "precision": args.precision, "optimizer": optimizer, "learning_rate": lr,
             "schedule": schedule,
             "epochs": args.epochs or recipe.epochs,
@@ -232,6 +247,26 @@ def _train_config(args, recipe, train_set, x, ex) -> dict:
             "num_outputs": train_set.num_classes or int(train_set.y.shape[-1]),
             "input_shape": list(x.shape[1:]), "train_examples": int(x.shape[0]),
             "test_examples": int(ex.shape[0])}
+
+
+def _dp(args):
+    """The DP-SGD settings the options ask for, or None."""
+    from funnn import privacy
+    from funnn.core import ConfigError
+
+    given = [o for o, v in (("--dp-delta", args.dp_delta), ("--dp-sampling", args.dp_sampling))
+             if v is not None]
+    if args.dp_clip is None and args.dp_noise is None:
+        if given:
+            raise ConfigError(f"{given[0]} needs --dp-clip C and --dp-noise S", (given[0],))
+        return None
+    if args.dp_clip is None or args.dp_noise is None:
+        missing = "--dp-clip" if args.dp_clip is None else "--dp-noise"
+        raise ConfigError(f"DP-SGD needs both --dp-clip C and --dp-noise S; {missing} is "
+                          f"missing", (missing,))
+    return privacy.DP(args.dp_clip, args.dp_noise,
+                      1e-5 if args.dp_delta is None else args.dp_delta,
+                      args.dp_sampling or "poisson")
 
 
 def _describe(recipe, config: dict) -> str:
@@ -243,7 +278,9 @@ def _describe(recipe, config: dict) -> str:
             f"({c['train_examples']} train, {c['test_examples']} test); engine {c['engine']}"
             f"{'' if c.get('precision', 'f32') == 'f32' else ', precision ' + c['precision']}; "
             f"optimizer {c['optimizer']}, lr {c['learning_rate']:g}, {c['schedule']} schedule, "
-            f"{c['epochs']} epochs, {batch}")
+            f"{c['epochs']} epochs, {batch}"
+            + (f"; DP-SGD clip {c['dp_clip']:g}, noise {c['dp_noise']:g}, delta "
+               f"{c['dp_delta']:g}, {c['dp_sampling']} sampling" if "dp_clip" in c else ""))
 
 
 def _join(args) -> None:
@@ -362,7 +399,7 @@ def _train(args) -> int:
                 from_checkpoint=args.from_checkpoint if args.resume else None,
                 config=config, extras=extras, check_numerics=args.check_numerics,
                 run_id=run_id, log=print, mesh=mesh, sharding=sharding,
-                precision=args.precision)
+                precision=args.precision, dp=_dp(args))
         except train.TrainingDiverged as err:
             if not main:
                 raise
@@ -392,7 +429,9 @@ def _train(args) -> int:
     plotted = _plot(os.path.join(out, "curves.png"), result.history)
     print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test loss "
           f"{last.get('eval_loss', float('nan')):.4f}, test accuracy "
-          f"{_pct(last.get('eval_accuracy'))} ({seconds:.1f} s)")
+          f"{_pct(last.get('eval_accuracy'))}"
+          + (f", epsilon {last['epsilon']:.3g} at delta {(result.config or {})['dp_delta']:g}"
+             if "epsilon" in last else "") + f" ({seconds:.1f} s)")
     print(f"wrote {out}/metrics.json, {out}/checkpoints/"
           + (f", {out}/curves.png" if plotted else " (install matplotlib for curves.png)"))
     return 0

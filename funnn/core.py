@@ -139,6 +139,17 @@ class Layer:
     flows through a ``serial`` stack. ``derived`` is ``True`` when ``backward`` was derived by
     ``jax.vjp`` (:func:`layer_from_apply`) rather than written by hand.
 
+    Per-example rules (optional; ``None`` where a layer has none, e.g. batch-norm, whose
+    output mixes the examples of a batch). Both are batched, hand-written rules (einsums of
+    inputs and deltas), never ``vmap`` over single examples; ``dy`` holds each example's own
+    output gradient::
+
+        per_example(params, res, dy)       -> (dparams with a leading batch axis, dx)
+        per_example_norms(params, res, dy) -> (squared norms (B,) of each example's dparams, dx)
+
+    ``per_example_norms`` need not materialise the per-example gradients (``||x_i^T d_i||^2 =
+    ||x_i||^2 ||d_i||^2`` for a dense layer); see :mod:`funnn.layers._per_example`.
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
@@ -154,6 +165,8 @@ class Layer:
     children: tuple = ()
     context: tuple = ()
     derived: bool = False
+    per_example: Callable | None = None
+    per_example_norms: Callable | None = None
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
@@ -162,10 +175,12 @@ class Layer:
         # while tracing only.
         stateful = self.init_state is not None
         object.__setattr__(self, "context", tuple(self.context))
-        for field in ("apply", "forward", "backward"):
+        for field in ("apply", "forward", "backward", "per_example", "per_example_norms"):
             fn = getattr(self, field)
+            if fn is None:
+                continue
             object.__setattr__(self, field,
-                               _guarded(fn, self.name, stateful, field != "backward",
+                               _guarded(fn, self.name, stateful, field in ("apply", "forward"),
                                         self.context))
 
     @property

@@ -2,16 +2,37 @@
 gradient, and the model's hand-written ``backward`` — the delta rule, no autodiff.
 
 Also :func:`bridge`, which wraps a layer's hand-written backward as a
-``jax.custom_vjp`` rule so autodiff can use it inside larger programs.
+``jax.custom_vjp`` rule so autodiff can use it inside larger programs, and the
+per-example engines (:func:`per_example_value_and_grad`, :func:`per_example_grad_norms`,
+:func:`clipped_value_and_grad`) built on every layer's batched per-example rules
+(``Layer.per_example`` / ``Layer.per_example_norms``).
+
+Per-example semantics: the loss of example ``i`` is the loss of the batch ``x[i:i+1]``,
+i.e. ``loss.value(out[i:i+1], y[i:i+1])``. For a ``"mean"`` loss that is the mean over
+that one example's terms (its time steps for a per-example loss on ``(B, T, K)`` outputs,
+its elements for a per-element loss such as :data:`~funnn.losses.mse`), not the batch
+mean: so ``mean_i(values_i)`` is the batch loss, and ``mean_i(grads_i)`` its gradient,
+for "mean" losses whose terms per example are equal in number (all of funnn's).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from funnn.core import Layer, check_backward, check_context, input_spec, run_forward
+from funnn.core import (
+    ConfigError,
+    Layer,
+    ShapeError,
+    StateError,
+    check_backward,
+    check_context,
+    input_spec,
+    run_forward,
+)
 
-__all__ = ["value_and_grad", "bridge"]
+__all__ = ["value_and_grad", "bridge", "per_example_value_and_grad", "per_example_grad_norms",
+           "clipped_value_and_grad", "per_example_loss"]
 
 
 def value_and_grad(model: Layer, loss, *, train: bool = True):
@@ -88,4 +109,142 @@ def bridge(model: Layer) -> Layer:
                  apply=apply_stateful if model.stateful else apply,
                  forward=model.forward, backward=model.backward,
                  init_state=model.init_state, children=model.children,
-                 context=model.context, derived=model.derived)
+                 context=model.context, derived=model.derived,
+                 per_example=model.per_example, per_example_norms=model.per_example_norms)
+
+
+# --------------------------------------------------------------------------- per example
+
+
+def per_example_loss(loss, out, y):
+    """``(values (B,), deltas)``: example ``i``'s loss ``loss.value(out[i:i+1], y[i:i+1])``
+    and its gradient with respect to ``out[i]``, for all ``i`` at once (``deltas`` has
+    ``out``'s shape). The reduction's ``1/N`` is that of a one-example batch."""
+    out = jnp.asarray(out)
+    if out.ndim < 2:
+        raise ShapeError(f"per-example losses need a batch axis: the model output has shape "
+                         f"{out.shape}; give x as (batch, ...)", (getattr(loss, "name", "loss"),))
+    if not (callable(getattr(loss, "f", None)) and callable(getattr(loss, "df", None))):
+        raise ConfigError(f"per-example gradients need a funnn Loss (with the unreduced f and "
+                          f"its derivative df), got {loss!r}", ("per_example",))
+    pred, target = loss.check(loss.name, out, y)
+    scale = jnp.asarray(loss._scale((1,) + pred.shape[1:]), pred.dtype)
+    b = pred.shape[0]
+    values = jnp.sum(loss.f(pred, target).reshape(b, -1), 1) * scale
+    return values, loss.df(pred, target) * scale
+
+
+def _reject_stateful(model: Layer, what: str) -> None:
+    if model.stateful:
+        raise StateError(f"{what} is undefined for a stateful model: batch_norm in training "
+                         f"mode normalises each example by statistics of the whole batch, so "
+                         f"example i's output (and gradient) depends on the other examples and "
+                         f"the per-example gradients do not sum to the batch gradient; use "
+                         f"layer_norm instead of batch_norm", (model.name,))
+
+
+def _rules(model: Layer, field: str, what: str):
+    from funnn.layers.combinators import rule  # layers sit below the engines
+    _reject_stateful(model, what)
+    return rule(model, field)
+
+
+def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
+    """``f(params, x, y, *, key=None) -> (values (B,), grads)``, every leaf of ``grads`` with a
+    leading batch axis: example ``i``'s loss (that of the batch ``x[i:i+1]``) and gradient.
+
+    One forward, each example's own output delta (:func:`per_example_loss`) and the
+    layers' batched per-example rules (``dW_i = sum_t x_it^T delta_it`` as one einsum over
+    the batch), never ``vmap`` over single examples. Stateful models (batch-norm) raise
+    :class:`~funnn.core.StateError`; a layer without a rule raises
+    :class:`~funnn.core.ConfigError` naming it. Other keyword arguments (side inputs such as
+    ``mask=``/``lengths=``) go to ``model.forward``, as in :func:`value_and_grad`.
+    """
+    per_ex = _rules(model, "per_example", "a per-example gradient")
+
+    def f(params, x, y, *, key=None, **context):
+        check_context(model, context)
+        out, res = model.forward(params, x, key=key, train=train, **context)
+        values, delta = per_example_loss(loss, out, y)
+        grads, _ = per_ex(params, res, delta)
+        return values, grads
+
+    return f
+
+
+def per_example_grad_norms(model: Layer, loss, *, train: bool = True):
+    """``f(params, x, y, *, key=None) -> (values (B,), norms (B,))``: the L2 norm of each
+    example's whole gradient (all leaves together), without materialising per-example weight
+    gradients where a cheaper rule exists (``||x_i|| ||delta_i||`` for a dense layer without
+    positions, the Gram form with them; see :mod:`funnn.layers._per_example`)."""
+    norms_rule = _rules(model, "per_example_norms", "a per-example gradient norm")
+
+    def f(params, x, y, *, key=None, **context):
+        check_context(model, context)
+        out, res = model.forward(params, x, key=key, train=train, **context)
+        values, delta = per_example_loss(loss, out, y)
+        sq, _ = norms_rule(params, res, delta)
+        return values, jnp.sqrt(jnp.maximum(sq, 0))
+
+    return f
+
+
+def clip_factors(norms, clip_norm):
+    """``min(1, C / ||g_i||)``: the factor that brings a gradient of norm ``||g_i||`` to at most
+    ``C`` (1 for a zero gradient)."""
+    c = jnp.asarray(clip_norm, norms.dtype)
+    return jnp.where(norms > c, c / jnp.where(norms > c, norms, 1), 1).astype(norms.dtype)
+
+
+def _check_clip(clip_norm) -> float:
+    try:
+        c = float(clip_norm)
+    except (TypeError, ValueError):
+        c = float("nan")
+    if isinstance(clip_norm, bool) or not c > 0 or c == float("inf"):
+        raise ConfigError(f"clip_norm must be a positive finite number, got {clip_norm!r}",
+                          ("clipped_value_and_grad",))
+    return c
+
+
+def clipped_grad_sum(model: Layer, loss, clip_norm, *, train: bool = True):
+    """``f(params, x, y, weights, *, key=None) -> (values (B,), norms (B,), sum_grads)`` with
+    ``sum_grads = sum_i weights_i min(1, C/||g_i||) g_i``: the norms first, then one batch
+    backward with each example's delta scaled by its weight and clip factor (the backward is
+    linear in each example's delta). ``weights`` (B,) masks padded rows (DP-SGD's Poisson
+    batches); it is a plain array, so this traces once per batch shape."""
+    c = _check_clip(clip_norm)
+    norms_rule = _rules(model, "per_example_norms", "per-example clipping")
+
+    def f(params, x, y, weights, *, key=None, **context):
+        check_context(model, context)
+        out, res = model.forward(params, x, key=key, train=train, **context)
+        values, delta = per_example_loss(loss, out, y)
+        sq, _ = norms_rule(params, res, delta)
+        norms = jnp.sqrt(jnp.maximum(sq, 0))
+        scale = (clip_factors(norms, c) * jnp.asarray(weights, norms.dtype)).astype(delta.dtype)
+        grads, dx = model.backward(params, res, delta * scale.reshape((-1,) + (1,) * (
+            delta.ndim - 1)))
+        check_backward(model.name, params, grads, input_spec(x), dx)
+        return values, norms, grads
+
+    return f
+
+
+def clipped_value_and_grad(model: Layer, loss, clip_norm, *, train: bool = True):
+    """``f(params, x, y, *, key=None) -> (mean value, mean of clipped per-example grads)``.
+
+    Each example's gradient ``g_i`` is clipped to norm ``<= clip_norm``:
+    ``g_i min(1, C / ||g_i||)``; the result is their mean over the batch, with the params'
+    tree. Norms first (:func:`per_example_grad_norms`' rules), then one more batch backward
+    with each example's output delta scaled by its clip factor / B. ``clip_norm <= 0`` raises
+    :class:`~funnn.core.ConfigError`.
+    """
+    g = clipped_grad_sum(model, loss, clip_norm, train=train)
+
+    def f(params, x, y, *, key=None, **context):
+        b = jnp.shape(x[0] if isinstance(x, (tuple, list)) else x)[0]
+        values, _, grads = g(params, x, y, jnp.full((b,), 1.0 / b), key=key, **context)
+        return jnp.mean(values), grads
+
+    return f

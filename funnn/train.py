@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from funnn import _files, autodiff, losses, manual, numerics
+from funnn import _files, autodiff, losses, manual, numerics, privacy
 from funnn.core import CheckpointError, ConfigError, DataError, FunnnError, Layer
 from funnn.precision import LossScaled, apply_policy, get_policy, loss_scaled, scaled_loss
 
 __all__ = ["fit", "FitResult", "TrainingDiverged", "make_step", "make_epoch",
            "make_checked_epoch", "evaluate", "get_engine", "get_optimizer", "as_loss",
-           "restore_run", "make_sharded_epoch", "ENGINES", "OPTIMIZERS"]
+           "restore_run", "make_sharded_epoch", "make_dp_epoch", "ENGINES", "OPTIMIZERS"]
 
 ENGINES = ("autodiff", "manual", "bridge")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
@@ -160,6 +160,30 @@ def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_
         def body(ts, i):
             b = idx[i]
             return step(ts, x[b], y[b], jax.random.fold_in(key, i))
+
+        return jax.lax.scan(body, ts, jnp.arange(num_batches))
+
+    return jax.jit(epoch, donate_argnums=0)
+
+
+def make_dp_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int,
+                  num_examples: int, dp: privacy.DP):
+    """A jitted DP-SGD ``epoch(ts, x, y, key) -> (ts, batch_losses)`` that donates ``ts``.
+
+    ``num_examples // batch_size`` steps; step ``i`` draws its own batch from all of ``x``
+    (Poisson or fixed-size, :mod:`funnn.privacy`) and its noise with ``fold_in(key, i)``, as
+    :func:`make_epoch` derives its step keys. The gradient is clipped, summed, noised and
+    divided by ``batch_size`` (:func:`funnn.privacy.make_dp_grad`).
+    """
+    grad = privacy.make_dp_grad(model, loss, dp, engine, batch_size, num_examples)
+    num_batches = num_examples // batch_size
+
+    def epoch(ts, x, y, key):
+        def body(ts, i):
+            value, grads = grad(ts.params, x, y, jax.random.fold_in(key, i))
+            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+            return TrainState(optax.apply_updates(ts.params, updates), opt_state,
+                              ts.model_state), value
 
         return jax.lax.scan(body, ts, jnp.arange(num_batches))
 
@@ -359,7 +383,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         from_checkpoint=None, keep: int | None = 3, config: dict | None = None,
         extras=None, check_numerics: bool = False, on_epoch: Callable | None = None,
         run_id: str | None = None, log: Callable[[str], Any] | None = None,
-        mesh=None, sharding="replicated", precision=None) -> FitResult:
+        mesh=None, sharding="replicated", precision=None,
+        dp: privacy.DP | None = None) -> FitResult:
     """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
@@ -408,8 +433,17 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     ``"f16"`` adds dynamic loss scaling (the scale lives in the optimizer state). Evaluation
     runs under the same policy.
 
+    ``dp`` (a :class:`funnn.privacy.DP`) trains with DP-SGD: each step samples its batch
+    (Poisson by default), clips every example's gradient to ``dp.clip_norm``, adds Gaussian
+    noise from the step's key and divides by ``batch_size``; history rows gain ``epsilon``
+    (at ``dp.delta``, dp-accounting's RDP accountant) and the config ``dp_clip``,
+    ``dp_noise``, ``dp_delta``, ``dp_sampling`` (compared on resume). The manual engine clips
+    by the per-example norm rules (one extra backward); ``autodiff`` and ``bridge`` fall back
+    to ``vmap(jax.grad)`` over single examples. A stateful model (batch-norm), a ``mesh`` or
+    ``check_numerics`` with ``dp`` raise :class:`ConfigError`.
+
     History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
-    ``eval_loss``, ``eval_accuracy`` and ``seconds``.
+    ``eval_loss``, ``eval_accuracy``, ``seconds`` and, with ``dp``, ``epsilon``.
     """
     from funnn import checkpoint as ckpt  # imported lazily: only runs that save need it
     from funnn import rundir
@@ -433,6 +467,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
+    _check_dp(dp, model, mesh, check_numerics)
     plan = _plan(mesh, sharding, params, batch_size, check_numerics)
     if resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}", ("fit",))
@@ -461,12 +496,18 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
                 "loss": getattr(loss, "name", repr(loss)), "batch_size": batch_size,
                 "epochs": epochs, "num_examples": num}
     policy = get_policy(precision)
+    if dp is not None and policy.name != "f32":
+        raise ConfigError(f"dp= trains in float32: the per-example rules do not run under a "
+                          f"mixed-precision policy yet; leave out precision={policy.name!r}",
+                          ("fit",))
     settings["precision"] = policy.name
     model = apply_policy(model, policy)                 # the float32 policy: the model itself
     if policy.needs_loss_scaling:
         opt = loss_scaled(opt)
     if plan is not None:
         settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
+    if dp is not None:
+        settings.update(dp.config())
     run_config = {**(config or {}), **settings}
     key_given = key is not None
     key = jax.random.key(0) if key is None else key
@@ -568,7 +609,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
 
         ts, history = _train_epochs(
             model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
-            x, y, eval_data, progress if main else False, check_numerics, on_epoch, save, plan)
+            x, y, eval_data, progress if main else False, check_numerics, on_epoch, save, plan,
+            dp)
     except (FunnnError, OSError) as err:
         if plan is not None and not ready:
             _agree(err, 0)     # the other processes stop too, instead of waiting for this one
@@ -622,7 +664,8 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
 
 
 def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start, epochs, key,
-                  x, y, eval_data, progress, check_numerics, on_epoch, save, plan=None):
+                  x, y, eval_data, progress, check_numerics, on_epoch, save, plan=None,
+                  dp=None):
     """The epoch loop of :func:`fit`: train, evaluate, check, checkpoint."""
     run_eval = make_evaluate(model, loss) if eval_data is not None else None
     ex, ey = _xy(eval_data) if eval_data is not None else (None, None)
@@ -631,6 +674,8 @@ def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start,
         if ex is not None and ey is not None:   # split over data when it divides the split
             split = plan.rows if int(ex.shape[0]) % plan.data_size == 0 else plan.replicated
             ex, ey = plan.place(ex, split), plan.place(ey, split)
+    elif dp is not None:
+        run_epoch = make_dp_epoch(model, loss, opt, engine, batch_size, num, dp)
     else:
         run_epoch = (make_checked_epoch if check_numerics else make_epoch)(
             model, loss, opt, engine, batch_size, num)
@@ -655,6 +700,8 @@ def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start,
             el, ea = run_eval(ts.params, ts.model_state, ex, ey)
             row["eval_loss"], row["eval_accuracy"] = float(el), float(ea)
         row["seconds"] = time.perf_counter() - t0
+        if dp is not None:
+            row["epsilon"] = dp.epsilon((e + 1) * (num // batch_size), batch_size, num)
         history.append(row)
         bad_q = [q for q, k in (("training loss", "train_loss"), ("test loss", "eval_loss"))
                  if k in row and not math.isfinite(row[k])]
@@ -675,6 +722,26 @@ def _train_epochs(model, loss, opt, engine, batch_size, num, ts, history, start,
 
 
 _KEYS = {"training loss": "train_loss", "test loss": "eval_loss"}
+
+
+def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
+    """fit's ``dp=`` checked before anything compiles."""
+    if dp is None:
+        return
+    if not isinstance(dp, privacy.DP):
+        raise ConfigError(f"dp must be a funnn.privacy.DP(clip_norm, noise_multiplier, ...), "
+                          f"got {type(dp).__name__}", ("fit",))
+    if model.stateful:
+        raise ConfigError("DP-SGD needs per-example gradients, which are undefined for a "
+                          "stateful model: batch_norm normalises each example by statistics of "
+                          "the whole batch, so one example's gradient depends on the others; "
+                          "use layer_norm instead", ("fit",))
+    if mesh is not None:
+        raise ConfigError("dp= trains on one device; leave out mesh= (DP-SGD on a mesh is not "
+                          "implemented)", ("fit",))
+    if check_numerics:
+        raise ConfigError("check_numerics runs plain steps one at a time; leave it out with "
+                          "dp=", ("fit",))
 
 
 def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):

@@ -341,20 +341,33 @@ def jit_suite(size: str) -> list[list[Case]]:
 
 
 def per_example_suite(size: str) -> list[list[Case]]:
-    """Per-example gradients: ``vmap(grad)``, a Python loop, funnn's engines, torch.func."""
+    """Per-example gradients and clipping, 784-512-512-10 MLP.
+
+    Group 1, per-example gradients: ``vmap(grad)`` (baseline), funnn's engines under
+    ``vmap``, ``manual.per_example_value_and_grad`` (batched hand-written rules),
+    ``manual.per_example_grad_norms`` (norms only, nothing materialised), a Python loop of
+    jitted single-example gradients, and ``torch.func``.
+    Group 2, the clipped mean gradient (DP-SGD's): ``vmap(grad)`` + clip + mean (baseline),
+    ``manual.clipped_value_and_grad`` (norms, then one batch backward with scaled deltas),
+    and a plain batch gradient (manual and autodiff engines) for scale.
+    """
     batch = {"tiny": 4, "quick": 32, "full": 128}[size]
     x, y = data_for("mlp", batch)
     model = funnn_model("mlp")
     _, params = model.init(jax.random.key(0), (None, 784))
     name = f"per-example grads mlp b{batch} float32"
+    clip_name = f"clipped mean grad mlp b{batch} float32"
+    clip = 1.0
 
     def vg(engine):
         f = (autodiff if engine == "autodiff" else manual).value_and_grad(model, XENT)
         return jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))
 
+    def single_loss(p, xi, yi):
+        return XENT.value(model.apply(p, xi[None]), yi[None])
+
     def pure_build():
-        loss = lambda p, x, y: XENT.value(model.apply(p, x[None]), y[None])
-        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))), (params, x, y)
+        return jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0))), (params, x, y)
 
     def loop_build():
         one = jax.jit(autodiff.value_and_grad(model, XENT))
@@ -363,24 +376,48 @@ def per_example_suite(size: str) -> list[list[Case]]:
             return [one(p, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]
         return run, (params, x, y)
 
-    cases = [
+    def vmap_clip_build():
+        def clipped(p, x, y):
+            g = jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0))(p, x, y)
+            sq = sum(jnp.sum(jnp.square(leaf).reshape(batch, -1), 1)
+                     for leaf in jax.tree.leaves(g))
+            factor = jnp.minimum(1.0, clip / jnp.sqrt(sq))
+            return jax.tree.map(lambda leaf: jnp.tensordot(factor, leaf, axes=1) / batch, g)
+        return jax.jit(clipped), (params, x, y)
+
+    def plain_build(engine):
+        f = (autodiff if engine == "autodiff" else manual).value_and_grad(model, XENT)
+        return lambda: (jax.jit(f), (params, x, y))
+
+    per_ex = [
         Case("per-example", name, "vmap(jax.grad)", batch, "float32", pure_build,
              baseline=True, samples=batch),
         Case("per-example", name, "funnn autodiff under vmap", batch, "float32",
              lambda: (vg("autodiff"), (params, x[:, None], y[:, None])), samples=batch),
         Case("per-example", name, "funnn manual under vmap", batch, "float32",
              lambda: (vg("manual"), (params, x[:, None], y[:, None])), samples=batch),
+        Case("per-example", name, "funnn per_example_value_and_grad", batch, "float32",
+             lambda: (jax.jit(manual.per_example_value_and_grad(model, XENT)), (params, x, y)),
+             samples=batch, note="batched hand-written rules"),
+        Case("per-example", name, "funnn per_example_grad_norms", batch, "float32",
+             lambda: (jax.jit(manual.per_example_grad_norms(model, XENT)), (params, x, y)),
+             samples=batch, note="norms only: ||x_i|| ||delta_i||"),
         Case("per-example", name, "python loop of jitted grads", batch, "float32", loop_build,
              jit=False, flops_from="vmap(jax.grad)", samples=batch),
         Case("per-example", name, "torch.func vmap(grad)", batch, "float32",
              lambda: peers.torch_func_per_example(x, y, jnp.float32), jit=False,
              flops_from="vmap(jax.grad)", samples=batch)]
-    pe = getattr(manual, "per_example_value_and_grad", None)
-    if pe is not None:
-        cases.insert(3, Case("per-example", name, "funnn manual per_example_value_and_grad",
-                             batch, "float32",
-                             lambda: (jax.jit(pe(model, XENT)), (params, x, y)), samples=batch))
-    return [cases]
+    clipped = [
+        Case("per-example", clip_name, "vmap(jax.grad) + clip + mean", batch, "float32",
+             vmap_clip_build, baseline=True, samples=batch),
+        Case("per-example", clip_name, "funnn clipped_value_and_grad", batch, "float32",
+             lambda: (jax.jit(manual.clipped_value_and_grad(model, XENT, clip)),
+                      (params, x, y)), samples=batch, note="ghost clipping"),
+        Case("per-example", clip_name, "funnn manual value_and_grad (no clipping)", batch,
+             "float32", plain_build("manual"), samples=batch, note="plain batch gradient"),
+        Case("per-example", clip_name, "funnn autodiff value_and_grad (no clipping)", batch,
+             "float32", plain_build("autodiff"), samples=batch, note="plain batch gradient")]
+    return [per_ex, clipped]
 
 
 def control_suite(size: str) -> list[list[Case]]:

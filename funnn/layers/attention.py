@@ -93,6 +93,7 @@ from funnn.core import (
     upcast,
     wide,
 )
+from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
 from funnn.layers.dense import INITIALIZERS
 
 __all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS"]
@@ -631,6 +632,62 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
     def forward(params, x, *, key=None, train=False, mask=None, lengths=None):
         return _run(params, x, key, train, mask, lengths, True)
 
+    def _core_bwd(res, q, k, v, o, scale, do):
+        """``dQ, dK, dV`` from ``dO`` by the strategy whose residuals ``res`` holds."""
+        if isinstance(res, _Chunked) and res.key is None:
+            return _tiled_bwd(q, k, v, res.kvalid, res.full, causal and not cross, scale,
+                              _block(), o, res.lse, do)
+        if isinstance(res, _Chunked):
+            return _chunked_bwd(q, k, v, res.kvalid, res.full, causal and not cross, res.key,
+                                1.0 - rate, scale, _block(), o, res.lse, do)
+        return _materialized_bwd(q, k, v, res.p, res.drop, scale, do)
+
+    def _deltas(params, res, dy):
+        """The projections' inputs and deltas ``[(name, input, delta)]`` (batch-first, as
+        ``(b, seq, features)``), and ``dq, dk, dv``; shared by the batch and per-example rules."""
+        x, c, q, k, v, o = res[:6]
+        b, t, _, _, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        do = (dy @ params["W_o"].T).reshape(q.shape)                # dO = dy W_o^T
+        dq, dk, dv = _core_bwd(res, q, k, v, o, scale, do)
+        dq, dk, dv = dq.reshape(b, t, -1), dk.reshape(b, k.shape[1], -1), dv.reshape(
+            b, k.shape[1], -1)
+        pairs = [("o", o.reshape(b, t, -1), dy), ("q", x, dq), ("k", c, dk), ("v", c, dv)]
+        return pairs, (dq, dk, dv)
+
+    def _dx(params, res, dq, dk, dv):
+        x, c = res[0], res[1]
+        dx = dq @ params["W_q"].T
+        dc = dk @ params["W_k"].T + dv @ params["W_v"].T
+        if cross:
+            return dx.astype(x.dtype), dc.astype(c.dtype)
+        return (dx + dc).astype(x.dtype)
+
+    def per_example(params, res, dy):
+        """``dW_{q,k,v,o}[i] = sum_t a_it^T d_it`` per example over the four projections (their
+        inputs ``x``, context ``c``, attention output ``O``, and the deltas ``dQ, dK, dV, dy``
+        of the backward); biases ``sum_t d_it``."""
+        pairs, dqkv = _deltas(params, res, dy)
+        grads = {}
+        for n_, a, dl in pairs:
+            grads[f"W_{n_}"] = batch_outer(a, dl)
+            if use_bias:
+                grads[f"b_{n_}"] = batch_sum(dl)
+        grads = {n_: grads[n_].astype(params[n_].dtype) for n_ in params}
+        return grads, _dx(params, res, *dqkv)
+
+    def per_example_norms(params, res, dy):
+        """Each projection's ``||dW_i||^2`` by the cheaper of the Gram form over positions and
+        materialising (:mod:`funnn.layers._per_example`), plus the biases'."""
+        pairs, dqkv = _deltas(params, res, dy)
+        sq = None
+        for _, a, dl in pairs:
+            term = outer_sq_norm(a, dl)
+            if use_bias:
+                term = term + jnp.sum(jnp.square(batch_sum(dl)), -1)
+            sq = term if sq is None else sq + term
+        return sq, _dx(params, res, *dqkv)
+
     def backward(params, res, dy):
         x, c, q, k, v, o = res[:6]
         b, t, _, _, d = q.shape
@@ -639,14 +696,7 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         dy2 = dy.reshape(-1, dy.shape[-1])
         grads = {"W_o": matmul_wide(o2.T, dy2)}
         do = (dy @ params["W_o"].T).reshape(q.shape)                # dO = dy W_o^T
-        if isinstance(res, _Chunked) and res.key is None:
-            dq, dk, dv = _tiled_bwd(q, k, v, res.kvalid, res.full, causal and not cross,
-                                    scale, _block(), o, res.lse, do)
-        elif isinstance(res, _Chunked):
-            dq, dk, dv = _chunked_bwd(q, k, v, res.kvalid, res.full, causal and not cross,
-                                      res.key, 1.0 - rate, scale, _block(), o, res.lse, do)
-        else:
-            dq, dk, dv = _materialized_bwd(q, k, v, res.p, res.drop, scale, do)
+        dq, dk, dv = _core_bwd(res, q, k, v, o, scale, do)
         dq, dk, dv = dq.reshape(b, t, -1), dk.reshape(b, k.shape[1], -1), dv.reshape(
             b, k.shape[1], -1)
         x2, c2 = x.reshape(-1, x.shape[-1]), c.reshape(-1, c.shape[-1])
@@ -664,7 +714,8 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
         return grads, (dx + dc).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 context=("mask", "lengths"))
+                 context=("mask", "lengths"), per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 def multi_head_attention(num_heads: int, *, head_dim: int | None = None,

@@ -152,12 +152,46 @@ def serial(*layers: Layer) -> Layer:
                 check_backward(layers[i].name, params[i], grads[i], specs[i], dy, f"{i}.")
         return tuple(grads), dy
 
+    def per_example(params, res, dy):
+        params = _params(name, layers, params)
+        res, _ = res
+        grads = [None] * n
+        for i in reversed(range(n)):
+            with layer_scope(labels[i]):
+                grads[i], dy = rule(layers[i], "per_example")(params[i], res[i], dy)
+        return tuple(grads), dy
+
+    def per_example_norms(params, res, dy):
+        params = _params(name, layers, params)
+        res, _ = res
+        total = None
+        for i in reversed(range(n)):
+            with layer_scope(labels[i]):
+                sq, dy = rule(layers[i], "per_example_norms")(params[i], res[i], dy)
+            total = _add(total, sq)
+        return total, dy
+
     return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
-                     tuple(zip([f"[{i}]" for i in range(n)], layers)), merged_context(layers))
+                     tuple(zip([f"[{i}]" for i in range(n)], layers)), merged_context(layers),
+                     per_example, per_example_norms)
+
+
+def rule(layer: Layer, field: str) -> Callable:
+    """``layer.per_example`` or ``layer.per_example_norms``, or a clear error when it has none."""
+    fn = getattr(layer, field)
+    if fn is None:
+        why = (" (a stateful layer: its output mixes the examples of a batch through the batch "
+               "statistics, so one example's gradient is not defined by that example alone)"
+               if layer.stateful else
+               " (its backward was derived by jax.vjp)" if layer.derived else "")
+        raise ConfigError(f"layer {layer.name} has no per-example gradient rule{why}; "
+                          f"per-example gradients, norms and clipping need one in every "
+                          f"layer", (layer.name,))
+    return fn
 
 
 def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children,
-              context) -> Layer:
+              context, per_example=None, per_example_norms=None) -> Layer:
     """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind.
 
     ``context`` (the side inputs some child reads, such as ``mask``) arrives as keyword
@@ -182,7 +216,8 @@ def _assemble(name, init, run, run_forward_, backward, stateful, init_state, chi
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  init_state=init_state if stateful else None, children=children,
-                 context=context)
+                 context=context, per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 def _add(a, b):
@@ -269,8 +304,32 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
             dx = _add(dx, dxi)
         return tuple(grads), dx
 
+    def _per_branch(field, params, res, dy):
+        params = _params(name, branches, params)
+        res, sizes, _ = res
+        if combine == "concat":
+            dys = jnp.split(dy, [sum(sizes[:i]) for i in range(1, n)], axis=-1)
+        else:
+            dys = [dy] * n
+        outs, dx = [], None
+        for label, b, p, r, d in zip(labels, branches, params, res, dys):
+            with layer_scope(label):
+                g, dxi = rule(b, field)(p, r, d)
+            outs.append(g)
+            dx = _add(dx, dxi)
+        return outs, dx
+
+    def per_example(params, res, dy):
+        grads, dx = _per_branch("per_example", params, res, dy)
+        return tuple(grads), dx
+
+    def per_example_norms(params, res, dy):
+        sqs, dx = _per_branch("per_example_norms", params, res, dy)
+        return sum(sqs[1:], sqs[0]), dx
+
     return _assemble(name, init, run, run_fwd, backward, stateful, init_state,
-                     tuple(zip([f"[{i}]" for i in range(n)], branches)), merged_context(branches))
+                     tuple(zip([f"[{i}]" for i in range(n)], branches)),
+                     merged_context(branches), per_example, per_example_norms)
 
 
 def residual(body: Layer) -> Layer:
@@ -306,5 +365,15 @@ def residual(body: Layer) -> Layer:
             check_backward(body.name, params, g, input_spec(dy), dx)   # dy has x's shape
         return g, _add(dy, dx)
 
+    def per_example(params, res, dy):
+        with layer_scope(label):
+            g, dx = rule(body, "per_example")(params, res, dy)
+        return g, _add(dy, dx)
+
+    def per_example_norms(params, res, dy):
+        with layer_scope(label):
+            sq, dx = rule(body, "per_example_norms")(params, res, dy)
+        return sq, _add(dy, dx)
+
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
-                     (("/residual", body),), body.context)
+                     (("/residual", body),), body.context, per_example, per_example_norms)

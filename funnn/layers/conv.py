@@ -78,6 +78,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
+from funnn.layers._per_example import gram_cheaper
 from funnn.layers.dense import get_initializer
 
 __all__ = ["conv1d", "conv2d"]
@@ -331,14 +332,19 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
     def _backward_native(x, w, dy, pads):
         """dW and dx as the two transposed convolutions (module docstring); the paddings go
         into the convolutions (no padded copies of x or dy)."""
-        sizes, m = x.shape[1:-1], dy.shape[1:-1]
-        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
+        sizes = x.shape[1:-1]
         # dW: x padded, dropping the trailing rows no window reaches, so the result is exactly k.
         trim = [(lo, hi - (n + lo + hi - e) % si)
                 for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
         dw = lax.conv_general_dilated(x, dy, d, trim, rhs_dilation=s,
                                       dimension_numbers=dn_w, batch_group_count=groups,
                                       preferred_element_type=wide(x.dtype))
+        return dw, _dx_native(x, w, dy, pads)
+
+    def _dx_native(x, w, dy, pads):
+        """dx alone: the full correlation of the s-dilated dy with the flipped kernel."""
+        sizes, m = x.shape[1:-1], dy.shape[1:-1]
+        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
         # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
         c_ing, c_outg = w.shape[-2], features // groups
         wt = w.reshape(k + (c_ing, groups, c_outg))
@@ -350,9 +356,57 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
                                        for n, (lo, _), e, sp in zip(sizes, pads, ext, span)],
                                       lhs_dilation=s, rhs_dilation=d, dimension_numbers=dn,
                                       feature_group_count=groups)
-        return dw, dx
+        return dx
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def _pe_factors(params, x, dy):
+        """Per example: patches ``(B, T, K, g, C_in/g)`` and deltas ``(B, T, g, C_out/g)``, with
+        ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets."""
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        dt = jnp.result_type(x, params["W"], dy)
+        xd, dyd = x.astype(dt), dy.astype(dt)
+        m = dy.shape[1:-1]
+        b, kk, c_ing = x.shape[0], int(np.prod(k)), params["W"].shape[-2]
+        pt = _patches(xd, k, s, d, pads, m).reshape(b, -1, kk, groups, c_ing)
+        dl = dyd.reshape(b, -1, groups, features // groups)
+        return pt, dl
+
+    def _pe_dx(params, x, dy):
+        """dx without the batch dW (the per-example rules make their own)."""
+        if use_patches():
+            return backward(params, x, dy)[1]
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        dt = jnp.result_type(x, params["W"], dy)
+        return _dx_native(x.astype(dt), params["W"].astype(dt), dy.astype(dt), pads).astype(
+            x.dtype)
+
+    def per_example(params, x, dy):
+        """dW_i = P_i^T dy_i over example i's patches (per group); db_i = sum_t dy_it."""
+        pt, dl = _pe_factors(params, x, dy)
+        w = params["W"]
+        dw = jnp.einsum("btkgc,btgo->bkcgo", pt, dl).reshape((x.shape[0],) + w.shape)
+        grads = {"W": dw.astype(w.dtype)}
+        if use_bias:
+            grads["b"] = dy.reshape(dy.shape[0], -1, features).sum(1).astype(params["b"].dtype)
+        return grads, _pe_dx(params, x, dy)
+
+    def per_example_norms(params, x, dy):
+        """||dW_i||^2 through the patches: the Gram form ``sum_{t,s} (P_t . P_s)(dy_t . dy_s)``
+        (per group) when ``T^2 (K C_in + C_out) < T K C_in C_out``, else materialised."""
+        pt, dl = _pe_factors(params, x, dy)
+        t, kc, co = pt.shape[1], pt.shape[2] * pt.shape[4], dl.shape[3]
+        if gram_cheaper(t, kc, co):
+            gx = jnp.einsum("btkgc,bskgc->bgts", pt, pt)
+            gd = jnp.einsum("btgo,bsgo->bgts", dl, dl)
+            sq = jnp.sum(gx * gd, (1, 2, 3))
+        else:
+            dw = jnp.einsum("btkgc,btgo->bkcgo", pt, dl)
+            sq = jnp.sum(jnp.square(dw), (1, 2, 3, 4))
+        if use_bias:
+            sq = sq + jnp.sum(jnp.square(dl.sum(1)), (1, 2))
+        return sq, _pe_dx(params, x, dy)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

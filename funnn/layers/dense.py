@@ -20,6 +20,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
+from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -132,4 +133,21 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
             grads["b"] = dy2.sum(0, dtype=wide(dy2.dtype)).astype(params["b"].dtype)
         return grads, (dy @ w.T).astype(x.dtype)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def per_example(params, x, dy):
+        """dW_i = sum_t x_it^T dy_it (B, in, out), db_i = sum_t dy_it (B, out)."""
+        w = params["W"]
+        grads = {"W": batch_outer(x, dy).astype(w.dtype)}
+        if use_bias:
+            grads["b"] = batch_sum(dy).astype(params["b"].dtype)
+        return grads, (dy @ w.T).astype(x.dtype)
+
+    def per_example_norms(params, x, dy):
+        """||dW_i||^2 = ||x_i||^2 ||dy_i||^2 without positions, else the cheaper of the Gram
+        form and materialising (:mod:`funnn.layers._per_example`); plus ||db_i||^2."""
+        sq = outer_sq_norm(x, dy)
+        if use_bias:
+            sq = sq + jnp.sum(jnp.square(batch_sum(dy)), -1)
+        return sq, (dy @ params["W"].T).astype(x.dtype)
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)

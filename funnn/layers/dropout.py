@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funnn.core import ConfigError, KeyMissingError, Layer, check_floating, check_in_shape
+from funnn.layers._per_example import paramless
 
 __all__ = ["dropout"]
 
@@ -73,4 +74,5 @@ def dropout(rate: float) -> Layer:
     def backward(params, res, dy):
         return {}, dy if res is None else dy * res
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 **paramless(backward))

@@ -27,6 +27,7 @@ from funnn.core import (
     check_in_shape,
     check_rank,
 )
+from funnn.layers._per_example import batch_sum, paramless, sq_norms
 
 __all__ = ["activation", "prelu", "flatten"]
 
@@ -68,7 +69,7 @@ def activation(act) -> Layer:
     def backward(params, res, dy):
         return {}, act.backprop(res, dy)
 
-    return Layer(name, init, apply, forward, backward)
+    return Layer(name, init, apply, forward, backward, **paramless(backward))
 
 
 # --------------------------------------------------------------------------- prelu
@@ -114,7 +115,20 @@ def prelu(init_alpha: float = 0.25) -> Layer:
         da = jnp.where(pos, jnp.zeros_like(dy), dy * x).reshape(-1, alpha.shape[0]).sum(0)
         return {"alpha": da.astype(alpha.dtype)}, dx
 
-    return Layer(name, init, apply, forward, backward)
+    def per_example(params, res, dy):
+        """dalpha_i = sum over example i's positions of dy * min(x, 0)."""
+        x, alpha = res, params["alpha"]
+        pos = x > 0
+        da = batch_sum(jnp.where(pos, jnp.zeros_like(dy), dy * x))
+        return ({"alpha": da.astype(alpha.dtype)},
+                jnp.where(pos, dy, alpha * dy).astype(x.dtype))
+
+    def per_example_norms(params, res, dy):
+        g, dx = per_example(params, res, dy)
+        return sq_norms(g, dy.shape[0], dy.dtype), dx
+
+    return Layer(name, init, apply, forward, backward, per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 # --------------------------------------------------------------------------- flatten
@@ -144,4 +158,4 @@ def flatten() -> Layer:
     def backward(params, res, dy):
         return {}, dy.reshape(res.shape)
 
-    return Layer(name, init, apply, forward, backward)
+    return Layer(name, init, apply, forward, backward, **paramless(backward))

@@ -92,4 +92,29 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
         dtable = jnp.zeros(table.shape, acc).at[res.reshape(-1)].add(dy2, mode="drop")
         return {"table": dtable.astype(table.dtype)}, None
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def per_example(params, res, dy):
+        """dtable_i = scatter_add(zeros, ids_i, dy_i): (B, num_embeddings, features)."""
+        table = params["table"]
+        b = dy.shape[0]
+        ids = res.reshape(b, -1)
+        dy3 = dy.reshape(b, -1, f).astype(table.dtype)
+        rows_ = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+        dtable = jnp.zeros((b,) + table.shape, table.dtype).at[rows_, ids].add(dy3, mode="drop")
+        return {"table": dtable}, None
+
+    def per_example_norms(params, res, dy):
+        """||dtable_i||^2 = sum_{t,s} [id_t = id_s] (dy_t . dy_s) (T^2 F per example), or the
+        materialised table (n F) when that is cheaper."""
+        b = dy.shape[0]
+        ids = res.reshape(b, -1)
+        t = ids.shape[1]
+        if t * t * f <= n * f:
+            dy3 = dy.reshape(b, -1, f)
+            same = (ids[:, :, None] == ids[:, None, :]) & (ids < n)[:, :, None]
+            gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
+            return jnp.sum(jnp.where(same, gram, 0), (1, 2)), None
+        g, _ = per_example(params, res, dy)
+        return jnp.sum(jnp.square(g["table"]), (1, 2)), None
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)

@@ -28,6 +28,7 @@ from funnn.core import (
     check_rank,
     upcast,
 )
+from funnn.layers._per_example import batch_sum, sq_norms
 
 __all__ = ["layer_norm", "batch_norm"]
 
@@ -99,7 +100,20 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         dbeta = dy.reshape(-1, f).sum(0).astype(params["beta"].dtype)
         return {"gamma": dgamma, "beta": dbeta}, dx.astype(x_dt)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def per_example(params, res, dy):
+        """dgamma_i = sum_t dy_it xhat_it, dbeta_i = sum_t dy_it: (B, F) each, materialised
+        (as small as the input's rows)."""
+        xhat, _ = res
+        grads = {"gamma": batch_sum(dy * xhat).astype(params["gamma"].dtype),
+                 "beta": batch_sum(dy).astype(params["beta"].dtype)}
+        return grads, backward(params, res, dy)[1]
+
+    def per_example_norms(params, res, dy):
+        g, dx = per_example(params, res, dy)
+        return sq_norms(g, dy.shape[0], dy.dtype), dx
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)
 
 
 # --------------------------------------------------------------------------- batch norm

@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
+from funnn.layers._per_example import paramless
 from funnn.layers.conv import (
     _SPATIAL,
     _fmt,
@@ -228,7 +229,8 @@ def max_pool(window, stride=None, padding="VALID", *, ndim: int | None = None) -
         dxp = functools.reduce(lax.add, parts)
         return {}, _crop(dxp, pads, res.shape[1:-1]).astype(res.dtype)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 **paramless(backward))
 
 
 def _counts(sizes, k, s, pads, m) -> np.ndarray:
@@ -280,7 +282,8 @@ def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = Fal
                                 "VALID")
         return {}, _crop(dxp, pads, x.shape[1:-1]).astype(x.dtype)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 **paramless(backward))
 
 
 def global_avg_pool() -> Layer:
@@ -310,4 +313,5 @@ def global_avg_pool() -> Layer:
         spatial = (dy.shape[0],) + (1,) * (x.ndim - 2) + (dy.shape[-1],)
         return {}, jnp.broadcast_to((dy / n).reshape(spatial), x.shape).astype(x.dtype)
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 **paramless(backward))

@@ -66,6 +66,7 @@ from funnn.core import (
     check_in_shape,
     matmul_wide,
 )
+from funnn.layers._per_example import outer_sq_norm
 
 __all__ = ["rnn", "lstm", "gru"]
 
@@ -105,6 +106,29 @@ def _xw(x_t, w):
     return lax.dot_general(x_t, w, (((0,), (0,)), ((), ())))
 
 
+def _total(d):
+    """A bias gradient: ``d (T, B, n)`` summed over time and batch."""
+    return d.sum((0, 1))
+
+
+# Per-example versions of _contract / _total (time-major inputs, batch-first results), and
+# their squared norms, for Layer.per_example / per_example_norms.
+def _contract_pe(x, d):
+    return jnp.einsum("tbm,tbn->bmn", x, d)
+
+
+def _total_pe(d):
+    return d.sum(0)
+
+
+def _contract_sq(x, d):
+    return outer_sq_norm(jnp.swapaxes(x, 0, 1), jnp.swapaxes(d, 0, 1))
+
+
+def _total_sq(d):
+    return jnp.sum(jnp.square(d.sum(0)), -1)
+
+
 def _project(x_tm, w):
     """``x_t W`` for all steps at once: ``(T, B, m) @ (n, k)``; the input gradient ``dz W^T``."""
     return (x_tm.reshape(-1, x_tm.shape[-1]) @ w).reshape(x_tm.shape[:-1] + (w.shape[-1],))
@@ -116,7 +140,9 @@ class _Cell(NamedTuple):
     ``init(key, n_in, H, dt) -> params``; ``carry`` is a tuple with ``h`` first;
     ``step(p, carry, x_t, keep) -> (carry', res_t)`` (``res_t`` is ``None`` unless ``keep``);
     ``back(p, dcarry', h_{t-1}, res_t) -> (dcarry, dpre_t)``;
-    ``finish(p, x_tm, h_prev, dpre) -> (dparams, dx_tm)`` with the weight gradients as one
+    ``finish(p, x_tm, h_prev, dpre, contract=None, total=None) -> (dparams, dx_tm)`` with the
+    weight gradients as one ``contract`` (default: a matrix product over all (time, batch)
+    rows; per example: an einsum, or its squared norm) and the biases as ``total``;
     matrix product each over all (time, batch) rows.
 
     Each step projects its own input, ``x_t W_x`` (see the module's speed notes).
@@ -151,9 +177,10 @@ def _rnn_back(p, dcarry, h_prev, dtanh):
     return (da @ p["W_hh"].T,), da
 
 
-def _rnn_finish(p, x_tm, h_prev, da):
-    return ({"W_xh": _contract(x_tm, da), "W_hh": _contract(h_prev, da),
-             "b": da.sum((0, 1))}, _project(da, p["W_xh"].T))
+def _rnn_finish(p, x_tm, h_prev, da, contract=None, total=None):
+    contract, total = contract or _contract, total or _total
+    return ({"W_xh": contract(x_tm, da), "W_hh": contract(h_prev, da),
+             "b": total(da)}, _project(da, p["W_xh"].T))
 
 
 _RNN = _Cell("rnn", "W_xh", 1, _rnn_init, _rnn_step, _rnn_back, _rnn_finish)
@@ -202,9 +229,10 @@ def _lstm_back(p, dcarry, h_prev, res):
     return (dz @ p["W_h"].T, dc * f), dz
 
 
-def _lstm_finish(p, x_tm, h_prev, dz):
-    return ({"W_x": _contract(x_tm, dz), "W_h": _contract(h_prev, dz),
-             "b": dz.sum((0, 1))}, _project(dz, p["W_x"].T))
+def _lstm_finish(p, x_tm, h_prev, dz, contract=None, total=None):
+    contract, total = contract or _contract, total or _total
+    return ({"W_x": contract(x_tm, dz), "W_h": contract(h_prev, dz),
+             "b": total(dz)}, _project(dz, p["W_x"].T))
 
 
 _LSTM = _Cell("lstm", "W_x", 2, _lstm_init, _lstm_step, _lstm_back, _lstm_finish)
@@ -241,10 +269,11 @@ def _gru_back(p, dcarry, h, res):
     return (dh * z + dhw @ p["W_h"].T,), (dxw, dhw)
 
 
-def _gru_finish(p, x_tm, h_prev, dpre):
+def _gru_finish(p, x_tm, h_prev, dpre, contract=None, total=None):
+    contract, total = contract or _contract, total or _total
     dxw, dhw = dpre
-    return ({"W_x": _contract(x_tm, dxw), "W_h": _contract(h_prev, dhw),
-             "b_x": dxw.sum((0, 1)), "b_h": dhw.sum((0, 1))}, _project(dxw, p["W_x"].T))
+    return ({"W_x": contract(x_tm, dxw), "W_h": contract(h_prev, dhw),
+             "b_x": total(dxw), "b_h": total(dhw)}, _project(dxw, p["W_x"].T))
 
 
 _GRU = _Cell("gru", "W_x", 1, _gru_init, _gru_step, _gru_back, _gru_finish)
@@ -376,7 +405,8 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         x, mask = _inputs(params, x, mask, lengths)
         return _scan(params, x, mask, True)
 
-    def backward(params, res, dy):
+    def _bptt(params, res, dy):
+        """The reverse scan: ``(x_tm, h_prev, dpre)`` for a finish (batch or per example)."""
         x_tm, m_tm, h_prev, cres = res
         t, b = x_tm.shape[:2]
         want = (b, t, hidden) if seq else (b, hidden)
@@ -400,6 +430,27 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
             return dprev, dpre
 
         _, dpre = lax.scan(f, dlast, (dys, m_tm, h_prev, cres), reverse=True, unroll=unroll)
+        return x_tm, h_prev, dpre
+
+    def _dx(x_tm, dx_tm):
+        dx = jnp.swapaxes(dx_tm, 0, 1).astype(x_tm.dtype)
+        return (dx, None) if masked else dx
+
+    def per_example(params, res, dy):
+        """BPTT as in ``backward``; then ``dW_i = sum_t x_it^T da_it`` per example (einsum)."""
+        x_tm, h_prev, dpre = _bptt(params, res, dy)
+        dparams, dx_tm = cell.finish(params, x_tm, h_prev, dpre, _contract_pe, _total_pe)
+        return {k: v.astype(params[k].dtype) for k, v in dparams.items()}, _dx(x_tm, dx_tm)
+
+    def per_example_norms(params, res, dy):
+        """BPTT; each weight's norm by the cheaper of the Gram form over time steps and the
+        materialised per-example gradient (:mod:`funnn.layers._per_example`)."""
+        x_tm, h_prev, dpre = _bptt(params, res, dy)
+        sqs, dx_tm = cell.finish(params, x_tm, h_prev, dpre, _contract_sq, _total_sq)
+        return sum(sqs.values()), _dx(x_tm, dx_tm)
+
+    def backward(params, res, dy):
+        x_tm, h_prev, dpre = _bptt(params, res, dy)
         dparams, dx_tm = cell.finish(params, x_tm, h_prev, dpre)
         # cotangents in their primals' dtypes, as autodiff's (x may be wider than the params)
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
@@ -407,7 +458,8 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         return dparams, ((dx, None) if masked else dx)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 context=("mask", "lengths"))
+                 context=("mask", "lengths"), per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,

@@ -24,8 +24,9 @@ from funnn.core import (
     run_forward,
     split_key,
 )
+from funnn.layers._per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
-from funnn.layers.combinators import residual, serial
+from funnn.layers.combinators import residual, rule, serial
 from funnn.layers.dense import dense
 from funnn.layers.dropout import dropout as dropout_layer
 from funnn.layers.elementwise import activation
@@ -116,8 +117,29 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
             g_ln, dx = ln.backward(p_ln, r_ln, du)
         return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dh + dx
 
+    def _per_example(field, params, res, dy):
+        """The backward's order with the children's per-example rules (``field``)."""
+        r_ln, r_attn, r_drop, r_mlp = res
+        (p_ln, p_attn) = params["attn"]
+        with layer_scope(name):
+            with layer_scope(m_label):
+                g_mlp, dh = rule(mlp_half(dy.shape[-1]), field)(params["mlp"], r_mlp, dy)
+            _, da = drop.backward({}, r_drop, dh)
+            g_attn, du = rule(attn, field)(p_attn, r_attn, da)
+            g_ln, dx = rule(ln, field)(p_ln, r_ln, du)
+        return (g_ln, g_attn, g_mlp), dh + dx
+
+    def per_example(params, res, dy):
+        (g_ln, g_attn, g_mlp), dx = _per_example("per_example", params, res, dy)
+        return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dx
+
+    def per_example_norms(params, res, dy):
+        (s_ln, s_attn, s_mlp), dx = _per_example("per_example_norms", params, res, dy)
+        return s_ln + s_attn + s_mlp, dx
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 context=attn.context)
+                 context=attn.context, per_example=per_example,
+                 per_example_norms=per_example_norms)
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
@@ -188,7 +210,25 @@ def positional_embedding(max_len: int, kind: str = "learned", *, std: float = 0.
         dpos = dy.reshape(-1, t, f).sum(0).astype(pos.dtype)
         return {"pos": jnp.pad(dpos, ((0, pos.shape[0] - t), (0, 0)))}, dy
 
-    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward)
+    def _dpos_rows(dy):
+        """dpos[:T] per example: dy (B, ..., T, F) summed over example i's middle axes."""
+        t, f = dy.shape[-2:]
+        return dy.reshape(dy.shape[0], -1, t, f).sum(1)
+
+    def per_example(params, res, dy):
+        if kind == "sinusoidal":
+            return {}, dy
+        pos = params["pos"]
+        d = _dpos_rows(dy).astype(pos.dtype)
+        return {"pos": jnp.pad(d, ((0, 0), (0, pos.shape[0] - d.shape[1]), (0, 0)))}, dy
+
+    def per_example_norms(params, res, dy):
+        if kind == "sinusoidal":
+            return jnp.zeros((dy.shape[0],), dy.dtype), dy
+        return jnp.sum(jnp.square(_dpos_rows(dy)), (1, 2)), dy
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms)
 
 
 def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
@@ -252,5 +292,38 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
             g_emb, _ = emb.backward(p_emb, r_emb, dh0)
         return ({"table": (g_emb["table"] + d_out).astype(table.dtype)}, g_body), None
 
+    def per_example(params, res, dy):
+        """dtable_i = sum_t dlogits_it^T h_it + scatter_add(ids_i, dh0_i): (B, V, F)."""
+        p_emb, p_body = params
+        r_emb, r_body, h, _ = res
+        table = p_emb["table"]
+        d_out = batch_outer(dy, h)                                    # (B, V, F)
+        with layer_scope(name):
+            with layer_scope(b_label):
+                g_body, dh0 = rule(body, "per_example")(p_body, r_body, dy @ table)
+            g_emb, _ = rule(emb, "per_example")(p_emb, r_emb, dh0)
+        return ({"table": (g_emb["table"] + d_out).astype(table.dtype)}, g_body), None
+
+    def per_example_norms(params, res, dy):
+        """The shared table's ``||A_i + E_i||^2`` (``A`` the projection's part, ``E`` the lookup's)
+        without materialising either: ``||A_i||^2`` by the Gram or outer rule,
+        ``||E_i||^2`` by the embedding's, and the cross term
+        ``<A_i, E_i> = sum_{t,s} dlogits_it[id_is] (h_it . dh0_is)``."""
+        p_emb, p_body = params
+        r_emb, r_body, h, _ = res
+        table = p_emb["table"]
+        with layer_scope(name):
+            with layer_scope(b_label):
+                s_body, dh0 = rule(body, "per_example_norms")(p_body, r_body, dy @ table)
+            s_emb, _ = rule(emb, "per_example_norms")(p_emb, r_emb, dh0)
+        b = dy.shape[0]
+        dy3, h3, g3 = dy.reshape(b, -1, n), h.reshape(b, -1, f), dh0.reshape(b, -1, f)
+        ids = r_emb.reshape(b, 1, -1)
+        picked = jnp.take_along_axis(dy3, jnp.broadcast_to(ids, (b, dy3.shape[1], ids.shape[2]))
+                                     .astype(jnp.int32), axis=2, mode="fill", fill_value=0)
+        cross = jnp.sum(picked * jnp.einsum("btf,bsf->bts", h3, g3), (1, 2))
+        return outer_sq_norm(dy, h) + s_emb + 2 * cross + s_body, None
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 children=(("[0]", emb), ("[1]", body)), context=body.context)
+                 children=(("[0]", emb), ("[1]", body)), context=body.context,
+                 per_example=per_example, per_example_norms=per_example_norms)

@@ -1,0 +1,244 @@
+"""Per-example gradients, norms and clipping from the hand-written rules (float64).
+
+The oracle is autodiff on single-example batches: ``vmap`` over ``i`` of ``jax.grad`` of
+``loss(model.apply(params, x[i:i+1]), y[i:i+1])``. Layers that draw random masks (dropout)
+draw them for the whole batch, so their oracle differentiates each example's loss through
+the batch's forward with the same key (``jax.jacrev`` of the vector of per-example losses),
+which is the same function of the params because examples do not interact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from funnn import layers as L
+from funnn import losses, manual
+from funnn.core import ConfigError, ShapeError, StateError
+
+XENT = losses.softmax_cross_entropy
+RTOL = 1e-9
+
+
+def _leaves_sq(tree, b):
+    return sum(jnp.sum(jnp.square(leaf).reshape(b, -1), 1) for leaf in jax.tree.leaves(tree))
+
+
+def _reference(model, loss, params, x, y, key, batch_forward):
+    """Per-example (values, grads) by autodiff (module docstring)."""
+    if batch_forward:
+        def values(p):
+            return manual.per_example_loss(loss, model.apply(p, x, key=key, train=True), y)[0]
+        return values(params), jax.jacrev(values)(params)
+
+    def one(xi, yi):
+        def f(p):
+            return loss.value(model.apply(p, jax.tree.map(lambda a: a[None], xi), train=True),
+                              yi[None])
+        return jax.value_and_grad(f)(params)
+
+    return jax.vmap(one)(x, y)
+
+
+def _close(a, b, what):
+    """Leaf by leaf to RTOL relative to the leaf's largest entry; a leaf that is zero in exact
+    arithmetic (attention's key bias: softmax ignores a shift of all scores) is compared to
+    RTOL times the largest entry of the whole tree."""
+    big = max([float(np.max(np.abs(v))) for v in jax.tree.leaves(b) if np.size(v)] + [1e-300])
+    for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        u, v = np.asarray(u), np.asarray(v)
+        assert u.shape == v.shape, (what, path, u.shape, v.shape)
+        scale = max(np.max(np.abs(v)) if v.size else 0.0, 1e-6 * big, 1e-300)
+        err = np.max(np.abs(u - v)) / scale if u.size else 0.0
+        assert err <= RTOL, f"{what} {jax.tree_util.keystr(path)}: relative error {err:.3g}"
+
+
+def check(model, in_shape, x, y, loss=XENT, key=None, batch_forward=False):
+    _, params = model.init(jax.random.key(0), in_shape)
+    b = jax.tree.leaves(x)[0].shape[0]
+    ref_v, ref_g = _reference(model, loss, params, x, y, key, batch_forward)
+    ref_n = jnp.sqrt(_leaves_sq(ref_g, b))
+    clip = float(jnp.median(ref_n))
+    ref_factor = jnp.minimum(1.0, clip / ref_n)
+    ref_clipped = jax.tree.map(
+        lambda g: jnp.mean(g * ref_factor.reshape((-1,) + (1,) * (g.ndim - 1)), 0), ref_g)
+
+    @jax.jit
+    def run(params, x, y, key):
+        v, g = manual.per_example_value_and_grad(model, loss)(params, x, y, key=key)
+        v2, n = manual.per_example_grad_norms(model, loss)(params, x, y, key=key)
+        m, c = manual.clipped_value_and_grad(model, loss, clip)(params, x, y, key=key)
+        return v, g, v2, n, m, c
+
+    v, g, v2, n, m, c = run(params, x, y, key)
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+    _close(v, ref_v, "values")
+    _close(g, ref_g, "per-example grads")
+    _close(v2, ref_v, "values (norms)")
+    _close(n, ref_n, "norms")
+    _close(m, jnp.mean(ref_v), "mean value")
+    _close(c, ref_clipped, "clipped mean")
+    assert float(jnp.min(ref_factor)) < 1.0          # some examples really were clipped
+
+
+def _normal(shape, seed=1):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _labels(shape, k, seed=2):
+    return jax.random.randint(jax.random.key(seed), shape, 0, k)
+
+
+def test_dense_prelu_activation():
+    model = L.serial(L.dense(6), L.prelu(), L.activation("tanh"), L.dense(3))
+    check(model, (None, 5), _normal((5, 5)), _labels((5,), 3))
+
+
+def test_dense_with_time_axis_mse_both_norm_rules():
+    # dense(8) on T=3 rows of 8 takes the Gram form (9*16 < 3*64), dense(2) materialises
+    model = L.serial(L.dense(8), L.activation("sigmoid"), L.dense(2))
+    check(model, (None, 3, 8), _normal((4, 3, 8)), _normal((4, 3, 2), 3), loss=losses.mse)
+
+
+def test_conv_pool_flatten():
+    # conv 3x3 -> 4 channels on 6x6 materialises; the second conv has T = 4 positions and
+    # the Gram form (16 * (36 + 5) < 4 * 36 * 5 is false -> check both by the third conv)
+    model = L.serial(L.conv2d(4, (3, 3), padding="SAME"), L.activation("relu"),
+                     L.max_pool((2, 2)), L.conv2d(16, (2, 2), stride=1, padding="SAME"),
+                     L.avg_pool((2, 2)), L.conv2d(12, (1, 1)), L.flatten(), L.dense(3))
+    check(model, (None, 6, 6, 2), _normal((4, 6, 6, 2)), _labels((4,), 3))
+
+
+def test_conv1d_groups_stride_dilation_global_pool():
+    model = L.serial(L.conv1d(4, 3, stride=2, dilation=1, groups=2, padding=1),
+                     L.activation("tanh"), L.conv1d(6, 2, dilation=2), L.global_avg_pool(),
+                     L.dense(3))
+    check(model, (None, 9, 2), _normal((4, 9, 2)), _labels((4,), 3))
+
+
+def test_dropout_with_key():
+    model = L.serial(L.dense(8), L.dropout(0.5), L.activation("relu"), L.dense(3))
+    check(model, (None, 5), _normal((6, 5)), _labels((6,), 3), key=jax.random.key(7),
+          batch_forward=True)
+
+
+def test_layer_norm_embedding_sequence_loss():
+    # ids (B, T) -> embedding -> layer_norm -> dense: the loss of one example is the mean
+    # over its T positions; T*T <= num_embeddings takes the embedding's Gram form
+    ids = jnp.array([[1, 3, 1], [0, 0, 0], [9, 2, 5], [4, 4, 7]])
+    model = L.serial(L.embedding(10, 4), L.layer_norm(), L.dense(5))
+    check(model, (None, 3), ids, _labels((4, 3), 5))
+
+
+def test_embedding_materialised_norm():
+    ids = jnp.array([[1, 3, 1, 2, 0], [0, 0, 0, 1, 1], [2, 2, 3, 3, 1]])
+    model = L.serial(L.embedding(4, 3), L.flatten(), L.dense(2))
+    check(model, (None, 5), ids, _labels((3,), 2))
+
+
+@pytest.mark.parametrize("cell", [L.rnn, L.lstm, L.gru])
+def test_recurrent(cell):
+    model = L.serial(cell(5), cell(4, return_sequences=False), L.dense(3))
+    check(model, (None, 4, 3), _normal((4, 4, 3)), _labels((4,), 3))
+
+
+def test_recurrent_masked_parallel_residual():
+    lengths = jnp.array([4, 2, 3, 1])
+    x = _normal((4, 4, 3))
+    model = L.serial(L.gru(4, masked=True), L.residual(L.dense(4)),
+                     L.parallel(L.dense(2), L.serial(L.dense(3), L.activation("tanh"))),
+                     L.dense(3))
+
+    def ref_one(p, xi, li, yi):
+        return XENT.value(model.apply(p, (xi[None], li[None])), yi[None])
+
+    _, params = model.init(jax.random.key(0), ((None, 4, 3), (None,)))
+    y = _labels((4, 4), 3)
+    g_ref = jax.vmap(jax.grad(ref_one), (None, 0, 0, 0))(params, x, lengths, y)
+    _, g = jax.jit(manual.per_example_value_and_grad(model, XENT))(params, (x, lengths), y)
+    _close(g, g_ref, "masked gru")
+    _, n = manual.per_example_grad_norms(model, XENT)(params, (x, lengths), y)
+    _close(n, jnp.sqrt(_leaves_sq(g_ref, 4)), "masked gru norms")
+
+
+@pytest.mark.parametrize("impl", ["materialized", "chunked"])
+def test_attention(impl):
+    model = L.serial(L.positional_embedding(8, "sinusoidal"),
+                     L.multi_head_attention(2, causal=True, implementation=impl, block_size=2),
+                     L.dense(3))
+    check(model, (None, 5, 4), _normal((3, 5, 4)), _labels((3, 5), 3))
+
+
+def test_cross_attention():
+    model = L.serial(L.cross_attention(2, implementation="materialized"), L.dense(3))
+    x, ctx = _normal((3, 2, 4)), _normal((3, 5, 6), 5)
+    check(model, ((None, 2, 4), (None, 5, 6)), (x, ctx), _labels((3,), 3).repeat(2).reshape(3, 2))
+
+
+def test_transformer_block_positional_tied_embedding():
+    # grouped-query attention (2 heads sharing 1 key/value head) inside the block
+    body = L.serial(L.positional_embedding(6, "learned", std=0.5),
+                    L.transformer_block(2, 8, causal=True, num_kv_heads=1), L.layer_norm())
+    model = L.tied_embedding(7, 4, body)
+    ids = jnp.array([[1, 3, 1, 6], [0, 0, 2, 5], [4, 4, 4, 4]])
+    check(model, (None, 4), ids, _labels((3, 4), 7))
+
+
+@settings(max_examples=3)
+@given(t=st.integers(1, 4), f=st.integers(1, 6), out=st.integers(1, 6), b=st.integers(2, 4))
+def test_dense_norm_rules_any_shape(t, f, out, b):
+    model = L.dense(out)
+    _, params = model.init(jax.random.key(0), (None, t, f))
+    x, dy = _normal((b, t, f)), _normal((b, t, out), 4)
+    g, dx = model.per_example(params, x, dy)
+    sq, dx2 = model.per_example_norms(params, x, dy)
+    _close(sq, _leaves_sq(g, b), "dense norms")
+    ref = jax.vmap(lambda xi, di: model.backward(params, xi[None], di[None])[0])(x, dy)
+    _close(g, ref, "dense per-example")
+    _close(dx2, dx, "dx")
+
+
+def test_bad_clip_norm_and_stateful_model():
+    model = L.dense(3)
+    for bad in (0, -1.0, float("nan"), float("inf"), "x"):
+        with pytest.raises(ConfigError, match="clip_norm must be a positive"):
+            manual.clipped_value_and_grad(model, XENT, bad)
+    bn = L.serial(L.dense(3), L.batch_norm())
+    for make in (manual.per_example_value_and_grad, manual.per_example_grad_norms):
+        with pytest.raises(StateError, match="undefined for a stateful model"):
+            make(bn, XENT)
+    with pytest.raises(StateError, match="whole batch"):
+        manual.clipped_value_and_grad(bn, XENT, 1.0)
+
+
+def test_layer_without_rule_and_no_batch_axis():
+    from funnn.core import Layer
+    dense = L.dense(2)
+    bare = Layer("custom", dense.init, dense.apply, dense.forward, dense.backward)
+    model = L.serial(dense, bare)
+    _, p2 = model.init(jax.random.key(0), (None, 3))
+    with pytest.raises(ConfigError, match="custom has no per-example gradient rule"):
+        manual.per_example_value_and_grad(model, XENT)(p2, jnp.ones((2, 3)), jnp.array([0, 1]))
+    _, params = dense.init(jax.random.key(0), (None, 3))
+    with pytest.raises(ShapeError, match="batch axis"):
+        manual.per_example_value_and_grad(dense, XENT)(params, jnp.ones(3), jnp.array(1))
+
+
+def test_side_inputs_reach_the_forward():
+    model = L.multi_head_attention(2, implementation="chunked", block_size=2)
+    _, params = model.init(jax.random.key(0), (None, 4, 4))
+    x, y, lengths = _normal((3, 4, 4)), _normal((3, 4, 4), 6), jnp.array([4, 2, 1])
+
+    def one(xi, yi, li):
+        return jax.grad(lambda p: losses.mse.value(model.apply(p, xi[None], lengths=li[None]),
+                                                   yi[None]))(params)
+
+    ref = jax.vmap(one)(x, y, lengths)
+    _, g = manual.per_example_value_and_grad(model, losses.mse)(params, x, y, lengths=lengths)
+    _close(g, ref, "attention with lengths")
+    _, n = manual.per_example_grad_norms(model, losses.mse)(params, x, y, lengths=lengths)
+    _close(n, jnp.sqrt(_leaves_sq(ref, 3)), "norms with lengths")

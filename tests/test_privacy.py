@@ -1,0 +1,199 @@
+"""DP-SGD: settings, the accountant against dp-accounting itself, fit(dp=...) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import dp_accounting as dpa
+import jax
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+
+from funnn import cli, data, models, privacy, train
+from funnn import layers as L
+from funnn.core import ConfigError
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"clip_norm": 0.0, "noise_multiplier": 1.0}, "clip_norm must be a positive"),
+    ({"clip_norm": -1.0, "noise_multiplier": 1.0}, "clip_norm must be a positive"),
+    ({"clip_norm": float("inf"), "noise_multiplier": 1.0}, "clip_norm must be a positive"),
+    ({"clip_norm": "a", "noise_multiplier": 1.0}, "clip_norm must be a number"),
+    ({"clip_norm": 1.0, "noise_multiplier": -0.1}, "noise_multiplier must be a finite number"),
+    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.0}, r"delta must lie in \(0, 1\)"),
+    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.0}, r"delta must lie in \(0, 1\)"),
+    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": -1e-5}, r"delta must lie"),
+    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "shuffle"}, "sampling must be"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        privacy.DP(**kwargs)
+
+
+# --------------------------------------------------------------------------- accountant
+
+
+def test_epsilon_matches_dp_accounting_own_composition():
+    # TF Privacy's MNIST setting: N=60000, batch 256, sigma 1.1, 60 epochs, delta 1e-5
+    n, b, sigma, steps = 60000, 256, 1.1, 60 * 60000 // 256
+    ours = privacy.epsilon(sigma, b, n, steps, 1e-5)
+    acc = rdp.RdpAccountant()
+    acc.compose(dpa.PoissonSampledDpEvent(b / n, dpa.GaussianDpEvent(sigma)), steps)
+    assert ours == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    # RDP is an upper bound: above the tighter PLD accountant, and not far above it
+    p = pld.PLDAccountant()
+    p.compose(dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(b / n, dpa.GaussianDpEvent(sigma)), steps))
+    assert p.get_epsilon(1e-5) <= ours <= 1.2 * p.get_epsilon(1e-5)
+    assert 2.0 < ours < 3.1           # the published RDP figure of this setting is ~3
+    # fixed-size batches: replace-one adjacency, sensitivity 2C
+    fixed = privacy.DP(1.0, sigma, sampling="fixed").epsilon(steps, b, n)
+    acc = rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dpa.SampledWithoutReplacementDpEvent(n, b, dpa.GaussianDpEvent(sigma / 2)),
+                steps)
+    assert fixed == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert fixed > ours
+
+
+def test_epsilon_edges():
+    assert privacy.epsilon(1.0, 10, 100, 0) == 0.0
+    assert privacy.epsilon(0.0, 10, 100, 5) == math.inf
+    more = [privacy.epsilon(1.0, 10, 100, s) for s in (10, 20)]
+    assert 0 < more[0] < more[1]
+    with pytest.raises(ConfigError, match="batch_size <= num_examples"):
+        privacy.epsilon(1.0, 200, 100, 5)
+    assert privacy.poisson_capacity(32, 1000) == 32 + 46 + 8
+    assert privacy.poisson_capacity(32, 40) == 40
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def digits():
+    recipe = models.get("mlp")
+    tr, te = data.load("digits")
+    stats = models.input_stats(tr)
+    x, y = models.prepare(recipe, tr, stats)
+    ex, ey = models.prepare(recipe, te, stats)
+    model = recipe.build(10)
+    _, params = model.init(jax.random.key(0), (None,) + tuple(x.shape[1:]))
+    return recipe, model, params, (x, y), (ex, ey)
+
+
+def test_dp_training_on_digits_reaches_documented_accuracy(digits):
+    """README figure: sgd lr 1, batch 64, clip 1, noise 1, 3 epochs: ~90% at epsilon ~3.1."""
+    recipe, model, params, xy, exy = digits
+    dp = privacy.DP(1.0, 1.0)
+    r = train.fit(model, params, xy, recipe.loss, "sgd", learning_rate=1.0, epochs=3,
+                  batch_size=64, engine="manual", eval_data=exy, dp=dp, progress=False)
+    last = r.history[-1]
+    assert last["eval_accuracy"] >= 0.85
+    steps = 3 * (xy[0].shape[0] // 64)
+    assert last["epsilon"] == pytest.approx(dp.epsilon(steps, 64, xy[0].shape[0]))
+    assert 2.5 < last["epsilon"] < 4.0
+    assert [h["epsilon"] for h in r.history] == sorted(h["epsilon"] for h in r.history)
+    assert r.config["dp_clip"] == 1.0 and r.config["dp_noise"] == 1.0
+
+
+def test_dp_manual_equals_autodiff_fallback_and_resume_is_exact(digits, tmp_path):
+    recipe, model, params, (x, y), _ = digits
+    x, y = x[:256], y[:256]
+    kw = dict(learning_rate=0.5, batch_size=32, progress=False, key=jax.random.key(3))
+    dp = privacy.DP(1.0, 0.8, sampling="poisson")
+    # one DP-SGD gradient (same sampled batch, same noise): ghost clipping == vmap(grad)
+    k = jax.random.key(5)
+    v1, g1 = jax.jit(privacy.make_dp_grad(model, recipe.loss, dp, "manual", 32, 256))(
+        params, x, y, k)
+    v2, g2 = jax.jit(privacy.make_dp_grad(model, recipe.loss, dp, "autodiff", 32, 256))(
+        params, x, y, k)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    a = train.fit(model, params, (x, y), recipe.loss, "sgd", epochs=2, engine="manual", dp=dp,
+                  **kw)
+    # interrupted after epoch 1 and resumed: bit-for-bit the uninterrupted run
+    d = tmp_path / "ck"
+    train.fit(model, params, (x, y), recipe.loss, "sgd", epochs=1, engine="manual", dp=dp,
+              checkpoint_dir=d, **kw)
+    c = train.fit(model, params, (x, y), recipe.loss, "sgd", epochs=2, engine="manual", dp=dp,
+                  checkpoint_dir=d, resume=True, **kw)
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)):
+        np.testing.assert_array_equal(u, v)
+    assert [h["epsilon"] for h in c.history] == [h["epsilon"] for h in a.history]
+    with pytest.raises(ConfigError, match=r"dp_noise: 0\.8 -> 0\.9"):
+        train.fit(model, params, (x, y), recipe.loss, "sgd", epochs=3, engine="manual",
+                  dp=privacy.DP(1.0, 0.9), checkpoint_dir=d, resume=True, **kw)
+
+
+def test_dp_fit_bad_input():
+    model = L.serial(L.dense(4), L.batch_norm(), L.dense(2))
+    _, params = model.init(jax.random.key(0), (None, 3))
+    x, y = np.ones((8, 3), np.float32), np.zeros(8, np.int32)
+    with pytest.raises(ConfigError, match="undefined for a stateful model"):
+        train.fit(model, params, (x, y), "softmax_cross_entropy", dp=privacy.DP(1.0, 1.0),
+                  batch_size=4)
+    with pytest.raises(ConfigError, match=r"dp must be a funnn\.privacy\.DP"):
+        train.fit(L.dense(2), None, (x, y), "softmax_cross_entropy", dp=(1.0, 1.0),
+                  batch_size=4)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dp-clip", "1"], "--dp-noise is missing"),
+    (["--dp-noise", "1"], "--dp-clip is missing"),
+    (["--dp-delta", "1e-6"], "--dp-delta needs --dp-clip"),
+    (["--dp-clip", "0", "--dp-noise", "1"], "must be a positive finite number"),
+    (["--dp-clip", "1", "--dp-noise", "-1"], "must be a finite number >= 0"),
+    (["--dp-clip", "1", "--dp-noise", "1", "--dp-delta", "2"], r"must lie in \(0, 1\)"),
+])
+def test_cli_bad_dp_options_exit_2(argv, match, capsys, tmp_path):
+    try:
+        code = cli.main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", *argv])
+    except SystemExit as e:            # argparse's own checks exit 2 themselves
+        code = e.code
+    assert code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_dp_run_records_settings_and_epsilon(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--quiet", "--optimizer",
+                     "sgd", "--lr", "1", "--batch-size", "64", "--dp-clip", "1",
+                     "--dp-noise", "1", "--dp-delta", "1e-6", "--engine", "manual"]) == 0
+    assert "epsilon" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    cfg = metrics["config"]
+    assert (cfg["dp_clip"], cfg["dp_noise"], cfg["dp_delta"], cfg["dp_sampling"]) == (
+        1.0, 1.0, 1e-6, "poisson")
+    assert metrics["final"]["epsilon"] > 0
+    assert cli.main(["train", "--epochs", "2", "--out", str(out), "--quiet", "--optimizer",
+                     "sgd", "--lr", "1", "--batch-size", "64", "--dp-clip", "2",
+                     "--dp-noise", "1", "--dp-delta", "1e-6", "--engine", "manual",
+                     "--resume"]) == 2
+    assert "dp_clip: 1.0 -> 2.0" in capsys.readouterr().err
+
+
+def test_per_example_grads_feed_optax_dpsgd():
+    """optax's DP-SGD aggregate takes per-example gradients (leading batch axis): with no noise
+    its update is -lr times funnn's clipped mean."""
+    import optax
+
+    from funnn import losses, manual
+    model = L.serial(L.dense(4), L.activation("tanh"), L.dense(3))
+    _, params = model.init(jax.random.key(0), (None, 5))
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+    xent = losses.softmax_cross_entropy
+    _, g = manual.per_example_value_and_grad(model, xent)(params, x, y)
+    # optax.contrib.dpsgd(0.1, 0.5, 0.0, seed) is this chain (its seed= is deprecated)
+    opt = optax.chain(optax.contrib.differentially_private_aggregate(
+        l2_norm_clip=0.5, noise_multiplier=0.0, key=jax.random.key(0)), optax.sgd(0.1))
+    updates, _ = opt.update(g, opt.init(params), params)
+    _, clipped = manual.clipped_value_and_grad(model, xent, 0.5)(params, x, y)
+    for u, c in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped)):
+        np.testing.assert_allclose(u, -0.1 * c, rtol=1e-6, atol=1e-9)
