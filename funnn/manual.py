@@ -149,6 +149,14 @@ def _rules(model: Layer, field: str, what: str):
     return rule(model, field)
 
 
+def _forward_deltas(model: Layer, loss, train: bool, params, x, y, key, context):
+    """One forward, each example's loss and output delta: ``(values, delta, res)``."""
+    check_context(model, context)
+    out, res = model.forward(params, x, key=key, train=train, **context)
+    values, delta = per_example_loss(loss, out, y)
+    return values, delta, res
+
+
 def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
     """``f(params, x, y, *, key=None) -> (values (B,), grads)``, every leaf of ``grads`` with a
     leading batch axis: example ``i``'s loss (that of the batch ``x[i:i+1]``) and gradient.
@@ -163,9 +171,7 @@ def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
     per_ex = _rules(model, "per_example", "a per-example gradient")
 
     def f(params, x, y, *, key=None, **context):
-        check_context(model, context)
-        out, res = model.forward(params, x, key=key, train=train, **context)
-        values, delta = per_example_loss(loss, out, y)
+        values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
         grads, _ = per_ex(params, res, delta)
         return values, grads
 
@@ -180,9 +186,7 @@ def per_example_grad_norms(model: Layer, loss, *, train: bool = True):
     norms_rule = _rules(model, "per_example_norms", "a per-example gradient norm")
 
     def f(params, x, y, *, key=None, **context):
-        check_context(model, context)
-        out, res = model.forward(params, x, key=key, train=train, **context)
-        values, delta = per_example_loss(loss, out, y)
+        values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
         sq, _ = norms_rule(params, res, delta)
         return values, jnp.sqrt(jnp.maximum(sq, 0))
 
@@ -217,9 +221,7 @@ def clipped_grad_sum(model: Layer, loss, clip_norm, *, train: bool = True):
     norms_rule = _rules(model, "per_example_norms", "per-example clipping")
 
     def f(params, x, y, weights, *, key=None, **context):
-        check_context(model, context)
-        out, res = model.forward(params, x, key=key, train=train, **context)
-        values, delta = per_example_loss(loss, out, y)
+        values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
         sq, _ = norms_rule(params, res, delta)
         norms = jnp.sqrt(jnp.maximum(sq, 0))
         scale = (clip_factors(norms, c) * jnp.asarray(weights, norms.dtype)).astype(delta.dtype)

@@ -327,6 +327,21 @@ def _tile(a, axis, start, size):
     return None if a is None else lax.dynamic_slice_in_dim(a, start, size, axis)
 
 
+def _tiles(q, k, v, kvalid, full, block):
+    """Block sizes and counts (queries ``bq, nq``, keys ``bk, nk``) and the arrays padded to
+    whole tiles: ``q``, ``k``, ``v``, the key-valid mask (``False`` past the end) and the full
+    mask."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    if kvalid is None and nk * bk != s:
+        kvalid = jnp.ones((b, s), bool)
+    fp = None if full is None else _pad_axis(_pad_axis(full, 1, nq * bq, False), 2, nk * bk,
+                                             False)
+    return (bq, bk, nq, nk, _pad_axis(q, 1, nq * bq), _pad_axis(k, 1, nk * bk),
+            _pad_axis(v, 1, nk * bk), _pad_axis(kvalid, 1, nk * bk, False), fp)
+
+
 def _tiled_fwd(q, k, v, kvalid, full, causal, scale, block):
     """The chunked forward tiled over query blocks *and* key blocks: query block ``i`` visits
     key blocks ``0..j_max(i)`` only, so a causal layer skips the tiles above the diagonal
@@ -334,17 +349,8 @@ def _tiled_fwd(q, k, v, kvalid, full, causal, scale, block):
     it (its backward is :func:`_tiled_bwd`). Returns ``o`` and ``lse`` as
     :func:`_chunked_fwd`."""
     b, t, nkv, g = q.shape[:4]
-    s = k.shape[1]
-    bq, bk = min(block, t), min(block, s)
-    nq, nk = -(-t // bq), -(-s // bk)
     dt, wt = q.dtype, wide(q.dtype)
-    if kvalid is None and nk * bk != s:
-        kvalid = jnp.ones((b, s), bool)
-    qp = _pad_axis(q, 1, nq * bq)
-    kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
-    kvp = _pad_axis(kvalid, 1, nk * bk, False)
-    fp = None if full is None else _pad_axis(_pad_axis(full, 1, nq * bq, False), 2, nk * bk,
-                                             False)
+    bq, bk, nq, nk, qp, kp, vp, kvp, fp = _tiles(q, k, v, kvalid, full, block)
 
     def q_block(i):
         qi = _tile(qp, 1, i * bq, bq)
@@ -383,21 +389,13 @@ def _tiled_bwd(q, k, v, kvalid, full, causal, scale, block, o, lse, do):
     """The backward of :func:`_tiled_fwd` (FlashAttention-2's order): for each key block ``j``,
     the query blocks that see it (from the diagonal down when causal) recompute
     ``P = exp(S - lse)`` and add to ``dK_j``, ``dV_j`` and ``dQ_i``."""
-    b, t = q.shape[:2]
-    s = k.shape[1]
-    bq, bk = min(block, t), min(block, s)
-    nq, nk = -(-t // bq), -(-s // bk)
+    t, s = q.shape[1], k.shape[1]
     dt, wt = q.dtype, wide(q.dtype)
-    if kvalid is None and nk * bk != s:
-        kvalid = jnp.ones((b, s), bool)
+    bq, bk, nq, nk, qp, kp, vp, kvp, fp = _tiles(q, k, v, kvalid, full, block)
     delta = _ein("btkgd,btkgd->bkgt", do, o)                          # rowsum(dP * P)
-    qp, dop = _pad_axis(q, 1, nq * bq), _pad_axis(do, 1, nq * bq)
+    dop = _pad_axis(do, 1, nq * bq)
     lsep = _pad_axis(lse, 3, nq * bq, jnp.inf)                         # padded rows: P = 0
     deltap = _pad_axis(delta, 3, nq * bq)
-    kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
-    kvp = _pad_axis(kvalid, 1, nk * bk, False)
-    fp = None if full is None else _pad_axis(_pad_axis(full, 1, nq * bq, False), 2, nk * bk,
-                                             False)
 
     def k_block(dq, j):
         kj, vj = _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
