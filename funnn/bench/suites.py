@@ -376,6 +376,15 @@ def per_example_suite(size: str) -> list[list[Case]]:
             return [one(p, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]
         return run, (params, x, y)
 
+    def reusing_build():
+        g = manual.jit_reusing(manual.per_example_value_and_grad(model, XENT))
+        state = {"out": g(params, x, y)}
+
+        def run(p, x, y):
+            state["out"] = g(p, x, y, out=state["out"])
+            return state["out"]
+        return run, (params, x, y)
+
     def vmap_clip_build():
         def clipped(p, x, y):
             g = jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0))(p, x, y)
@@ -399,6 +408,10 @@ def per_example_suite(size: str) -> list[list[Case]]:
         Case("per-example", name, "funnn per_example_value_and_grad", batch, "float32",
              lambda: (jax.jit(manual.per_example_value_and_grad(model, XENT)), (params, x, y)),
              samples=batch, note="batched hand-written rules"),
+        Case("per-example", name, "funnn per_example_value_and_grad, reusing buffers", batch,
+             "float32", reusing_build, jit=False,
+             flops_from="funnn per_example_value_and_grad", samples=batch,
+             note="manual.jit_reusing: the previous result's buffers are donated"),
         Case("per-example", name, "funnn per_example_grad_norms", batch, "float32",
              lambda: (jax.jit(manual.per_example_grad_norms(model, XENT)), (params, x, y)),
              samples=batch, note="norms only: ||x_i|| ||delta_i||"),
