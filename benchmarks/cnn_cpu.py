@@ -46,7 +46,7 @@ def funnn_step(engine, lowering, x, y):
     opt = optax.adam(1e-3)
     state = {"ts": TrainState(params, opt.init(params), None)}
     t0 = time.perf_counter()
-    step = jax.jit(make_step(model, losses.softmax_cross_entropy, opt, engine)).lower(
+    step = funnn.jit(make_step(model, losses.softmax_cross_entropy, opt, engine)).lower(
         state["ts"], x, y, None).compile()
     jax.block_until_ready(step(state["ts"], x, y, None))
     compile_s = time.perf_counter() - t0

@@ -40,7 +40,7 @@ def funnn_step(engine, x, y, unroll):
     model = L.serial(L.lstm(H, return_sequences=False, unroll=unroll), L.dense(C))
     _, params = model.init(jax.random.key(0), (None, T, D))
     opt = optax.adam(1e-3)
-    step = jax.jit(make_step(model, losses.softmax_cross_entropy, opt, engine))
+    step = funnn.jit(make_step(model, losses.softmax_cross_entropy, opt, engine))
     state = {"ts": TrainState(params, opt.init(params), None)}
     key = jax.random.key(1)
     t0 = time.perf_counter()

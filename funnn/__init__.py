@@ -5,11 +5,11 @@ stands a hand-written backward pass. See README.md for the tour.
 """
 
 from funnn import activations, autodiff, core, gradcheck, layers, losses, manual
-from funnn.core import Layer
+from funnn.core import Layer, compiler_options, jit
 
 __version__ = "0.1.0"
 
-__all__ = ["Layer", "activations", "autodiff", "core", "gradcheck", "layers", "losses",
+__all__ = ["Layer", "compiler_options", "jit", "activations", "autodiff", "core", "gradcheck", "layers", "losses",
            "manual", "__version__"]
 
 

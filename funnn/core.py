@@ -47,7 +47,7 @@ __all__ = [
     "split_key",
     "InputSpec", "input_spec", "check_backward",
     "check_in_shape", "check_rank", "check_features", "check_floating",
-    "wide", "upcast", "matmul_wide",
+    "wide", "upcast", "matmul_wide", "compiler_options", "jit",
     "param_count", "tree_paths", "path_str", "summary", "derived_layers",
 ]
 
@@ -403,6 +403,60 @@ def matmul_wide(a, b):
     """``a @ b`` accumulated in :func:`wide` of the operands' dtype (float32 for bfloat16), as
     the hand-written weight gradients ``x^T dy`` need; the result is in that wide dtype."""
     return jnp.matmul(a, b, preferred_element_type=wide(jnp.result_type(a, b)))
+
+
+# --------------------------------------------------------------------------- compiling
+
+# XLA options funnn compiles its steps with, per backend, each chosen by measurement.
+#
+# CPU: XLA (jaxlib 0.10) hands convolutions, matrix products and reductions to the YNNPACK
+# library by default. Its convolutions are the slow ones on a 2-core x86 CPU: the 32->64 3x3
+# convolution of the digits CNN (batch 128, 14x14) takes 4.6 ms forward and 9.3 ms for the
+# kernel gradient, against 2.6 and 3.6 ms in XLA's own (Eigen) convolution; a 64->64 layer at
+# 32x32 is 23 / 66 ms against 13 / 33 ms. Of eleven shapes measured (1-3 spatial dims,
+# stride, dilation, groups, bfloat16), YNNPACK won only the 1-channel forward (0.7 vs 2.0 ms)
+# and the depthwise one (10 vs 14 ms). So funnn keeps YNNPACK for matrix products and
+# reductions and lets XLA run convolutions (figures and commands: README, "CPU").
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _accepted(options: tuple) -> bool:
+    """Whether this jaxlib compiles with ``options`` (an older or newer XLA may not know them)."""
+    import inspect
+
+    if "compiler_options" not in inspect.signature(jax.jit).parameters:
+        return False
+    try:
+        jax.jit(lambda v: v + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+    except Exception:        # an unknown option or value: compile with XLA's defaults instead
+        return False
+    return True
+
+
+def compiler_options(backend: str | None = None) -> dict:
+    """The XLA options funnn compiles its jitted steps with on ``backend`` (default: JAX's
+    default backend): on CPU, convolutions run in XLA's own kernels rather than YNNPACK's
+    (measured above); elsewhere none. Empty where this jaxlib does not accept the option, or
+    where ``XLA_FLAGS`` already sets it (the user's choice wins). Pass it to ``jax.jit`` as
+    ``compiler_options=`` for functions you jit yourself, or use :func:`jit`.
+    """
+    import os
+
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return dict(_CPU_OPTIONS) if _accepted(tuple(sorted(_CPU_OPTIONS.items()))) else {}
+
+
+def jit(fun: Callable, **kwargs) -> Callable:
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` for the default backend
+    (``compiler_options=`` given here are added to them and win). funnn's training epochs,
+    evaluation and benchmarks compile through this; the result is an ordinary jitted function
+    (``.lower``, donation and shardings as ``jax.jit``)."""
+    options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+    return jax.jit(fun, **kwargs, **({"compiler_options": options} if options else {}))
 
 
 # --------------------------------------------------------------------------- shapes

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from funnn import _files, autodiff, losses, manual, numerics, privacy
+from funnn import _files, autodiff, core, losses, manual, numerics, privacy
 from funnn.core import CheckpointError, ConfigError, DataError, FunnnError, Layer
 from funnn.precision import LossScaled, apply_policy, get_policy, loss_scaled, scaled_loss
 
@@ -109,6 +109,9 @@ def make_step(model: Layer, loss, optimizer: optax.GradientTransformation,
               engine: str = "autodiff"):
     """``step(ts, x, y, key) -> (ts, loss)``: one optimizer update, pure and jit-able.
 
+    Jit it with :func:`funnn.jit` (``funnn.jit(step, donate_argnums=0)``) to get the XLA
+    options funnn tunes per backend (:func:`funnn.core.compiler_options`), as :func:`fit` does.
+
     Under a :func:`funnn.precision.loss_scaled` optimizer (float16 training) the loss is
     multiplied by the scale in the optimizer state before the backward pass, the gradients are
     divided by it, and a step with non-finite gradients changes nothing but the scale.
@@ -163,7 +166,7 @@ def make_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int, num_
 
         return jax.lax.scan(body, ts, jnp.arange(num_batches))
 
-    return jax.jit(epoch, donate_argnums=0)
+    return core.jit(epoch, donate_argnums=0)
 
 
 def make_dp_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int,
@@ -187,7 +190,7 @@ def make_dp_epoch(model: Layer, loss, optimizer, engine: str, batch_size: int,
 
         return jax.lax.scan(body, ts, jnp.arange(num_batches))
 
-    return jax.jit(epoch, donate_argnums=0)
+    return core.jit(epoch, donate_argnums=0)
 
 
 def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_shardings,
@@ -215,9 +218,9 @@ def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_s
 
         return jax.lax.scan(body, ts, (xb, yb, jnp.arange(xb.shape[0])))
 
-    return jax.jit(epoch, in_shardings=(state_shardings, plan.batches, plan.batches,
-                                        plan.replicated),
-                   out_shardings=(state_shardings, plan.replicated), donate_argnums=0)
+    return core.jit(epoch, in_shardings=(state_shardings, plan.batches, plan.batches,
+                                         plan.replicated),
+                    out_shardings=(state_shardings, plan.replicated), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,7 +239,7 @@ def make_evaluate(model: Layer, loss):
         acc = losses.accuracy(pred, y) if pred.shape[-1] > 1 else jnp.nan
         return loss.value(pred, y), acc
 
-    return jax.jit(evaluate)
+    return core.jit(evaluate)
 
 
 def evaluate(model: Layer, loss, params, x, y, model_state=None):
@@ -827,7 +830,7 @@ def make_checked_epoch(model: Layer, loss, optimizer, engine: str, batch_size: i
     step = make_step(model, loss, optimizer, engine)
     nb = num_examples // batch_size
 
-    @jax.jit
+    @core.jit
     def checked(ts, x, y, key):
         new, value = step(ts, x, y, key)
         return new, value, numerics.all_finite((value, new.params, new.model_state))
