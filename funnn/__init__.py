@@ -9,8 +9,8 @@ from funnn.core import Layer, compiler_options, jit
 
 __version__ = "0.1.0"
 
-__all__ = ["Layer", "compiler_options", "jit", "activations", "autodiff", "core", "gradcheck", "layers", "losses",
-           "manual", "__version__"]
+__all__ = ["Layer", "compiler_options", "jit", "activations", "autodiff", "core", "gradcheck",
+           "layers", "losses", "manual", "__version__"]
 
 
 def __getattr__(name):

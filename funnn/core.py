@@ -450,13 +450,15 @@ def compiler_options(backend: str | None = None) -> dict:
     return dict(_CPU_OPTIONS) if _accepted(tuple(sorted(_CPU_OPTIONS.items()))) else {}
 
 
-def jit(fun: Callable, **kwargs) -> Callable:
+def jit(fun: Callable, **kwargs: Any) -> Any:
     """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` for the default backend
     (``compiler_options=`` given here are added to them and win). funnn's training epochs,
     evaluation and benchmarks compile through this; the result is an ordinary jitted function
     (``.lower``, donation and shardings as ``jax.jit``)."""
     options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
-    return jax.jit(fun, **kwargs, **({"compiler_options": options} if options else {}))
+    if options:
+        kwargs["compiler_options"] = options
+    return jax.jit(fun, **kwargs)
 
 
 # --------------------------------------------------------------------------- shapes

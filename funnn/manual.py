@@ -28,6 +28,7 @@ from funnn.core import (
     check_backward,
     check_context,
     input_spec,
+    jit,
     run_forward,
 )
 
@@ -253,9 +254,9 @@ def clipped_value_and_grad(model: Layer, loss, clip_norm, *, train: bool = True)
 
 
 def jit_reusing(f):
-    """``jax.jit(f)`` that can write its result into the buffers of a previous result.
+    """:func:`funnn.jit` of ``f`` that can write its result into the buffers of a previous result.
 
-    ``g = jit_reusing(f)``; ``g(*args)`` is ``jax.jit(f)(*args)``; ``g(*args, out=prev)``
+    ``g = jit_reusing(f)``; ``g(*args)`` is ``funnn.jit(f)(*args)``; ``g(*args, out=prev)``
     donates ``prev`` (a result of an earlier call, same shapes) and XLA writes the new result
     into its memory, so ``prev`` is consumed and must not be used again. This matters for
     per-example gradients, whose result is large (``B`` copies of every weight): the 784-512-
@@ -263,10 +264,10 @@ def jit_reusing(f):
     ``mmap`` that the kernel must zero and fault in on every call (measured on a 2-core CPU:
     writing a 205 MB outer product 49 ms into fresh memory, 7.7 ms into a reused buffer).
     """
-    fresh = jax.jit(f)
+    fresh = jit(f)
     # keep_unused: the previous result is not read, but it must reach XLA to be aliased
-    into = jax.jit(lambda prev, *args, **kwargs: f(*args, **kwargs), donate_argnums=0,
-                   keep_unused=True)
+    into = jit(lambda prev, *args, **kwargs: f(*args, **kwargs), donate_argnums=0,
+               keep_unused=True)
 
     def g(*args, out=None, **kwargs):
         return fresh(*args, **kwargs) if out is None else into(out, *args, **kwargs)

@@ -243,7 +243,7 @@ def test_bf16_training_reaches_float32_accuracy_on_digits(digits):
 
 
 def test_f16_fit_checkpoints_the_loss_scale_and_cli_records_precision(tmp_path, digits):
-    recipe, (x, y), (ex, ey) = digits
+    recipe, (x, y), _ = digits
     model = recipe.build(10)
     _, params = model.init(jax.random.key(0), (None, 64))
     r = train.fit(model, params, (x[:256], y[:256]), recipe.loss, "adam", epochs=2,
@@ -269,7 +269,7 @@ def test_f16_fit_checkpoints_the_loss_scale_and_cli_records_precision(tmp_path, 
 
 
 def test_check_numerics_names_the_layer_inside_a_mixed_precision_model(digits):
-    recipe, (x, y), _ = digits
+    _, (x, y), _ = digits
     model = L.serial(L.dense(16), L.activation("relu"), L.dense(10))
     _, params = model.init(jax.random.key(0), (None, 64))
     assert precision.unwrap(precision.apply_policy(model, "bf16"))[0] is model

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funnn import core
 from funnn import layers as L
 from funnn.bench.harness import Case, Unavailable
 
@@ -78,7 +79,7 @@ def _grad_of(forward):
     def step(ws, x, dy):
         _, pullback = jax.vjp(forward, ws, x)
         return pullback(dy)
-    return jax.jit(step)
+    return core.jit(step)
 
 
 def _case_builds(b, t, heads, d, dtype):
@@ -106,7 +107,7 @@ def _case_builds(b, t, heads, d, dtype):
             def step(p, x, dy):
                 _, res = layer.forward(p, x)
                 return layer.backward(p, res, dy)
-            return jax.jit(step), (ws, x, dy)
+            return core.jit(step), (ws, x, dy)
         return build
 
     def torch_build():

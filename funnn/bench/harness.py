@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from funnn import core
+
 __all__ = ["Case", "Unavailable", "run_group", "measure_peaks", "environment", "format_table",
            "write_outputs", "timeit", "interleave", "fill_fraction", "ROW_FIELDS"]
 
@@ -84,7 +86,9 @@ def environment() -> dict:
            "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "x64": bool(getattr(jax.config, "jax_enable_x64", False)),
            "default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision",
-                                                   None))}
+                                                   None)),
+           # what funnn.jit adds for this backend (the steps and the JAX baselines use it)
+           "xla_compiler_options": core.compiler_options()}
     for mod in ("optax", "flax", "equinox", "torch"):
         try:
             env[mod] = __import__(mod).__version__

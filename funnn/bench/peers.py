@@ -5,14 +5,21 @@ architecture, data, dtype and optimizer (Adam, 1e-3) of funnn's own step, or
 raises :class:`~funnn.bench.harness.Unavailable` when the library is missing
 (``pip install -e ".[peers]"``). Flax NNX and Equinox are timed through their
 own ``nnx.jit`` / ``eqx.filter_jit``, as their users call them: the per-call
-Python work of those wrappers is part of what the benchmark shows.
+Python work of those wrappers is part of what the benchmark shows. Flax linen and Equinox
+compile with the XLA options funnn's own steps and the pure-JAX baseline use
+(:func:`funnn.core.compiler_options`: on CPU, XLA's own convolutions), so the rows differ by
+the libraries, not by XLA settings; ``nnx.jit`` takes no options (its rows are MLPs, which the
+options do not touch).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from funnn.bench.harness import Unavailable
+from funnn.core import compiler_options
 
 __all__ = ["linen", "nnx", "equinox", "torch_eager", "torch_func_per_example", "PEERS"]
 
@@ -62,7 +69,7 @@ def linen(arch: str, x, y, dtype):
     params = net.init(jax.random.key(0), x[:1])
     tx = optax.adam(LR)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options() or None)
     def step(state, x, y):
         params, opt_state = state
         loss, g = jax.value_and_grad(lambda p: _xent(net.apply(p, x), y))(params)
@@ -139,7 +146,7 @@ def equinox(arch: str, x, y, dtype):
     tx = optax.adam(LR)
     opt_state = tx.init(eqx.filter(layers, eqx.is_array))
 
-    @eqx.filter_jit
+    @functools.partial(eqx.filter_jit, compiler_options=compiler_options() or None)
     def train_step(m, opt_state, x, y):
         loss, g = eqx.filter_value_and_grad(lambda m: _xent(forward(m, x), y))(m)
         updates, opt_state = tx.update(g, opt_state, eqx.filter(m, eqx.is_array))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funnn import autodiff, control, losses, manual, parallel, precision, train
+from funnn import autodiff, control, core, losses, manual, parallel, precision, train
 from funnn import layers as L
 from funnn.bench import peers
 from funnn.bench.attention import attention_suite
@@ -101,7 +101,7 @@ def _funnn_step(arch: str, engine: str, batch: int, dtype: str, optimizer: str =
         opt = _optimizer(optimizer)
         step = train.make_step(model, XENT, opt, engine)
         ts = train.TrainState(params, opt.init(params), None)
-        return jax.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)
+        return core.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)
     return build
 
 
@@ -167,7 +167,7 @@ def _pure_step(arch: str, batch: int, dtype: str, optimizer: str = "adam"):
                 p = _cast(p, dtype)
             return _xent(pure_forward(arch, p, x.astype(dtype)), y)
 
-        @jax.jit
+        @core.jit
         def step(state, x, y):
             p, s = state
             loss, g = jax.value_and_grad(objective)(p, x, y)
@@ -329,7 +329,7 @@ def jit_suite(size: str) -> list[list[Case]]:
             step = train.make_step(small, XENT, opt, "autodiff")
             ts = train.TrainState(params, opt.init(params), None)
             fn = lambda ts, x, y: step(ts, x, y, None)
-            return (jax.jit(fn) if jit else fn), (ts, x, y)
+            return (core.jit(fn) if jit else fn), (ts, x, y)
         return build
 
     name = "mlp 64-32-10 b32 float32"
@@ -361,16 +361,16 @@ def per_example_suite(size: str) -> list[list[Case]]:
 
     def vg(engine):
         f = (autodiff if engine == "autodiff" else manual).value_and_grad(model, XENT)
-        return jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))
+        return core.jit(jax.vmap(f, in_axes=(None, 0, 0)))
 
     def single_loss(p, xi, yi):
         return XENT.value(model.apply(p, xi[None]), yi[None])
 
     def pure_build():
-        return jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0))), (params, x, y)
+        return core.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0))), (params, x, y)
 
     def loop_build():
-        one = jax.jit(autodiff.value_and_grad(model, XENT))
+        one = core.jit(autodiff.value_and_grad(model, XENT))
 
         def run(p, x, y):
             return [one(p, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]
@@ -392,11 +392,11 @@ def per_example_suite(size: str) -> list[list[Case]]:
                      for leaf in jax.tree.leaves(g))
             factor = jnp.minimum(1.0, clip / jnp.sqrt(sq))
             return jax.tree.map(lambda leaf: jnp.tensordot(factor, leaf, axes=1) / batch, g)
-        return jax.jit(clipped), (params, x, y)
+        return core.jit(clipped), (params, x, y)
 
     def plain_build(engine):
         f = (autodiff if engine == "autodiff" else manual).value_and_grad(model, XENT)
-        return lambda: (jax.jit(f), (params, x, y))
+        return lambda: (core.jit(f), (params, x, y))
 
     per_ex = [
         Case("per-example", name, "vmap(jax.grad)", batch, "float32", pure_build,
@@ -406,14 +406,14 @@ def per_example_suite(size: str) -> list[list[Case]]:
         Case("per-example", name, "funnn manual under vmap", batch, "float32",
              lambda: (vg("manual"), (params, x[:, None], y[:, None])), samples=batch),
         Case("per-example", name, "funnn per_example_value_and_grad", batch, "float32",
-             lambda: (jax.jit(manual.per_example_value_and_grad(model, XENT)), (params, x, y)),
+             lambda: (core.jit(manual.per_example_value_and_grad(model, XENT)), (params, x, y)),
              samples=batch, note="batched hand-written rules"),
         Case("per-example", name, "funnn per_example_value_and_grad, reusing buffers", batch,
              "float32", reusing_build, jit=False,
              flops_from="funnn per_example_value_and_grad", samples=batch,
              note="manual.jit_reusing: the previous result's buffers are donated"),
         Case("per-example", name, "funnn per_example_grad_norms", batch, "float32",
-             lambda: (jax.jit(manual.per_example_grad_norms(model, XENT)), (params, x, y)),
+             lambda: (core.jit(manual.per_example_grad_norms(model, XENT)), (params, x, y)),
              samples=batch, note="norms only: ||x_i|| ||delta_i||"),
         Case("per-example", name, "python loop of jitted grads", batch, "float32", loop_build,
              jit=False, flops_from="vmap(jax.grad)", samples=batch),
@@ -424,7 +424,7 @@ def per_example_suite(size: str) -> list[list[Case]]:
         Case("per-example", clip_name, "vmap(jax.grad) + clip + mean", batch, "float32",
              vmap_clip_build, baseline=True, samples=batch),
         Case("per-example", clip_name, "funnn clipped_value_and_grad", batch, "float32",
-             lambda: (jax.jit(manual.clipped_value_and_grad(model, XENT, clip)),
+             lambda: (core.jit(manual.clipped_value_and_grad(model, XENT, clip)),
                       (params, x, y)), samples=batch, note="ghost clipping"),
         Case("per-example", clip_name, "funnn manual value_and_grad (no clipping)", batch,
              "float32", plain_build("manual"), samples=batch, note="plain batch gradient"),
@@ -460,7 +460,7 @@ def control_suite(size: str) -> list[list[Case]]:
 
     def case(impl, f, baseline=False):
         return Case("control", name, impl, 1, "float32",
-                    lambda: (jax.jit(jax.grad(f)), (jnp.float32(1.5),)), baseline=baseline,
+                    lambda: (core.jit(jax.grad(f)), (jnp.float32(1.5),)), baseline=baseline,
                     flops=4.0 * 64 * n * 3, note="memory_bytes: compiled footprint")
     return [[case("lax.scan", scan_f, True), case("lax.scan unroll=True", unrolled_f),
              case("control.bounded_while", while_f), case("control.checkpointed_scan", ckpt_f)]]
@@ -485,8 +485,8 @@ def epoch_suite(size: str) -> list[list[Case]]:
         return epoch, (train.TrainState(params, opt.init(params), None), x, y)
 
     def loop_build():
-        step = jax.jit(train.make_step(model, XENT, opt, "autodiff"))
-        order = jax.jit(lambda k: jax.random.permutation(k, num)[: nb * batch]
+        step = core.jit(train.make_step(model, XENT, opt, "autodiff"))
+        order = core.jit(lambda k: jax.random.permutation(k, num)[: nb * batch]
                         .reshape(nb, batch))
 
         def epoch(ts, x, y):
@@ -524,8 +524,8 @@ def _dp_step(n: int, sharding: str, batch: int, ref: dict):
             return step(ts, jax.lax.with_sharding_constraint(x, rows),
                         jax.lax.with_sharding_constraint(y, rows), None)
 
-        ref.update(one=(jax.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)))
-        fn = jax.jit(sharded, in_shardings=(sh, plan.rows, plan.rows),
+        ref.update(one=(core.jit(lambda ts, x, y: step(ts, x, y, None)), (ts, x, y)))
+        fn = core.jit(sharded, in_shardings=(sh, plan.rows, plan.rows),
                      out_shardings=(sh, plan.replicated))
         placed = train.TrainState(*(plan.place(t, s) for t, s in zip(ts, sh)))
         return fn, (placed, plan.place(x, plan.rows), plan.place(y, plan.rows))
@@ -560,7 +560,7 @@ def _allreduce(n: int):
             lambda a: jax.lax.psum(a, parallel.DATA), g), mesh=mesh,
             in_specs=jax.sharding.PartitionSpec(parallel.DATA),
             out_specs=jax.sharding.PartitionSpec())
-        return jax.jit(psum), (grads,)
+        return core.jit(psum), (grads,)
     return build
 
 
