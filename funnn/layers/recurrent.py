@@ -33,13 +33,17 @@ Options shared by :func:`rnn`, :func:`lstm`, :func:`gru`:
 
 Speed notes (measured with ``benchmarks/lstm_cpu.py``, XLA on a 2-core CPU): every op
 inside the loop costs microseconds to launch, so a step does few, wide ops (the LSTM's four
-activations are one sigmoid, below) and keeps few residuals. The input is projected inside
-the step, not for all steps before the loop: that ``(time, batch, 4 hidden)`` array (and
-its gradient) pushed an LSTM(128) training step's scratch memory to 34-42 MB, past glibc
-malloc's 32 MiB ``mmap`` ceiling, so every call page-faulted through fresh memory (about
-10 ms of a 20-26 ms step). A per-step ``(128, 128) x (128, 512)`` product runs on one core
-(XLA's CPU library splits only larger ones), which is most of what still separates the
-step from PyTorch's fused LSTM on two cores.
+activations are one sigmoid, below) and keeps few residuals. The LSTM's step is one matrix
+product, ``[x_t, h_{t-1}] @ [W_x; W_h]`` (the weights stacked once, before the loop): against
+two products and an add that made the autodiff step 7-9% faster and the manual one 2-3%
+(interleaved runs). The input is projected inside the step, not for all steps before the
+loop: that ``(time, batch, 4 hidden)`` array (and its gradient) pushed an LSTM(128) training
+step's scratch memory to 34-42 MB, past glibc malloc's 32 MiB ``mmap`` ceiling, so every call
+page-faulted through fresh memory (about 10 ms of a 20-26 ms step); without the faults
+(``MALLOC_MMAP_THRESHOLD_`` raised) it was no faster either. What still separates the step
+from PyTorch's fused LSTM is the ops around the product: XLA runs the forward step's
+elementwise work as about a dozen separate kernels (~80 us per step against the product's
+~85 us), where PyTorch runs one fused cell kernel.
 
 ``train`` and ``key`` are accepted for the layer contract and ignored (no dropout here).
 The scans run in the wider of ``x``'s and the params' dtypes; ``backward`` returns each
@@ -138,7 +142,9 @@ class _Cell(NamedTuple):
     """One recurrent cell, time-major, unmasked; :func:`_layer` adds scan, mask and checks.
 
     ``init(key, n_in, H, dt) -> params``; ``carry`` is a tuple with ``h`` first;
-    ``step(p, carry, x_t, keep) -> (carry', res_t)`` (``res_t`` is ``None`` unless ``keep``);
+    ``step(p, carry, x_t, keep) -> (carry', res_t)`` (``res_t`` is ``None`` unless ``keep``;
+    ``p`` is ``prepare(params)`` when the cell has one, ``x_t`` is ``(in, B)`` unless
+    ``x_batch_major``);
     ``back(p, dcarry', h_{t-1}, res_t) -> (dcarry, dpre_t)``;
     ``finish(p, x_tm, h_prev, dpre, contract=None, total=None) -> (dparams, dx_tm)`` with the
     weight gradients as one ``contract`` (default: a matrix product over all (time, batch)
@@ -155,6 +161,8 @@ class _Cell(NamedTuple):
     step: Callable
     back: Callable
     finish: Callable
+    prepare: Callable | None = None   # params -> what ``step`` reads, once before the loop
+    x_batch_major: bool = False       # ``step`` gets ``x_t`` as ``(B, in)``, not ``(in, B)``
 
 
 # --------------------------------------------------------------------------- Elman RNN
@@ -207,9 +215,13 @@ def _lstm_init(key, n_in, hidden, dt):
     return {"W_x": w_x, "W_h": w_h, "b": b}
 
 
+def _lstm_prepare(p):
+    return {**p, "W_cat": jnp.concatenate([p["W_x"], p["W_h"]])}    # (in + H, 4H)
+
+
 def _lstm_step(p, carry, x_t, keep):
     h, c = carry
-    z = _xw(x_t, p["W_x"]) + h @ p["W_h"] + p["b"]
+    z = jnp.concatenate([x_t, h], axis=-1) @ p["W_cat"] + p["b"]    # one product per step
     s = np.repeat(np.array([1, 1, 2, 1], z.dtype), h.shape[-1])
     i, f, g, o = _split(_sigmoid(z * s) * s - (s - 1), 4)
     c_new = f * c + i * g
@@ -235,7 +247,8 @@ def _lstm_finish(p, x_tm, h_prev, dz, contract=None, total=None):
              "b": total(dz)}, _project(dz, p["W_x"].T))
 
 
-_LSTM = _Cell("lstm", "W_x", 2, _lstm_init, _lstm_step, _lstm_back, _lstm_finish)
+_LSTM = _Cell("lstm", "W_x", 2, _lstm_init, _lstm_step, _lstm_back, _lstm_finish,
+              prepare=_lstm_prepare, x_batch_major=True)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -382,14 +395,17 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         dt = jnp.result_type(x, *jax.tree.leaves(params))
         carry0 = (jnp.zeros((x.shape[0], hidden), dt),) * cell.n_carry
 
+        p = params if cell.prepare is None else cell.prepare(params)
+
         def f(carry, inp):
             x_t, m_t = inp
-            new, r = cell.step(params, carry, x_t, keep)
+            new, r = cell.step(p, carry, x_t, keep)
             new = _blend(m_t, new, carry)
             out = new[0] if seq else None
             return new, ((out, carry[0], r) if keep else out)
 
-        last, outs = lax.scan(f, carry0, (jnp.transpose(x, (1, 2, 0)), m_tm), unroll=unroll)
+        xs = x_tm if cell.x_batch_major else jnp.transpose(x, (1, 2, 0))
+        last, outs = lax.scan(f, carry0, (xs, m_tm), unroll=unroll)
         hs = outs[0] if keep else outs
         if seq:
             y = jnp.swapaxes(hs if m_tm is None else m_tm * hs, 0, 1)
