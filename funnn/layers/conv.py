@@ -37,24 +37,26 @@ Lowerings (``lowering=``, fixed when the layer is built, applied when it is trac
 - ``"auto"`` (the default): native, on every backend.
 
 Why native on CPU as well (issue 9, ``benchmarks/cnn_cpu.py``: conv 1->32 and 32->64, 3x3 SAME,
-28x28, batch 128, float32, Adam; 2-core AMD EPYC VM, jax 0.10.2). XLA's CPU backend hands
-convolutions to YNNPACK: the 32->64 forward and input gradient took 4.8 ms each, no slower than
-the im2col product alone (6.1 ms), while the patch matrix is ``K = 9`` times the input (29 MB
-for that layer). The kernel gradient (9.6 ms, with transposed copies of ``x`` and ``dy``) is
-the slow part, but im2col's ``P^T dy`` with P built was slower still (34 ms). What decided it
-was memory: XLA runs a jitted step in one temp buffer, and glibc serves allocations over
-32 MiB with a fresh ``mmap``, so a step whose buffer crosses 32 MiB page-faults all of it on
-every call (about 10k faults, ~10 ms here). The whole training step needs 31.8 MiB with native
-convolutions (both engines), 41.0 MiB with patches in the 1-channel layer (where im2col's
-kernel gradient is the faster one: 1.2 vs 3.6 ms) and 92.3 MiB with patches in both. The margin
-is 0.2 MiB: ``benchmarks/cnn_cpu.py`` prints the buffer size, and outside the library
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` takes most of the cost away (7k -> 0.5k faults).
-(The step's real bottleneck was max-pooling: see ``pool.py``.) Step medians, interleaved
-with PyTorch eager (2 threads), quietest run: 79.6 ms autodiff / 42.7 ms manual / 22.6 ms
-torch before this lowering and pool work; 26.3 / 26.1 / 23.2 ms after (1.13x torch). The
-convolutions are ~23 ms of that, 9 ms of it YNNPACK's single-threaded kernel-gradient
-convolution of the 32->64 layer. No GPU was available to measure; native (cuDNN) is the
-default there.
+28x28, batch 128, float32, Adam; 2-core AMD EPYC VM, jax 0.10.2). The patch matrix is
+``K = 9`` times the input (29 MB for the 32->64 layer), and memory decides it: XLA runs a
+jitted step in one temp buffer, and glibc serves allocations over 32 MiB with a fresh
+``mmap``, so a step whose buffer crosses 32 MiB page-faults all of it on every call (about
+10k faults, ~10 ms here). The whole training step needs 31.8 MiB with native convolutions
+(both engines), 41.0 MiB with patches in the 1-channel layer alone and 92.3 MiB with patches in
+both; with patches in the first layer the step took 23.6 / 24.1 ms (manual / autodiff)
+against 14.5 / 14.1 ms native (funnn timed alone). ``benchmarks/cnn_cpu.py`` prints the
+buffer size; outside the library ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` takes most of the
+fault cost away.
+
+Which kernels run the native convolutions matters more than the lowering. XLA's CPU backend
+(jaxlib 0.10) hands them to YNNPACK by default, whose 32->64 kernel gradient took 9.3 ms and
+forward 4.6 ms, against 3.6 and 2.6 ms in XLA's own convolution; funnn compiles its steps with
+YNNPACK kept for matrix products only (:func:`funnn.core.compiler_options`, applied by
+:func:`funnn.jit`, ``fit`` and the benchmarks). Step medians, interleaved with PyTorch eager
+(2 threads): 79.6 / 42.7 / 22.6 ms autodiff / manual / torch before the pool work; 26.3 /
+26.1 / 23.2 ms with YNNPACK convolutions; 19.3 / 19.0 / 24.7 ms (0.78x / 0.77x torch) with
+XLA's. (The step's first bottleneck was max-pooling: see ``pool.py``.) No GPU was available
+to measure the lowering; native (cuDNN) is the default there.
 """
 
 from __future__ import annotations
