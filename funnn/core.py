@@ -416,9 +416,20 @@ def matmul_wide(a, b):
 # 32x32 is 23 / 66 ms against 13 / 33 ms. Of eleven shapes measured (1-3 spatial dims,
 # stride, dilation, groups, bfloat16), YNNPACK won only the 1-channel forward (0.7 vs 2.0 ms)
 # and the depthwise one (10 vs 14 ms). So funnn keeps YNNPACK for matrix products and
-# reductions and lets XLA run convolutions (figures and commands: README, "CPU").
+# reductions and lets XLA run convolutions (figures and commands: README, "CPU"). The value
+# is jaxlib 0.10's default list less convolutions (the option replaces the whole list), so
+# it applies to the jaxlib series it was measured on; other versions compile with XLA's
+# defaults until measured (``benchmarks/cnn_cpu.py`` shows the difference).
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                 "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU_OPTIONS_JAXLIB = ((0, 10),)                 # (major, minor) series measured
+
+
+@functools.cache
+def _jaxlib_series() -> tuple:
+    import jaxlib
+
+    return tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
 
 
 @functools.cache
@@ -438,14 +449,16 @@ def _accepted(options: tuple) -> bool:
 def compiler_options(backend: str | None = None) -> dict:
     """The XLA options funnn compiles its jitted steps with on ``backend`` (default: JAX's
     default backend): on CPU, convolutions run in XLA's own kernels rather than YNNPACK's
-    (measured above); elsewhere none. Empty where this jaxlib does not accept the option, or
-    where ``XLA_FLAGS`` already sets it (the user's choice wins). Pass it to ``jax.jit`` as
+    (measured above); elsewhere none. Empty on a jaxlib series not yet measured (0.10 is),
+    where this jaxlib does not accept the option, or where ``XLA_FLAGS`` already sets it
+    (the user's choice wins). Pass it to ``jax.jit`` as
     ``compiler_options=`` for functions you jit yourself, or use :func:`jit`.
     """
     import os
 
     backend = backend or jax.default_backend()
-    if backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    if (backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+            or _jaxlib_series() not in _CPU_OPTIONS_JAXLIB):
         return {}
     return dict(_CPU_OPTIONS) if _accepted(tuple(sorted(_CPU_OPTIONS.items()))) else {}
 

@@ -40,6 +40,14 @@ def test_an_option_this_jaxlib_does_not_know_is_dropped_not_fatal():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_options_apply_on_the_measured_jaxlib_only(monkeypatch):
+    if core._jaxlib_series() in core._CPU_OPTIONS_JAXLIB:
+        assert core.compiler_options() == core._CPU_OPTIONS
+    monkeypatch.setattr(core, "_CPU_OPTIONS_JAXLIB", ((0, 1),))
+    assert core.compiler_options() == {}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
 def test_funnn_jit_moves_convolutions_off_ynnpack_and_agrees_with_jax_jit():
     g_funnn = funnn.jit(jax.value_and_grad(conv_loss))
     g_jax = jax.jit(jax.value_and_grad(conv_loss))
