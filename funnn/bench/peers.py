@@ -19,7 +19,7 @@ import functools
 import numpy as np
 
 from funnn.bench.harness import Unavailable
-from funnn.core import compiler_options
+from funnn.core import compiler_options, jit
 
 __all__ = ["linen", "nnx", "equinox", "torch_eager", "torch_func_per_example", "PEERS"]
 
@@ -69,7 +69,7 @@ def linen(arch: str, x, y, dtype):
     params = net.init(jax.random.key(0), x[:1])
     tx = optax.adam(LR)
 
-    @functools.partial(jax.jit, compiler_options=compiler_options() or None)
+    @jit                                  # jax.jit with funnn's compiler options
     def step(state, x, y):
         params, opt_state = state
         loss, g = jax.value_and_grad(lambda p: _xent(net.apply(p, x), y))(params)
