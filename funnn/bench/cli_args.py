@@ -25,6 +25,9 @@ def add(b: argparse.ArgumentParser, positive_int) -> None:
                         "is slower beyond --fail-above with confidence")
     b.add_argument("--fail-above", default="5%", metavar="PCT",
                    help="compare: the slow-down that fails, e.g. 5%% (default)")
+    b.add_argument("--by", default="ratio", choices=["ratio", "time"],
+                   help="compare: per-round ratios to each group's baseline (default; robust "
+                        "to machine load) or seconds per call")
     b.add_argument("--suite", default="engines",
                    help=f"comma-separated: {SUITE_HELP} (default: engines)")
     b.add_argument("--quick", action="store_true",
@@ -79,7 +82,7 @@ def main(args) -> int:
             raise ConfigError(f"expected 'funnn bench compare OLD NEW', got "
                               f"{' '.join(args.compare)!r}", ("bench",))
         return bench.compare.main(args.compare[1], args.compare[2], args.fail_above,
-                                  as_json=args.json)
+                                  as_json=args.json, by=args.by)
     peers = None if args.peers is None else [p.strip() for p in args.peers.split(",")]
     report = bench.run(suite_names(args), quick=args.quick, out_dir=args.out, peers=peers,
                        rounds=args.rounds, per_round=args.per_round, seed=args.seed,

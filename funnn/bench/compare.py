@@ -1,10 +1,19 @@
 """``funnn bench compare OLD NEW``: what changed between two runs, and whether to fail.
 
-Rows are matched by suite, group name and implementation. For each, the change is
-``new / old`` time per call with a 95% bootstrap interval from both runs' per-round medians
-(:func:`funnn.bench.stats.change_summary`); "faster" or "slower" is said only where the whole
-interval lies on one side of 1, else "no change". A matched row is a *regression* when its
-whole interval lies above ``1 + fail_above``: the command then exits 1 and names it.
+Rows are matched by suite, group name and implementation. For each, the change is ``new /
+old`` with a 95% bootstrap interval (:func:`funnn.bench.stats.change_summary`), on one of two
+bases:
+
+- ``"ratio"`` (the default): the row's per-round ratios to its group's baseline. A machine
+  that is busier during one run slows the baseline and the row alike, so this basis survives
+  a shared machine; it asks "did this implementation get slower *relative to* its baseline".
+  Baseline rows are shown by time but take no part in the gate on this basis.
+- ``"time"``: per-round median seconds per call; every row, baselines included, is gated.
+  Use it on a dedicated machine, or when the baseline itself is what changed.
+
+"faster" or "slower" is said only where the whole interval clears ``1 ± 2%``, else "no
+change". A gated row is a *regression* when its whole interval lies above ``1 + fail_above``:
+the command then exits 1 and names it.
 Differences in the environments (device, versions, flags, threads) are warned about first:
 a change across machines or settings is not a change in the code.
 """
@@ -66,19 +75,33 @@ def env_differences(old: dict, new: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
-def compare(old: dict, new: dict, fail_above: float = 0.05, seed: int = 0) -> dict:
-    """Match rows of two loaded runs; see the module docstring for the verdicts."""
+def _basis(old_row: dict, new_row: dict, by: str) -> tuple[str, str, bool]:
+    """``(field, label, gated)`` for one matched row."""
+    relative = by == "ratio" and old_row.get("role") != "baseline" and \
+        old_row.get("round_ratios") and new_row.get("round_ratios") and \
+        old_row.get("baseline") == new_row.get("baseline")
+    if relative:
+        return "round_ratios", f"ratio to {new_row['baseline']}", True
+    return "round_medians_s", "time", by == "time"
+
+
+def compare(old: dict, new: dict, fail_above: float = 0.05, seed: int = 0,
+            by: str = "ratio") -> dict:
+    """Match rows of two loaded runs; see the module docstring for the bases and verdicts."""
+    if by not in ("ratio", "time"):
+        raise ConfigError(f"--by: expected ratio or time, got {by!r}", ("bench", "compare"))
     a, b = _timed(old), _timed(new)
     rows = []
     for k in [k for k in b if k in a]:
-        s = stats.change_summary(a[k]["round_medians_s"], b[k]["round_medians_s"], seed)
+        field, label, gated = _basis(a[k], b[k], by)
+        s = stats.change_summary(a[k][field], b[k][field], seed)
         lo, hi = s["change_ci95"]
-        rows.append({"suite": k[0], "name": k[1], "impl": k[2],
+        rows.append({"suite": k[0], "name": k[1], "impl": k[2], "basis": label,
                      "old_s": a[k]["time_median_s"], "new_s": b[k]["time_median_s"],
                      "change": s["change"], "change_ci95": [lo, hi],
-                     "verdict": stats.verdict(lo, hi),
-                     "regression": lo > 1.0 + fail_above})
-    return {"rows": rows, "fail_above": fail_above,
+                     "verdict": stats.verdict(lo, hi), "gated": gated,
+                     "regression": gated and lo > 1.0 + fail_above})
+    return {"rows": rows, "fail_above": fail_above, "by": by,
             "env_differences": env_differences(old.get("env", {}), new.get("env", {})),
             "only_old": [" / ".join(k) for k in a if k not in b],
             "only_new": [" / ".join(k) for k in b if k not in a],
@@ -95,11 +118,13 @@ def format_compare(result: dict) -> str:
             group = (r["suite"], r["name"])
             lines += ["", f"[{r['suite']}] {r['name']}",
                       f"  {'impl':<{w}}{'old ms':>9}{'new ms':>9}  {'new/old [95% CI]':<20}"
-                      "verdict"]
+                      "verdict (basis)"]
         lo, hi = r["change_ci95"]
         mark = "!" if r["regression"] else " "
+        gate = "" if r["gated"] else ", not gated"
         lines.append(f"{mark} {r['impl']:<{w}}{1e3 * r['old_s']:>9.3f}{1e3 * r['new_s']:>9.3f}  "
-                     f"{r['change']:.2f} [{lo:.2f}, {hi:.2f}]".ljust(w + 42) + r["verdict"])
+                     f"{r['change']:.2f} [{lo:.2f}, {hi:.2f}]".ljust(w + 42)
+                     + f"{r['verdict']} ({r['basis']}{gate})")
     for label in ("only_old", "only_new"):
         if result[label]:
             lines.append(f"rows only in the {label[5:]} run: {', '.join(result[label])}")
@@ -114,10 +139,10 @@ def format_compare(result: dict) -> str:
 
 
 def main(old_path: str, new_path: str, fail_above: str | float = "5%",
-         as_json: bool = False) -> int:
+         as_json: bool = False, by: str = "ratio") -> int:
     """Print the comparison of two runs; return 1 on a regression, else 0."""
     thr = parse_fraction(str(fail_above)) if isinstance(fail_above, str) else float(fail_above)
-    result = compare(load(old_path), load(new_path), thr)
+    result = compare(load(old_path), load(new_path), thr, by=by)
     if as_json:
         from funnn import _files
         print(_files.strict_json(result, indent=2))

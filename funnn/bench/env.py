@@ -81,10 +81,12 @@ def _versions() -> dict:
         out["jaxlib"] = jaxlib.__version__
     except (ImportError, AttributeError):
         out["jaxlib"] = None
+    from importlib import metadata
+
     for mod in ("numpy", "optax", "flax", "equinox", "torch"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
+        try:        # the installed version, without importing the library (torch: seconds)
+            out[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             out[mod] = None
     return out
 

@@ -353,7 +353,8 @@ def _row(p: _Prepared, base: _Prepared | None, how: str, per_round: int, seed: i
     elif base is not None and len(base.rounds) == len(p.rounds):
         s = stats.ratio_summary(p.rounds, base.rounds, seed)
         row.update(ratio_to_baseline=s["ratio"], ratio_ci95=s["ratio_ci95"],
-                   round_ratios=s["round_ratios"], noisy=s["noisy"])
+                   round_ratios=s["round_ratios"], noisy=s["noisy"],
+                   verdict=stats.verdict(*s["ratio_ci95"]))
     if p.flops:
         row["achieved_flops_per_s"] = p.flops / med
     if p.flops and p.bytes:

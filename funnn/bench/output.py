@@ -24,7 +24,7 @@ ROW_FIELDS = (
     "suite", "name", "impl", "role", "baseline", "baseline_note", "batch", "dtype",
     "time_median_s", "time_iqr_s", "time_min_s", "time_max_s", "n_samples", "n_rounds",
     "calls_per_sample", "timing", "latency_median_s", "samples_s", "round_medians_s",
-    "order_seed", "ratio_to_baseline", "ratio_ci95", "round_ratios", "noisy",
+    "order_seed", "ratio_to_baseline", "ratio_ci95", "round_ratios", "noisy", "verdict",
     "flops_per_call", "flops_source", "flops_flag", "bytes_per_call", "bytes_source",
     "achieved_flops_per_s", "fraction_of_measured_peak", "peak_flag", "mfu", "mfu_source",
     "intensity", "compile_s", "memory_compiled_bytes", "memory_peak_bytes",

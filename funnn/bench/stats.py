@@ -8,7 +8,9 @@ replacement, the median recomputed, the 2.5th and 97.5th percentiles kept). Drif
 hits a whole round cancels in its ratio; what is left is the noise the interval shows.
 
 A verdict ("faster", "slower", "no change") is given only where the interval allows: a
-change is claimed when the whole interval lies beyond ``1 ± tol``.
+change is claimed when the whole interval lies beyond ``1 ± MIN_EFFECT`` (2%): a 95% interval
+excludes 1 by chance one time in twenty, and two separately compiled copies of one step can
+differ by a percent in memory layout, so smaller shifts are not called changes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["iqr", "bootstrap_median_ci", "ratio_summary", "change_summary", "verdict",
-           "NOISY_HALF_WIDTH", "BOOTSTRAP"]
+           "NOISY_HALF_WIDTH", "BOOTSTRAP", "MIN_EFFECT"]
+
+MIN_EFFECT = 0.02
+"""Shifts whose interval does not clear ``1 ± 2%`` are reported as "no change"."""
 
 NOISY_HALF_WIDTH = 0.10
 """A ratio whose 95% interval is wider than ±10% of itself is marked noisy."""
@@ -93,7 +98,7 @@ def change_summary(old_rounds: Sequence[float], new_rounds: Sequence[float],
     return {"change": mid, "change_ci95": [float(lo), float(hi)]}
 
 
-def verdict(lo: float, hi: float, tol: float = 0.0, *, larger: str = "slower",
+def verdict(lo: float, hi: float, tol: float = MIN_EFFECT, *, larger: str = "slower",
             smaller: str = "faster") -> str:
     """``larger`` where the interval ``[lo, hi]`` lies wholly above ``1 + tol``, ``smaller``
     where wholly below ``1 - tol``, else ``"no change"`` (the interval allows either)."""
