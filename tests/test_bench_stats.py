@@ -319,3 +319,39 @@ def test_trace_writes_a_profiler_trace_of_one_row(tmp_path):
     assert rows["four"]["trace"] and rows["base"]["trace"] is None
     files = [f for _, _, fs in os.walk(rows["four"]["trace"]) for f in fs]
     assert files, "no trace files written"
+
+
+# --------------------------------------------------------------------------- peers isolated
+
+_PEERS_SCRIPT = r"""
+import dataclasses, json, os
+from funnn import bench
+from funnn.bench import suites
+cases = suites._step_group("peers", "mlp", 32, "float32", ["pure JAX", "torch"], check=False)
+again = dataclasses.replace(cases[0], impl="pure JAX again", baseline=False)
+rows = bench.run_group(cases + [again], rounds=12, per_round=2, seed=0, memory=False)
+import torch
+print(json.dumps({"rows": rows, "policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_jax_row_after_torch_is_within_the_aa_noise():
+    """PyTorch loads with passive OpenMP waiting (a fresh process, as ``funnn bench`` is):
+    a pure-JAX row timed in rounds with torch is not slowed beyond the A/A control's noise."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    out = subprocess.run([sys.executable, "-c", _PEERS_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert doc["policy"] == "PASSIVE" and doc["threads"] >= 1
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert rows["torch"]["status"] == "ok"
+    aa, again = rows["pure JAX [A/A copy]"]["ratio_ci95"], rows["pure JAX again"]["ratio_ci95"]
+    assert again[0] <= aa[1] and aa[0] <= again[1], (again, aa)   # intervals overlap
+    assert again[0] <= 1.0 + 0.1, again                             # not slowed by torch
