@@ -221,10 +221,9 @@ def _roofline(path: str, peaks: dict, pts: list[dict]) -> bool:
         ax.plot(xs, [min(peaks[key], bw * x) for x in xs], style, color="k",
                 label=f"{key} ceiling ({peaks[key] / 1e9:.0f} GFLOP/s, {bw / 1e9:.0f} GB/s)")
     for i, r in enumerate(pts):
-        hollow = "xla" not in (r.get("bytes_source") or "xla") or "lower bound" in \
-            (r.get("bytes_source") or "")
+        bound = "lower bound" in (r.get("bytes_source") or "")
         ax.scatter(r["intensity"], r["achieved_flops_per_s"], s=18, color=f"C{i % 10}",
-                   marker="o" if not hollow else "s",
+                   marker="s" if bound else "o",
                    label=f"{r['name']}: {r['impl']}"[:60])
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP/byte)",
            ylabel="achieved FLOP/s",
