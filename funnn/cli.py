@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark suites with 95%% intervals and an A/A "
                                      "control; 'funnn bench compare OLD NEW' compares runs")
-    from funnn.bench import cli_args
+    from funnn.bench import _cli as cli_args
     cli_args.add(b, _positive_int)
 
     i = sub.add_parser("info", help="JAX version, devices, processes, the mesh, optional "
@@ -500,7 +500,7 @@ def _gradcheck(args) -> int:
 
 
 def _bench(args) -> int:
-    from funnn.bench import cli_args
+    from funnn.bench import _cli as cli_args
 
     if "parallel" in cli_args.suite_names(args):  # before JAX starts: 8 simulated CPU devices
         from funnn import parallel

@@ -31,15 +31,15 @@ def add(b: argparse.ArgumentParser, positive_int) -> None:
     b.add_argument("--suite", default="engines",
                    help=f"comma-separated: {SUITE_HELP} (default: engines)")
     b.add_argument("--quick", action="store_true",
-                   help="small sizes, 8 rounds of 2 calls (the six README suites in under "
+                   help="small sizes, 7 rounds of 3 calls (the six README suites in under "
                         "3 minutes on a 2-core CPU); the default sizes are for accelerators")
     b.add_argument("--peers", default=None,
                    help="comma-separated peers for the peers suite: flax-linen, flax-nnx, "
                         "equinox, torch (default: all; missing ones are marked rows)")
     b.add_argument("--rounds", type=positive_int, default=None,
-                   help="rounds (default 8 quick, 11 full): more rounds, firmer intervals")
+                   help="rounds (default 7 quick, 11 full): more rounds, firmer intervals")
     b.add_argument("--per-round", type=positive_int, default=None, metavar="N",
-                   help="calls per implementation per round (default 2 quick, 5 full)")
+                   help="calls per implementation per round (default 3 quick, 5 full)")
     b.add_argument("--seed", type=int, default=None,
                    help="seed of the order within rounds (default: from the clock; recorded)")
     b.add_argument("--timing", default="auto", choices=["auto", "per-call", "blocked"],
