@@ -91,14 +91,14 @@ def run(suites: Sequence[str] = ("engines",), *, quick: bool = False, size: str 
     "table", "files"}``.
 
     ``quick`` (``size="quick"``): small sizes, 7 rounds of 3 calls (a round's median of 3
-    calls shrugs off one call the OS preempted; of 2 it would be their mean); default ``size="full"``:
-    sizes for accelerators, 11 rounds of 5; ``size="tiny"``: the smallest shapes, 3 rounds of
-    1 (the tests). ``peers`` restricts the peer libraries. ``seed`` draws the order within
-    each round (default: from the clock; recorded in ``env``). With ``out_dir``,
-    ``bench.json`` and ``roofline.png`` are written there; an existing ``bench.json`` is
-    refused unless ``overwrite``. ``timing``: ``"auto"``, ``"per-call"`` or ``"blocked"``.
-    ``trace``: a profiler trace of the first row whose ``"name: impl"`` contains it.
-    ``peak_tflops``: a datasheet peak for MFU (else a small table of known devices).
+    calls shrugs off one call the OS preempted; of 2 it would be their mean); default
+    ``size="full"``: sizes for accelerators, 11 rounds of 5; ``size="tiny"``: the smallest
+    shapes, 3 rounds of 1 (the tests). ``peers`` restricts the peer libraries. ``seed``
+    draws the order within each round (default: from the clock; recorded in ``env``).
+    With ``out_dir``, ``bench.json`` and ``roofline.png`` are written there; an existing
+    ``bench.json`` is refused unless ``overwrite``. ``timing``: ``"auto"``, ``"per-call"``
+    or ``"blocked"``. ``trace``: a profiler trace of the first row whose ``"name: impl"``
+    contains it. ``peak_tflops``: a datasheet peak for MFU (else a table of known devices).
     """
     size = size or ("quick" if quick else "full")
     suites = list(suites)
