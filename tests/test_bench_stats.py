@@ -367,3 +367,26 @@ def test_a_jax_row_after_torch_is_within_the_aa_noise():
     aa, again = rows["pure JAX [A/A copy]"]["ratio_ci95"], rows["pure JAX again"]["ratio_ci95"]
     assert again[0] <= aa[1] and aa[0] <= again[1], (again, aa)   # intervals overlap
     assert again[0] <= 1.0 + 0.1, again                             # not slowed by torch
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_environment_records_source_machine_settings_and_load(monkeypatch):
+    from funnn.bench import env as bench_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    e = bench_env.environment()
+    assert e["xla_flags"] == "--xla_cpu_enable_fast_math=false"
+    assert e["threads_env"]["OMP_NUM_THREADS"] == "2"
+    assert e["jax"] == jax.__version__ and e["jaxlib"] and e["funnn"]
+    assert e["cpu_count"] == os.cpu_count() and e["cpu_model"] and e["hostname"]
+    assert e["timestamp"].endswith("+00:00") and len(e["load_average_start"]) == 3
+    assert set(bench_env.COMPARED) <= set(bench_env.finish(e)) | {"torch_threads"}
+    assert "load_average_end" in e
+    if os.path.exists(os.path.join(os.path.dirname(os.path.dirname(bench.__file__)), "..",
+                                  ".git")) and e["git_commit"] is not None:
+        assert len(e["git_commit"]) == 40 and isinstance(e["git_dirty"], bool)
+    with pytest.raises(ConfigError, match="expected at least one suite"):
+        bench.run([], size="tiny")
