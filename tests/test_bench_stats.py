@@ -323,7 +323,6 @@ def test_memory_peak_is_measured_beside_the_compiled_estimate():
         assert r["memory_peak_bytes"] >= 0 and r["memory_peak_source"].startswith("cpu")
 
 
-@pytest.mark.slow
 def test_trace_writes_a_profiler_trace_of_one_row(tmp_path):
     rep = bench.steps({"base": _work(1), "four": _work(4)}, (X, W), rounds=2, per_round=1,
                       trace="four", out_dir=str(tmp_path))
