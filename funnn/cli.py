@@ -139,24 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.add_argument("--seed", type=_seed, default=0)
 
-    b = sub.add_parser("bench", help="benchmark suites: engines, peers, jit, per-example, "
-                                     "control, epoch, parallel; medians, ratios and the "
-                                     "roofline")
-    b.add_argument("--suite", default="engines",
-                   help="comma-separated: engines, peers, jit, per-example, control, epoch, "
-                        "parallel (1, 2, 4, 8 devices; on a CPU, 8 simulated ones), attention, "
-                        "or all (default: engines)")
-    b.add_argument("--quick", action="store_true",
-                   help="small sizes, 3 rounds (under 2 minutes on a 2-core CPU); the "
-                        "default sizes are meant for accelerators")
-    b.add_argument("--peers", default=None,
-                   help="comma-separated peers for the peers suite: flax-linen, flax-nnx, "
-                        "equinox, torch (default: all; missing ones are marked rows)")
-    b.add_argument("--rounds", type=_positive_int, default=None,
-                   help="interleaved rounds (default 3 quick, 7 full)")
-    b.add_argument("--out", default=None, metavar="DIR",
-                   help="write bench.json and roofline.png there")
-    b.add_argument("--json", action="store_true", help="print bench.json's content")
+    b = sub.add_parser("bench", help="benchmark suites with 95%% intervals and an A/A "
+                                     "control; 'funnn bench compare OLD NEW' compares runs")
+    from funnn.bench import _cli as cli_args
+    cli_args.add(b, _positive_int)
 
     i = sub.add_parser("info", help="JAX version, devices, processes, the mesh, optional "
                                      "extras")
@@ -514,24 +500,12 @@ def _gradcheck(args) -> int:
 
 
 def _bench(args) -> int:
-    from funnn import _files, bench
+    from funnn.bench import _cli as cli_args
 
-    suites = list(bench.SUITES) if args.suite == "all" else \
-        [s.strip() for s in args.suite.split(",") if s.strip()]
-    if "parallel" in suites:     # before JAX starts: 8 simulated CPU devices (CPU only)
+    if "parallel" in cli_args.suite_names(args):  # before JAX starts: 8 simulated CPU devices
         from funnn import parallel
         parallel.simulate_cpu_devices(8)
-    peers = None if args.peers is None else [p.strip() for p in args.peers.split(",")]
-    report = bench.run(suites, quick=args.quick, out_dir=args.out, peers=peers,
-                       rounds=args.rounds, progress=None)
-    if args.json:
-        print(_files.strict_json({k: report[k] for k in ("env", "peaks", "results")},
-                                 indent=2))
-    else:
-        print(report["table"])
-    for path in report["files"]:
-        print(f"wrote {path}")
-    return 0
+    return cli_args.main(args)
 
 
 def _info(args) -> int:

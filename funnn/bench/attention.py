@@ -27,7 +27,7 @@ import numpy as np
 
 from funnn import core
 from funnn import layers as L
-from funnn.bench.harness import Case, Unavailable
+from funnn.bench.harness import Case, NotApplicable, Unavailable
 
 __all__ = ["attention_suite", "attention_flops"]
 
@@ -89,7 +89,7 @@ def _case_builds(b, t, heads, d, dtype):
         def build():
             if how == "cudnn" and (jax.default_backend() != "gpu"
                                    or dtype not in ("bfloat16", "float16")):
-                raise Unavailable("cuDNN attention: a GPU and bfloat16/float16 only")
+                raise NotApplicable("cuDNN attention: a GPU and bfloat16/float16 only")
             x, dy, ws = _inputs(b, t, f, dtype)
             return _grad_of(_plain(heads, how)), (ws, x, dy)
         return build

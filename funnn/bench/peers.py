@@ -10,6 +10,11 @@ compile with the XLA options funnn's own steps and the pure-JAX baseline use
 (:func:`funnn.core.compiler_options`: on CPU, XLA's own convolutions), so the rows differ by
 the libraries, not by XLA settings; ``nnx.jit`` takes no options (its rows are MLPs, which the
 options do not touch).
+
+PyTorch is loaded with ``OMP_WAIT_POLICY=PASSIVE`` (unless set already): its OpenMP threads
+otherwise spin after each call and slow whatever JAX row runs next (two identical pure-JAX rows
+read 0.49-0.60x each other with spinning torch threads in the group). The policy and the
+thread count are recorded in ``bench.json``'s ``env``.
 """
 
 from __future__ import annotations
@@ -160,8 +165,13 @@ def equinox(arch: str, x, y, dtype):
 
 
 def _torch():
+    import os
+    import sys
+
+    if "torch" not in sys.modules:      # read once, when libgomp starts: before torch loads
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch = _need("torch")
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return torch, dev
 

@@ -36,7 +36,7 @@ from funnn import autodiff, control, core, losses, manual, parallel, precision, 
 from funnn import layers as L
 from funnn.bench import peers
 from funnn.bench.attention import attention_suite
-from funnn.bench.harness import Case, Unavailable
+from funnn.bench.harness import Case, NotApplicable, _analyse
 from funnn.core import ConfigError
 
 __all__ = ["SUITES", "SIZES", "build", "mlp_flops", "lstm_flops", "cnn_flops", "step_flops",
@@ -497,10 +497,19 @@ def epoch_suite(size: str) -> list[list[Case]]:
         return epoch, (train.TrainState(params, opt.init(params), None), x, y)
 
     flops = mlp_flops(batch) * nb
+
+    @functools.cache
+    def epoch_bytes():        # XLA's count for one step, times the steps of the epoch
+        step = core.jit(train.make_step(model, XENT, opt, "autodiff"))
+        ts = train.TrainState(params, opt.init(params), None)
+        compiled = step.lower(ts, x[:batch], y[:batch], key).compile()
+        return nb * (_analyse(compiled)[1] or 0.0)
+
     return [[Case("epoch", name, "fit: one jitted scan", batch, "float32", scan_build,
-                  baseline=True, jit=False, flops=flops, samples=nb * batch),
+                  baseline=True, jit=False, flops=flops, samples=nb * batch,
+                  bytes=epoch_bytes),
              Case("epoch", name, "python loop of jitted steps", batch, "float32", loop_build,
-                  jit=False, flops=flops, samples=nb * batch)]]
+                  jit=False, flops=flops, samples=nb * batch, bytes=epoch_bytes)]]
 
 
 def _dp_step(n: int, sharding: str, batch: int, ref: dict):
@@ -508,7 +517,7 @@ def _dp_step(n: int, sharding: str, batch: int, ref: dict):
     def build():
         have = jax.local_device_count()
         if have < n:
-            raise Unavailable(f"{n} devices wanted, this process has {have}; on a CPU set "
+            raise NotApplicable(f"{n} devices wanted, this process has {have}; on a CPU set "
                               f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
         model = funnn_model("mlp")
         x, y = data_for("mlp", batch)
@@ -549,7 +558,8 @@ def _allreduce(n: int):
     """``psum`` over ``data`` of one gradient-sized tree per device: the collective alone."""
     def build():
         if jax.local_device_count() < n:
-            raise Unavailable(f"{n} devices wanted, this process has {jax.local_device_count()}")
+            raise NotApplicable(f"{n} devices wanted, this process has "
+                                f"{jax.local_device_count()}")
         mesh = parallel.make_mesh(n)
         _, params = funnn_model("mlp").init(jax.random.key(0), (None, 784))
         per_device = jax.tree_util.tree_map(
