@@ -156,6 +156,7 @@ def _backprop_both_ways(x, dy):
     return {a.name: (a.backprop(x, dy), jax.vjp(a.f, x)[1](dy)[0]) for a in A.ALL}
 
 
+@pytest.mark.slow
 def test_backprop_equals_vjp():
     kx, kd = jax.random.split(jax.random.key(0))
     x = 3 * jax.random.normal(kx, (3, 5), jnp.float64)

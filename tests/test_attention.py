@@ -102,7 +102,9 @@ def _mask_kw(kind):
     return {}, None, None
 
 
-@pytest.mark.parametrize("impl,causal,kind,kv", CASES, ids=str)
+@pytest.mark.parametrize("impl,causal,kind,kv", [   # the chunked cases: ~2.5-3 s each
+    pytest.param(*c, marks=pytest.mark.slow) if c[0] == "chunked" else c for c in CASES],
+    ids=str)
 def test_values_oracle_and_manual_equals_autodiff(impl, causal, kind, kv):
     layer = L.multi_head_attention(H, causal=causal, implementation=impl, num_kv_heads=kv,
                                    block_size=2)
@@ -115,6 +117,7 @@ def test_values_oracle_and_manual_equals_autodiff(impl, causal, kind, kv):
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradcheck_finite_differences_both_implementations():
     x, y = _x(), _x(seed=2)
     for impl in ("materialized", "chunked"):
@@ -123,6 +126,7 @@ def test_gradcheck_finite_differences_both_implementations():
         assert report.ok, str(report)
 
 
+@pytest.mark.slow
 def test_materialized_and_chunked_agree():
     x, dy = _x((B, 7, F)), _x((B, 7, F), seed=2)
     full = jnp.asarray(np.random.default_rng(4).random((B, 7, 7)) < 0.5)
@@ -140,6 +144,7 @@ def test_materialized_and_chunked_agree():
             np.testing.assert_allclose(outs[0][0][1], jnp.broadcast_to(p["b_o"], (7, F)))
 
 
+@pytest.mark.slow
 def test_masked_keys_get_zero_weight_and_zero_gradient():
     layer = L.multi_head_attention(H, implementation="materialized")
     p, x = _params(layer), _x()
@@ -165,6 +170,7 @@ def test_causal_output_ignores_the_future():
     assert not np.allclose(y2[:, 3:], y[:, 3:])
 
 
+@pytest.mark.slow
 def test_grouped_kv_heads_equal_repeated_heads():
     gqa = L.multi_head_attention(4, num_kv_heads=2, head_dim=3)
     mha = L.multi_head_attention(4, head_dim=3)
@@ -179,6 +185,7 @@ def test_grouped_kv_heads_equal_repeated_heads():
     _vjp_check(gqa, p, x, _x(seed=2), lengths=jnp.asarray(LENGTHS))
 
 
+@pytest.mark.slow
 def test_cross_attention_values_gradients_and_gradcheck():
     s_len, fc = 4, 6
     x, c, dy = _x(), _x((B, s_len, fc), seed=3), _x(seed=2)
@@ -199,6 +206,7 @@ def test_cross_attention_values_gradients_and_gradcheck():
                                        _np_attention(p, x, c, H, 1), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_vmap_over_a_batch_of_one():
     layer = L.multi_head_attention(H, causal=True)
     p, x, y = _params(layer), _x(), _x(seed=2)
@@ -214,6 +222,7 @@ def test_jit_equals_eager_and_vmap_over_a_batch_of_one():
         chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], per[1]), gi, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_dropout_on_attention_weights():
     for impl in ("materialized", "chunked"):
         layer = L.multi_head_attention(H, dropout=0.5, implementation=impl, block_size=2)
@@ -229,6 +238,7 @@ def test_dropout_on_attention_weights():
             assert set(np.unique(np.asarray(res.drop))) == {0.0, 2.0}
 
 
+@pytest.mark.slow
 def test_pytorch_multihead_attention_oracle():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -258,6 +268,7 @@ def test_pytorch_multihead_attention_oracle():
         np.testing.assert_allclose(g["b_v"], mha.in_proj_bias.grad.numpy()[2 * F:], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_transformer_block_gradcheck_and_masks():
     block = L.transformer_block(H, 16, causal=True)
     shape, p = block.init(jax.random.key(0), (None, T, F))
@@ -270,6 +281,7 @@ def test_transformer_block_gradcheck_and_masks():
                train=True)
 
 
+@pytest.mark.slow
 def test_positional_embeddings_and_tied_output():
     x, y = _x(), _x(seed=2)
     for kind in ("learned", "sinusoidal"):
@@ -336,6 +348,7 @@ def test_errors_name_the_layer():
         layer.apply({**p, "b_o": jnp.zeros(3)}, x)
 
 
+@pytest.mark.slow
 def test_compiled_memory_chunked_linear_materialized_quadratic():
     """XLA's temp bytes for forward + backward at seq 256 and 1024 (4x longer)."""
     def temp(impl, seq):
@@ -356,6 +369,7 @@ def test_compiled_memory_chunked_linear_materialized_quadratic():
     assert chk < 6, chk                # ~4x: row statistics and one block of keys
 
 
+@pytest.mark.slow
 @settings(max_examples=3)
 @given(b=st.integers(1, 2), t=st.integers(1, 6), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]),
        d=st.integers(1, 3), block=st.integers(1, 4), causal=st.booleans())

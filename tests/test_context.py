@@ -47,6 +47,7 @@ def test_context_is_the_union_of_the_readers():
         "mask", "lengths")
 
 
+@pytest.mark.slow
 def test_mask_reaches_every_reader_and_padding_is_ignored(stack):
     model, params = stack
     y = model.apply(params, IDS, lengths=LENGTHS)
@@ -72,6 +73,7 @@ def test_serial_equals_the_layers_called_one_by_one(stack):
         model.apply(params, IDS, mask=jnp.arange(T) < LENGTHS[:, None]), ref, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_masked_recurrent_layer_in_the_middle_matches_masked_pair():
     x = jax.random.normal(jax.random.key(1), (B, T, 4))
     model = L.serial(L.dense(5), L.gru(3, return_sequences=False))
@@ -81,6 +83,7 @@ def test_masked_recurrent_layer_in_the_middle_matches_masked_pair():
     np.testing.assert_allclose(model.apply(params, x, lengths=LENGTHS), ref, rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["manual", "bridge"])
 def test_masked_gradients_agree_with_autodiff(stack, engine):
     model, params = stack
@@ -143,6 +146,7 @@ def _scaled_sin():
     return core.layer_from_apply(init, apply, name="scaled_sin")
 
 
+@pytest.mark.slow
 def test_layer_from_apply_gradients_and_marking():
     model = L.serial(L.dense(4), _scaled_sin(), L.dense(2))
     _, params = model.init(jax.random.key(0), (None, 3))
@@ -165,6 +169,7 @@ def test_layer_from_apply_gradients_and_marking():
     np.testing.assert_allclose(g["a"], jnp.sin(h).sum(0), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_layer_from_apply_integer_input_and_side_inputs():
     def init(key, in_shape):
         return (*in_shape, 3), {"table": jax.random.normal(key, (7, 3))}

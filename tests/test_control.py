@@ -200,6 +200,7 @@ def test_fixed_point_linear_closed_form_and_unrolled():
     assert float(g["A"][1, 2]) == pytest.approx(num, rel=1e-7)
 
 
+@pytest.mark.slow
 def test_fixed_point_composes_with_jit_vmap_and_closures():
     sqrt_fp = lambda a: fixed_point(lambda a, x: (x + a / x) / 2, a, a).x
     a = jnp.array([0.5, 2.0, 9.0, 1e4])
@@ -234,6 +235,7 @@ def test_fixed_point_float32_default_tolerance():
     assert float(out.x) == pytest.approx(np.sqrt(2.0), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fixed_point_nonconvergence_is_reported_never_silent():
     diverge = lambda a, x: 2.0 * x + a
     out = fixed_point(diverge, 1.0, 1.0)

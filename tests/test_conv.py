@@ -226,11 +226,13 @@ def conv_configs(draw):
     return nd, features, k, opts, (draw(st.integers(1, 2)),) + sizes + (c_in,)
 
 
+@pytest.mark.slow
 @given(conv_configs(), st.integers(0, 2**31 - 1), st.sampled_from(LOWERINGS))
 def test_property_random_options(case, seed, lowering):
     check_case(case, seed, lowering=lowering)
 
 
+@pytest.mark.slow
 @given(conv_configs(), st.integers(0, 2**31 - 1))
 def test_property_lowerings_agree(case, seed):
     """patches and native: the same forward, manual gradients and autodiff gradients to float64

@@ -105,6 +105,7 @@ def test_stack_three_ways(loss):
     assert all(r["rel_err"]["manual~autodiff"] <= 1e-10 for r in d["leaves"])
 
 
+@pytest.mark.slow
 def test_gradcheck_detects_a_wrong_backward():
     good = L.dense(2)
     bad = core.Layer("bad", good.init, good.apply, good.forward,
@@ -121,6 +122,7 @@ def test_gradcheck_detects_a_wrong_backward():
     assert not report.ok
 
 
+@pytest.mark.slow
 def test_engines_agree_jit_and_vmap():
     model = _stack()
     _, params = model.init(jax.random.key(0), (None, 4))
@@ -176,6 +178,7 @@ def test_summary_and_count():
     assert paths[0] == "0.W" and "2.1.0.b" in paths
 
 
+@pytest.mark.slow
 def test_errors_name_the_layer_and_shapes():
     model = L.serial(L.dense(30), L.activation("sigmoid"), L.dense(10))
     _, params = model.init(jax.random.key(0), (None, 64))
@@ -209,6 +212,7 @@ def test_public_api_names():
         assert hasattr(funnn, name)
 
 
+@pytest.mark.slow
 def test_gradcheck_stateful_network_with_a_zero_gradient_leaf():
     """conv -> batch_norm -> ... -> dropout: state and key are threaded through all three
     engines; the conv bias before batch-norm has a true gradient of zero, which the
@@ -295,6 +299,7 @@ def test_manual_grads_come_back_in_the_param_and_input_dtypes():
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_manual_engine_with_float32_params_and_float64_data():
     """Adam's moments take the gradients' dtype: float64 grads of float32 params would change
     the epoch scan's carry dtype and fail to compile."""

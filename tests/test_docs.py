@@ -1,12 +1,16 @@
-"""The documentation: every tutorial and curriculum page runs, and the reference covers funnn.
+"""The documentation: every tutorial, reference and curriculum page runs, the README's Python
+runs, and the API reference covers funnn.
 
 Each page runs in its own process (``tests/doc_runner.py``): its Python blocks in order, in
 one namespace, with JAX's defaults (float32, no ``jax_enable_x64`` from this suite's
-conftest), as a reader would run them. ``mkdocs build --strict`` itself runs in ``.ci/run``.
+conftest), as a reader would run them. Running a page costs seconds (a fresh JAX, compiles),
+so those tests are ``slow``; the checks of the pages' structure are fast.
+``mkdocs build --strict`` itself runs in ``.ci/run``.
 """
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -14,7 +18,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = sorted([*DOCS.glob("tutorials/*.md"), *DOCS.glob("curriculum/*.md")])
+PAGES = sorted([*DOCS.glob("tutorials/*.md"), *DOCS.glob("reference/*.md"),
+                *DOCS.glob("curriculum/*.md")])
+README = ROOT / "README.md"
 SEEDS = ROOT.parent / "shared" / "seeds"
 
 # Modules with no page of their own: helpers of other modules, documented there.
@@ -24,6 +30,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 import doc_runner  # noqa: E402
 
 
+def _run_page(page: pathlib.Path, cwd: pathlib.Path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu",
+        "MPLBACKEND": "Agg"}
+    env.pop("JAX_ENABLE_X64", None)
+    env.pop("XLA_FLAGS", None)      # a page that wants simulated devices asks for them itself
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "doc_runner.py"), str(page)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_page_runs(page):
     found = doc_runner.blocks(page.read_text())
@@ -34,15 +51,40 @@ def test_page_runs(page):
             f"{page.name}: {len(skipped)} of {len(found)} blocks are marked not run")
     if not found:
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu",
-        "MPLBACKEND": "Agg"}
-    env.pop("JAX_ENABLE_X64", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "doc_runner.py"), str(page)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = _run_page(page, ROOT)
     assert proc.returncode == 0, (
         f"{page.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     assert f"ran {len(found) - len(skipped)} of {len(found)}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_readme_python_runs(tmp_path):
+    """Every Python block of the README runs, none skipped, in a fresh directory (the
+    quickstart writes ``runs/quickstart``); run twice, its ``resume="auto"`` resumes."""
+    found = doc_runner.blocks(README.read_text())
+    assert found and not [b for b in found if b[2]], "README python blocks must all run"
+    for _ in range(2):
+        proc = _run_page(README, tmp_path)
+        assert proc.returncode == 0, f"README failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        assert f"ran {len(found)} of {len(found)}" in proc.stdout
+    assert (tmp_path / "runs" / "quickstart").is_dir()
+
+
+def test_readme_is_a_front_door():
+    """At most 200 lines; the two set-up commands come first, the test command exactly as
+    ``.ci/run`` runs it; every relative link points at a file of the repository."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200, f"README.md has {len(text.splitlines())} lines"
+    fences = re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+    (lang1, train_cmd), (lang2, test_cmd) = fences[0], fences[1]
+    assert lang1 == lang2 == "bash"
+    assert train_cmd.strip().endswith("funnn train")
+    assert test_cmd.strip().endswith('pip install -e ".[test]" && python -m pytest -n 2 -q')
+    ci = ROOT / ".ci" / "run"
+    if ci.exists():
+        assert 'pip install -e ".[test]" && python -m pytest -n 2 -q' in ci.read_text()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
 
 
 def test_runner_reads_blocks_and_skip_marks():

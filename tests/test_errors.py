@@ -171,6 +171,7 @@ def _custom(name, dx_fn=lambda dy: dy, dp_fn=lambda p, dy: {}):
                  lambda p, x, **kw: (x, None), lambda p, r, dy: (dp_fn(p, dy), dx_fn(dy)))
 
 
+@pytest.mark.slow
 def test_backward_returning_a_wrong_shaped_dx_names_the_layer():
     mylayer = _custom("mylayer", dx_fn=lambda dy: dy[..., :3])
     model = L.serial(L.dense(5), mylayer, L.dense(2))
@@ -227,6 +228,7 @@ def test_backward_returning_wrong_dparams_names_the_layer():
         manual.value_and_grad(bare, losses.mse)(pb, x, y)
 
 
+@pytest.mark.slow
 def test_checks_pass_for_layers_whose_dx_is_none_or_a_tuple():
     """Embedding's dx is None (integer ids); a masked rnn takes (x, mask) and returns (dx, None)."""
     emb = L.serial(L.embedding(10, 4), L.flatten(), L.dense(2))

@@ -165,6 +165,7 @@ def test_delta_rule_sigmoid_learns_xor(tmp_path):
 # --------------------------------------------------------------------------- compress
 
 
+@pytest.mark.slow
 def test_compress_equals_one_layer():
     ex = load("compress")
     r = ex.main()

@@ -124,6 +124,7 @@ def test_dense_mlp_against_numpy():
     np.testing.assert_allclose(model.apply(params, x), want, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_cnn_with_flatten_order_against_numpy():
     """conv (OIHW -> HWIO), NCHW flatten (C, H, W) vs funnn's NHWC flatten (H, W, C)."""
     sd = {"conv.weight": _r(4, 2, 3, 3), "conv.bias": _r(4), **sd_linear(4 * 5 * 6, 3, "fc.")}
@@ -218,6 +219,7 @@ def _sd(module):
     return {k: v.detach().numpy().astype(np.float64) for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_against_pytorch():
     torch = pytest.importorskip("torch")
     nn = torch.nn

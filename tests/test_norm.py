@@ -330,6 +330,7 @@ def test_batch_norm_batch_of_one_in_train_mode_raises(shape):
     assert np.all(np.isfinite(y))                       # one example, 2 values per channel: fine
 
 
+@pytest.mark.slow
 def test_batch_norm_per_example_vmap_in_train_mode_names_the_layer():
     """The README's per-example recipe (vmap over x[:, None]) hits a batch of one per example:
     both engines raise, naming the layer; train=False works."""

@@ -163,6 +163,7 @@ def test_two_processes_end_where_eight_devices_end_and_both_resume(tmp_path):
     assert time.perf_counter() - t0 < 100
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
     t0 = time.perf_counter()
     ((code, _, stderr),) = _finish(_funnn(
@@ -174,6 +175,7 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow
 def test_process_zero_alone_stops_after_the_timeout_instead_of_hanging():
     """Past the coordinator's port, JAX owns the wait: it ends the process (SIGABRT)."""
     t0 = time.perf_counter()
@@ -228,6 +230,7 @@ def test_bad_parallel_options_exit_2_with_one_line(argv, match, capsys, tmp_path
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_one_device_mesh_is_the_same_code_path_and_says_where_arrays_live():
     tr, te = data.load("xor", n=64)
     model = L.serial(L.dense(8), L.activation("tanh"), L.dense(2))

@@ -93,17 +93,20 @@ def _labels(shape, k, seed=2):
     return jax.random.randint(jax.random.key(seed), shape, 0, k)
 
 
+@pytest.mark.slow
 def test_dense_prelu_activation():
     model = L.serial(L.dense(6), L.prelu(), L.activation("tanh"), L.dense(3))
     check(model, (None, 5), _normal((5, 5)), _labels((5,), 3))
 
 
+@pytest.mark.slow
 def test_dense_with_time_axis_mse_both_norm_rules():
     # dense(8) on T=3 rows of 8 takes the Gram form (9*16 < 3*64), dense(2) materialises
     model = L.serial(L.dense(8), L.activation("sigmoid"), L.dense(2))
     check(model, (None, 3, 8), _normal((4, 3, 8)), _normal((4, 3, 2), 3), loss=losses.mse)
 
 
+@pytest.mark.slow
 def test_conv_pool_flatten():
     # conv 3x3 -> 4 channels on 6x6 materialises; the second conv has T = 4 positions and
     # the Gram form (16 * (36 + 5) < 4 * 36 * 5 is false -> check both by the third conv)
@@ -113,6 +116,7 @@ def test_conv_pool_flatten():
     check(model, (None, 6, 6, 2), _normal((4, 6, 6, 2)), _labels((4,), 3))
 
 
+@pytest.mark.slow
 def test_conv1d_groups_stride_dilation_global_pool():
     model = L.serial(L.conv1d(4, 3, stride=2, dilation=1, groups=2, padding=1),
                      L.activation("tanh"), L.conv1d(6, 2, dilation=2), L.global_avg_pool(),
@@ -120,12 +124,14 @@ def test_conv1d_groups_stride_dilation_global_pool():
     check(model, (None, 9, 2), _normal((4, 9, 2)), _labels((4,), 3))
 
 
+@pytest.mark.slow
 def test_dropout_with_key():
     model = L.serial(L.dense(8), L.dropout(0.5), L.activation("relu"), L.dense(3))
     check(model, (None, 5), _normal((6, 5)), _labels((6,), 3), key=jax.random.key(7),
           batch_forward=True)
 
 
+@pytest.mark.slow
 def test_layer_norm_embedding_sequence_loss():
     # ids (B, T) -> embedding -> layer_norm -> dense: the loss of one example is the mean
     # over its T positions; T*T <= num_embeddings takes the embedding's Gram form
@@ -134,18 +140,21 @@ def test_layer_norm_embedding_sequence_loss():
     check(model, (None, 3), ids, _labels((4, 3), 5))
 
 
+@pytest.mark.slow
 def test_embedding_materialised_norm():
     ids = jnp.array([[1, 3, 1, 2, 0], [0, 0, 0, 1, 1], [2, 2, 3, 3, 1]])
     model = L.serial(L.embedding(4, 3), L.flatten(), L.dense(2))
     check(model, (None, 5), ids, _labels((3,), 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", [L.rnn, L.lstm, L.gru])
 def test_recurrent(cell):
     model = L.serial(cell(5), cell(4, return_sequences=False), L.dense(3))
     check(model, (None, 4, 3), _normal((4, 4, 3)), _labels((4,), 3))
 
 
+@pytest.mark.slow
 def test_recurrent_masked_parallel_residual():
     lengths = jnp.array([4, 2, 3, 1])
     x = _normal((4, 4, 3))
@@ -165,6 +174,7 @@ def test_recurrent_masked_parallel_residual():
     _close(n, jnp.sqrt(_leaves_sq(g_ref, 4)), "masked gru norms")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["materialized", "chunked"])
 def test_attention(impl):
     model = L.serial(L.positional_embedding(8, "sinusoidal"),
@@ -173,12 +183,14 @@ def test_attention(impl):
     check(model, (None, 5, 4), _normal((3, 5, 4)), _labels((3, 5), 3))
 
 
+@pytest.mark.slow
 def test_cross_attention():
     model = L.serial(L.cross_attention(2, implementation="materialized"), L.dense(3))
     x, ctx = _normal((3, 2, 4)), _normal((3, 5, 6), 5)
     check(model, ((None, 2, 4), (None, 5, 6)), (x, ctx), _labels((3,), 3).repeat(2).reshape(3, 2))
 
 
+@pytest.mark.slow
 def test_transformer_block_positional_tied_embedding():
     # grouped-query attention (2 heads sharing 1 key/value head) inside the block
     body = L.serial(L.positional_embedding(6, "learned", std=0.5),
@@ -188,6 +200,7 @@ def test_transformer_block_positional_tied_embedding():
     check(model, (None, 4), ids, _labels((3, 4), 7))
 
 
+@pytest.mark.slow
 @settings(max_examples=3)
 @given(t=st.integers(1, 4), f=st.integers(1, 6), out=st.integers(1, 6), b=st.integers(2, 4))
 def test_dense_norm_rules_any_shape(t, f, out, b):
@@ -228,6 +241,7 @@ def test_layer_without_rule_and_no_batch_axis():
         manual.per_example_value_and_grad(dense, XENT)(params, jnp.ones(3), jnp.array(1))
 
 
+@pytest.mark.slow
 def test_side_inputs_reach_the_forward():
     model = L.multi_head_attention(2, implementation="chunked", block_size=2)
     _, params = model.init(jax.random.key(0), (None, 4, 4))

@@ -192,6 +192,7 @@ def pool_configs(draw):
     return k, opts, shape, draw(st.sampled_from(["max", "avg", "avg_include_pad"]))
 
 
+@pytest.mark.slow
 @given(pool_configs(), st.integers(0, 2**31 - 1))
 def test_property_random_options(config, seed):
     window, opts, shape, op = config

@@ -78,7 +78,13 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+# ~2-11 s each on 2 cores (compiles of both paths in two dtypes); the others stay in the fast tier
+SLOW_LAYERS = {"conv2d", "conv1d", "max_pool", "lstm", "gru", "attention_chunked",
+               "transformer_block"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYERS
+                                  else n for n in LAYERS])
 def test_every_layer_keeps_the_compute_dtype_on_both_paths(name):
     """bfloat16 in, bfloat16 out, bfloat16 gradients: no layer promotes silently, and batch-norm
     statistics stay float32."""
@@ -109,6 +115,7 @@ def test_every_layer_keeps_the_compute_dtype_on_both_paths(name):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_normalisation_and_softmax_run_in_float32():
     """Values a bfloat16 computation would get badly wrong (moments of 300 + small noise; a
     softmax over 4096 entries) come out as float32 computes them, rounded once."""
@@ -145,6 +152,7 @@ def _mixed_model():
                     L.multi_head_attention(2), L.flatten(), L.dense(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["manual", "bridge"])
 def test_wrapper_engines_agree_and_keep_master_weights(engine):
     base = _mixed_model()
@@ -175,6 +183,7 @@ def test_wrapper_engines_agree_and_keep_master_weights(engine):
         assert float(jnp.max(jnp.abs(a - b))) <= 0.1 * scale
 
 
+@pytest.mark.slow
 def test_wrapper_keeps_batch_norm_state_float32_and_input_gradient_dtype():
     model = precision.apply_policy(L.serial(L.dense(4), L.batch_norm(), L.dense(2)), "bf16")
     _, params = model.init(jax.random.key(0), (None, 3))
@@ -226,6 +235,7 @@ def digits():
     return recipe, models.prepare(recipe, tr, stats), models.prepare(recipe, te, stats)
 
 
+@pytest.mark.slow
 def test_bf16_training_reaches_float32_accuracy_on_digits(digits):
     recipe, (x, y), (ex, ey) = digits
     acc = {}
@@ -242,6 +252,7 @@ def test_bf16_training_reaches_float32_accuracy_on_digits(digits):
     assert acc["bf16"] >= acc["f32"] - 0.005, acc
 
 
+@pytest.mark.slow
 def test_f16_fit_checkpoints_the_loss_scale_and_cli_records_precision(tmp_path, digits):
     recipe, (x, y), _ = digits
     model = recipe.build(10)
@@ -268,6 +279,7 @@ def test_f16_fit_checkpoints_the_loss_scale_and_cli_records_precision(tmp_path, 
     assert cli.main(["eval", str(out), "--json"]) == 0
 
 
+@pytest.mark.slow
 def test_check_numerics_names_the_layer_inside_a_mixed_precision_model(digits):
     _, (x, y), _ = digits
     model = L.serial(L.dense(16), L.activation("relu"), L.dense(10))

@@ -125,6 +125,7 @@ def test_implicit_layer():
     assert out["accuracy"] >= 0.95 and out["losses"][-1] < 0.5 * out["losses"][0]
 
 
+@pytest.mark.slow
 def test_checkpointed_loop():
     out = load("checkpointed_loop").main(lengths=(100, 1600))
     check_rows(out["rows"], 6)

@@ -37,7 +37,8 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import event, given, note
+import pytest
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from funnn import activations as A
@@ -410,6 +411,7 @@ def _directions(params, rng):
 # --------------------------------------------------------------------------- properties
 
 
+@pytest.mark.slow      # 12 drawn networks, a compile each: ~10-30 s
 @given(case=cases())
 def test_manual_equals_autodiff_and_finite_differences(case):
     _events(case)
@@ -447,6 +449,7 @@ def test_manual_equals_autodiff_and_finite_differences(case):
         assert_directional(name, g, dirs, fd, float(l_a))
 
 
+@pytest.mark.slow      # 12 drawn networks, a compile each: ~10-30 s
 @given(case=cases(max_depth=1))      # eager runs op by op: each new shape compiles
 def test_jit_equals_eager(case):
     """``apply`` and the manual engine, eager vs jitted. These run funnn's own Python (shape
@@ -465,6 +468,7 @@ def test_jit_equals_eager(case):
     assert_close(_jit(both)(params, x, y, key, state), eager, "jit vs eager")
 
 
+@pytest.mark.slow      # 12 drawn networks, a compile each: ~10-30 s
 @given(case=cases())
 def test_per_example_gradients_sum_to_the_batch_gradient(case):
     # dropout and batch_norm in training make each example's output depend on the batch
@@ -492,3 +496,21 @@ def test_per_example_gradients_sum_to_the_batch_gradient(case):
         loss_i = _split_value(model, value_i)[0]
         assert_close(scale * np.sum(np.asarray(loss_i)), _split_value(model, value)[0],
                      f"{name}: sum of per-example losses vs batch loss")
+
+
+# --------------------------------------------------------------------------- the fast tier
+
+# One small fixed network through every property above: the drawn networks (12 per test,
+# a compile each) are the slow tier; this keeps the properties in the fast one.
+SMALL = Case(model=make("serial", make("dense", 3), make("activation", "tanh"),
+                        make("layer_norm"), make("dense", 2)),
+             loss=("softmax_cross_entropy", "mean"), train=True, x_spec=("normal", (2, 3)),
+             target="labels", seed=7, batch=2, couples=False)
+
+
+@settings(max_examples=1, database=None)
+@given(case=st.just(SMALL))
+def test_every_property_on_one_small_fixed_network(case):
+    for prop in (test_manual_equals_autodiff_and_finite_differences, test_jit_equals_eager,
+                 test_per_example_gradients_sum_to_the_batch_gradient):
+        prop.hypothesis.inner_test(case=case)

@@ -102,6 +102,7 @@ def test_manual_equals_autodiff_and_fd(kind, seq, mode, train):
     _grad_check(layer, p, x, mask, dy, train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CELLS)
 def test_unroll_gives_the_same_layer(kind):
     """unroll=3 (T=4: one full block and a remainder step) and unroll=True: gradients still
@@ -295,6 +296,7 @@ def test_out_shape_matches_eval_shape(kind, seq, masked):
     assert got.shape == ((B, T, H) if seq else (B, H)) and got.dtype == jnp.float64
 
 
+@pytest.mark.slow
 def test_with_serial_and_engines():
     """A stacked network's manual gradient (serial of our backward) equals autodiff."""
     import funnn.autodiff
