@@ -336,7 +336,8 @@ def _train(args) -> int:
         learning_rate=config["learning_rate"], epochs=config["epochs"],
         batch_size=config["batch_size"], engine=args.engine, key=k_train,
         eval_data=(ex, ey), schedule=config["schedule"], progress=False if args.quiet else None,
-        run_dir=out, resume=args.resume, from_checkpoint=start, config=config,
+        run_dir=out, resume=args.resume, overwrite=args.overwrite, from_checkpoint=start,
+        config=config,
         extras={"input_mean": mean, "input_scale": scale} if recipe.standardize else None,
         check_numerics=args.check_numerics, log=print, mesh=mesh, sharding=sharding,
         precision=args.precision, dp=_dp(args))
