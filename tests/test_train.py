@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import XOR, leaves, main, tiny, tree_astype
 
 from funnn import checkpoint, data, losses, models, train
 from funnn import layers as L
@@ -162,3 +163,159 @@ def test_evaluate_compiles_once_and_learning_rate_types():
     for bad in (True, float("inf"), float("nan"), "fast", -1):
         with pytest.raises(ConfigError, match="learning rate"):
             train.get_optimizer("sgd", bad)
+
+
+# ----- moved from tests/test_runs.py
+
+
+@pytest.mark.slow
+def test_from_checkpoint_starts_a_new_run_from_its_weights(xor_run, tmp_path):
+    path = checkpoint.latest(xor_run / "checkpoints")
+    ck = checkpoint.restore(path)
+    from funnn import models
+    model = models.get("mlp").build(2)
+    x, y = models.prepare(models.get("mlp"), data.load("xor")[0])
+    res = train.fit(model, None, (x, y), "softmax_cross_entropy", "sgd", learning_rate=1e-30,
+                    epochs=1, batch_size=4, progress=False, from_checkpoint=path)
+    for a, b in zip(leaves(res.params), leaves(ck.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _counter_model():
+    """``y = x W + b`` on x = 1, trained by a loss that rewards growth and turns NaN once the
+    mean output passes 1: each SGD step raises it by 0.2, so epoch 6 is the first to see NaN."""
+    import jax.numpy as jnp
+
+    from funnn import layers as L
+
+    model = L.dense(1, w_init="zeros")
+
+    def loss(pred, y):
+        s = pred.mean()
+        return jnp.where(s > 1.0, jnp.nan, -s)
+
+    return model, loss
+
+
+@pytest.mark.slow
+def test_fit_keeps_the_last_finite_checkpoint_and_raises_with_history(tmp_path):
+    import jax
+    model, loss = _counter_model()
+    _, params = model.init(jax.random.key(0), (None, 1))
+    x, y = np.ones((4, 1), np.float32), np.zeros((4, 1), np.float32)
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.fit(model, params, (x, y), loss, "sgd", learning_rate=0.1, epochs=20,
+                  batch_size=4, progress=False, checkpoint_dir=tmp_path / "c")
+    err = info.value
+    assert err.epoch == 7 and err.quantity == "training loss"
+    assert [r["epoch"] for r in err.history] == list(range(1, 8))
+    assert np.isnan(err.history[-1]["train_loss"])
+    assert all(np.isfinite(r["train_loss"]) for r in err.history[:-1])
+    assert checkpoint.latest(tmp_path / "c").endswith("ckpt_00000006.safetensors")
+    assert err.checkpoint == checkpoint.latest(tmp_path / "c")
+    assert np.isfinite(np.asarray(checkpoint.restore(err.checkpoint).params["W"])).all()
+
+
+def _one_dense(w):
+    from funnn import layers as L
+    model = L.serial(L.dense(1))
+    params = ({"W": np.full((1, 1), w, np.float32), "b": np.zeros(1, np.float32)},)
+    return model, params
+
+
+@pytest.mark.slow
+def test_check_numerics_names_the_layer_and_step():
+    import jax.numpy as jnp
+    x, y = np.full((8, 1), 10.0, np.float32), np.zeros((8, 1), np.float32)
+    kw = dict(epochs=2, batch_size=4, progress=False, check_numerics=True)
+    # an output overflows float32: 10 * 1e38
+    model, params = _one_dense(1e38)
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.fit(model, params, (x, y), "mse", "sgd", learning_rate=1e-3, **kw)
+    assert str(info.value).startswith("fit: step 1 (epoch 1, batch 1): the output of "
+                                      "serial[0] dense(1) became non-finite")
+    assert info.value.step == 1 and info.value.where == "the output of serial[0] dense(1)"
+    # outputs and loss finite, the weight gradient overflows: x * dL/dy = 1e30 * 2e10
+    model, params = _one_dense(1e-20)
+    big = np.full((8, 1), 1e30, np.float32)
+    with pytest.raises(train.TrainingDiverged, match=r"step 1 .*the gradient of serial\[0\] "
+                       r"dense\(1\) \(parameter W\)"):
+        train.fit(model, params, (big, y), lambda p, t: jnp.sum(p ** 2), "sgd",
+                  learning_rate=1e-3, **kw)
+    # a loss that is non-finite on finite outputs is named as such, at its step
+    model, loss = _counter_model()
+    with pytest.raises(train.TrainingDiverged, match=r"step 7 \(epoch 7, batch 1\): the loss "
+                       r"\(on finite outputs"):
+        train.fit(model, {"W": np.zeros((1, 1), np.float32), "b": np.zeros(1, np.float32)},
+                  (np.ones((4, 1), np.float32), np.zeros((4, 1), np.float32)), loss, "sgd",
+                  learning_rate=0.1, epochs=20, batch_size=4, progress=False,
+                  check_numerics=True)
+
+
+@pytest.mark.slow
+def test_learning_rate_must_be_finite_in_float32(tmp_path, capsys):
+    code, _, err = main(["train", *XOR, "--lr", "1e39", "--out", str(tmp_path / "D")], capsys)
+    assert code == 2 and "finite in float32" in err
+    model, params, xy = tiny()
+    params = tree_astype(params, np.float32)
+    with pytest.raises(train.ConfigError, match="not finite in the parameters' dtype float32"):
+        train.fit(model, params, xy, "mse", "sgd", learning_rate=1e39, progress=False,
+                  batch_size=4)
+
+
+@pytest.mark.slow
+def test_documented_restore_works_on_fit_checkpoints(tmp_path):
+    import jax
+    import optax
+    model, params, xy = tiny()
+    train.fit(model, params, xy, "mse", "adam", learning_rate=1e-2, epochs=2, batch_size=4,
+              progress=False, checkpoint_dir=tmp_path / "c")
+    opt = optax.adam(1e-2)
+    ck = checkpoint.restore(checkpoint.latest(tmp_path / "c"),
+                            like={"params": params, "opt_state": opt.init(params)})
+    assert ck.step == 2 and type(ck.opt_state[0]).__name__ == "ScaleByAdamState"
+    run = train.restore_run(tmp_path / "c", model)
+    assert isinstance(run.opt_state[0], optax.ScaleByAdamState)
+    grads = jax.tree_util.tree_map(lambda p: p * 0 + 1, run.params)
+    updates, _ = train.get_optimizer("adam", 1e-2).update(grads, run.opt_state, run.params)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(run.params)
+
+
+@pytest.mark.slow
+def test_optax_object_with_learning_rate_is_refused():
+    import optax
+    model, params, xy = tiny()
+    for kw in ({"learning_rate": 0.1}, {"schedule": "cosine"}):
+        with pytest.raises(train.ConfigError, match="optax optimizer carries its own"):
+            train.fit(model, params, xy, "mse", optax.sgd(0.1), progress=False, batch_size=4,
+                      **kw)
+    res = train.fit(model, params, xy, "mse", optax.sgd(0.1), progress=False, batch_size=4,
+                    epochs=1)
+    assert res.config["optimizer"] == "optax:GradientTransformationExtraArgs"
+
+
+@pytest.mark.slow
+def test_loss_as_name_or_callable():
+    import jax.numpy as jnp
+    model, params, xy = tiny()
+    kw = dict(epochs=2, batch_size=4, progress=False, learning_rate=0.1)
+    by_obj = train.fit(model, params, xy, train.losses.mse, "sgd", **kw)
+    by_name = train.fit(model, params, xy, "mse", "sgd", **kw)
+    by_fn = train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd", **kw)
+    bridge = train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd",
+                       engine="bridge", **kw)
+    for other in (by_name, by_fn, bridge):
+        np.testing.assert_allclose(other.history[-1]["train_loss"],
+                                   by_obj.history[-1]["train_loss"], rtol=1e-5)
+    with pytest.raises(train.ConfigError, match=r"manual engine needs .*\.grad"):
+        train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd",
+                  engine="manual", **kw)
+    with pytest.raises(train.ConfigError, match="unknown loss"):
+        train.fit(model, params, xy, "hinge", "sgd", **kw)
+
+
+def test_fit_on_empty_data():
+    model, params, _ = tiny()
+    x = np.zeros((0, 2), np.float32)
+    with pytest.raises(train.DataError, match="training data is empty"):
+        train.fit(model, params, (x, x[:, :1]), "mse", "sgd", progress=False)
