@@ -321,20 +321,31 @@ class Run:
     def claim(cls, root, cdir=None, *, resume=False, overwrite=False, from_checkpoint=None,
               main: bool = True) -> Run:
         """Lock ``root`` and decide: a fresh run, a resumed one (from which checkpoint), or
-        a refusal (a ConfigError). ``cdir`` holds the checkpoints (default ``root``)."""
+        a refusal (a ConfigError). ``cdir`` holds the checkpoints (default ``root``).
+
+        Another process than process 0 (``main=False``) takes no lock and refuses nothing:
+        it reads the same directory to find the checkpoint to resume from, and learns of
+        process 0's refusal when they agree."""
         root = os.fspath(root)
         cdir = os.fspath(cdir) if cdir is not None else root
         check_mode(resume, overwrite)
+        if not main:        # process 0 refuses for every process (they agree after claim)
+            found = find_run(root, cdir)
+            try:
+                path = _decide(root, found, resume, overwrite, from_checkpoint)
+            except ConfigError:
+                path = None
+            return cls(root, cdir, main=False, lock=None, found=found, resume_from=path,
+                       overwrite=overwrite)
         if resume is True and from_checkpoint is None and not os.path.isdir(root):
             raise ConfigError(f"nothing to resume: {root} does not exist (a typo in the "
                               f"directory?); leave out resume=True to start a new run", ("run",))
-        lock = RunLock(root, "run").acquire() if main else None
+        lock = RunLock(root, "run").acquire()
         try:
             found = find_run(root, cdir)
             path = _decide(root, found, resume, overwrite, from_checkpoint)
         except BaseException:
-            if lock is not None:
-                lock.release()
+            lock.release()
             raise
         return cls(root, cdir, main=main, lock=lock, found=found, resume_from=path,
                    overwrite=overwrite)

@@ -207,3 +207,14 @@ def test_mnist_file_instead_of_directory(tmp_path, capsys):
     code, _, err = main(["train", "--quiet", "--data", f"mnist:{f}", "--out",
                           str(tmp_path / "o")], capsys)
     assert code == 2 and "is a file, not a directory" in err and "does not exist" not in err
+
+
+def test_library_words_become_flags():
+    msg = ("fit: D already holds run x; continue it with resume=True, or replace it with "
+           "overwrite=True. Resume from one with from_checkpoint=PATH; check_numerics runs one "
+           "step at a time on one device; leave out mesh= to use it")
+    assert cli._in_flags(msg) == (
+        "fit: D already holds run x; continue it with --resume, or replace it with "
+        "--overwrite. Resume from one with --from-checkpoint PATH; --check-numerics runs one "
+        "step at a time on one device; leave out --devices, --model-axis, --sharding and "
+        "--coordinator to use it")

@@ -319,3 +319,83 @@ def test_fit_on_empty_data():
     x = np.zeros((0, 2), np.float32)
     with pytest.raises(train.DataError, match="training data is empty"):
         train.fit(model, params, (x, x[:, :1]), "mse", "sgd", progress=False)
+
+
+# ----- the pieces fit is made of
+
+
+def test_settings_are_resolved_once_and_print_as_the_config():
+    model, params, xy = tiny()
+    s, (x, _), held_out = train.resolve(
+        model, params, xy, "mse", "adam", learning_rate=None, epochs=3, batch_size=4,
+        engine="manual", schedule="cosine", eval_data=None, check_numerics=False, mesh=None,
+        sharding="replicated", precision=None, dp=None, config={"note": "n"}, resume=False,
+        overwrite=False, from_checkpoint=None)
+    assert s.config == {"note": "n", "optimizer": "adam", "learning_rate": 1e-3,
+                        "schedule": "cosine", "engine": "manual", "loss": "mse",
+                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32"}
+    assert repr(s) == str(s) == f"Settings({s.config!r})"
+    assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
+    with pytest.raises(Exception):
+        s.epochs = 4                                # frozen
+    # the optimizer it built is the one optimizer_from builds from its config (restore_run's)
+    a, b = s.optimizer, train.optimizer_from(s.config)
+    _, p0 = model.init(jax.random.key(1), (None, 2))
+    g = jax.tree_util.tree_map(jnp.ones_like, p0)
+    sa, sb = a.init(p0), b.init(p0)
+    for _ in range(3):
+        ua, sa = a.update(g, sa, p0)
+        ub, sb = b.update(g, sb, p0)
+        for u, v in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_optimizer_settings_follow_the_recipe_only_for_its_own_optimizer():
+    recipe = ("adamw", 3e-3, "cosine")
+    assert train.optimizer_settings(None, None, None, recipe=recipe) == {
+        "optimizer": "adamw", "learning_rate": 3e-3, "schedule": "cosine"}
+    assert train.optimizer_settings("sgd", None, None, recipe=recipe) == {
+        "optimizer": "sgd", "learning_rate": 0.1, "schedule": "constant"}
+    assert train.optimizer_settings("adamw", 0.5, None, recipe=recipe)["learning_rate"] == 0.5
+    assert train.optimizer_settings(optax.sgd(0.1))["optimizer"].startswith("optax:")
+    with pytest.raises(ConfigError, match="learning rate"):
+        train.optimizer_settings("sgd", -1.0)
+
+
+def test_checked_runner_steps_the_same_pieces_as_the_compiled_epoch():
+    model = _small_mlp()
+    _, params = model.init(jax.random.key(0), (None, 64))
+    x = jax.random.normal(jax.random.key(1), (24, 64))
+    y = jnp.arange(24) % 10
+    opt = optax.adam(1e-2)
+    fresh = lambda: train.TrainState(jax.tree_util.tree_map(jnp.copy, params),  # noqa: E731
+                                     opt.init(params), None)
+    loss = losses.softmax_cross_entropy
+    a, la = train.make_epoch(model, loss, opt, "autodiff", 8, 24)(fresh(), x, y,
+                                                                  jax.random.key(2))
+    b, lb = train.make_checked_epoch(model, loss, opt, "autodiff", 8, 24)(fresh(), x, y,
+                                                                        jax.random.key(2))
+    np.testing.assert_allclose(la, lb, rtol=1e-12)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
+
+
+def test_one_epoch_order_is_used_by_data_and_training():
+    from funnn.train import epoch as E
+    key = jax.random.key(4)
+    order = E.shuffled(10, 3)
+    idx, weights = order.draw(key)
+    assert order.num_batches == 3 and weights is None
+    np.testing.assert_array_equal(idx, data.epoch_order(key, 10, 3))
+    x = jnp.arange(10.0)[:, None]
+    xb, _ = data.epoch_batches(x, jnp.arange(10), 3, key)
+    np.testing.assert_array_equal(xb[..., 0], idx)
+
+
+def test_engines_are_chosen_by_one_lookup():
+    from funnn import engines
+    assert train.ENGINES == engines.names() == ("autodiff", "manual", "bridge")
+    assert train.get_engine("manual") is engines.get("manual").value_and_grad
+    assert [e.name for e in engines.ENGINES.values() if e.clips_by_rules] == ["manual"]
+    with pytest.raises(ConfigError, match="unknown engine 'symbolic'; valid: autodiff, manual"):
+        engines.get("symbolic")
