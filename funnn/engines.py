@@ -21,10 +21,12 @@ __all__ = ["Engine", "ENGINES", "get", "names"]
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-    """A gradient engine: its name, ``value_and_grad(model, loss, **kw)``, how DP clips."""
+    """A gradient engine: its name, ``value_and_grad(model, loss, **kw)``, whether it needs
+    the loss's hand-written ``.grad`` and how DP clips."""
 
     name: str
     value_and_grad: Callable
+    hand_written: bool = False      # runs the layers' backward and the loss's .grad
     clips_by_rules: bool = False
 
 
@@ -34,7 +36,7 @@ def _bridge(model, loss, **kw):
 
 ENGINES = {e.name: e for e in (
     Engine("autodiff", autodiff.value_and_grad),
-    Engine("manual", manual.value_and_grad, clips_by_rules=True),
+    Engine("manual", manual.value_and_grad, hand_written=True, clips_by_rules=True),
     Engine("bridge", _bridge),
 )}
 

@@ -87,8 +87,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     time and checks every step; the error then names the step and the first
     layer whose output or gradient went non-finite. Off, it costs nothing.
 
-    ``run_id`` names a new run (default: a random id); ``log`` receives one-line
-    notices (``resuming run R from epoch N (path)``).
+    ``run_id`` names a new run (default: random); ``log`` receives one-line notices.
 
     ``mesh`` (a ``jax.sharding.Mesh`` with a ``data`` axis, or a number of local
     devices) trains data-parallel: each batch is split over ``data``, and
@@ -107,14 +106,11 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     ``"f16"`` adds dynamic loss scaling (the scale lives in the optimizer state). Evaluation
     runs under the same policy.
 
-    ``dp`` (a :class:`funnn.privacy.DP`) trains with DP-SGD: each step samples its batch
-    (Poisson by default), clips every example's gradient to ``dp.clip_norm``, adds Gaussian
-    noise from the step's key and divides by ``batch_size``; history rows gain ``epsilon``
-    (at ``dp.delta``, dp-accounting's RDP accountant) and the config ``dp_clip``,
-    ``dp_noise``, ``dp_delta``, ``dp_sampling`` (compared on resume). The manual engine clips
-    by the per-example norm rules (one extra backward); ``autodiff`` and ``bridge`` fall back
-    to ``vmap(jax.grad)`` over single examples. A stateful model (batch-norm), a ``mesh`` or
-    ``check_numerics`` with ``dp`` raise :class:`ConfigError`.
+    ``dp`` (a :class:`funnn.privacy.DP`) trains with DP-SGD (:mod:`funnn.privacy`): each
+    step samples its batch, clips every example's gradient, adds noise from the step's key;
+    history rows gain ``epsilon`` and the config the ``dp_*`` settings (compared on resume).
+    A stateful model (batch-norm), a ``mesh`` or ``check_numerics`` with ``dp`` raise
+    :class:`ConfigError`.
 
     History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
     ``eval_loss``, ``eval_accuracy``, ``seconds`` and, with ``dp``, ``epsilon``.
@@ -129,10 +125,10 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     key_given, key = key is not None, jax.random.key(0) if key is None else key
     ts = _first_state(s, params, model_state, from_checkpoint if not resume else None,
                       train_xy[0])
-    run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place)
     run_id, start, history, resumed_from = run_id or uuid.uuid4().hex[:12], 0, [], None
-    owed = True             # this process owes the others one agreement (several processes)
+    run, owed = None, True      # this process owes the others one agreement (several processes)
     try:
+        run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place)
         if run is not None:
             got = run.resume(ts._asdict(), s.config, key, key_given)
             if got is not None:

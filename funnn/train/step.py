@@ -131,15 +131,16 @@ def as_loss(loss, engine: str = "autodiff"):
     The autodiff and bridge engines differentiate ``loss.value``; the manual engine
     needs the hand-written ``loss.grad`` too, so a plain callable is refused there.
     """
+    hand_written = engines.get(engine).hand_written
     if isinstance(loss, str):
         return losses.get(loss)
     if hasattr(loss, "value"):
-        if engine == "manual" and not callable(getattr(loss, "grad", None)):
+        if hand_written and not callable(getattr(loss, "grad", None)):
             raise ConfigError(f"the manual engine needs a loss with a hand-written gradient "
                               f"(.grad); {loss!r} has none; use engine='autodiff'", ("fit",))
         return loss
     if callable(loss):
-        if engine == "manual":
+        if hand_written:
             raise ConfigError("the manual engine needs a loss with a hand-written gradient "
                               "(.grad), got a plain callable; use a funnn.losses Loss (or its "
                               "name), or engine='autodiff' or 'bridge'", ("fit",))
