@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import time
 from typing import Any
 
@@ -55,6 +56,25 @@ _OWN_FILES = (RUN_FILE, METRICS_FILE, CURVES_FILE)
 _CKPT = re.compile(r"^ckpt_\d+\.safetensors$")
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def check_regular(path: str, where: str = "run") -> None:
+    """Refuse ``path`` if it exists as anything but a regular file: a symlink (which funnn
+    would follow into someone else's file), a FIFO (which would block), a directory."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ConfigError(f"cannot inspect {path}: {err.strerror or err}", (where,)) from None
+    if not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a directory" if stat.S_ISDIR(mode) else "a special file"
+        raise ConfigError(f"{path} is {kind}, not a file funnn wrote; funnn writes that name "
+                          f"itself and will not follow or replace it: move it away", (where,))
+
+
 class RunLock:
     """An exclusive advisory lock on ``directory/.funnn-lock`` (a context manager).
 
@@ -74,12 +94,17 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows
             return self
+        check_regular(self.path, self.where)
         try:
             os.makedirs(self.directory, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as err:
             raise ConfigError(f"run directory {self.directory!r} cannot be written "
                               f"({err.strerror or err})", (self.where,)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):     # swapped in since check_regular
+            os.close(fd)
+            raise ConfigError(f"{self.path} is not a regular file; funnn keeps its lock there: "
+                              f"remove it", (self.where,))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -132,8 +157,16 @@ class RunInfo:
 
 
 def _read_json(path: str) -> dict | None:
+    """A JSON object from a regular file (never through a symlink, never blocking on a FIFO),
+    or None."""
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             obj = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
@@ -340,6 +373,7 @@ class Run:
         if resume is True and from_checkpoint is None and not os.path.isdir(root):
             raise ConfigError(f"nothing to resume: {root} does not exist (a typo in the "
                               f"directory?); leave out resume=True to start a new run", ("run",))
+        _check_layout(root, cdir)
         lock = RunLock(root, "run").acquire()
         try:
             found = find_run(root, cdir)
@@ -418,6 +452,18 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _check_layout(root: str, cdir: str) -> None:
+    """Everything that would stop the run later, refused now: before the lock file, a
+    deletion or ``run.json`` (the run directory or its checkpoint folder being a file, a run
+    file being a symlink, FIFO or directory)."""
+    for d in dict.fromkeys((root, cdir)):
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise ConfigError(f"{d} is not a directory; the run keeps its files there: move it "
+                              f"away or choose another directory", ("run",))
+    for name in (*_OWN_FILES, LOCK_NAME):
+        check_regular(os.path.join(root, name))
 
 
 def _decide(root: str, found: RunInfo | None, resume, overwrite, from_checkpoint) -> str | None:

@@ -157,16 +157,21 @@ def test_corrupt_newest_lists_intact_ones_and_from_checkpoint_resumes(tmp_path, 
 @pytest.mark.slow
 def test_left_over_temp_files_are_removed_and_others_kept(xor_run, capsys):
     ck = xor_run / "checkpoints"
-    ours = [xor_run / ".funnn-tmp-abc123.tmp", ck / ".funnn-tmp-x.tmp",
-            ck / ".ckpt_00000003.safetensors.k2j3.tmp", xor_run / ".tmp-q1.json"]
+    ours = [xor_run / ".funnn-tmp-abc123.tmp", ck / ".funnn-tmp-x.tmp"]
     for p in ours:
         p.write_bytes(b"\0" * 1000)
     (xor_run / ".my-tmp-notes.tmp").write_text("user file")
+    # names earlier versions of funnn used, but a user may choose too: never deleted (issue 22)
+    theirs = [ck / ".ckpt_00000003.safetensors.k2j3.tmp", xor_run / ".tmp-q1.json",
+              xor_run / ".probe-results.csv"]
+    for p in theirs:
+        p.write_text("mine")
     code, _, err = main(["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run)],
                          capsys)
     assert code == 0, err
     assert not any(p.exists() for p in ours)
     assert (xor_run / ".my-tmp-notes.tmp").read_text() == "user file"
+    assert all(p.read_text() == "mine" for p in theirs)
 
 
 @pytest.mark.slow
@@ -433,3 +438,107 @@ def test_an_old_fit_checkpoint_dir_resumes_bit_for_bit(tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(full.params),
                     jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------- issue 22: items 2, 3, 7, 8
+
+
+def test_user_files_with_temp_like_names_survive_every_kind_of_run(tmp_path):
+    """Item 2: funnn deletes only its own temp name (``.funnn-tmp-*.tmp``), never a user's
+    ``.probe-*``, ``.tmp-*.json``/``.png`` or ``.ckpt_*.tmp``: fresh, resumed or overwritten."""
+    model, params, xy = tiny()
+    d = tmp_path / "D"
+    (d / "checkpoints").mkdir(parents=True)
+    mine = [d / ".probe-results.csv", d / ".tmp-a.json", d / ".tmp-b.png",
+            d / "checkpoints" / ".ckpt_00000001.safetensors.x.tmp"]
+    for p in mine:
+        p.write_text("mine")
+    kw = dict(batch_size=4, progress=False, run_dir=d)
+    train.fit(model, params, xy, "mse", "sgd", epochs=1, **kw)
+    train.fit(model, params, xy, "mse", "sgd", epochs=2, resume=True, **kw)
+    train.fit(model, params, xy, "mse", "sgd", epochs=1, overwrite=True, **kw)
+    assert all(p.read_text() == "mine" for p in mine)
+    (d / ".funnn-tmp-k2j3abcd.tmp").write_text("left by a killed run")
+    train.fit(model, params, xy, "mse", "sgd", epochs=2, resume=True, **kw)
+    assert not (d / ".funnn-tmp-k2j3abcd.tmp").exists()
+
+
+class _Hang(Exception):
+    pass
+
+
+def _no_hang(seconds=20):
+    def stop(*_):
+        raise _Hang("blocked")
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+
+
+def test_lock_and_run_files_that_are_not_regular_files_are_refused(tmp_path, capsys):
+    """Item 3: the lock is opened with O_NOFOLLOW; a lock or run file that is a symlink,
+    FIFO or directory is refused (exit 2), and a symlink's target is never touched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cases = {"symlink": lambda p: p.symlink_to(victim), "FIFO": lambda p: os.mkfifo(p),
+             "directory": lambda p: p.mkdir()}
+    try:
+        _no_hang()
+        for kind, make in cases.items():
+            for name in (rundir.LOCK_NAME, rundir.RUN_FILE, rundir.METRICS_FILE):
+                d = tmp_path / f"{kind}-{name}"
+                d.mkdir()
+                make(d / name)
+                with pytest.raises(train.ConfigError, match=f"is a {kind}"):
+                    rundir.Run.claim(d)
+                with pytest.raises(train.ConfigError, match=f"is a {kind}"):
+                    rundir.RunLock(d).acquire() if name == rundir.LOCK_NAME else \
+                        rundir.Run.claim(d, overwrite=True)
+    finally:
+        signal.alarm(0)
+    assert victim.read_text() == "precious"
+    d = tmp_path / "cli"
+    d.mkdir()
+    (d / rundir.LOCK_NAME).symlink_to(victim)
+    code, _, err = main(["train", *XOR, "--epochs", "1", "--out", str(d)], capsys)
+    assert code == 2 and "is a symlink" in err and len(err.strip().splitlines()) == 1
+    assert victim.read_text() == "precious" and sorted(os.listdir(d)) == [rundir.LOCK_NAME]
+
+
+@pytest.mark.slow
+def test_overwrite_decides_everything_before_deleting_anything(xor_run, capsys):
+    """Item 7: a directory named like a checkpoint is neither counted nor removed, so
+    ``--overwrite`` succeeds and the new run resumes; a checkpoint folder that is a file is
+    refused before the old run loses a file."""
+    odd = xor_run / "checkpoints" / "ckpt_00000009.safetensors"
+    odd.mkdir()
+    code, _, err = main(["train", *XOR, "--epochs", "1", "--overwrite", "--out", str(xor_run)],
+                        capsys)
+    assert code == 0, err
+    code, out, err = main(["train", *XOR, "--epochs", "2", "--resume", "--out", str(xor_run)],
+                          capsys)
+    assert code == 0 and "from epoch 1" in out, err
+    assert odd.is_dir()
+    d = _fake_run(xor_run.parent / "E")
+    (d / "checkpoints").write_text("a file, not a folder")
+    before = snapshot(d)
+    code, _, err = main(["train", *XOR, "--epochs", "1", "--overwrite", "--out", str(d)], capsys)
+    assert code == 2 and "is not a directory" in err
+    assert snapshot(d) == before
+
+
+def test_refusals_come_before_any_file_is_created(tmp_path, capsys):
+    """Item 8: a refused run leaves the directory as it found it: no run.json, no lock file."""
+    for what, make in (("checkpoints", lambda d: (d / "checkpoints").write_text("x")),
+                       ("lock", lambda d: (d / rundir.LOCK_NAME).mkdir())):
+        d = tmp_path / what
+        d.mkdir()
+        make(d)
+        before = sorted(os.listdir(d))
+        code, _, err = main(["train", *XOR, "--epochs", "1", "--out", str(d)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert sorted(os.listdir(d)) == before
+    model, params, xy = tiny()
+    with pytest.raises(train.ConfigError, match="is not a directory"):
+        train.fit(model, params, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False,
+                  run_dir=tmp_path / "checkpoints")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoints"]
