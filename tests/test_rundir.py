@@ -387,7 +387,8 @@ def test_diverged_fit_writes_metrics_with_its_status(tmp_path):
 def test_bad_settings_are_refused_before_the_directory_is_made(tmp_path, capsys):
     model, params, xy = tiny()
     bad = [dict(batch_size=100), dict(learning_rate=-1.0), dict(sharding="fsdp"),
-           dict(check_numerics=True, mesh=1), dict(resume="maybe"), dict(epochs=0)]
+           dict(check_numerics=True, mesh=1), dict(resume="maybe"), dict(epochs=0),
+           dict(keep=0)]
     for kw in bad:
         args = dict(epochs=1, batch_size=4, progress=False, checkpoint_dir=tmp_path / "c")
         with pytest.raises(train.ConfigError):

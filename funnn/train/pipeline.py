@@ -120,7 +120,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         batch_size=batch_size, engine=engine, schedule=schedule, eval_data=eval_data,
         check_numerics=check_numerics, mesh=mesh, sharding=sharding, precision=precision,
         dp=dp, config=config, resume=resume, overwrite=overwrite,
-        from_checkpoint=from_checkpoint, run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+        from_checkpoint=from_checkpoint, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
+        keep=keep)
     place = placement(s.plan)
     key_given, key = key is not None, jax.random.key(0) if key is None else key
     ts = _first_state(s, params, model_state, from_checkpoint if not resume else None,
@@ -132,12 +133,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         if run is not None:
             got = run.resume(ts._asdict(), s.config, key, key_given)
             if got is not None:
-                s = _keep_provenance(s, got.checkpoint.config)
-                c = got.checkpoint
-                ts, key = TrainState(c.params, c.opt_state, c.model_state), got.key
+                s, ts, key, run_id = _resumed(s, got, run_id, log)
                 start, history, resumed_from = got.start, got.history, got.path
-                run_id = got.run_id or run_id
-                _say_resumed(log, run_id, start, epochs, got.path)
             owed = False
             place.agree(None, start)        # every process decided before process 0 writes
             owed = True
@@ -189,22 +186,20 @@ def _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place):
                             from_checkpoint=from_checkpoint, main=place.is_main)
 
 
-def _keep_provenance(s: Settings, saved: dict | None) -> Settings:
-    """A resumed run keeps the ``from_checkpoint`` it started from in its config."""
-    if "from_checkpoint" not in (saved or {}) or "from_checkpoint" in s.config:
-        return s
-    assert saved is not None
-    return dataclasses.replace(s, config={**s.config,
-                                          "from_checkpoint": saved["from_checkpoint"]})
-
-
-def _say_resumed(log, run_id, start: int, epochs: int, path: str) -> None:
-    if log is None:
-        return
-    log(f"resuming run {run_id} from epoch {start} ({path})")
-    if start == epochs:
-        log(f"run {run_id} has already trained all {epochs} epochs; nothing to train (ask "
-            f"for more epochs to continue)")
+def _resumed(s: Settings, got: rundir.Resumed, run_id: str, log):
+    """``(settings, state, key, run id)`` of a resumed run, said in ``log``. The run keeps
+    the ``from_checkpoint`` it started from in its config."""
+    c, run_id = got.checkpoint, got.run_id or run_id
+    saved = c.config or {}
+    if "from_checkpoint" in saved and "from_checkpoint" not in s.config:
+        s = dataclasses.replace(s, config={**s.config,
+                                           "from_checkpoint": saved["from_checkpoint"]})
+    if log is not None:
+        log(f"resuming run {run_id} from epoch {got.start} ({got.path})")
+        if got.start == s.epochs:
+            log(f"run {run_id} has already trained all {s.epochs} epochs; nothing to train "
+                f"(ask for more epochs to continue)")
+    return s, TrainState(c.params, c.opt_state, c.model_state), got.key, run_id
 
 
 def _evaluator(s: Settings, place, held_out):

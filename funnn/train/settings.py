@@ -65,7 +65,7 @@ class Settings:
 def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epochs,
             batch_size, engine, schedule, eval_data, check_numerics, mesh, sharding,
             precision, dp, config, resume, overwrite, from_checkpoint, run_dir=None,
-            checkpoint_dir=None):
+            checkpoint_dir=None, keep=3):
     """``(settings, (x, y), eval (x, y) or None)``; every bad argument is raised here."""
     _check_positive("epochs", epochs)
     _check_positive("batch_size", batch_size)
@@ -88,6 +88,8 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     _check_dp(dp, model, mesh, check_numerics)
     plan = _plan(mesh, sharding, params, batch_size, check_numerics)
     rundir.check_mode(resume, overwrite)
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ConfigError(f"keep must be a positive int or None, got {keep!r}", ("fit",))
     if run_dir is not None and checkpoint_dir is not None:
         raise ConfigError("give run_dir (a run directory with checkpoints/ inside) or "
                           "checkpoint_dir (checkpoints and run files in one folder), not both",
