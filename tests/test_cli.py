@@ -37,6 +37,7 @@ def test_train_end_to_end_then_resume(tmp_path):
     assert metrics["history"][0] == json.loads(json.dumps(metrics["history"][0]))
 
 
+@pytest.mark.slow
 def test_gradcheck_and_info_commands(capsys):
     assert cli.main(["gradcheck", "--model", "sigmoid", "--examples", "3"]) == 0
     out = capsys.readouterr().out
@@ -88,6 +89,7 @@ def test_missing_and_corrupt_mnist(capsys, tmp_path):
     assert code == 2 and "train-images-idx3-ubyte" in err
 
 
+@pytest.mark.slow
 def test_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -95,6 +97,7 @@ def test_unwritable_output_directory(capsys, tmp_path):
     assert code == 2 and "cannot be written" in err
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_on_resume(capsys, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--out", str(out), "--quiet",

@@ -21,6 +21,7 @@ def _small_mlp():
     return L.serial(L.dense(16), L.activation("tanh"), L.dense(10))
 
 
+@pytest.mark.slow
 def test_fit_learns_the_digits(digits):
     tr, te = digits
     model = models.mlp(10)
@@ -34,6 +35,7 @@ def test_fit_learns_the_digits(digits):
     assert h[-1]["eval_accuracy"] > 0.9 > before[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_three_engines_same_trajectory(digits, optimizer):
     tr, _ = digits
@@ -55,6 +57,7 @@ def test_three_engines_same_trajectory(digits, optimizer):
                                    [r["train_loss"] for r in ref.history], rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_batch_norm_state_is_threaded(digits):
     tr, te = digits
     model = L.serial(L.dense(16), L.batch_norm(), L.activation("relu"), L.dense(10))
@@ -67,6 +70,7 @@ def test_batch_norm_state_is_threaded(digits):
     assert r.history[-1]["eval_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, digits):
     tr, _ = digits
     x, y = tr.x[:128], tr.y[:128]
@@ -124,6 +128,7 @@ def test_bad_arguments(kw, match):
                   losses.softmax_cross_entropy, opt, **args)
 
 
+@pytest.mark.slow
 def test_seed_sigmoid_recipe_learns(digits):
     """The classic curriculum network, a few epochs (the README has the full run)."""
     tr, te = digits
@@ -324,6 +329,7 @@ def test_fit_on_empty_data():
 # ----- the pieces fit is made of
 
 
+@pytest.mark.slow
 def test_settings_are_resolved_once_and_print_as_the_config():
     model, params, xy = tiny()
     s, (x, _), held_out = train.resolve(
@@ -362,6 +368,7 @@ def test_optimizer_settings_follow_the_recipe_only_for_its_own_optimizer():
         train.optimizer_settings("sgd", -1.0)
 
 
+@pytest.mark.slow
 def test_checked_runner_steps_the_same_pieces_as_the_compiled_epoch():
     model = _small_mlp()
     _, params = model.init(jax.random.key(0), (None, 64))
