@@ -444,6 +444,7 @@ def test_an_old_fit_checkpoint_dir_resumes_bit_for_bit(tmp_path):
 # ----------------------------------------------------------------- issue 22: items 2, 3, 7, 8
 
 
+@pytest.mark.slow
 def test_user_files_with_temp_like_names_survive_every_kind_of_run(tmp_path):
     """Item 2: funnn deletes only its own temp name (``.funnn-tmp-*.tmp``), never a user's
     ``.probe-*``, ``.tmp-*.json``/``.png`` or ``.ckpt_*.tmp``: fresh, resumed or overwritten."""
