@@ -64,8 +64,8 @@ def check_regular(path: str, where: str = "run") -> None:
     would follow into someone else's file), a FIFO (which would block), a directory."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return          # absent (an unwritable parent is reported when the lock is taken)
     except OSError as err:
         raise ConfigError(f"cannot inspect {path}: {err.strerror or err}", (where,)) from None
     if not stat.S_ISREG(mode):
