@@ -83,10 +83,10 @@ def write_json(path: str, obj: Any) -> None:
 def remove_temp_files(directory: str) -> list[str]:
     """Delete funnn's own left-over temporary files in ``directory``; return their names.
 
-    Only names funnn's writers use (``.funnn-tmp-*.tmp``, and the names of earlier
-    versions: ``.ckpt_*.safetensors.*.tmp``, ``.tmp-*.json``/``.png``, ``.probe-*``)
-    are touched. Call it only while holding the directory's run lock, so no live
-    writer owns them.
+    Only the name funnn's writer uses (``.funnn-tmp-*.tmp``, :func:`write_atomic`) is
+    touched, and only regular files: a name a user could have chosen (``.probe-*``,
+    ``.tmp-*.json``) is never funnn's to delete. Call it only while holding the directory's
+    run lock, so no live writer owns them.
     """
     removed: list[str] = []
     try:
@@ -94,10 +94,7 @@ def remove_temp_files(directory: str) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        ours = ((name.startswith(TMP_PREFIX) and name.endswith(".tmp"))
-                or (name.startswith(".ckpt_") and name.endswith(".tmp"))
-                or (name.startswith(".tmp-") and name.endswith((".json", ".png")))
-                or name.startswith(".probe-"))
+        ours = name.startswith(TMP_PREFIX) and name.endswith(".tmp")
         path = os.path.join(directory, name)
         if ours and os.path.isfile(path) and not os.path.islink(path):
             try:

@@ -229,14 +229,21 @@ def save(path, *, params, opt_state=None, step: int = 0, key=None, config=None,
 
 
 def checkpoints(directory) -> list[tuple[int, str]]:
-    """``[(step, path), ...]`` of the ``ckpt_<step>.safetensors`` files in ``directory``."""
+    """``[(step, path), ...]`` of the ``ckpt_<step>.safetensors`` files in ``directory``.
+
+    Regular files only: a directory, symlink or FIFO with such a name is not a checkpoint
+    (nothing reads, counts or prunes it), so what is found is what can be removed.
+    """
     directory = os.fspath(directory)
     if not os.path.exists(directory):
         return []
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} is not a directory")
-    found = [(int(m.group(1)), os.path.join(directory, n))
-             for n in os.listdir(directory) if (m := _NAME.match(n))]
+    found = []
+    for n in os.listdir(directory):
+        path = os.path.join(directory, n)
+        if (m := _NAME.match(n)) and os.path.isfile(path) and not os.path.islink(path):
+            found.append((int(m.group(1)), path))
     return sorted(found)
 
 

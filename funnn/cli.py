@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-import uuid
 
 __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
@@ -160,47 +159,33 @@ def main(argv=None) -> int:
         return {"train": _train, "eval": _eval, "gradcheck": _gradcheck, "bench": _bench,
                 "info": _info}[args.command](args)
     except TrainingDiverged as err:
-        print(f"funnn {args.command}: diverged: {err}", file=sys.stderr)
+        print(f"funnn {args.command}: diverged: {_in_flags(str(err))}", file=sys.stderr)
         return EXIT_DIVERGED
     except (FunnnError, OSError) as err:
-        print(f"funnn {args.command}: error: {err}", file=sys.stderr)
+        print(f"funnn {args.command}: error: {_in_flags(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"funnn {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def _lock_out(path: str):
-    """Create (if needed) and lock the run directory; unwritable ones are bad input."""
-    from funnn import rundir
-    from funnn.core import ConfigError
+# The library's words for a setting, and the flag that sets it (flag names live here only).
+_FLAGS = (
+    ("resume=True", "--resume"),
+    ("overwrite=True", "--overwrite"),
+    ("from_checkpoint=PATH", "--from-checkpoint PATH"),
+    ("check_numerics=True", "--check-numerics"),
+    ("check_numerics runs", "--check-numerics runs"),
+    ("leave out mesh=", "leave out --devices, --model-axis, --sharding and --coordinator"),
+    ("(a typo in the directory?)", "(a typo in --out?)"),
+)
 
-    try:
-        return rundir.RunLock(path, "--out").acquire()
-    except OSError as err:
-        raise ConfigError(f"output directory {path!r} cannot be written ({err.strerror or err})",
-                          ("--out",)) from None
 
-
-def _plot(path: str, history: list) -> bool:
-    """Loss and accuracy curves as a PNG (needs the optional matplotlib extra)."""
-    from funnn import _files
-
-    plt = _files.pyplot()
-    if plt is None:
-        return False
-    epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
-    if "eval_loss" in history[0]:
-        ax1.plot(epochs, [r["eval_loss"] for r in history], label="test")
-        ax2.plot(epochs, [r["eval_accuracy"] for r in history], color="C2")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="test accuracy")
-    fig.tight_layout()
-    _files.write_figure(path, fig, dpi=100)
-    return True
+def _in_flags(message: str) -> str:
+    """A library error's message with its argument names replaced by this command's flags."""
+    for words, flag in _FLAGS:
+        message = message.replace(words, flag)
+    return message
 
 
 def _fresh_out(model: str) -> str:
@@ -217,16 +202,13 @@ def _train_config(args, recipe, train_set, x, ex) -> dict:
     """Every setting that shapes the run's results, as it will actually run."""
     from funnn import train
 
-    own = args.optimizer is None or args.optimizer == recipe.optimizer
-    optimizer = args.optimizer or recipe.optimizer
-    lr = args.lr or (recipe.learning_rate if own else train.DEFAULT_LR[optimizer])
-    schedule = args.schedule or (recipe.schedule if own else "constant")
+    chosen = train.optimizer_settings(args.optimizer, args.lr, args.schedule, recipe=(
+        recipe.optimizer, recipe.learning_rate, recipe.schedule))
     asked = args.batch_size or recipe.batch_size
     dp = _dp(args)
     return {**({} if dp is None else dp.config()),
             "model": recipe.name, "data": args.data, "engine": args.engine,
-            "precision": args.precision, "optimizer": optimizer, "learning_rate": lr,
-            "schedule": schedule,
+            "precision": args.precision, **chosen,
             "epochs": args.epochs or recipe.epochs,
             "batch_size": min(asked, int(x.shape[0])), "batch_size_asked": asked,
             "seed": args.seed, "standardize": recipe.standardize,
@@ -302,122 +284,62 @@ def _mesh(args):
 
 
 def _train(args) -> int:
+    """Parse, load, build, :func:`funnn.train.fit` (which owns the run directory), print."""
     import jax
 
-    from funnn import _files, checkpoint, data, models, parallel, rundir, train
+    from funnn import _files, data, models, parallel, train
     from funnn.core import ConfigError, FunnnError
 
     _join(args)
-    main = parallel.is_main()       # with several processes, process 0 alone writes files
     recipe = models.get(args.model)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out naming the run directory to continue",
                           ("--resume",))
     out = args.out if args.out is not None else _fresh_out(recipe.name)
-    lock, agreed = None, False
     try:
-        if main and args.resume and args.from_checkpoint is None and not os.path.isdir(out):
-            raise ConfigError(f"nothing to resume: {out} does not exist (a typo in --out?); "
-                              f"leave out --resume to start a new run", ("--resume",))
-        mesh = _mesh(args)
-        if mesh is not None and args.check_numerics:
-            raise ConfigError("--check-numerics runs one step at a time on one device; leave "
-                              "out --devices, --model-axis, --sharding and --coordinator",
-                              ("--check-numerics",))
-        sharding = parallel.parse_sharding(args.sharding)
-        lock = _lock_out(out) if main else None
-        found = rundir.find_run(out) if main else None
-        if found is not None and not args.resume and not args.overwrite:
-            raise ConfigError(f"{out} already holds {found.describe()}; continue it with "
-                              f"--resume, or replace it with --overwrite (deletes that run's "
-                              f"files)", ("--out",))
-        if main and args.resume and found is None and args.from_checkpoint is None:
-            raise ConfigError(f"nothing to resume in {out}: it holds no run (a typo in "
-                              f"--out?); leave out --resume to start a new run", ("--resume",))
-        if main and args.resume and found is not None and found.newest is None:
-            raise ConfigError(f"nothing to resume in {out}: {found.describe()} has no "
-                              f"checkpoint yet (it stopped before its first epoch ended); "
-                              f"start again with --overwrite", ("--resume",))
+        mesh, sharding = _mesh(args), parallel.parse_sharding(args.sharding)
         train_set, test_set = data.load(args.data)
         mean, scale = models.input_stats(train_set)
         x, y = models.prepare(recipe, train_set, (mean, scale))
         ex, ey = models.prepare(recipe, test_set, (mean, scale))
         config = _train_config(args, recipe, train_set, x, ex)
         model = recipe.build(config["num_outputs"])
-        k_init, k_train = jax.random.split(jax.random.key(args.seed))
-        _, params = model.init(k_init, (None,) + tuple(x.shape[1:]))
-        if args.from_checkpoint is not None and not args.resume:
-            # read before --overwrite may delete it (it may live in this run directory)
-            start = checkpoint.restore(args.from_checkpoint, like={"params": params})
-            params = start.params
-            config["from_checkpoint"] = os.path.abspath(args.from_checkpoint)
-        if mesh is not None:    # every bad spec or batch size stops here, before any file
-            parallel.check_batch(config["batch_size"], parallel.plan(mesh, params, sharding).mesh,
-                                 "--batch-size")
-        run_id = uuid.uuid4().hex[:12]
-        if main:
-            if args.overwrite and found is not None:
-                rundir.remove_run(out)
-            _files.remove_temp_files(out)
-            assert lock is not None
-            lock.mark()
-            if not args.resume:
-                _files.write_json(os.path.join(out, rundir.RUN_FILE), {
-                    "format": "funnn.run/1", "run_id": run_id, "config": config,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        agreed = True            # one agreement per process, whatever it answers
-        parallel.agree(None)     # every process is ready (a no-op for one process)
-        print(_describe(recipe, config))
-        if mesh is not None:
-            print(f"funnn train: mesh {parallel.describe(mesh)}; process "
-                  f"{jax.process_index()} of {jax.process_count()}; parameters "
-                  f"{args.sharding}")
-        extras = {"input_mean": mean, "input_scale": scale} if recipe.standardize else None
-        t0 = time.perf_counter()
-        try:
-            result = train.fit(
-                model, params, (x, y), recipe.loss, config["optimizer"],
-                learning_rate=config["learning_rate"], epochs=config["epochs"],
-                batch_size=config["batch_size"], engine=args.engine, key=k_train,
-                eval_data=(ex, ey), schedule=config["schedule"],
-                progress=False if args.quiet else None,
-                checkpoint_dir=os.path.join(out, "checkpoints"), resume=args.resume,
-                from_checkpoint=args.from_checkpoint if args.resume else None,
-                config=config, extras=extras, check_numerics=args.check_numerics,
-                run_id=run_id, log=print, mesh=mesh, sharding=sharding,
-                precision=args.precision, dp=_dp(args))
-        except train.TrainingDiverged as err:
-            if not main:
-                raise
-            _files.write_json(os.path.join(out, "metrics.json"), {
-                "run_id": run_id if not args.resume else None, "status": "diverged",
-                "error": str(err), "config": config, "history": err.history,
-                "seconds": time.perf_counter() - t0, "final": err.history[-1]})
-            _plot(os.path.join(out, "curves.png"), err.history)
-            raise
-        seconds = time.perf_counter() - t0
     except (FunnnError, OSError) as err:
-        if not agreed:
-            parallel.agree(err)     # the other processes stop too, instead of waiting
+        parallel.agree(err)     # the other processes stop too, instead of waiting in fit
         raise
-    finally:
-        if lock is not None:
-            lock.release()
+    k_init, k_train = jax.random.split(jax.random.key(args.seed))
+    _, params = model.init(k_init, (None,) + tuple(x.shape[1:]))
+    print(_describe(recipe, config))
+    if mesh is not None:
+        print(f"funnn train: mesh {parallel.describe(mesh)}; process {jax.process_index()} of "
+              f"{jax.process_count()}; parameters {args.sharding}")
+    start = args.from_checkpoint
+    if start is not None and not args.resume:
+        start = os.path.abspath(start)      # a new run records where its weights came from
+    t0 = time.perf_counter()
+    result = train.fit(
+        model, params, (x, y), recipe.loss, config["optimizer"],
+        learning_rate=config["learning_rate"], epochs=config["epochs"],
+        batch_size=config["batch_size"], engine=args.engine, key=k_train,
+        eval_data=(ex, ey), schedule=config["schedule"], progress=False if args.quiet else None,
+        run_dir=out, resume=args.resume, overwrite=args.overwrite, from_checkpoint=start,
+        config=config,
+        extras={"input_mean": mean, "input_scale": scale} if recipe.standardize else None,
+        check_numerics=args.check_numerics, log=print, mesh=mesh, sharding=sharding,
+        precision=args.precision, dp=_dp(args))
+    seconds = time.perf_counter() - t0
     last = result.history[-1]
-    if not main:
+    if not parallel.is_main():
         print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f} (process "
               f"{jax.process_index()} of {jax.process_count()}; process 0 writes the run "
               f"directory)")
         return 0
-    metrics = {"run_id": result.run_id, "status": "completed", "config": result.config,
-               "history": result.history, "seconds": seconds, "final": last}
-    _files.write_json(os.path.join(out, "metrics.json"), metrics)
-    plotted = _plot(os.path.join(out, "curves.png"), result.history)
     print(f"epoch {last['epoch']}: train loss {last['train_loss']:.4f}, test loss "
           f"{last.get('eval_loss', float('nan')):.4f}, test accuracy "
           f"{_pct(last.get('eval_accuracy'))}"
           + (f", epsilon {last['epsilon']:.3g} at delta {(result.config or {})['dp_delta']:g}"
              if "epsilon" in last else "") + f" ({seconds:.1f} s)")
+    plotted = _files.pyplot() is not None
     print(f"wrote {out}/metrics.json, {out}/checkpoints/"
           + (f", {out}/curves.png" if plotted else " (install matplotlib for curves.png)"))
     return 0

@@ -36,7 +36,7 @@ __all__ = [
     "Dataset", "load", "NAMES",
     "load_digits", "DIGITS_SHA256", "load_mnist", "MNIST_FILES", "read_idx", "write_idx",
     "xor", "spirals", "teacher_regression", "seed_linear",
-    "batches", "epoch_batches", "num_batches",
+    "batches", "epoch_batches", "epoch_order", "num_batches",
 ]
 
 
@@ -462,7 +462,21 @@ def epoch_batches(x, y, batch_size: int, key=None) -> tuple[jax.Array, jax.Array
     if nb == 0:
         raise ConfigError(f"epoch_batches: batch_size {b} is larger than the {n} examples; "
                           f"use batch_size <= {n}")
-    idx = jnp.arange(n) if key is None else jax.random.permutation(key, n)
-    idx = idx[:nb * b]
+    idx = epoch_order(key, n, b).reshape(-1)
     return (jnp.take(x, idx, axis=0).reshape((nb, b) + x.shape[1:]),
             jnp.take(y, idx, axis=0).reshape((nb, b) + y.shape[1:]))
+
+
+def epoch_order(key, num_examples: int, batch_size: int) -> jax.Array:
+    """The examples of one epoch's batches: ``idx[i]`` are the rows of batch ``i``.
+
+    ``(num_examples // batch_size, batch_size)`` int indices: a permutation by ``key``
+    (``jax.random.permutation``) cut to whole batches, so the last
+    ``num_examples % batch_size`` rows of that permutation sit the epoch out (different
+    ones each epoch); without a key, the examples in order. This is the order
+    :func:`epoch_batches`, :func:`funnn.train.fit` and the benchmarks train in.
+    ``jit``-able with ``num_examples`` and ``batch_size`` static.
+    """
+    nb = num_examples // batch_size
+    idx = jnp.arange(num_examples) if key is None else jax.random.permutation(key, num_examples)
+    return idx[: nb * batch_size].reshape(nb, batch_size)

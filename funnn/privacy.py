@@ -43,10 +43,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from funnn import manual
+from funnn import engines, manual
 from funnn.core import ConfigError, Layer
 
-__all__ = ["DP", "SAMPLINGS", "epsilon", "poisson_capacity", "make_dp_grad"]
+__all__ = ["DP", "SAMPLINGS", "epsilon", "poisson_capacity", "make_dp_grad", "dp_sample",
+           "make_dp_batch_grad"]
 
 SAMPLINGS = ("poisson", "fixed")
 
@@ -192,37 +193,65 @@ def _autodiff_clipped_sum(model: Layer, loss, clip_norm: float):
     return f
 
 
-def make_dp_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int, num_examples: int):
-    """``f(params, x, y, key) -> (loss, noisy_grad)``: one DP-SGD gradient from the whole
-    training set ``x, y`` (the step samples its own batch, module docstring) and the step's
-    ``key`` (split into sampling, noise and model keys). ``loss`` is the mean of the sampled
-    examples' losses; ``noisy_grad`` has the params' tree.
+def dp_sample(dp: DP, batch_size: int, num_examples: int):
+    """``sample(key) -> (idx, weights)``: the rows one DP-SGD step trains on.
+
+    ``key`` is the step's key; its first third (``split(key, 3)[0]``) draws the batch:
+    Poisson (``cap`` rows, :func:`poisson_capacity`, weights 1 for the chosen rows and 0
+    for the padding) or fixed-size (``batch_size`` distinct rows, weights 1).
     """
-    if engine == "manual":
-        clipped = manual.clipped_grad_sum(model, loss, dp.clip_norm, train=True)
-    else:
-        clipped = _autodiff_clipped_sum(model, loss, dp.clip_norm)
     cap = poisson_capacity(batch_size, num_examples)
     q = batch_size / num_examples
 
-    def f(params, x, y, key):
-        k_sample, k_noise, k_model = jax.random.split(key, 3)
+    def sample(key):
+        k_sample = jax.random.split(key, 3)[0]
         if dp.sampling == "poisson":
             chosen = jax.random.bernoulli(k_sample, q, (num_examples,))
             idx = jnp.nonzero(chosen, size=cap, fill_value=0)[0]
-            weights = (jnp.arange(cap) < jnp.sum(chosen)).astype(jnp.float32)
-        else:
-            idx = jax.random.choice(k_sample, num_examples, (batch_size,), replace=False)
-            weights = jnp.ones((batch_size,), jnp.float32)
-        xb = jax.tree_util.tree_map(lambda a: a[idx], x)
-        values, _, summed = clipped(params, xb, y[idx], weights, key=k_model)
+            return idx, (jnp.arange(cap) < jnp.sum(chosen)).astype(jnp.float32)
+        idx = jax.random.choice(k_sample, num_examples, (batch_size,), replace=False)
+        return idx, jnp.ones((batch_size,), jnp.float32)
+
+    return sample
+
+
+def make_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int):
+    """``g(params, xb, yb, weights, key) -> (loss, noisy_grad)`` on rows already sampled
+    (:func:`dp_sample`): each example's gradient clipped, the weighted sum noised from the
+    second third of the step's ``key`` and divided by ``batch_size``; the last third keys the
+    model (dropout). ``loss`` is the weighted mean of the examples' losses."""
+    if engines.get(engine).clips_by_rules:
+        clipped = manual.clipped_grad_sum(model, loss, dp.clip_norm, train=True)
+    else:
+        clipped = _autodiff_clipped_sum(model, loss, dp.clip_norm)
+
+    def g(params, xb, yb, weights, key):
+        _, k_noise, k_model = jax.random.split(key, 3)
+        values, _, summed = clipped(params, xb, yb, weights, key=k_model)
         leaves, tdef = jax.tree_util.tree_flatten(summed)
         noise_keys = jax.random.split(k_noise, max(len(leaves), 1))
         std = dp.noise_multiplier * dp.clip_norm
-        noisy = [(g + std * jax.random.normal(k, g.shape, g.dtype)) / batch_size
-                 for g, k in zip(leaves, noise_keys)]
+        noisy = [(v + std * jax.random.normal(k, v.shape, v.dtype)) / batch_size
+                 for v, k in zip(leaves, noise_keys)]
         w = weights.astype(values.dtype)
         value = jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1)
         return value, jax.tree_util.tree_unflatten(tdef, noisy)
+
+    return g
+
+
+def make_dp_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int, num_examples: int):
+    """``f(params, x, y, key) -> (loss, noisy_grad)``: one DP-SGD gradient from the whole
+    training set ``x, y`` (the step samples its own batch, :func:`dp_sample`) and the step's
+    ``key`` (split into sampling, noise and model keys). ``loss`` is the mean of the sampled
+    examples' losses; ``noisy_grad`` has the params' tree.
+    """
+    sample = dp_sample(dp, batch_size, num_examples)
+    grad = make_dp_batch_grad(model, loss, dp, engine, batch_size)
+
+    def f(params, x, y, key):
+        idx, weights = sample(key)
+        xb = jax.tree_util.tree_map(lambda a: a[idx], x)
+        return grad(params, xb, y[idx], weights, key)
 
     return f

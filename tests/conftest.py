@@ -18,3 +18,6 @@ settings.register_profile(
 # (tests/test_properties.py draws a new random network per example: ~0.3-3 s each).
 settings.register_profile("thorough", parent=settings.get_profile("funnn"), max_examples=400)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "funnn"))
+
+# A finished 2-epoch XOR run: a fixture of tests/test_rundir.py, test_train.py and test_cli.py.
+from _runs import xor_run  # noqa: E402, F401

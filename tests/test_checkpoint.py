@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from funnn import checkpoint
 from funnn import checkpoint as ckpt
 from funnn.core import CheckpointError, ConfigError
 
@@ -241,3 +243,32 @@ def test_file_is_plain_safetensors(tmp_path):
     assert desc["format"] == ckpt.FORMAT
     assert {"params/dense.0.W", "opt_state/0.mu.dense.1.W", "key"} <= set(header)
     assert header["params/dense.0.W"]["shape"] == [3, 2] and header["key"]["dtype"] == "U32"
+
+
+# ----- moved from tests/test_runs.py
+
+
+def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path):
+    d = tmp_path / "c"
+    checkpoint.save_in(d, 99, params={"w": np.ones(2)}, run="other")
+    (d / "ckpt_00000098.safetensors").write_bytes(b"not a checkpoint")
+    for step in range(1, 6):
+        checkpoint.save_in(d, step, params={"w": np.ones(2)}, run="mine", keep=2)
+    assert [s for s, _ in checkpoint.checkpoints(d)] == [4, 5, 98, 99]
+
+
+def test_loading_never_executes_code(tmp_path):
+    """A pickle payload in the header is data, never run: restore refuses the file."""
+    import safetensors.numpy as stn
+    marker = tmp_path / "pwned"
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode("latin-1").decode("latin-1")
+    desc = json.dumps({"format": checkpoint.FORMAT, "step": 1, "trees": payload})
+    tensors = {"x": np.zeros(1, np.float32)}
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(stn.save(tensors, metadata={
+        "funnn": desc, "sha256": checkpoint._checksum(desc, tensors)}))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.restore(path)
+    assert not marker.exists()
+    source = pathlib.Path(checkpoint.__file__).read_text()
+    assert "import pickle" not in source and "pickle.load" not in source

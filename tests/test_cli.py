@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from _runs import XOR, main, strict
 
 from funnn import checkpoint, cli, data
 
@@ -36,6 +37,7 @@ def test_train_end_to_end_then_resume(tmp_path):
     assert metrics["history"][0] == json.loads(json.dumps(metrics["history"][0]))
 
 
+@pytest.mark.slow
 def test_gradcheck_and_info_commands(capsys):
     assert cli.main(["gradcheck", "--model", "sigmoid", "--examples", "3"]) == 0
     out = capsys.readouterr().out
@@ -87,6 +89,7 @@ def test_missing_and_corrupt_mnist(capsys, tmp_path):
     assert code == 2 and "train-images-idx3-ubyte" in err
 
 
+@pytest.mark.slow
 def test_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -94,6 +97,7 @@ def test_unwritable_output_directory(capsys, tmp_path):
     assert code == 2 and "cannot be written" in err
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_on_resume(capsys, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--out", str(out), "--quiet",
@@ -122,3 +126,98 @@ def test_out_of_range_seed_exits_2(cmd, capsys, tmp_path):
     extra = ["--out", str(tmp_path / "o")] if cmd == "train" else []
     code, err = _main_exit([cmd, "--seed", "1" + "0" * 30] + extra, capsys)
     assert code == 2 and "seed must lie in" in err
+
+
+# ----- moved from tests/test_runs.py
+
+
+@pytest.mark.slow
+def test_diverging_run_exits_3_with_strict_json(tmp_path, capsys):
+    d = tmp_path / "D"
+    code, _, err = main(["train", "--quiet", "--optimizer", "sgd", "--lr", "1e6", "--epochs",
+                          "3", "--out", str(d)], capsys)
+    assert code == cli.EXIT_DIVERGED == 3
+    assert "epoch 1: the training loss is nan" in err and "--check-numerics" in err
+    assert len(err.strip().splitlines()) == 1
+    metrics = strict((d / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["history"][-1]["train_loss"] is None
+    assert checkpoint.checkpoints(d / "checkpoints") == []
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_recorded_accuracy(tmp_path, capsys):
+    d = tmp_path / "D"
+    code, _, err = main(["train", "--quiet", "--epochs", "2", "--out", str(d)], capsys)
+    assert code == 0, err
+    final = json.loads((d / "metrics.json").read_text())["final"]
+    code, out, err = main(["eval", str(d), "--json"], capsys)
+    assert code == 0, err
+    got = strict(out.strip().splitlines()[-1])
+    assert got["accuracy"] == final["eval_accuracy"] and got["loss"] == final["eval_loss"]
+    assert got["epoch"] == 2
+    ck = checkpoint.restore(checkpoint.latest(d / "checkpoints"))
+    assert set(ck.extras) == {"input_mean", "input_scale"}       # standardisation travels along
+    code, _, err = main(["eval", str(d), "--data", "xor"], capsys)
+    assert code == 2 and "inputs of shape" in err
+    code, _, err = main(["eval", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_description_and_metrics_state_what_ran(tmp_path, capsys):
+    d = tmp_path / "D"
+    code, out, err = main(["train", *XOR, "--epochs", "1", "--batch-size", "100000",
+                            "--optimizer", "sgd", "--out", str(d)], capsys)
+    assert code == 0, err
+    assert "batch 4 (asked 100000; the training set has 4 examples)" in out
+    assert "optimizer sgd, lr 0.1, constant schedule" in out and "AdamW" not in out
+    config = json.loads((d / "metrics.json").read_text())["config"]
+    assert (config["batch_size"], config["optimizer"], config["schedule"]) == (4, "sgd",
+                                                                              "constant")
+    code, out, _ = main(["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "E")], capsys)
+    assert "optimizer adamw, lr 0.003, cosine schedule" in out
+
+
+@pytest.mark.slow
+def test_info_never_crashes():
+    r = subprocess.run([sys.executable, "-m", "funnn.cli", "info"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cuda"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "backend unavailable" in r.stdout
+
+
+def _mnist(d, train_shape, test_shape):
+    d.mkdir()
+    for prefix, shape in (("train", train_shape), ("t10k", test_shape)):
+        data.write_idx(str(d / f"{prefix}-images-idx3-ubyte"), np.zeros(shape, np.uint8))
+        data.write_idx(str(d / f"{prefix}-labels-idx1-ubyte"), np.zeros(shape[0], np.uint8))
+
+
+@pytest.mark.parametrize("train_shape, test_shape, match", [
+    ((6, 28, 28), (0, 28, 28), "the test split is empty"),
+    ((6, 28, 28), (3, 14, 14), "test images have shape (196,) but the training images (784,)"),
+])
+def test_bad_mnist_exits_2(tmp_path, capsys, train_shape, test_shape, match):
+    _mnist(tmp_path / "m", train_shape, test_shape)
+    code, _, err = main(["train", "--quiet", "--data", f"mnist:{tmp_path / 'm'}", "--out",
+                          str(tmp_path / "o")], capsys)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_mnist_file_instead_of_directory(tmp_path, capsys):
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(b"\0" * 16)
+    code, _, err = main(["train", "--quiet", "--data", f"mnist:{f}", "--out",
+                          str(tmp_path / "o")], capsys)
+    assert code == 2 and "is a file, not a directory" in err and "does not exist" not in err
+
+
+def test_library_words_become_flags():
+    msg = ("fit: D already holds run x; continue it with resume=True, or replace it with "
+           "overwrite=True. Resume from one with from_checkpoint=PATH; check_numerics runs one "
+           "step at a time on one device; leave out mesh= to use it")
+    assert cli._in_flags(msg) == (
+        "fit: D already holds run x; continue it with --resume, or replace it with "
+        "--overwrite. Resume from one with --from-checkpoint PATH; --check-numerics runs one "
+        "step at a time on one device; leave out --devices, --model-axis, --sharding and "
+        "--coordinator to use it")

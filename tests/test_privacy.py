@@ -86,6 +86,7 @@ def digits():
     return recipe, model, params, (x, y), (ex, ey)
 
 
+@pytest.mark.slow
 def test_dp_training_on_digits_reaches_documented_accuracy(digits):
     """README figure: sgd lr 1, batch 64, clip 1, noise 1, 3 epochs: ~90% at epsilon ~3.1."""
     recipe, model, params, xy, exy = digits
@@ -101,6 +102,7 @@ def test_dp_training_on_digits_reaches_documented_accuracy(digits):
     assert r.config["dp_clip"] == 1.0 and r.config["dp_noise"] == 1.0
 
 
+@pytest.mark.slow
 def test_dp_manual_equals_autodiff_fallback_and_resume_is_exact(digits, tmp_path):
     recipe, model, params, (x, y), _ = digits
     x, y = x[:256], y[:256]
@@ -160,6 +162,7 @@ def test_cli_bad_dp_options_exit_2(argv, match, capsys, tmp_path):
     assert re.search(match, capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_cli_dp_run_records_settings_and_epsilon(capsys, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["train", "--epochs", "1", "--out", str(out), "--quiet", "--optimizer",
@@ -178,6 +181,7 @@ def test_cli_dp_run_records_settings_and_epsilon(capsys, tmp_path):
     assert "dp_clip: 1.0 -> 2.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_per_example_grads_feed_optax_dpsgd():
     """optax's DP-SGD aggregate takes per-example gradients (leading batch axis): with no noise
     its update is -lr times funnn's clipped mean."""

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import XOR, leaves, main, tiny, tree_astype
 
 from funnn import checkpoint, data, losses, models, train
 from funnn import layers as L
@@ -20,6 +21,7 @@ def _small_mlp():
     return L.serial(L.dense(16), L.activation("tanh"), L.dense(10))
 
 
+@pytest.mark.slow
 def test_fit_learns_the_digits(digits):
     tr, te = digits
     model = models.mlp(10)
@@ -33,6 +35,7 @@ def test_fit_learns_the_digits(digits):
     assert h[-1]["eval_accuracy"] > 0.9 > before[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_three_engines_same_trajectory(digits, optimizer):
     tr, _ = digits
@@ -54,6 +57,7 @@ def test_three_engines_same_trajectory(digits, optimizer):
                                    [r["train_loss"] for r in ref.history], rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_batch_norm_state_is_threaded(digits):
     tr, te = digits
     model = L.serial(L.dense(16), L.batch_norm(), L.activation("relu"), L.dense(10))
@@ -66,6 +70,7 @@ def test_batch_norm_state_is_threaded(digits):
     assert r.history[-1]["eval_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, digits):
     tr, _ = digits
     x, y = tr.x[:128], tr.y[:128]
@@ -123,6 +128,7 @@ def test_bad_arguments(kw, match):
                   losses.softmax_cross_entropy, opt, **args)
 
 
+@pytest.mark.slow
 def test_seed_sigmoid_recipe_learns(digits):
     """The classic curriculum network, a few epochs (the README has the full run)."""
     tr, te = digits
@@ -162,3 +168,241 @@ def test_evaluate_compiles_once_and_learning_rate_types():
     for bad in (True, float("inf"), float("nan"), "fast", -1):
         with pytest.raises(ConfigError, match="learning rate"):
             train.get_optimizer("sgd", bad)
+
+
+# ----- moved from tests/test_runs.py
+
+
+@pytest.mark.slow
+def test_from_checkpoint_starts_a_new_run_from_its_weights(xor_run, tmp_path):
+    path = checkpoint.latest(xor_run / "checkpoints")
+    ck = checkpoint.restore(path)
+    from funnn import models
+    model = models.get("mlp").build(2)
+    x, y = models.prepare(models.get("mlp"), data.load("xor")[0])
+    res = train.fit(model, None, (x, y), "softmax_cross_entropy", "sgd", learning_rate=1e-30,
+                    epochs=1, batch_size=4, progress=False, from_checkpoint=path)
+    for a, b in zip(leaves(res.params), leaves(ck.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _counter_model():
+    """``y = x W + b`` on x = 1, trained by a loss that rewards growth and turns NaN once the
+    mean output passes 1: each SGD step raises it by 0.2, so epoch 6 is the first to see NaN."""
+    import jax.numpy as jnp
+
+    from funnn import layers as L
+
+    model = L.dense(1, w_init="zeros")
+
+    def loss(pred, y):
+        s = pred.mean()
+        return jnp.where(s > 1.0, jnp.nan, -s)
+
+    return model, loss
+
+
+@pytest.mark.slow
+def test_fit_keeps_the_last_finite_checkpoint_and_raises_with_history(tmp_path):
+    import jax
+    model, loss = _counter_model()
+    _, params = model.init(jax.random.key(0), (None, 1))
+    x, y = np.ones((4, 1), np.float32), np.zeros((4, 1), np.float32)
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.fit(model, params, (x, y), loss, "sgd", learning_rate=0.1, epochs=20,
+                  batch_size=4, progress=False, checkpoint_dir=tmp_path / "c")
+    err = info.value
+    assert err.epoch == 7 and err.quantity == "training loss"
+    assert [r["epoch"] for r in err.history] == list(range(1, 8))
+    assert np.isnan(err.history[-1]["train_loss"])
+    assert all(np.isfinite(r["train_loss"]) for r in err.history[:-1])
+    assert checkpoint.latest(tmp_path / "c").endswith("ckpt_00000006.safetensors")
+    assert err.checkpoint == checkpoint.latest(tmp_path / "c")
+    assert np.isfinite(np.asarray(checkpoint.restore(err.checkpoint).params["W"])).all()
+
+
+def _one_dense(w):
+    from funnn import layers as L
+    model = L.serial(L.dense(1))
+    params = ({"W": np.full((1, 1), w, np.float32), "b": np.zeros(1, np.float32)},)
+    return model, params
+
+
+@pytest.mark.slow
+def test_check_numerics_names_the_layer_and_step():
+    import jax.numpy as jnp
+    x, y = np.full((8, 1), 10.0, np.float32), np.zeros((8, 1), np.float32)
+    kw = dict(epochs=2, batch_size=4, progress=False, check_numerics=True)
+    # an output overflows float32: 10 * 1e38
+    model, params = _one_dense(1e38)
+    with pytest.raises(train.TrainingDiverged) as info:
+        train.fit(model, params, (x, y), "mse", "sgd", learning_rate=1e-3, **kw)
+    assert str(info.value).startswith("fit: step 1 (epoch 1, batch 1): the output of "
+                                      "serial[0] dense(1) became non-finite")
+    assert info.value.step == 1 and info.value.where == "the output of serial[0] dense(1)"
+    # outputs and loss finite, the weight gradient overflows: x * dL/dy = 1e30 * 2e10
+    model, params = _one_dense(1e-20)
+    big = np.full((8, 1), 1e30, np.float32)
+    with pytest.raises(train.TrainingDiverged, match=r"step 1 .*the gradient of serial\[0\] "
+                       r"dense\(1\) \(parameter W\)"):
+        train.fit(model, params, (big, y), lambda p, t: jnp.sum(p ** 2), "sgd",
+                  learning_rate=1e-3, **kw)
+    # a loss that is non-finite on finite outputs is named as such, at its step
+    model, loss = _counter_model()
+    with pytest.raises(train.TrainingDiverged, match=r"step 7 \(epoch 7, batch 1\): the loss "
+                       r"\(on finite outputs"):
+        train.fit(model, {"W": np.zeros((1, 1), np.float32), "b": np.zeros(1, np.float32)},
+                  (np.ones((4, 1), np.float32), np.zeros((4, 1), np.float32)), loss, "sgd",
+                  learning_rate=0.1, epochs=20, batch_size=4, progress=False,
+                  check_numerics=True)
+
+
+@pytest.mark.slow
+def test_learning_rate_must_be_finite_in_float32(tmp_path, capsys):
+    code, _, err = main(["train", *XOR, "--lr", "1e39", "--out", str(tmp_path / "D")], capsys)
+    assert code == 2 and "finite in float32" in err
+    model, params, xy = tiny()
+    params = tree_astype(params, np.float32)
+    with pytest.raises(train.ConfigError, match="not finite in the parameters' dtype float32"):
+        train.fit(model, params, xy, "mse", "sgd", learning_rate=1e39, progress=False,
+                  batch_size=4)
+
+
+@pytest.mark.slow
+def test_documented_restore_works_on_fit_checkpoints(tmp_path):
+    import jax
+    import optax
+    model, params, xy = tiny()
+    train.fit(model, params, xy, "mse", "adam", learning_rate=1e-2, epochs=2, batch_size=4,
+              progress=False, checkpoint_dir=tmp_path / "c")
+    opt = optax.adam(1e-2)
+    ck = checkpoint.restore(checkpoint.latest(tmp_path / "c"),
+                            like={"params": params, "opt_state": opt.init(params)})
+    assert ck.step == 2 and type(ck.opt_state[0]).__name__ == "ScaleByAdamState"
+    run = train.restore_run(tmp_path / "c", model)
+    assert isinstance(run.opt_state[0], optax.ScaleByAdamState)
+    grads = jax.tree_util.tree_map(lambda p: p * 0 + 1, run.params)
+    updates, _ = train.get_optimizer("adam", 1e-2).update(grads, run.opt_state, run.params)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(run.params)
+
+
+@pytest.mark.slow
+def test_optax_object_with_learning_rate_is_refused():
+    import optax
+    model, params, xy = tiny()
+    for kw in ({"learning_rate": 0.1}, {"schedule": "cosine"}):
+        with pytest.raises(train.ConfigError, match="optax optimizer carries its own"):
+            train.fit(model, params, xy, "mse", optax.sgd(0.1), progress=False, batch_size=4,
+                      **kw)
+    res = train.fit(model, params, xy, "mse", optax.sgd(0.1), progress=False, batch_size=4,
+                    epochs=1)
+    assert res.config["optimizer"] == "optax:GradientTransformationExtraArgs"
+
+
+@pytest.mark.slow
+def test_loss_as_name_or_callable():
+    import jax.numpy as jnp
+    model, params, xy = tiny()
+    kw = dict(epochs=2, batch_size=4, progress=False, learning_rate=0.1)
+    by_obj = train.fit(model, params, xy, train.losses.mse, "sgd", **kw)
+    by_name = train.fit(model, params, xy, "mse", "sgd", **kw)
+    by_fn = train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd", **kw)
+    bridge = train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd",
+                       engine="bridge", **kw)
+    for other in (by_name, by_fn, bridge):
+        np.testing.assert_allclose(other.history[-1]["train_loss"],
+                                   by_obj.history[-1]["train_loss"], rtol=1e-5)
+    with pytest.raises(train.ConfigError, match=r"manual engine needs .*\.grad"):
+        train.fit(model, params, xy, lambda p, t: jnp.mean((p - t) ** 2), "sgd",
+                  engine="manual", **kw)
+    with pytest.raises(train.ConfigError, match="unknown loss"):
+        train.fit(model, params, xy, "hinge", "sgd", **kw)
+
+
+def test_fit_on_empty_data():
+    model, params, _ = tiny()
+    x = np.zeros((0, 2), np.float32)
+    with pytest.raises(train.DataError, match="training data is empty"):
+        train.fit(model, params, (x, x[:, :1]), "mse", "sgd", progress=False)
+
+
+# ----- the pieces fit is made of
+
+
+@pytest.mark.slow
+def test_settings_are_resolved_once_and_print_as_the_config():
+    model, params, xy = tiny()
+    s, (x, _), held_out = train.resolve(
+        model, params, xy, "mse", "adam", learning_rate=None, epochs=3, batch_size=4,
+        engine="manual", schedule="cosine", eval_data=None, check_numerics=False, mesh=None,
+        sharding="replicated", precision=None, dp=None, config={"note": "n"}, resume=False,
+        overwrite=False, from_checkpoint=None)
+    assert s.config == {"note": "n", "optimizer": "adam", "learning_rate": 1e-3,
+                        "schedule": "cosine", "engine": "manual", "loss": "mse",
+                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32"}
+    assert repr(s) == str(s) == f"Settings({s.config!r})"
+    assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
+    with pytest.raises(Exception):
+        s.epochs = 4                                # frozen
+    # the optimizer it built is the one optimizer_from builds from its config (restore_run's)
+    a, b = s.optimizer, train.optimizer_from(s.config)
+    _, p0 = model.init(jax.random.key(1), (None, 2))
+    g = jax.tree_util.tree_map(jnp.ones_like, p0)
+    sa, sb = a.init(p0), b.init(p0)
+    for _ in range(3):
+        ua, sa = a.update(g, sa, p0)
+        ub, sb = b.update(g, sb, p0)
+        for u, v in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_optimizer_settings_follow_the_recipe_only_for_its_own_optimizer():
+    recipe = ("adamw", 3e-3, "cosine")
+    assert train.optimizer_settings(None, None, None, recipe=recipe) == {
+        "optimizer": "adamw", "learning_rate": 3e-3, "schedule": "cosine"}
+    assert train.optimizer_settings("sgd", None, None, recipe=recipe) == {
+        "optimizer": "sgd", "learning_rate": 0.1, "schedule": "constant"}
+    assert train.optimizer_settings("adamw", 0.5, None, recipe=recipe)["learning_rate"] == 0.5
+    assert train.optimizer_settings(optax.sgd(0.1))["optimizer"].startswith("optax:")
+    with pytest.raises(ConfigError, match="learning rate"):
+        train.optimizer_settings("sgd", -1.0)
+
+
+@pytest.mark.slow
+def test_checked_runner_steps_the_same_pieces_as_the_compiled_epoch():
+    model = _small_mlp()
+    _, params = model.init(jax.random.key(0), (None, 64))
+    x = jax.random.normal(jax.random.key(1), (24, 64))
+    y = jnp.arange(24) % 10
+    opt = optax.adam(1e-2)
+    fresh = lambda: train.TrainState(jax.tree_util.tree_map(jnp.copy, params),  # noqa: E731
+                                     opt.init(params), None)
+    loss = losses.softmax_cross_entropy
+    a, la = train.make_epoch(model, loss, opt, "autodiff", 8, 24)(fresh(), x, y,
+                                                                  jax.random.key(2))
+    b, lb = train.make_checked_epoch(model, loss, opt, "autodiff", 8, 24)(fresh(), x, y,
+                                                                        jax.random.key(2))
+    np.testing.assert_allclose(la, lb, rtol=1e-12)
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-14)
+
+
+def test_one_epoch_order_is_used_by_data_and_training():
+    from funnn.train import epoch as E
+    key = jax.random.key(4)
+    order = E.shuffled(10, 3)
+    idx, weights = order.draw(key)
+    assert order.num_batches == 3 and weights is None
+    np.testing.assert_array_equal(idx, data.epoch_order(key, 10, 3))
+    x = jnp.arange(10.0)[:, None]
+    xb, _ = data.epoch_batches(x, jnp.arange(10), 3, key)
+    np.testing.assert_array_equal(xb[..., 0], idx)
+
+
+def test_engines_are_chosen_by_one_lookup():
+    from funnn import engines
+    assert train.ENGINES == engines.names() == ("autodiff", "manual", "bridge")
+    assert train.get_engine("manual") is engines.get("manual").value_and_grad
+    assert [e.name for e in engines.ENGINES.values() if e.clips_by_rules] == ["manual"]
+    with pytest.raises(ConfigError, match="unknown engine 'symbolic'; valid: autodiff, manual"):
+        engines.get("symbolic")

@@ -1,0 +1,197 @@
+"""A run's settings, resolved and checked once, before anything compiles or touches disk.
+
+:func:`resolve` turns ``fit``'s arguments into one frozen :class:`Settings`: the model
+under its precision policy, the loss, the engine, the optax optimizer (loss-scaled when
+the policy needs it), DP-SGD, the sharding plan, and ``config``, the flat record of every
+setting that shapes the results (saved in every checkpoint, compared on resume, written
+to ``run.json`` and ``metrics.json``). A ``Settings`` prints as that config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from funnn import engines, privacy, rundir
+from funnn.core import ConfigError, DataError, Layer
+from funnn.precision import Policy, apply_policy, get_policy
+from funnn.train.epoch import Order, dp_sampled, shuffled
+from funnn.train.optim import optimizer_from, optimizer_settings
+from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
+
+__all__ = ["Settings", "resolve"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, resolved: prints as the run's ``config``."""
+
+    model: Layer
+    loss: Any
+    engine: str
+    optimizer: optax.GradientTransformation
+    policy: Policy
+    dp: privacy.DP | None
+    plan: Any                   # a parallel.Plan, or None for one device
+    epochs: int
+    batch_size: int
+    num_examples: int
+    check_numerics: bool
+    config: dict
+
+    def __repr__(self) -> str:
+        return f"Settings({self.config!r})"
+
+    __str__ = __repr__
+
+    def update(self):
+        """``update(ts, x, y, weights, key) -> (ts, loss)``: this run's gradient and step."""
+        grad = dp_grad(self.model, self.loss, self.engine, self.batch_size, self.dp) \
+            if self.dp is not None else engine_grad(self.model, self.loss, self.engine)
+        return make_update(grad, self.optimizer)
+
+    def order(self) -> Order:
+        """The rows each step trains on: DP sampling with ``dp``, else a shuffle."""
+        if self.dp is not None:
+            return dp_sampled(self.dp, self.batch_size, self.num_examples)
+        return shuffled(self.num_examples, self.batch_size)
+
+
+def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epochs,
+            batch_size, engine, schedule, eval_data, check_numerics, mesh, sharding,
+            precision, dp, config, resume, overwrite, from_checkpoint, run_dir=None,
+            checkpoint_dir=None, keep=3):
+    """``(settings, (x, y), eval (x, y) or None)``; every bad argument is raised here."""
+    _check_positive("epochs", epochs)
+    _check_positive("batch_size", batch_size)
+    engines.get(engine)
+    loss = as_loss(loss, engine)
+    x, y = _xy(data)
+    num = int(x.shape[0])
+    if num == 0:
+        raise DataError(f"the training data is empty (x has shape {tuple(x.shape)})", ("fit",))
+    _check_labels(model, x, y, "training")
+    held_out = _xy(eval_data) if eval_data is not None else None
+    if held_out is not None:
+        if int(held_out[0].shape[0]) == 0:
+            raise DataError(f"the evaluation data is empty (x has shape "
+                            f"{tuple(held_out[0].shape)})", ("fit",))
+        _check_labels(model, held_out[0], held_out[1], "evaluation")
+    if batch_size > num:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
+                          ("fit",))
+    _check_dp(dp, model, mesh, check_numerics)
+    plan = _plan(mesh, sharding, params, batch_size, check_numerics)
+    rundir.check_mode(resume, overwrite)
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ConfigError(f"keep must be a positive int or None, got {keep!r}", ("fit",))
+    if run_dir is not None and checkpoint_dir is not None:
+        raise ConfigError("give run_dir (a run directory with checkpoints/ inside) or "
+                          "checkpoint_dir (checkpoints and run files in one folder), not both",
+                          ("fit",))
+    settings = optimizer_settings(optimizer, learning_rate, schedule)
+    _check_rate_fits(settings["learning_rate"], params)
+    policy = get_policy(precision)
+    if dp is not None and policy.name != "f32":
+        raise ConfigError(f"dp= trains in float32: the per-example rules do not run under a "
+                          f"mixed-precision policy yet; leave out precision={policy.name!r}",
+                          ("fit",))
+    settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
+                    batch_size=batch_size, epochs=epochs, num_examples=num,
+                    precision=policy.name)
+    if plan is not None:
+        settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
+    if dp is not None:
+        settings.update(dp.config())
+    run_config = {**(config or {}), **settings}
+    if from_checkpoint is not None and not resume:
+        run_config["from_checkpoint"] = os.fspath(from_checkpoint)
+    custom = isinstance(optimizer, optax.GradientTransformation)
+    opt = optimizer_from(run_config, optimizer if custom else None, policy)
+    s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
+                 batch_size, num, bool(check_numerics), run_config)
+    return s, (x, y), held_out
+
+
+def _check_positive(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}", ("fit",))
+
+
+def _check_rate_fits(learning_rate, params) -> None:
+    """A named optimizer's rate must be finite in the parameters' floating dtype."""
+    if learning_rate is None:
+        return
+    dtype = next((jnp.result_type(p) for p in jax.tree_util.tree_leaves(params)
+                  if jnp.issubdtype(jnp.result_type(p), jnp.floating)), jnp.float32)
+    if float(learning_rate) > float(jnp.finfo(dtype).max):
+        raise ConfigError(f"learning rate {learning_rate!r} is not finite in the parameters' "
+                          f"dtype {jnp.dtype(dtype).name} (largest: "
+                          f"{float(jnp.finfo(dtype).max):.3g})", ("fit",))
+
+
+def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
+    """fit's ``dp=`` checked before anything compiles."""
+    if dp is None:
+        return
+    if not isinstance(dp, privacy.DP):
+        raise ConfigError(f"dp must be a funnn.privacy.DP(clip_norm, noise_multiplier, ...), "
+                          f"got {type(dp).__name__}", ("fit",))
+    if model.stateful:
+        raise ConfigError("DP-SGD needs per-example gradients, which are undefined for a "
+                          "stateful model: batch_norm normalises each example by statistics of "
+                          "the whole batch, so one example's gradient depends on the others; "
+                          "use layer_norm instead", ("fit",))
+    if mesh is not None:
+        raise ConfigError("dp= trains on one device; leave out mesh= (DP-SGD on a mesh is not "
+                          "implemented)", ("fit",))
+    if check_numerics:
+        raise ConfigError("check_numerics runs plain steps one at a time; leave it out with "
+                          "dp=", ("fit",))
+
+
+def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):
+    """fit's mesh settings checked before anything compiles: a ``parallel.Plan`` or None."""
+    if mesh is None:
+        if not (isinstance(sharding, str) and sharding == "replicated"):
+            raise ConfigError(f"sharding={sharding!r} needs a mesh: pass mesh=N (devices) or "
+                              f"a jax.sharding.Mesh", ("fit",))
+        return None
+    from funnn import parallel  # jax.sharding and the process helpers: only on a mesh
+
+    if check_numerics:
+        raise ConfigError("check_numerics runs one step at a time on one device; leave out "
+                          "mesh= to use it", ("fit",))
+    plan = parallel.plan(mesh, params, sharding)
+    parallel.check_batch(batch_size, plan.mesh)
+    return plan
+
+
+def _check_labels(model: Layer, x, y, what: str) -> None:
+    """Integer labels must lie in [0, classes): inside the jitted epoch nobody could check.
+
+    Checked once, eagerly, against the model's output width (from its shapes alone).
+    """
+    if x.shape[:1] != y.shape[:1]:
+        raise DataError(f"{what} data: x has {x.shape[0]} examples, y has {y.shape[0]}",
+                        ("fit",))
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        return
+    from funnn.layers.combinators import out_shape
+    classes = out_shape(model, (None,) + tuple(x.shape[1:]))[-1]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if classes is not None and (lo < 0 or hi >= classes):
+        raise DataError(f"{what} labels must lie in [0, {classes}) for a model with {classes} "
+                        f"outputs; got min {lo}, max {hi}", ("fit",))
+
+
+def _xy(data):
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return jnp.asarray(data.x), jnp.asarray(data.y)
+    x, y = data
+    return jnp.asarray(x), jnp.asarray(y)
