@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from funnn import autodiff, control, core, losses, manual, parallel, precision, train
+from funnn import data as funnn_data
 from funnn import layers as L
 from funnn.bench import peers
 from funnn.bench.attention import attention_suite
@@ -486,8 +487,7 @@ def epoch_suite(size: str) -> list[list[Case]]:
 
     def loop_build():
         step = core.jit(train.make_step(model, XENT, opt, "autodiff"))
-        order = core.jit(lambda k: jax.random.permutation(k, num)[: nb * batch]
-                        .reshape(nb, batch))
+        order = core.jit(lambda k: funnn_data.epoch_order(k, num, batch))
 
         def epoch(ts, x, y):
             idx = order(key)
