@@ -5,7 +5,8 @@ stands a hand-written backward pass. See README.md for the tour.
 """
 
 from funnn import activations, autodiff, core, gradcheck, layers, losses, manual
-from funnn.core import Layer, compiler_options, jit
+from funnn.compile import compiler_options, jit
+from funnn.core import Layer
 
 __version__ = "0.1.0"
 

@@ -713,7 +713,7 @@ def _make(num_heads, head_dim, out_features, causal, use_bias, dropout, implemen
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
-                 per_example_norms=per_example_norms)
+                 per_example_norms=per_example_norms, kind=kind)
 
 
 def multi_head_attention(num_heads: int, *, head_dim: int | None = None,

@@ -408,7 +408,7 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         return sq, _pe_dx(params, x, dy)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms, kind=kind)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

@@ -113,7 +113,7 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm")
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -269,4 +269,4 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         return {"gamma": dgamma, "beta": dbeta}, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 init_state=init_state)
+                 init_state=init_state, kind="batch_norm")

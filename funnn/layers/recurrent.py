@@ -475,7 +475,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
-                 per_example_norms=per_example_norms)
+                 per_example_norms=per_example_norms, kind=kind)
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,
