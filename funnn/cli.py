@@ -19,6 +19,23 @@ __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPT
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
+# The library's errors name Python arguments; the command line says them with its flags.
+_FLAGS = {
+    "initialize(coordinator=)": "--coordinator", "initialize(timeout=)": "--init-timeout",
+    "initialize(num_processes=)": "--num-processes", "initialize(process_id=)": "--process-id",
+    "make_mesh(model=)": "--model-axis", "make_mesh(devices=)": "--devices",
+    "parse_sharding(text=)": "--sharding", "parallel.make_mesh(n, model=k)": "--model-axis k",
+}
+
+
+def _in_flags(err: BaseException) -> str:
+    """An error's one line, with each library argument name (``make_mesh(model=)``) replaced by
+    the flag that sets it (``--model-axis``)."""
+    text = str(err)
+    for arg in sorted(_FLAGS, key=len, reverse=True):       # the longest name first
+        text = text.replace(arg, _FLAGS[arg])
+    return text
+
 
 def _arg(cast, ok, expect: str, bound: str):
     """An argparse type: ``cast`` the text, then require ``ok(value)``; one-line errors."""
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
         print(f"funnn {args.command}: diverged: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except (FunnnError, OSError) as err:
-        print(f"funnn {args.command}: error: {err}", file=sys.stderr)
+        print(f"funnn {args.command}: error: {_in_flags(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"funnn {args.command}: interrupted", file=sys.stderr)
@@ -566,7 +583,7 @@ def _info_join(args) -> None:
     try:
         _join(args)
     except FunnnError as err:
-        print(f"processes: cannot join the job: {err}")
+        print(f"processes: cannot join the job: {_in_flags(err)}")
 
 
 def _info_mesh(args) -> None:
@@ -581,7 +598,7 @@ def _info_mesh(args) -> None:
         asked = _mesh(args)
         mesh = asked if asked is not None else parallel.make_mesh(None, model=args.model_axis)
     except FunnnError as err:
-        print(f"mesh: {err}")
+        print(f"mesh: {_in_flags(err)}")
         return
     if asked is None:
         print(f"mesh: none (funnn train uses one device unless --devices, --model-axis, "
