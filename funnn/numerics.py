@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from funnn import precision
-from funnn.core import Layer, children_params, run_forward, split_key
+from funnn.core import Layer, ShapeError, children_params, run_forward, split_key
 from funnn.layers.walk import Child, walk_back
 from funnn.trees import tree_paths
 
@@ -35,6 +35,14 @@ def _is_serial(layer: Layer) -> bool:
     return layer.kind == "serial" and bool(layer.children)
 
 
+def _children(layer: Layer, params) -> list:
+    pairs = children_params(layer, params)
+    if pairs is None:
+        raise ShapeError(f"params do not match the model: expected a tuple of "
+                         f"{len(layer.children)} entries (one per layer)", (layer.name,))
+    return pairs
+
+
 def _forward(layer: Layer, params, x, state, key, path: str):
     """``(y, res, new_state, bad)``: run ``layer`` keeping residuals; ``bad`` names the
     first layer whose output is non-finite (None if all are finite)."""
@@ -42,7 +50,7 @@ def _forward(layer: Layer, params, x, state, key, path: str):
         n = len(layer.children)
         states = tuple(state) if layer.stateful else (None,) * n
         res, new = [], []
-        for (label, child, p), s, k in zip(children_params(layer, params), states,
+        for (label, child, p), s, k in zip(_children(layer, params), states,
                                            split_key(key, n)):
             x, r, s, bad = _forward(child, p, x, s, k, path + label)
             if bad is not None:
@@ -68,7 +76,7 @@ def _backward(layer: Layer, params, res, dy, path: str):
     whose parameter or input gradient is non-finite."""
     if _is_serial(layer):
         children = [Child(None, child, p, r, prefix=path + label)
-                    for (label, child, p), r in zip(children_params(layer, params), res)]
+                    for (label, child, p), r in zip(_children(layer, params), res)]
         _, dx = walk_back(children, dy, lambda c, d: (None, _backward(c.layer, c.params, c.res,
                                                                       d, c.prefix)))
         return dx
