@@ -4,6 +4,8 @@ A network is a pure function over a parameter pytree; beside every autodiff path
 stands a hand-written backward pass. See README.md for the tour.
 """
 
+import importlib
+
 from funnn import activations, autodiff, core, gradcheck, layers, losses, manual
 from funnn.compile import compiler_options, jit
 from funnn.core import Layer
@@ -17,8 +19,6 @@ __all__ = ["Layer", "compiler_options", "jit", "activations", "autodiff", "core"
 def __getattr__(name):
     # The tools on top (data, training, checkpoints, control flow, CLI) load on first use,
     # so `import funnn` stays light.
-    import importlib
-
     if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench", "parallel",
                 "rundir", "numerics", "interop", "precision", "privacy"):
         return importlib.import_module(f"funnn.{name}")
