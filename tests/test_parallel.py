@@ -163,6 +163,7 @@ def test_two_processes_end_where_eight_devices_end_and_both_resume(tmp_path):
     assert time.perf_counter() - t0 < 100
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
     t0 = time.perf_counter()
     ((code, _, stderr),) = _finish(_funnn(
@@ -175,6 +176,7 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow
 def test_process_zero_alone_stops_after_the_timeout_instead_of_hanging():
     """Past the coordinator's port, JAX owns the wait: it ends the process (SIGABRT)."""
     t0 = time.perf_counter()
@@ -269,6 +271,7 @@ def test_processes_moved_to_distributed_and_stay_importable_from_parallel():
         assert getattr(parallel, name) is getattr(distributed, name)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_is_the_same_code_path_and_says_where_arrays_live():
     tr, te = data.load("xor", n=64)
     model = L.serial(L.dense(8), L.activation("tanh"), L.dense(2))

@@ -93,5 +93,6 @@ def test_numerics_descends_by_kind_not_by_display_name():
 def test_moved_names_stay_importable_from_core():
     assert core.summary is summary.summary and core.derived_layers is summary.derived_layers
     assert core.layer_from_apply is layer_from_apply
-    from funnn.core import FunnnError, path_str, summary as s, wide  # noqa: F401
-    assert s is summary.summary
+    from funnn.core import FunnnError, path_str, wide  # noqa: F401
+    from funnn.core import summary as from_core
+    assert from_core is summary.summary
