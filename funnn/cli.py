@@ -18,6 +18,28 @@ __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPT
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
+# The library's errors name Python arguments; the command line says them with its flags.
+_FLAGS = {
+    "initialize(coordinator=)": "--coordinator", "initialize(timeout=)": "--init-timeout",
+    "initialize(num_processes=)": "--num-processes", "initialize(process_id=)": "--process-id",
+    "make_mesh(model=)": "--model-axis", "make_mesh(devices=)": "--devices",
+    "parse_sharding(text=)": "--sharding", "parallel.make_mesh(n, model=k)": "--model-axis k",
+    "resume=True": "--resume", "overwrite=True": "--overwrite",
+    "from_checkpoint=PATH": "--from-checkpoint PATH", "check_numerics=True": "--check-numerics",
+    "check_numerics runs": "--check-numerics runs",
+    "leave out mesh=": "leave out --devices, --model-axis, --sharding and --coordinator",
+    "(a typo in the directory?)": "(a typo in --out?)",
+}
+
+
+def _in_flags(err: BaseException | str) -> str:
+    """An error's one line, with each library argument name (``make_mesh(model=)``,
+    ``resume=True``) replaced by the flag that sets it (``--model-axis``, ``--resume``)."""
+    text = str(err)
+    for arg in sorted(_FLAGS, key=len, reverse=True):       # the longest name first
+        text = text.replace(arg, _FLAGS[arg])
+    return text
+
 
 def _arg(cast, ok, expect: str, bound: str):
     """An argparse type: ``cast`` the text, then require ``ok(value)``; one-line errors."""
@@ -159,33 +181,14 @@ def main(argv=None) -> int:
         return {"train": _train, "eval": _eval, "gradcheck": _gradcheck, "bench": _bench,
                 "info": _info}[args.command](args)
     except TrainingDiverged as err:
-        print(f"funnn {args.command}: diverged: {_in_flags(str(err))}", file=sys.stderr)
+        print(f"funnn {args.command}: diverged: {_in_flags(err)}", file=sys.stderr)
         return EXIT_DIVERGED
     except (FunnnError, OSError) as err:
-        print(f"funnn {args.command}: error: {_in_flags(str(err))}", file=sys.stderr)
+        print(f"funnn {args.command}: error: {_in_flags(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"funnn {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-# The library's words for a setting, and the flag that sets it (flag names live here only).
-_FLAGS = (
-    ("resume=True", "--resume"),
-    ("overwrite=True", "--overwrite"),
-    ("from_checkpoint=PATH", "--from-checkpoint PATH"),
-    ("check_numerics=True", "--check-numerics"),
-    ("check_numerics runs", "--check-numerics runs"),
-    ("leave out mesh=", "leave out --devices, --model-axis, --sharding and --coordinator"),
-    ("(a typo in the directory?)", "(a typo in --out?)"),
-)
-
-
-def _in_flags(message: str) -> str:
-    """A library error's message with its argument names replaced by this command's flags."""
-    for words, flag in _FLAGS:
-        message = message.replace(words, flag)
-    return message
 
 
 def _fresh_out(model: str) -> str:
@@ -462,7 +465,7 @@ def _info_join(args) -> None:
     try:
         _join(args)
     except FunnnError as err:
-        print(f"processes: cannot join the job: {err}")
+        print(f"processes: cannot join the job: {_in_flags(err)}")
 
 
 def _info_mesh(args) -> None:
@@ -477,7 +480,7 @@ def _info_mesh(args) -> None:
         asked = _mesh(args)
         mesh = asked if asked is not None else parallel.make_mesh(None, model=args.model_axis)
     except FunnnError as err:
-        print(f"mesh: {err}")
+        print(f"mesh: {_in_flags(err)}")
         return
     if asked is None:
         print(f"mesh: none (funnn train uses one device unless --devices, --model-axis, "

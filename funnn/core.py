@@ -1,6 +1,7 @@
-"""The layer contract, shape helpers, tree utilities and error types.
+"""The layer contract: the :class:`Layer` record, running its functions, side inputs, the
+reverse walk that every composite's backward shares, and shape and backward checks.
 
-A :class:`Layer` is plain data: a name and pure functions.
+A :class:`Layer` is plain data: a name, a kind and pure functions.
 
 Stateless layers (most of them)::
 
@@ -23,15 +24,18 @@ layer is built, so combinators and engines decide it once, not per call.
 
 Shapes: the leading axis is the batch axis. ``in_shape`` given to ``init`` may use
 ``None`` or ``-1`` for the batch; ``out_shape`` keeps the same placeholder.
+
+The error types live in :mod:`funnn.errors`, tree helpers in :mod:`funnn.trees`, compiling in
+:mod:`funnn.compile`, the model table in :mod:`funnn.summary` and :func:`layer_from_apply` in
+:mod:`funnn.layers.derived`; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,86 +43,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import PyTreeDef
 
+# Re-exported so that ``funnn.core.X`` keeps working for the names that moved out.
+from funnn.compile import compiler_options, jit
+from funnn.dtypes import matmul_wide, upcast, wide
+from funnn.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DTypeError,
+    FunnnError,
+    KeyMissingError,
+    ShapeError,
+    StateError,
+    layer_scope,
+)
+from funnn.trees import leaf_shapes, param_count, path_str, tree_paths
+
 __all__ = [
     "FunnnError", "ShapeError", "ConfigError", "DTypeError", "KeyMissingError",
     "StateError", "DataError", "CheckpointError",
     "Layer", "run_apply", "run_forward", "merged_context", "check_context",
-    "layer_from_apply", "layer_scope",
-    "split_key",
+    "layer_scope",
+    "split_key", "children_params",
     "InputSpec", "input_spec", "check_backward",
     "check_in_shape", "check_rank", "check_features", "check_floating",
     "wide", "upcast", "matmul_wide", "compiler_options", "jit",
-    "param_count", "tree_paths", "path_str", "summary", "derived_layers",
-]
+    "param_count", "tree_paths", "path_str",
+]  # summary, derived_layers and layer_from_apply too, through __getattr__ below
+
+# Names that moved into modules built on this one, loaded on first use (importing them here
+# would be a cycle).
+_MOVED_UP = {"summary": "funnn.summary", "derived_layers": "funnn.summary",
+             "layer_from_apply": "funnn.layers.derived"}
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class FunnnError(Exception):
-    """Base of funnn's errors: a message and the path of the layer that raised it.
-
-    The path grows as the error travels up through combinators, so the final
-    message reads ``serial[2] dense(10): expected input features 30, got 20 ...``.
-    """
-
-    def __init__(self, message: str, path: Sequence[str] = ()):
-        self.message = message
-        self.path = tuple(path)
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        where = " ".join(self.path)
-        return f"{where}: {self.message}" if where else self.message
-
-    def __str__(self) -> str:
-        return self._text()
-
-    def under(self, prefix: str) -> FunnnError:
-        """The same error with ``prefix`` prepended to its layer path."""
-        err = type(self).__new__(type(self))
-        FunnnError.__init__(err, self.message, (prefix, *self.path))
-        return err
-
-
-class ShapeError(FunnnError, ValueError):
-    """An input, parameter or init shape does not fit the layer."""
-
-
-class ConfigError(FunnnError, ValueError):
-    """A hyper-parameter or name is invalid (unknown activation, stride < 1, ...)."""
-
-
-class DTypeError(FunnnError, TypeError):
-    """An array has a dtype the layer cannot use."""
-
-
-class KeyMissingError(FunnnError, ValueError):
-    """A layer needs a PRNG key (dropout in training mode) and got none."""
-
-
-class StateError(FunnnError, ValueError):
-    """A stateful layer's state is missing or does not match its shape."""
-
-
-class DataError(FunnnError, ValueError):
-    """A data file or directory is missing, corrupt or inconsistent."""
-
-
-class CheckpointError(FunnnError, ValueError):
-    """A checkpoint is missing, truncated, tampered with or does not match."""
-
-
-@contextlib.contextmanager
-def layer_scope(name: str) -> Iterator[None]:
-    """Prefix ``name`` to the path of any funnn error raised inside the block.
-
-    Shape checks run while tracing, so under ``jit`` this costs nothing per step.
-    """
-    try:
-        yield
-    except FunnnError as err:
-        raise err.under(name) from None
+def __getattr__(name: str):
+    if name in _MOVED_UP:
+        return getattr(importlib.import_module(_MOVED_UP[name]), name)
+    raise AttributeError(f"module 'funnn.core' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- layer
@@ -126,7 +88,14 @@ def layer_scope(name: str) -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """A layer: a name and pure functions (see the module docstring).
+    """A layer: a name, a kind and pure functions (see the module docstring).
+
+    ``kind`` says what built the layer: the constructor's family for funnn's layers
+    (``"dense"``, ``"conv2d"``, ``"lstm"``, ...), the combinator for composites (``"serial"``,
+    ``"parallel"``, ``"residual"``, ``"transformer_block"``, ``"tied_embedding"``,
+    ``"bridge"``, ``"policy"``) and ``"custom"`` by default, for layers written elsewhere.
+    Tools decide by it (``check_numerics`` descends into ``"serial"`` stacks, interop picks a
+    converter), never by parsing ``name``, which is for display.
 
     ``children`` lists ``(label, layer)`` pairs for combinators, used by
     :func:`summary`: labels ``"[i]"`` index a tuple of params; a single child with
@@ -167,6 +136,7 @@ class Layer:
     derived: bool = False
     per_example: Callable | None = None
     per_example_norms: Callable | None = None
+    kind: str = "custom"
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
@@ -288,6 +258,24 @@ def merged_context(layers) -> tuple:
     return tuple(dict.fromkeys(k for l in layers for k in l.context))
 
 
+# --------------------------------------------------------------------------- composites
+
+
+def children_params(layer: Layer, params) -> list | None:
+    """``[(label, child, child_params), ...]`` for a composite's children, or ``None`` when
+    ``params`` does not have one entry per child.
+
+    Labels ``"[i]"`` index a tuple of params; a single child with another label (a residual's
+    ``"/residual"``) shares its parent's params.
+    """
+    kids = layer.children
+    if len(kids) == 1 and not kids[0][0].startswith("["):
+        return [(kids[0][0], kids[0][1], params)]
+    if not isinstance(params, (tuple, list)) or len(params) != len(kids):
+        return None
+    return [(label, child, p) for (label, child), p in zip(kids, params)]
+
+
 # --------------------------------------------------------------------------- backward checks
 
 
@@ -336,17 +324,9 @@ def _dx_problem(spec: InputSpec, dx, what: str = "dx") -> str | None:
     return None
 
 
-def _leaf_shapes(tree, prefix: str = "") -> dict:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        p = path_str(path)
-        out[prefix + p if path else prefix.rstrip(".") or p] = tuple(jnp.shape(leaf))
-    return out
-
-
 def _dparams_problem(params, grads, prefix: str) -> str | None:
     tdef: Callable[[Any], PyTreeDef] = jax.tree_util.tree_structure
-    want, got = _leaf_shapes(params, prefix), _leaf_shapes(grads, prefix)
+    want, got = leaf_shapes(params, prefix), leaf_shapes(grads, prefix)
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     parts = ([f"missing leaves {missing}"] if missing else []) + (
         [f"unexpected leaves {extra}"] if extra else []) + [
@@ -379,99 +359,6 @@ def split_key(key, n: int) -> tuple:
     if n == 1:
         return (key,)
     return tuple(jax.random.split(key, n))
-
-
-# --------------------------------------------------------------------------- dtypes
-
-_LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def wide(dtype) -> jnp.dtype:
-    """The dtype to accumulate, normalise or take a softmax in: float32 for bfloat16 and
-    float16 (mixed precision, :mod:`funnn.precision`), else ``dtype`` itself."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else dtype
-
-
-def upcast(x):
-    """``x`` in :func:`wide` of its dtype: unchanged for float32, float64 and integers."""
-    dt = jnp.result_type(x)
-    return x.astype(wide(dt)) if jnp.issubdtype(dt, jnp.floating) else x
-
-
-def matmul_wide(a, b):
-    """``a @ b`` accumulated in :func:`wide` of the operands' dtype (float32 for bfloat16), as
-    the hand-written weight gradients ``x^T dy`` need; the result is in that wide dtype."""
-    return jnp.matmul(a, b, preferred_element_type=wide(jnp.result_type(a, b)))
-
-
-# --------------------------------------------------------------------------- compiling
-
-# XLA options funnn compiles its steps with, per backend, each chosen by measurement.
-#
-# CPU: XLA (jaxlib 0.10) hands convolutions, matrix products and reductions to the YNNPACK
-# library by default. Its convolutions are the slow ones on a 2-core x86 CPU: the 32->64 3x3
-# convolution of the digits CNN (batch 128, 14x14) takes 4.6 ms forward and 9.3 ms for the
-# kernel gradient, against 2.6 and 3.6 ms in XLA's own (Eigen) convolution; a 64->64 layer at
-# 32x32 is 23 / 66 ms against 13 / 33 ms. Of eleven shapes measured (1-3 spatial dims,
-# stride, dilation, groups, bfloat16), YNNPACK won only the 1-channel forward (0.7 vs 2.0 ms)
-# and the depthwise one (10 vs 14 ms). So funnn keeps YNNPACK for matrix products and
-# reductions and lets XLA run convolutions (figures and commands: README, "CPU"). The value
-# is jaxlib 0.10's default list less convolutions (the option replaces the whole list), so
-# it applies to the jaxlib series it was measured on; other versions compile with XLA's
-# defaults until measured (``benchmarks/cnn_cpu.py`` shows the difference).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-_CPU_OPTIONS_JAXLIB = ((0, 10),)                 # (major, minor) series measured
-
-
-@functools.cache
-def _jaxlib_series() -> tuple:
-    import jaxlib
-
-    return tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
-
-
-@functools.cache
-def _accepted(options: tuple) -> bool:
-    """Whether this jaxlib compiles with ``options`` (an older or newer XLA may not know them)."""
-    import inspect
-
-    if "compiler_options" not in inspect.signature(jax.jit).parameters:
-        return False
-    try:
-        jax.jit(lambda v: v + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
-    except Exception:        # an unknown option or value: compile with XLA's defaults instead
-        return False
-    return True
-
-
-def compiler_options(backend: str | None = None) -> dict:
-    """The XLA options funnn compiles its jitted steps with on ``backend`` (default: JAX's
-    default backend): on CPU, convolutions run in XLA's own kernels rather than YNNPACK's
-    (measured above); elsewhere none. Empty on a jaxlib series not yet measured (0.10 is),
-    where this jaxlib does not accept the option, or where ``XLA_FLAGS`` already sets it
-    (the user's choice wins). Pass it to ``jax.jit`` as
-    ``compiler_options=`` for functions you jit yourself, or use :func:`jit`.
-    """
-    import os
-
-    backend = backend or jax.default_backend()
-    if (backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
-            or _jaxlib_series() not in _CPU_OPTIONS_JAXLIB):
-        return {}
-    return dict(_CPU_OPTIONS) if _accepted(tuple(sorted(_CPU_OPTIONS.items()))) else {}
-
-
-def jit(fun: Callable, **kwargs: Any) -> Any:
-    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options` for the default backend
-    (``compiler_options=`` given here are added to them and win). funnn's training epochs,
-    evaluation and benchmarks compile through this; the result is an ordinary jitted function
-    (``.lower``, donation and shardings as ``jax.jit``)."""
-    options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
-    if options:
-        kwargs["compiler_options"] = options
-    return jax.jit(fun, **kwargs)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -549,185 +436,3 @@ def check_floating(name: str, x, what: str = "input") -> None:
     dt = jnp.result_type(x)
     if not jnp.issubdtype(dt, jnp.floating):
         raise DTypeError(f"expected a floating-point {what}, got dtype {dt}", (name,))
-
-
-# --------------------------------------------------------------------------- trees
-
-
-def path_str(path) -> str:
-    """A compact, readable tree path: ``[0]['W']`` becomes ``0.W``."""
-    parts = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            parts.append(str(p.key))
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            parts.append(str(p.idx))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            parts.append(p.name)
-        else:
-            parts.append(str(p))
-    return ".".join(parts) if parts else "<root>"
-
-
-def tree_paths(tree) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` for every leaf of ``tree``, paths as in :func:`path_str`."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(path_str(p), leaf) for p, leaf in flat]
-
-
-def param_count(params) -> int:
-    """Total number of scalars in a parameter pytree."""
-    return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
-
-
-_PROBE_SHAPES = ((None, 8), (None, 8, 8), (None, 8, 8, 8), (None, 8, 8, 8, 8))
-
-
-def _probe_structure(layer: Layer):
-    """The tree structure of ``layer``'s params for some input it accepts, or ``None``.
-
-    Without the model's input shape only the structure can be checked; a leaf layer's params
-    structure (its keys) does not depend on the input's sizes.
-    """
-    for shape in _PROBE_SHAPES:
-        try:
-            out = jax.eval_shape(lambda k, shape=shape: layer.init(k, shape)[1], jax.random.key(0))
-        except Exception:
-            continue
-        return jax.tree_util.tree_structure(out)
-    return None
-
-
-def _describe_params(tree, shapes: bool = True) -> str:
-    leaves = _leaf_shapes(tree)
-    if not leaves:
-        return "no params"
-    return ", ".join(f"{k} {v}" if shapes else k for k, v in leaves.items())
-
-
-def _child_label(layer: Layer, label: str, child: Layer) -> str:
-    """The label a combinator's errors use for a child: ``serial[2]``, ``residual(dense(3))``."""
-    if label.startswith("["):
-        return layer.name.split("(")[0] + label
-    return f"{label.lstrip('/')}({child.name})"
-
-
-def _mismatch(what: str, where: tuple) -> ShapeError:
-    return ShapeError(f"params do not match the model: {what}; were these params made by this "
-                      f"model's init?", where)
-
-
-def _summary_rows(layer: Layer, params, path: str, rows: list, want, where: tuple) -> None:
-    """Walk model and params together; ``want`` is init's params (shapes only) or ``None``."""
-    kids = layer.children
-    if len(kids) == 1 and not kids[0][0].startswith("["):
-        # a wrapper (residual) whose params are its body's
-        label, child = kids[0]
-        _summary_rows(child, params, f"{path}{label}", rows, want,
-                      (*where, _child_label(layer, label, child)))
-        return
-    if kids:
-        if not isinstance(params, (tuple, list)) or len(params) != len(kids):
-            seq = isinstance(params, (tuple, list))
-            got = f"a {type(params).__name__} of {len(params)}" if seq else _describe_params(params)
-            raise _mismatch(f"expected a tuple of {len(kids)} entries (one per layer), got {got}",
-                            (*where, layer.name))
-        for i, ((label, child), p) in enumerate(zip(kids, params)):
-            _summary_rows(child, p, f"{path}{label}", rows, None if want is None else want[i],
-                          (*where, _child_label(layer, label, child)))
-        return
-    tdef: Callable[[Any], PyTreeDef] = jax.tree_util.tree_structure
-    if want is not None:
-        ok = tdef(params) == tdef(want) and _leaf_shapes(params) == _leaf_shapes(want)
-        expected = _describe_params(want)
-    else:
-        probe = _probe_structure(layer)
-        ok = probe is None or probe == tdef(params)
-        expected = "no params" if probe is None or probe.num_leaves == 0 else _describe_params(
-            jax.tree_util.tree_unflatten(probe, [0] * probe.num_leaves), shapes=False)
-    if not ok:
-        raise _mismatch(f"expected {expected}, got {_describe_params(params)}",
-                        (*where, layer.name))
-    leaves = tree_paths(params)
-    shapes = ", ".join(f"{k}{tuple(jnp.shape(v))}" for k, v in leaves) if leaves else "-"
-    shown = f"{layer.name} [derived]" if layer.derived else layer.name
-    rows.append((path or "<root>", shown, shapes, param_count(params)))
-
-
-def summary(model: Layer, params, in_shape=None) -> str:
-    """A printable table: layer path, layer, parameter shapes, parameter count, and a total.
-
-    A layer whose backward is derived by ``jax.vjp`` (:func:`layer_from_apply`) is marked
-    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's.
-
-    The params must match the model: a combinator needs one entry per child and each layer
-    the params tree its ``init`` makes; with ``in_shape`` (what ``model.init`` was given) the
-    shapes are checked as well. A mismatch raises :class:`ShapeError` naming the first layer
-    whose params do not fit, rather than printing another model's table.
-    """
-    want = None
-    if in_shape is not None:
-        want = jax.eval_shape(lambda k: model.init(k, in_shape)[1], jax.random.key(0))
-    rows: list = []
-    _summary_rows(model, params, "", rows, want, ())
-    head = ("path", "layer", "parameters", "count")
-    body = [(p, n, s, f"{c:,}") for p, n, s, c in rows]
-    body.append(("", "total", "", f"{param_count(params):,}"))
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
-
-    def fmt(r):
-        return "  ".join(r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i])
-                         for i in range(4))
-
-    sep = "  ".join("-" * w for w in widths)
-    lines = [fmt(head), sep] + [fmt(r) for r in body[:-1]] + [sep, fmt(body[-1])]
-    if derived_layers(model):
-        lines.append("[derived]: backward derived by jax.vjp (layer_from_apply), not hand-written")
-    return "\n".join(lines)
-
-
-def derived_layers(model: Layer, path: str = "") -> list[str]:
-    """Paths (as in :func:`summary`) of the layers in ``model`` whose backward is derived by
-    ``jax.vjp`` rather than written by hand; empty for a fully hand-written model."""
-    if model.derived:
-        return [f"{path or '<root>'} {model.name}"]
-    return [p for label, child in model.children for p in derived_layers(child, path + label)]
-
-
-def layer_from_apply(init: Callable, apply: Callable, *, name: str = "custom",
-                     context: Sequence[str] = ()) -> Layer:
-    """A layer from ``init`` and ``apply`` alone: ``forward``/``backward`` come from ``jax.vjp``.
-
-    For a layer one has no hand-written backward for (yet). ``init(key, in_shape) ->
-    (out_shape, params)``; ``apply(params, x, *, key=None, train=False, **side_inputs) -> y``
-    written with ``jax.numpy``/``lax``. ``forward`` runs ``jax.vjp`` of ``apply`` and keeps the
-    returned pullback (a pytree of the residual arrays autodiff chose) as the residuals;
-    ``backward`` calls it. The dx of an integer input is ``None``. Such a layer works with
-    every engine and combinator, but its "manual" gradient is autodiff's: ``gradcheck`` and
-    :func:`summary` mark it derived, so a comparison never passes it off as hand-written.
-    ``context`` names side inputs (``"mask"``) that ``apply`` reads as keyword arguments.
-    Stateless only.
-    """
-    if not (callable(init) and callable(apply)):
-        raise ConfigError(f"layer_from_apply needs callables init and apply, got "
-                          f"{type(init).__name__} and {type(apply).__name__}", (str(name),))
-
-    def forward(params, x, *, key=None, train=False, **ctx):
-        floating = jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-        if floating:
-            y, pullback = jax.vjp(lambda p, v: apply(p, v, key=key, train=train, **ctx),
-                                  params, x)
-        else:                                   # integer ids: no input gradient
-            y, pullback = jax.vjp(lambda p: (apply(p, x, key=key, train=train, **ctx)),
-                                  params)
-        return y, pullback
-
-    def backward(params, pullback, dy):
-        grads = pullback(dy)
-        return grads[0], (grads[1] if len(grads) == 2 else None)
-
-    def apply_(params, x, *, key=None, train=False, **ctx):
-        return apply(params, x, key=key, train=train, **ctx)
-
-    return Layer(name=str(name), init=init, apply=apply_, forward=forward, backward=backward,
-                 context=tuple(context), derived=True)

@@ -32,7 +32,9 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, manual
-from funnn.core import Layer, ShapeError, derived_layers, path_str, tree_paths
+from funnn.core import Layer, ShapeError
+from funnn.summary import derived_layers
+from funnn.trees import path_str, tree_paths
 
 __all__ = ["compare", "directional", "Report", "LeafCheck"]
 

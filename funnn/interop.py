@@ -337,7 +337,7 @@ def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[s
     for path, target in mapping.items():
         prefix, options = (target, {}) if isinstance(target, str) else target
         layer, trail = _find(model, params, state, path)
-        kind = layer.name.split("(")[0]
+        kind = layer.kind
         where = (f"{model.name}[{path}] {layer.name}" if path else layer.name,)
         if kind not in CONVERTERS:
             raise ConfigError(f"no PyTorch converter for layer {layer.name!r} (kinds: "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from funnn.compile import jit_reusing  # moved to funnn.compile; importable from here too
 from funnn.core import (
     ConfigError,
     Layer,
@@ -28,9 +29,9 @@ from funnn.core import (
     check_backward,
     check_context,
     input_spec,
-    jit,
     run_forward,
 )
+from funnn.layers.walk import rule
 
 __all__ = ["value_and_grad", "bridge", "per_example_value_and_grad", "per_example_grad_norms",
            "clipped_value_and_grad", "per_example_loss", "jit_reusing"]
@@ -111,7 +112,8 @@ def bridge(model: Layer) -> Layer:
                  forward=model.forward, backward=model.backward,
                  init_state=model.init_state, children=model.children,
                  context=model.context, derived=model.derived,
-                 per_example=model.per_example, per_example_norms=model.per_example_norms)
+                 per_example=model.per_example, per_example_norms=model.per_example_norms,
+                 kind="bridge")
 
 
 # --------------------------------------------------------------------------- per example
@@ -145,7 +147,6 @@ def _reject_stateful(model: Layer, what: str) -> None:
 
 
 def _rules(model: Layer, field: str, what: str):
-    from funnn.layers.combinators import rule  # layers sit below the engines
     _reject_stateful(model, what)
     return rule(model, field)
 
@@ -251,25 +252,3 @@ def clipped_value_and_grad(model: Layer, loss, clip_norm, *, train: bool = True)
         return jnp.mean(values), grads
 
     return f
-
-
-def jit_reusing(f):
-    """:func:`funnn.jit` of ``f`` that can write its result into the buffers of a previous result.
-
-    ``g = jit_reusing(f)``; ``g(*args)`` is ``funnn.jit(f)(*args)``; ``g(*args, out=prev)``
-    donates ``prev`` (a result of an earlier call, same shapes) and XLA writes the new result
-    into its memory, so ``prev`` is consumed and must not be used again. This matters for
-    per-example gradients, whose result is large (``B`` copies of every weight): the 784-512-
-    512-10 MLP at batch 128 returns 270 MB, and a fresh buffer of that size is a fresh
-    ``mmap`` that the kernel must zero and fault in on every call (measured on a 2-core CPU:
-    writing a 205 MB outer product 49 ms into fresh memory, 7.7 ms into a reused buffer).
-    """
-    fresh = jit(f)
-    # keep_unused: the previous result is not read, but it must reach XLA to be aliased
-    into = jit(lambda prev, *args, **kwargs: f(*args, **kwargs), donate_argnums=0,
-               keep_unused=True)
-
-    def g(*args, out=None, **kwargs):
-        return fresh(*args, **kwargs) if out is None else into(out, *args, **kwargs)
-
-    return g

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from funnn import precision
-from funnn.core import Layer, run_forward, split_key, tree_paths
+from funnn.core import Layer, ShapeError, children_params, run_forward, split_key
+from funnn.layers.walk import Child, walk_back
+from funnn.trees import tree_paths
 
 __all__ = ["all_finite", "locate"]
 
@@ -30,7 +32,15 @@ def _ok(tree) -> bool:
 
 
 def _is_serial(layer: Layer) -> bool:
-    return layer.name == "serial" and bool(layer.children)
+    return layer.kind == "serial" and bool(layer.children)
+
+
+def _children(layer: Layer, params) -> list:
+    pairs = children_params(layer, params)
+    if pairs is None:
+        raise ShapeError(f"params do not match the model: expected a tuple of "
+                         f"{len(layer.children)} entries (one per layer)", (layer.name,))
+    return pairs
 
 
 def _forward(layer: Layer, params, x, state, key, path: str):
@@ -40,7 +50,8 @@ def _forward(layer: Layer, params, x, state, key, path: str):
         n = len(layer.children)
         states = tuple(state) if layer.stateful else (None,) * n
         res, new = [], []
-        for (label, child), p, s, k in zip(layer.children, params, states, split_key(key, n)):
+        for (label, child, p), s, k in zip(_children(layer, params), states,
+                                           split_key(key, n)):
             x, r, s, bad = _forward(child, p, x, s, k, path + label)
             if bad is not None:
                 return x, None, None, bad
@@ -51,23 +62,32 @@ def _forward(layer: Layer, params, x, state, key, path: str):
     return y, r, s, None if _ok(y) else f"{path} {layer.name}".strip()
 
 
+class _NonFinite(Exception):
+    """Stops the backward replay at the first non-finite place (``where``)."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
 def _backward(layer: Layer, params, res, dy, path: str):
-    """``(dx, bad)``: the hand-written backward, children in reverse order; ``bad`` names
-    the first layer (in backward order) whose parameter or input gradient is non-finite."""
+    """``dx``: the hand-written backward, a serial stack's children in reverse order through
+    the composites' walk; raises :class:`_NonFinite` naming the first layer (in backward order)
+    whose parameter or input gradient is non-finite."""
     if _is_serial(layer):
-        for (label, child), p, r in reversed(list(zip(layer.children, params, res))):
-            dy, bad = _backward(child, p, r, dy, path + label)
-            if bad is not None:
-                return dy, bad
-        return dy, None
+        children = [Child(None, child, p, r, prefix=path + label)
+                    for (label, child, p), r in zip(_children(layer, params), res)]
+        _, dx = walk_back(children, dy, lambda c, d: (None, _backward(c.layer, c.params, c.res,
+                                                                      d, c.prefix)))
+        return dx
     grads, dx = layer.backward(params, res, dy)
     where = f"{path} {layer.name}".strip()
     if not _ok(grads):
         bad = [k for k, v in tree_paths(grads) if not _ok(v)]
-        return dx, f"the gradient of {where} (parameter {bad[0] if bad else '?'})"
+        raise _NonFinite(f"the gradient of {where} (parameter {bad[0] if bad else '?'})")
     if dx is not None and not _ok(dx):
-        return dx, f"the input gradient of {where}"
-    return dx, None
+        raise _NonFinite(f"the input gradient of {where}")
+    return dx
 
 
 def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
@@ -98,7 +118,8 @@ def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
         return "the gradient of the loss with respect to the outputs"
     if inner is not None:
         dout = policy.cast_to_compute(dout)
-    _, bad = _backward(model, params, res, dout, root)
-    if bad is not None:
-        return bad
+    try:
+        _backward(model, params, res, dout, root)
+    except _NonFinite as found:
+        return found.where
     return "the optimizer update (outputs, loss and gradients were finite: the step is too large)"

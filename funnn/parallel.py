@@ -1,4 +1,5 @@
-"""Many devices and many hosts: meshes, shardings and processes on JAX's own SPMD runtime.
+"""Many devices: meshes and sharding plans on JAX's own SPMD runtime (processes, on many
+hosts, are :mod:`funnn.distributed`'s; their names stay importable from here).
 
 A :class:`~jax.sharding.Mesh` arranges devices on two named axes, ``data`` and
 ``model``. The batch is split over ``data``; parameters and optimizer state are
@@ -6,7 +7,7 @@ laid out by a *sharding spec*; ``jax.jit`` compiles one SPMD program and XLA
 inserts the collectives (the gradient all-reduce of data parallelism, the
 all-gathers of sharded parameters). Nothing here sends a byte by hand.
 
-Specs (``fit(..., sharding=...)``, ``funnn train --sharding``):
+Specs (``fit(..., sharding=...)``; text for them: :func:`parse_sharding`):
 
 - ``"replicated"`` (default): every device holds all parameters and optimizer
   state; plain data parallelism.
@@ -34,9 +35,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import json
 import math
-import socket
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +45,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from funnn.core import ConfigError, path_str
+# Processes moved to funnn.distributed; re-exported so funnn.parallel.X keeps working.
+from funnn.distributed import (
+    agree,
+    gather,
+    initialize,
+    is_main,
+    parse_coordinator,
+    simulate_cpu_devices,
+)
+from funnn.errors import ConfigError
+from funnn.trees import path_str
 
 __all__ = ["DATA", "MODEL", "SPECS", "initialize", "make_mesh", "as_mesh", "describe", "Plan",
            "plan", "check_batch", "is_main", "agree", "gather", "parse_coordinator",
@@ -54,175 +64,6 @@ __all__ = ["DATA", "MODEL", "SPECS", "initialize", "make_mesh", "as_mesh", "desc
 DATA, MODEL = "data", "model"
 SPECS = ("replicated", "fsdp", "tensor")
 _WHERE = ("parallel",)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def parse_coordinator(address: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``; bad text is an error."""
-    text = str(address).strip()
-    host, sep, port_text = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not sep or not host or not 0 < port < 65536:
-        raise ConfigError(f"coordinator must be HOST:PORT with a port in 1..65535 (e.g. "
-                          f"10.0.0.1:1234), got {address!r}", ("--coordinator",))
-    return host, port
-
-
-def _wait_for(host: str, port: int, timeout: float) -> None:
-    """Retry a TCP connection to the coordinator until it answers or ``timeout`` passes."""
-    deadline, last = time.monotonic() + timeout, "no answer"
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(
-                    1.0, deadline - time.monotonic()))):
-                return
-        except OSError as err:
-            last = err.strerror or type(err).__name__
-        if time.monotonic() >= deadline:
-            raise ConfigError(
-                f"cannot reach the coordinator {host}:{port} within {timeout:g} s ({last}); "
-                f"start process 0 with the same --coordinator first, check the host name, "
-                f"port and firewall, or raise --init-timeout", ("--coordinator",))
-        time.sleep(0.2)
-
-
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout: float = 60.0) -> None:
-    """Join a multi-process JAX job (``jax.distributed.initialize``); call before any JAX work.
-
-    ``coordinator="HOST:PORT"`` is process 0's address (process 0 listens there);
-    ``num_processes`` and ``process_id`` (0 .. P-1) say who this is. ``"auto"`` (or
-    all three None) lets JAX detect the cluster (SLURM, Open MPI, TPU pods; also
-    ``JAX_COORDINATOR_ADDRESS``). CPU processes talk through gloo
-    (``jax_cpu_collectives_implementation``), GPUs through NCCL, TPUs as JAX does.
-
-    Bad input is a :class:`ConfigError` before JAX starts: a malformed address, a
-    process id outside ``[0, num_processes)``. A process other than 0 first waits
-    up to ``timeout`` seconds for the coordinator's port to answer and raises a
-    ConfigError if it does not. Past that point JAX owns the wait: if the other
-    processes never register within ``timeout``, JAX ends the process itself
-    (``DEADLINE_EXCEEDED``, SIGABRT); it never hangs.
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            0 < timeout < float("inf")):
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}",
-                          ("--init-timeout",))
-    auto = coordinator in (None, "auto")
-    if auto and (num_processes is not None or process_id is not None):
-        raise ConfigError("num_processes and process_id come with a coordinator HOST:PORT; "
-                          "with 'auto' JAX detects them", ("--coordinator",))
-    if not auto:
-        assert coordinator is not None
-        host, port = parse_coordinator(coordinator)
-        for name, v in (("num_processes", num_processes), ("process_id", process_id)):
-            if v is None or isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"{name} must be an int with a coordinator, got {v!r}",
-                                  (f"--{name.replace('_', '-')}",))
-        assert num_processes is not None and process_id is not None
-        if num_processes < 1:
-            raise ConfigError(f"num_processes must be at least 1, got {num_processes}",
-                              ("--num-processes",))
-        if not 0 <= process_id < num_processes:
-            raise ConfigError(f"process_id must lie in [0, {num_processes}) for "
-                              f"{num_processes} processes, got {process_id}", ("--process-id",))
-    if jax.distributed.is_initialized():
-        if auto or (jax.process_count(), jax.process_index()) == (num_processes, process_id):
-            return
-        raise ConfigError(f"this process already joined a job as process "
-                          f"{jax.process_index()} of {jax.process_count()}", _WHERE)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    wait = math.ceil(timeout)
-    try:
-        if auto:
-            jax.distributed.initialize(initialization_timeout=wait)
-        else:
-            if process_id != 0:
-                t0 = time.monotonic()
-                _wait_for(host, port, timeout)
-                wait = max(1, math.ceil(timeout - (time.monotonic() - t0)))
-            jax.distributed.initialize(coordinator, num_processes, process_id,
-                                       initialization_timeout=wait)
-    except (RuntimeError, ValueError) as err:
-        first = (str(err).strip().splitlines()[0].rstrip(".") if str(err).strip()
-                 else type(err).__name__)
-        hint = (" (call it before any JAX computation)" if "initialized" in first.lower()
-                else "; no SLURM, Open MPI or TPU job was detected: give HOST:PORT, the "
-                     "number of processes and this process's id" if auto else "")
-        raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
-                          ("--coordinator",)) from None
-
-
-def is_main() -> bool:
-    """True on process 0 (the only one that writes files); always True for one process."""
-    return jax.process_index() == 0
-
-
-def agree(error: BaseException | None = None, value: int = 0, what: str = "") -> None:
-    """Every process says whether it is ready (and a number that must match); all stop together.
-
-    With one process this does nothing. With several it gathers ``(failed, value)``
-    from every process (``multihost_utils.process_allgather``): if any failed,
-    the others raise a ConfigError naming it, instead of waiting forever in the
-    next collective; if ``value`` differs between processes (say, the epoch a
-    resume starts from), every process raises one naming ``what``.
-    """
-    if jax.process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    got = np.asarray(multihost_utils.process_allgather(
-        np.array([error is not None, value], np.int32))).reshape(-1, 2)
-    failed = [i for i, f in enumerate(got[:, 0]) if f]
-    if failed and error is None:
-        raise ConfigError(f"process {', '.join(map(str, failed))} failed (see its error); "
-                          f"stopping process {jax.process_index()} too", _WHERE)
-    if not failed and len(set(got[:, 1].tolist())) > 1:
-        raise ConfigError(f"processes disagree on {what or 'a setting'}: "
-                          f"{got[:, 1].tolist()} (process 0, 1, ...); is the run directory on "
-                          f"a filesystem every process sees?", _WHERE)
-
-
-def gather(tree):
-    """Host (numpy-convertible) copies of global arrays; from every process when sharded.
-
-    One process: the tree as it is (``np.asarray`` already assembles its shards).
-    Several: ``multihost_utils.process_allgather``, a collective every process
-    must call at the same point.
-    """
-    if jax.process_count() == 1:
-        return tree
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def simulate_cpu_devices(n: int) -> bool:
-    """Ask XLA for ``n`` CPU devices (``--xla_force_host_platform_device_count``) if JAX has
-    not started yet and nobody asked for a count; True if the flag is (now) set.
-
-    Simulated devices share the machine's cores: they test sharded programs and
-    measure their overhead, never a speed-up. Other platforms are unaffected.
-    """
-    import os
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        return True
-    try:
-        from jax._src import xla_bridge
-        started = xla_bridge.backends_are_initialized()
-    except (ImportError, AttributeError):     # a JAX without this private helper
-        started = True
-    if started:
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    return True
 
 
 # --------------------------------------------------------------------------- meshes
@@ -237,41 +78,41 @@ def make_mesh(devices=None, *, model: int = 1) -> Mesh:
     """
     if isinstance(model, bool) or not isinstance(model, int) or model < 1:
         raise ConfigError(f"model (the tensor-parallel degree) must be a positive int, got "
-                          f"{model!r}", ("--model-axis",))
+                          f"{model!r}", ("make_mesh(model=)",))
     local = jax.local_devices()
     if devices is None:
         chosen = list(jax.devices())
     elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         n = int(devices)
         if n < 1:
-            raise ConfigError(f"devices must be a positive int, got {n}", ("--devices",))
+            raise ConfigError(f"devices must be a positive int, got {n}", ("make_mesh(devices=)",))
         if n > len(local):
             more = (f"; on a CPU, simulate more with XLA_FLAGS="
                     f"--xla_force_host_platform_device_count={n} set before JAX starts"
                     if local[0].platform == "cpu" else "")
             raise ConfigError(f"asked for {n} devices but this process has {len(local)} "
-                              f"({local[0].platform}){more}", ("--devices",))
+                              f"({local[0].platform}){more}", ("make_mesh(devices=)",))
         mine = {d.id for d in sorted(local, key=lambda d: d.id)[:n]}
         per: dict[int, list] = {}
         for d in jax.devices():
             per.setdefault(d.process_index, []).append(d)
         chosen = [d for p in sorted(per) for d in sorted(per[p], key=lambda d: d.id)[:n]]
         if not mine <= {d.id for d in chosen}:    # another process with fewer devices
-            raise ConfigError("the processes see different devices", ("--devices",))
+            raise ConfigError("the processes see different devices", ("make_mesh(devices=)",))
     elif isinstance(devices, Sequence) and devices and all(
             isinstance(d, jax.Device) for d in devices):
         chosen = list(devices)
     else:
         raise ConfigError(f"devices must be None, a positive int or a list of jax devices, "
-                          f"got {devices!r}", ("--devices",))
+                          f"got {devices!r}", ("make_mesh(devices=)",))
     if len(chosen) % model:
         raise ConfigError(f"the model axis ({model}) must divide the number of devices "
-                          f"({len(chosen)})", ("--model-axis",))
+                          f"({len(chosen)})", ("make_mesh(model=)",))
     per_process = len(chosen) // max(len({d.process_index for d in chosen}), 1)
     if per_process % model:
         raise ConfigError(f"the model axis ({model}) must divide the devices of each process "
                           f"({per_process}), so a tensor-parallel group stays on one host",
-                          ("--model-axis",))
+                          ("make_mesh(model=)",))
     return Mesh(np.array(chosen, dtype=object).reshape(len(chosen) // model, model),
                 (DATA, MODEL))
 
@@ -312,23 +153,21 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
 
 
 def parse_sharding(text: str):
-    """CLI text -> spec: a name (``fsdp``) or JSON rules (``{"0.W": [null, "model"]}``)."""
-    import json
-
+    """Text -> spec: a name (``fsdp``) or JSON rules (``{"0.W": [null, "model"]}``)."""
     text = str(text).strip()
     if not text.startswith(("{", "[")):
         return text
     try:
         rules = json.loads(text)
     except ValueError as err:
-        raise ConfigError(f"sharding rules are not valid JSON ({err})", ("--sharding",)) \
-            from None
+        raise ConfigError(f"sharding rules are not valid JSON ({err})",
+                          ("parse_sharding(text=)",)) from None
     if isinstance(rules, dict):
         return rules
     if isinstance(rules, list) and all(isinstance(r, list) and len(r) == 2 for r in rules):
         return [tuple(r) for r in rules]
     raise ConfigError('sharding rules must be a JSON object {"pattern": spec} or a list of '
-                      '[pattern, spec] pairs', ("--sharding",))
+                      '[pattern, spec] pairs', ("parse_sharding(text=)",))
 
 
 def _axes_of(entry) -> tuple:
@@ -348,7 +187,7 @@ def _policy(name: str, shape: tuple, mesh: Mesh, where: str) -> P:
     if name == "tensor":
         if MODEL not in mesh.axis_names:
             raise ConfigError(f"sharding 'tensor' needs a mesh axis {MODEL!r}; build one with "
-                              f"parallel.make_mesh(n, model=k) (funnn train --model-axis k)",
+                              f"parallel.make_mesh(n, model=k)",
                               _WHERE)
         n = mesh.shape[MODEL]
         if not shape or n == 1 or shape[-1] % n:

@@ -181,7 +181,7 @@ def apply_policy(model: Layer, policy) -> Layer:
                     apply=apply if model.stateful else apply_,
                     forward=forward if model.stateful else forward_, backward=backward,
                     init_state=model.init_state, children=(("", model),),
-                    context=model.context, derived=False)
+                    context=model.context, derived=False, kind="policy")
     object.__setattr__(wrapped, "_funnn_policy", (model, policy))   # for unwrap()
     return wrapped
 

@@ -9,7 +9,8 @@ import pytest
 from jax import lax
 
 import funnn
-from funnn import core
+from funnn import compile as fcompile
+from funnn import core, manual
 
 X = jax.random.normal(jax.random.key(0), (16, 14, 14, 32))     # big enough for YNNPACK to take
 W = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) * 0.05
@@ -35,15 +36,21 @@ def test_options_are_for_the_cpu_only():
     assert funnn.compiler_options is core.compiler_options and funnn.jit is core.jit
 
 
+def test_moved_names_stay_importable_where_they_were():
+    # compiling moved from core (and jit_reusing from manual) into funnn.compile
+    assert core.jit is fcompile.jit and core.compiler_options is fcompile.compiler_options
+    assert manual.jit_reusing is fcompile.jit_reusing
+
+
 def test_an_option_this_jaxlib_does_not_know_is_dropped_not_fatal():
-    assert core._accepted((("xla_cpu_no_such_option_funnn", "1"),)) is False
+    assert fcompile._accepted((("xla_cpu_no_such_option_funnn", "1"),)) is False
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
 def test_options_apply_on_the_measured_jaxlib_only(monkeypatch):
-    if core._jaxlib_series() in core._CPU_OPTIONS_JAXLIB:
-        assert core.compiler_options() == core._CPU_OPTIONS
-    monkeypatch.setattr(core, "_CPU_OPTIONS_JAXLIB", ((0, 1),))
+    if fcompile._jaxlib_series() in fcompile._CPU_OPTIONS_JAXLIB:
+        assert core.compiler_options() == fcompile._CPU_OPTIONS
+    monkeypatch.setattr(fcompile, "_CPU_OPTIONS_JAXLIB", ((0, 1),))
     assert core.compiler_options() == {}
 
 

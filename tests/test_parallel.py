@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from funnn import cli, data, parallel, train
+from funnn import cli, data, distributed, parallel, train
 from funnn import layers as L
 from funnn.core import ConfigError
 
@@ -171,6 +171,7 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
         "--process-id", "1", "--init-timeout", "2"), timeout=120)
     assert code == 2, stderr
     assert "cannot reach the coordinator 127.0.0.1:" in stderr and "within 2 s" in stderr
+    assert "raise --init-timeout" in stderr and "initialize(" not in stderr   # the CLI's words
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert time.perf_counter() - t0 < 60
 
@@ -228,6 +229,46 @@ def test_bad_parallel_options_exit_2_with_one_line(argv, match, capsys, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and match in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(capsys, tmp_path):
+    # from Python: the place is the function and its argument, never a command-line flag
+    for call, where in [
+            (lambda: parallel.make_mesh(1, model=3), "make_mesh(model=): the model axis (3)"),
+            (lambda: parallel.make_mesh(2), "make_mesh(devices=): asked for 2 devices"),
+            (lambda: parallel.parse_sharding("{oops"), "parse_sharding(text=): sharding rules"),
+            (lambda: parallel.initialize("127.0.0.1:1234", 2, 1, timeout=0),
+             "initialize(timeout=): timeout must be a positive number"),
+            (lambda: parallel.initialize("127.0.0.1", 2, 0), "initialize(coordinator=): "),
+            (lambda: parallel.initialize("127.0.0.1:1234", 0, 0),
+             "initialize(num_processes=): num_processes must be at least 1"),
+            (lambda: distributed._wait_for("127.0.0.1", _free_port(), 0.2),
+             "initialize(coordinator=): cannot reach the coordinator")]:
+        with pytest.raises(ConfigError) as info:
+            call()
+        flags = str(info.value).replace("XLA_FLAGS=--xla", "")   # XLA's flag, not ours
+        assert str(info.value).startswith(where) and "--" not in flags, info.value
+    model = L.serial(L.dense(4))
+    _, params = model.init(jax.random.key(0), (None, 3))
+    with pytest.raises(ConfigError, match=r"build one with parallel\.make_mesh\(n, model=k\)$"):
+        parallel.plan(jax.sharding.Mesh(np.array(jax.devices()), ("data",)), params, "tensor")
+    # through the command line, the same errors name the flags that set those arguments
+    run = ["--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]
+    for argv, said in [(["train", "--model-axis", "3"], "--model-axis: the model axis (3)"),
+                       (["train", "--sharding", "{oops"], "--sharding: sharding rules are not"),
+                       (["train", "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+                         "--process-id", "2"], "--process-id: process_id must lie in [0, 2)")]:
+        assert cli.main(argv + run) == 2
+        err = capsys.readouterr().err
+        assert said in err and "make_mesh(" not in err and "initialize(" not in err, err
+    assert cli._in_flags(ConfigError("build one with parallel.make_mesh(n, model=k)",
+                                     ("parallel",))) == "parallel: build one with --model-axis k"
+
+
+def test_processes_moved_to_distributed_and_stay_importable_from_parallel():
+    for name in ("initialize", "is_main", "agree", "gather", "parse_coordinator",
+                 "simulate_cpu_devices"):
+        assert getattr(parallel, name) is getattr(distributed, name)
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Training loop: learning, engine agreement, resume, one compile, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,7 +344,7 @@ def test_settings_are_resolved_once_and_print_as_the_config():
                         "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32"}
     assert repr(s) == str(s) == f"Settings({s.config!r})"
     assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.epochs = 4                                # frozen
     # the optimizer it built is the one optimizer_from builds from its config (restore_run's)
     a, b = s.optimizer, train.optimizer_from(s.config)
@@ -375,7 +377,7 @@ def test_checked_runner_steps_the_same_pieces_as_the_compiled_epoch():
     x = jax.random.normal(jax.random.key(1), (24, 64))
     y = jnp.arange(24) % 10
     opt = optax.adam(1e-2)
-    fresh = lambda: train.TrainState(jax.tree_util.tree_map(jnp.copy, params),  # noqa: E731
+    fresh = lambda: train.TrainState(jax.tree_util.tree_map(jnp.copy, params),
                                      opt.init(params), None)
     loss = losses.softmax_cross_entropy
     a, la = train.make_epoch(model, loss, opt, "autodiff", 8, 24)(fresh(), x, y,

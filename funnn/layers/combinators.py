@@ -30,7 +30,6 @@ from funnn.core import (
     Layer,
     ShapeError,
     StateError,
-    check_backward,
     input_spec,
     layer_scope,
     merged_context,
@@ -38,8 +37,9 @@ from funnn.core import (
     run_forward,
     split_key,
 )
+from funnn.layers.walk import Child, rule, sum_norms, walk_back
 
-__all__ = ["serial", "parallel", "residual", "out_shape"]
+__all__ = ["serial", "parallel", "residual", "out_shape", "rule"]
 
 
 def out_shape(layer: Layer, in_shape) -> tuple:
@@ -142,56 +142,31 @@ def serial(*layers: Layer) -> Layer:
             new_states.append(s)
         return x, (tuple(res), tuple(specs)), tuple(new_states)
 
-    def backward(params, res, dy):
+    def _children(params, res):
         params = _params(name, layers, params)
         res, specs = res
-        grads = [None] * n
-        for i in reversed(range(n)):
-            with layer_scope(labels[i]):
-                grads[i], dy = layers[i].backward(params[i], res[i], dy)
-                check_backward(layers[i].name, params[i], grads[i], specs[i], dy, f"{i}.")
-        return tuple(grads), dy
+        return [Child(labels[i], layers[i], params[i], res[i], specs[i], f"{i}.")
+                for i in range(n)]
+
+    def backward(params, res, dy):
+        grads, dx = walk_back(_children(params, res), dy)
+        return tuple(grads), dx
 
     def per_example(params, res, dy):
-        params = _params(name, layers, params)
-        res, _ = res
-        grads = [None] * n
-        for i in reversed(range(n)):
-            with layer_scope(labels[i]):
-                grads[i], dy = rule(layers[i], "per_example")(params[i], res[i], dy)
-        return tuple(grads), dy
+        grads, dx = walk_back(_children(params, res), dy, "per_example")
+        return tuple(grads), dx
 
     def per_example_norms(params, res, dy):
-        params = _params(name, layers, params)
-        res, _ = res
-        total = None
-        for i in reversed(range(n)):
-            with layer_scope(labels[i]):
-                sq, dy = rule(layers[i], "per_example_norms")(params[i], res[i], dy)
-            total = _add(total, sq)
-        return total, dy
+        sqs, dx = walk_back(_children(params, res), dy, "per_example_norms")
+        return sum_norms(sqs), dx
 
     return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
                      tuple(zip([f"[{i}]" for i in range(n)], layers)), merged_context(layers),
-                     per_example, per_example_norms)
-
-
-def rule(layer: Layer, field: str) -> Callable:
-    """``layer.per_example`` or ``layer.per_example_norms``, or a clear error when it has none."""
-    fn = getattr(layer, field)
-    if fn is None:
-        why = (" (a stateful layer: its output mixes the examples of a batch through the batch "
-               "statistics, so one example's gradient is not defined by that example alone)"
-               if layer.stateful else
-               " (its backward was derived by jax.vjp)" if layer.derived else "")
-        raise ConfigError(f"layer {layer.name} has no per-example gradient rule{why}; "
-                          f"per-example gradients, norms and clipping need one in every "
-                          f"layer", (layer.name,))
-    return fn
+                     per_example, per_example_norms, kind="serial")
 
 
 def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children,
-              context, per_example=None, per_example_norms=None) -> Layer:
+              context, per_example=None, per_example_norms=None, *, kind: str) -> Layer:
     """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind.
 
     ``context`` (the side inputs some child reads, such as ``mask``) arrives as keyword
@@ -217,15 +192,7 @@ def _assemble(name, init, run, run_forward_, backward, stateful, init_state, chi
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  init_state=init_state if stateful else None, children=children,
                  context=context, per_example=per_example,
-                 per_example_norms=per_example_norms)
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
+                 per_example_norms=per_example_norms, kind=kind)
 
 
 def parallel(*branches: Layer, combine: str = "concat") -> Layer:
@@ -287,49 +254,32 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         sizes = tuple(y.shape[-1] for y in ys)
         return merge(ys), (tuple(res), sizes, input_spec(x)), tuple(new)
 
-    def backward(params, res, dy):
+    def _walk(params, res, dy, how):
         params = _params(name, branches, params)
         res, sizes, spec = res
-        if combine == "concat":
-            cuts = [sum(sizes[:i]) for i in range(1, n)]
-            dys = jnp.split(dy, cuts, axis=-1)
-        else:
-            dys = [dy] * n
-        grads, dx = [], None
-        for i, (label, b, p, r, d) in enumerate(zip(labels, branches, params, res, dys)):
-            with layer_scope(label):
-                g, dxi = b.backward(p, r, d)
-                check_backward(b.name, p, g, spec, dxi, f"{i}.")
-            grads.append(g)
-            dx = _add(dx, dxi)
-        return tuple(grads), dx
-
-    def _per_branch(field, params, res, dy):
-        params = _params(name, branches, params)
-        res, sizes, _ = res
         if combine == "concat":
             dys = jnp.split(dy, [sum(sizes[:i]) for i in range(1, n)], axis=-1)
         else:
             dys = [dy] * n
-        outs, dx = [], None
-        for label, b, p, r, d in zip(labels, branches, params, res, dys):
-            with layer_scope(label):
-                g, dxi = rule(b, field)(p, r, d)
-            outs.append(g)
-            dx = _add(dx, dxi)
-        return outs, dx
+        children = [Child(labels[i], branches[i], params[i], res[i], spec, f"{i}.")
+                    for i in range(n)]
+        return walk_back(children, dys, how, fan_out=True)
+
+    def backward(params, res, dy):
+        grads, dx = _walk(params, res, dy, "backward")
+        return tuple(grads), dx
 
     def per_example(params, res, dy):
-        grads, dx = _per_branch("per_example", params, res, dy)
+        grads, dx = _walk(params, res, dy, "per_example")
         return tuple(grads), dx
 
     def per_example_norms(params, res, dy):
-        sqs, dx = _per_branch("per_example_norms", params, res, dy)
-        return sum(sqs[1:], sqs[0]), dx
+        sqs, dx = _walk(params, res, dy, "per_example_norms")
+        return sum_norms(sqs), dx
 
     return _assemble(name, init, run, run_fwd, backward, stateful, init_state,
                      tuple(zip([f"[{i}]" for i in range(n)], branches)),
-                     merged_context(branches), per_example, per_example_norms)
+                     merged_context(branches), per_example, per_example_norms, kind="parallel")
 
 
 def residual(body: Layer) -> Layer:
@@ -359,21 +309,20 @@ def residual(body: Layer) -> Layer:
             y, r, s = run_forward(body, params, x, state=state, key=key, train=train, **ctx)
         return x + y, r, s
 
+    def _walk(params, res, dy, how):
+        # the body's input is x, whose shape dy has
+        (g,), dx = walk_back([Child(label, body, params, res, input_spec(dy))], dy, how)
+        return g, dy + dx if dx is not None else dy
+
     def backward(params, res, dy):
-        with layer_scope(label):
-            g, dx = body.backward(params, res, dy)
-            check_backward(body.name, params, g, input_spec(dy), dx)   # dy has x's shape
-        return g, _add(dy, dx)
+        return _walk(params, res, dy, "backward")
 
     def per_example(params, res, dy):
-        with layer_scope(label):
-            g, dx = rule(body, "per_example")(params, res, dy)
-        return g, _add(dy, dx)
+        return _walk(params, res, dy, "per_example")
 
     def per_example_norms(params, res, dy):
-        with layer_scope(label):
-            sq, dx = rule(body, "per_example_norms")(params, res, dy)
-        return sq, _add(dy, dx)
+        return _walk(params, res, dy, "per_example_norms")
 
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
-                     (("/residual", body),), body.context, per_example, per_example_norms)
+                     (("/residual", body),), body.context, per_example, per_example_norms,
+                     kind="residual")

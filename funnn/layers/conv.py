@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,9 +229,23 @@ def _col2im(dp, k, s, d, pads, sizes, m):
 # --------------------------------------------------------------------------- the layer
 
 
-def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dilation=1,
-          groups: int = 1, use_bias: bool = True, w_init="glorot_uniform", b_init="zeros",
-          dtype=None, lowering: str = "auto") -> Layer:
+class _Geometry(NamedTuple):
+    """A convolution's static geometry, checked once when the layer is built."""
+    nd: int
+    features: int
+    k: tuple                       # kernel size per spatial axis
+    s: tuple                       # stride
+    d: tuple                       # dilation
+    pad_spec: object               # "VALID", "SAME" or explicit pairs
+    groups: int
+    ext: tuple                     # dilated kernel extent, d (k - 1) + 1
+    dn: lax.ConvDimensionNumbers   # dimension numbers of the forward convolution
+    dn_w: lax.ConvDimensionNumbers  # those of the kernel gradient
+
+
+def _geometry(nd: int, features, kernel_size, stride, padding, dilation, groups, use_bias,
+              lowering) -> tuple[_Geometry, str]:
+    """The checked geometry and the layer's display name."""
     kind = f"conv{nd}d"
     if not _is_int(features) or features < 1:
         raise ConfigError(f"features (output channels) must be a positive int, got {features!r}",
@@ -252,12 +267,74 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
               "no bias" if not use_bias else "",
               f"lowering={lowering}" if lowering != "auto" else ""]
     name = f"{kind}({', '.join([str(features), 'x'.join(map(str, k))] + [e for e in extras if e])})"
-    w_fn = get_initializer(w_init, "kernel", name)
-    b_fn = get_initializer(b_init, "bias", name) if use_bias else None
     ext = tuple(di * (ki - 1) + 1 for ki, di in zip(k, d))
     dn = _dimension_numbers(nd, (0, nd + 1), (nd + 1, nd), (0, nd + 1))
     # kernel gradient: x's channels act as the batch and its batch as the contracted feature
     dn_w = _dimension_numbers(nd, (nd + 1, 0), (nd + 1, 0), (nd, nd + 1))
+    return _Geometry(nd, int(features), k, s, d, pad_spec, int(groups), ext, dn, dn_w), name
+
+
+def _backward_patches(g: _Geometry, x, w, dy, pads):
+    """dW = P^T dy and dx = col2im(dy W^T), with P = patches(x) (module docstring)."""
+    sizes, m = x.shape[1:-1], dy.shape[1:-1]
+    dy2, w2 = dy.reshape(-1, g.features), w.reshape(-1, g.features)
+    dw = matmul_wide(_patches(x, g.k, g.s, g.d, pads, m).T, dy2).reshape(w.shape)
+    dp = (dy2 @ w2.T).reshape(dy.shape[:-1] + (-1, x.shape[-1]))
+    return dw, _col2im(dp, g.k, g.s, g.d, pads, sizes, m)
+
+
+def _backward_native(g: _Geometry, x, w, dy, pads):
+    """dW and dx as the two transposed convolutions (module docstring); the paddings go
+    into the convolutions (no padded copies of x or dy)."""
+    sizes = x.shape[1:-1]
+    # dW: x padded, dropping the trailing rows no window reaches, so the result is exactly k.
+    trim = [(lo, hi - (n + lo + hi - e) % si)
+            for n, (lo, hi), e, si in zip(sizes, pads, g.ext, g.s)]
+    dw = lax.conv_general_dilated(x, dy, g.d, trim, rhs_dilation=g.s,
+                                  dimension_numbers=g.dn_w, batch_group_count=g.groups,
+                                  preferred_element_type=wide(x.dtype))
+    return dw, _dx_native(g, x, w, dy, pads)
+
+
+def _dx_native(g: _Geometry, x, w, dy, pads):
+    """dx alone: the full correlation of the s-dilated dy with the flipped, in/out-swapped
+    kernel."""
+    nd, k, groups = g.nd, g.k, g.groups
+    sizes, m = x.shape[1:-1], dy.shape[1:-1]
+    span = [(mi - 1) * si + 1 for mi, si in zip(m, g.s)]  # length of dy dilated by s
+    c_ing, c_outg = w.shape[-2], g.features // groups
+    wt = w.reshape(k + (c_ing, groups, c_outg))
+    wt = jnp.transpose(wt, tuple(range(nd)) + (nd + 2, nd + 1, nd))  # (*k, C_out/g, g, C_in/g)
+    wt = wt.reshape(k + (c_outg, groups * c_ing))
+    wt = jnp.flip(wt, axis=tuple(range(nd)))
+    return lax.conv_general_dilated(dy, wt, (1,) * nd,
+                                    [(e - 1 - lo, n + lo - sp)
+                                     for n, (lo, _), e, sp in zip(sizes, pads, g.ext, span)],
+                                    lhs_dilation=g.s, rhs_dilation=g.d, dimension_numbers=g.dn,
+                                    feature_group_count=groups)
+
+
+def _pe_factors(g: _Geometry, params, x, dy):
+    """Per example: patches ``(B, T, K, g, C_in/g)`` and deltas ``(B, T, g, C_out/g)``, with
+    ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets."""
+    pads = _pads(g.pad_spec, x.shape[1:-1], g.ext, g.s)
+    dt = jnp.result_type(x, params["W"], dy)
+    xd, dyd = x.astype(dt), dy.astype(dt)
+    m = dy.shape[1:-1]
+    b, kk, c_ing = x.shape[0], int(np.prod(g.k)), params["W"].shape[-2]
+    pt = _patches(xd, g.k, g.s, g.d, pads, m).reshape(b, -1, kk, g.groups, c_ing)
+    dl = dyd.reshape(b, -1, g.groups, g.features // g.groups)
+    return pt, dl
+
+
+def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dilation=1,
+          groups: int = 1, use_bias: bool = True, w_init="glorot_uniform", b_init="zeros",
+          dtype=None, lowering: str = "auto") -> Layer:
+    geo, name = _geometry(nd, features, kernel_size, stride, padding, dilation, groups,
+                          use_bias, lowering)
+    k, s, d, pad_spec, ext, dn = geo.k, geo.s, geo.d, geo.pad_spec, geo.ext, geo.dn
+    w_fn = get_initializer(w_init, "kernel", name)
+    b_fn = get_initializer(b_init, "bias", name) if use_bias else None
     layout = f"(batch, {_SPATIAL.get(nd, 'spatial...')}, channels)"
 
     def init(key, in_shape):
@@ -316,61 +393,12 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         x_dt, w_dt = x.dtype, params["W"].dtype
         dt = jnp.result_type(x, params["W"], dy)
         x, w, dy = x.astype(dt), params["W"].astype(dt), dy.astype(dt)
-        dw, dx = (_backward_patches if use_patches() else _backward_native)(x, w, dy, pads)
+        dw, dx = (_backward_patches if use_patches() else _backward_native)(geo, x, w, dy, pads)
         grads = {"W": dw.astype(w_dt)}
         if use_bias:
             grads["b"] = dy.sum(axis=tuple(range(nd + 1)), dtype=wide(dt)).astype(
                 params["b"].dtype)
         return grads, dx.astype(x_dt)        # cotangents in their primals' dtypes, as autodiff
-
-    def _backward_patches(x, w, dy, pads):
-        """dW = P^T dy and dx = col2im(dy W^T), with P = patches(x) (module docstring)."""
-        sizes, m = x.shape[1:-1], dy.shape[1:-1]
-        dy2, w2 = dy.reshape(-1, features), w.reshape(-1, features)
-        dw = matmul_wide(_patches(x, k, s, d, pads, m).T, dy2).reshape(w.shape)
-        dp = (dy2 @ w2.T).reshape(dy.shape[:-1] + (-1, x.shape[-1]))
-        return dw, _col2im(dp, k, s, d, pads, sizes, m)
-
-    def _backward_native(x, w, dy, pads):
-        """dW and dx as the two transposed convolutions (module docstring); the paddings go
-        into the convolutions (no padded copies of x or dy)."""
-        sizes = x.shape[1:-1]
-        # dW: x padded, dropping the trailing rows no window reaches, so the result is exactly k.
-        trim = [(lo, hi - (n + lo + hi - e) % si)
-                for n, (lo, hi), e, si in zip(sizes, pads, ext, s)]
-        dw = lax.conv_general_dilated(x, dy, d, trim, rhs_dilation=s,
-                                      dimension_numbers=dn_w, batch_group_count=groups,
-                                      preferred_element_type=wide(x.dtype))
-        return dw, _dx_native(x, w, dy, pads)
-
-    def _dx_native(x, w, dy, pads):
-        """dx alone: the full correlation of the s-dilated dy with the flipped kernel."""
-        sizes, m = x.shape[1:-1], dy.shape[1:-1]
-        span = [(mi - 1) * si + 1 for mi, si in zip(m, s)]  # length of dy dilated by s
-        # dx: full correlation of the s-dilated dy with the flipped, in/out-swapped kernel.
-        c_ing, c_outg = w.shape[-2], features // groups
-        wt = w.reshape(k + (c_ing, groups, c_outg))
-        wt = jnp.transpose(wt, tuple(range(nd)) + (nd + 2, nd + 1, nd))  # (*k, C_out/g, g, C_in/g)
-        wt = wt.reshape(k + (c_outg, groups * c_ing))
-        wt = jnp.flip(wt, axis=tuple(range(nd)))
-        dx = lax.conv_general_dilated(dy, wt, (1,) * nd,
-                                      [(e - 1 - lo, n + lo - sp)
-                                       for n, (lo, _), e, sp in zip(sizes, pads, ext, span)],
-                                      lhs_dilation=s, rhs_dilation=d, dimension_numbers=dn,
-                                      feature_group_count=groups)
-        return dx
-
-    def _pe_factors(params, x, dy):
-        """Per example: patches ``(B, T, K, g, C_in/g)`` and deltas ``(B, T, g, C_out/g)``, with
-        ``T = prod(out)`` positions and ``K = prod(k)`` kernel offsets."""
-        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
-        dt = jnp.result_type(x, params["W"], dy)
-        xd, dyd = x.astype(dt), dy.astype(dt)
-        m = dy.shape[1:-1]
-        b, kk, c_ing = x.shape[0], int(np.prod(k)), params["W"].shape[-2]
-        pt = _patches(xd, k, s, d, pads, m).reshape(b, -1, kk, groups, c_ing)
-        dl = dyd.reshape(b, -1, groups, features // groups)
-        return pt, dl
 
     def _pe_dx(params, x, dy):
         """dx without the batch dW (the per-example rules make their own)."""
@@ -378,12 +406,12 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
             return backward(params, x, dy)[1]
         pads = _pads(pad_spec, x.shape[1:-1], ext, s)
         dt = jnp.result_type(x, params["W"], dy)
-        return _dx_native(x.astype(dt), params["W"].astype(dt), dy.astype(dt), pads).astype(
-            x.dtype)
+        return _dx_native(geo, x.astype(dt), params["W"].astype(dt), dy.astype(dt),
+                          pads).astype(x.dtype)
 
     def per_example(params, x, dy):
         """dW_i = P_i^T dy_i over example i's patches (per group); db_i = sum_t dy_it."""
-        pt, dl = _pe_factors(params, x, dy)
+        pt, dl = _pe_factors(geo, params, x, dy)
         w = params["W"]
         dw = jnp.einsum("btkgc,btgo->bkcgo", pt, dl).reshape((x.shape[0],) + w.shape)
         grads = {"W": dw.astype(w.dtype)}
@@ -394,7 +422,7 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
     def per_example_norms(params, x, dy):
         """||dW_i||^2 through the patches: the Gram form ``sum_{t,s} (P_t . P_s)(dy_t . dy_s)``
         (per group) when ``T^2 (K C_in + C_out) < T K C_in C_out``, else materialised."""
-        pt, dl = _pe_factors(params, x, dy)
+        pt, dl = _pe_factors(geo, params, x, dy)
         t, kc, co = pt.shape[1], pt.shape[2] * pt.shape[4], dl.shape[3]
         if gram_cheaper(t, kc, co):
             gx = jnp.einsum("btkgc,bskgc->bgts", pt, pt)
@@ -408,7 +436,8 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         return sq, _pe_dx(params, x, dy)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms,
+                 kind=f"conv{nd}d")
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

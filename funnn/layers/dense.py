@@ -150,4 +150,4 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
         return sq, (dy @ params["W"].T).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms, kind="dense")

@@ -75,4 +75,4 @@ def dropout(rate: float) -> Layer:
         return {}, dy if res is None else dy * res
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward))
+                 **paramless(backward), kind="dropout")

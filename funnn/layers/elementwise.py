@@ -69,7 +69,7 @@ def activation(act) -> Layer:
     def backward(params, res, dy):
         return {}, act.backprop(res, dy)
 
-    return Layer(name, init, apply, forward, backward, **paramless(backward))
+    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="activation")
 
 
 # --------------------------------------------------------------------------- prelu
@@ -128,7 +128,7 @@ def prelu(init_alpha: float = 0.25) -> Layer:
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
     return Layer(name, init, apply, forward, backward, per_example=per_example,
-                 per_example_norms=per_example_norms)
+                 per_example_norms=per_example_norms, kind="prelu")
 
 
 # --------------------------------------------------------------------------- flatten
@@ -158,4 +158,4 @@ def flatten() -> Layer:
     def backward(params, res, dy):
         return {}, dy.reshape(res.shape)
 
-    return Layer(name, init, apply, forward, backward, **paramless(backward))
+    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="flatten")

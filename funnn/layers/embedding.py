@@ -117,4 +117,4 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
         return jnp.sum(jnp.square(g["table"]), (1, 2)), None
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms, kind="embedding")

@@ -113,7 +113,7 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm")
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -131,6 +131,44 @@ class _InferRes(NamedTuple):
     xhat: jnp.ndarray
     inv: jnp.ndarray
     x0: jnp.ndarray
+
+
+def _check_bn_state(name: str, state, c: int) -> None:
+    """batch_norm's running statistics: a dict of ``mean`` and ``var``, both ``(C,)``."""
+    hint = "make one with layer.init_state(in_shape) and pass the returned state back in"
+    if state is None:
+        raise StateError(f"needs its running statistics: pass state={{'mean': ({c},), "
+                         f"'var': ({c},)}}; {hint}", (name,))
+    if not isinstance(state, Mapping) or set(state) != {"mean", "var"}:
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise StateError(f"expected a state dict with keys ['mean', 'var'], got {got}; {hint}",
+                         (name,))
+    shapes = (jnp.shape(state["mean"]), jnp.shape(state["var"]))
+    if shapes != ((c,), (c,)):
+        raise StateError(f"expected state shapes mean ({c},), var ({c},), got mean "
+                         f"{shapes[0]}, var {shapes[1]}; {hint}", (name,))
+
+
+def _bn_batch_stats(name: str, x, red: tuple, bshape: tuple, state, momentum: float,
+                    eps: float):
+    """Training mode: ``(xhat, inv, new_state)`` from the batch mean and biased variance over
+    ``red`` (in float32 for bfloat16/float16), the running statistics moved by ``momentum``."""
+    n = math.prod(x.shape[i] for i in red)
+    if n <= 1:
+        raise ShapeError(
+            f"needs more than 1 value per channel in training mode, got {n} (input shape "
+            f"{tuple(x.shape)}): the batch statistics would normalise every value to 0, "
+            f"giving beta and zero gradients for every earlier layer; use a batch of more "
+            f"than one (per-example gradients: train=False), or layer_norm", (name,))
+    xw = upcast(x)
+    mu = jnp.mean(xw, axis=red)
+    xc = xw - mu.reshape(bshape)
+    var = jnp.mean(xc * xc, axis=red)
+    inv = lax.rsqrt(var + eps)
+    new_state = {k: (momentum * state[k] + (1 - momentum) * lax.stop_gradient(v))
+                 .astype(jnp.result_type(state[k]))   # same dtype: a lax.scan carry
+                 for k, v in (("mean", mu), ("var", var))}
+    return xc * inv.reshape(bshape), inv, new_state
 
 
 def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtype=None) -> Layer:
@@ -198,45 +236,16 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         dt = _default_dtype(dtype)
         return {"mean": jnp.zeros((c,), dt), "var": jnp.ones((c,), dt)}
 
-    def _check_state(state, c: int) -> None:
-        hint = "make one with layer.init_state(in_shape) and pass the returned state back in"
-        if state is None:
-            raise StateError(f"needs its running statistics: pass state={{'mean': ({c},), "
-                             f"'var': ({c},)}}; {hint}", (name,))
-        if not isinstance(state, Mapping) or set(state) != {"mean", "var"}:
-            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise StateError(f"expected a state dict with keys ['mean', 'var'], got {got}; {hint}",
-                             (name,))
-        shapes = (jnp.shape(state["mean"]), jnp.shape(state["var"]))
-        if shapes != ((c,), (c,)):
-            raise StateError(f"expected state shapes mean ({c},), var ({c},), got mean "
-                             f"{shapes[0]}, var {shapes[1]}; {hint}", (name,))
-
     def forward(params, x, *, state=None, key=None, train=False):
         check_floating(name, x)
         check_rank(name, x, 2, what="(batch, ..., channels)")
         ax, red, bshape = _axes(x.ndim, x.shape)
         c = params["gamma"].shape[0]
         check_features(name, x, c, axis=ax, what="channels")
-        _check_state(state, c)
+        _check_bn_state(name, state, c)
         res: _TrainRes | _InferRes
         if train:
-            n = math.prod(x.shape[i] for i in red)
-            if n <= 1:
-                raise ShapeError(
-                    f"needs more than 1 value per channel in training mode, got {n} (input shape "
-                    f"{tuple(x.shape)}): the batch statistics would normalise every value to 0, "
-                    f"giving beta and zero gradients for every earlier layer; use a batch of more "
-                    f"than one (per-example gradients: train=False), or layer_norm", (name,))
-            xw = upcast(x)                    # bfloat16/float16: statistics in float32
-            mu = jnp.mean(xw, axis=red)
-            xc = xw - mu.reshape(bshape)
-            var = jnp.mean(xc * xc, axis=red)
-            inv = lax.rsqrt(var + eps)
-            xhat = xc * inv.reshape(bshape)
-            new_state = {k: (momentum * state[k] + (1 - momentum) * lax.stop_gradient(v))
-                         .astype(jnp.result_type(state[k]))   # same dtype: a lax.scan carry
-                         for k, v in (("mean", mu), ("var", var))}
+            xhat, inv, new_state = _bn_batch_stats(name, x, red, bshape, state, momentum, eps)
             res = _TrainRes(xhat.astype(x.dtype), inv)
         else:
             inv = lax.rsqrt(upcast(state["var"]) + eps)
@@ -269,4 +278,4 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         return {"gamma": dgamma, "beta": dbeta}, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 init_state=init_state)
+                 init_state=init_state, kind="batch_norm")

@@ -230,7 +230,7 @@ def max_pool(window, stride=None, padding="VALID", *, ndim: int | None = None) -
         return {}, _crop(dxp, pads, res.shape[1:-1]).astype(res.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward))
+                 **paramless(backward), kind="max_pool")
 
 
 def _counts(sizes, k, s, pads, m) -> np.ndarray:
@@ -283,7 +283,7 @@ def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = Fal
         return {}, _crop(dxp, pads, x.shape[1:-1]).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward))
+                 **paramless(backward), kind="avg_pool")
 
 
 def global_avg_pool() -> Layer:
@@ -314,4 +314,4 @@ def global_avg_pool() -> Layer:
         return {}, jnp.broadcast_to((dy / n).reshape(spatial), x.shape).astype(x.dtype)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward))
+                 **paramless(backward), kind="global_avg_pool")

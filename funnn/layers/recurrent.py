@@ -306,8 +306,58 @@ def _blend(m, new, old):
     return new if m is None else jax.tree.map(lambda a, b: m * a + (1 - m) * b, new, old)
 
 
-def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Layer:
-    kind = cell.kind
+def _inputs(name: str, cell: _Cell, masked: bool, params, xin, mask_kw=None,
+            lengths_kw=None):
+    """Validate; returns ``x (B, T, D)`` and ``mask (B, T)`` in x's dtype, or ``None``."""
+    if masked:
+        if not (isinstance(xin, (tuple, list)) and len(xin) == 2):
+            raise ShapeError(f"built with masked=True, so the input must be a pair (x, mask) "
+                             f"with x (batch, time, features); got a single input of shape "
+                             f"{jnp.shape(xin)}", (name,))
+        x, mask = xin
+        if mask_kw is not None or lengths_kw is not None:
+            raise ConfigError("built with masked=True, the mask comes in the input pair "
+                              "(x, mask); do not also pass mask= or lengths=", (name,))
+    elif isinstance(xin, (tuple, list)):
+        raise ShapeError(f"got a {type(xin).__name__} input; build the layer with "
+                         f"masked=True to pass (x, mask), or pass mask= or lengths=",
+                         (name,))
+    else:
+        if mask_kw is not None and lengths_kw is not None:
+            raise ConfigError("got both mask= and lengths=; pass one", (name,))
+        x = xin
+        mask = mask_kw if mask_kw is not None else lengths_kw
+        if mask_kw is not None and jnp.ndim(mask_kw) != 2:
+            raise ShapeError(f"expected mask of shape (batch, time) = "
+                             f"{tuple(jnp.shape(x))[:2]}, got {jnp.shape(mask_kw)}; a "
+                             f"recurrent layer reads key-padding masks only", (name,))
+    x = jnp.asarray(x)
+    shape, n_in = x.shape, params[cell.wx].shape[0]
+    if len(shape) != 3:
+        raise ShapeError(f"expected input of shape (batch, time, features), got shape "
+                         f"{shape} (rank {len(shape)}); for one sequence add a batch "
+                         f"axis: x[None]", (name,))
+    check_floating(name, x)
+    if shape[2] != n_in:
+        raise ShapeError(f"expected input features {n_in}, got {shape[2]} (input shape "
+                         f"{shape}, expected (batch, time, {n_in}))", (name,))
+    if mask is None:
+        return x, None
+    ms = jnp.shape(mask)
+    if ms == shape[:1]:
+        if not jnp.issubdtype(jnp.result_type(mask), jnp.integer):
+            raise DTypeError(f"a mask of shape (batch,) = {ms} is read as lengths and must "
+                             f"be integer, got dtype {jnp.result_type(mask)}", (name,))
+        mask = jnp.arange(shape[1]) < jnp.asarray(mask)[:, None]
+    elif ms != shape[:2]:
+        raise ShapeError(f"expected mask of shape (batch, time) = {shape[:2]} or lengths "
+                         f"of shape (batch,) = {shape[:1]}, got {ms} (input shape {shape})",
+                         (name,))
+    return x, lax.stop_gradient(jnp.asarray(mask).astype(x.dtype))
+
+
+def _settings(kind: str, hidden, return_sequences, masked, dtype, unroll) -> tuple:
+    """The checked ``(hidden, return_sequences, masked, unroll)``."""
     if not isinstance(hidden, (int, np.integer)) or isinstance(hidden, bool) or hidden < 1:
         raise ConfigError(f"hidden size must be a positive int, got {hidden!r}", (kind,))
     for opt, v in (("return_sequences", return_sequences), ("masked", masked)):
@@ -320,7 +370,13 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         raise ConfigError(f"unroll must be a positive int or True/False, got {unroll!r}",
                           (kind,))
     unroll = bool(unroll) if isinstance(unroll, (bool, np.bool_)) else int(unroll)
-    hidden, seq, masked = int(hidden), bool(return_sequences), bool(masked)
+    return int(hidden), bool(return_sequences), bool(masked), unroll
+
+
+def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Layer:
+    kind = cell.kind
+    hidden, seq, masked, unroll = _settings(kind, hidden, return_sequences, masked, dtype,
+                                            unroll)
     name = f"{kind}({hidden}{'' if seq else ', return_sequences=False'}" \
            f"{', masked=True' if masked else ''})"
 
@@ -339,54 +395,6 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         dt = jnp.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
         p = _jit_init(cell.init)(key, s[2], hidden, dt)
         return (out if seq else (s[0], hidden)), p
-
-    def _inputs(params, xin, mask_kw=None, lengths_kw=None):
-        """Validate; returns ``x (B, T, D)`` and ``mask (B, T)`` in x's dtype, or ``None``."""
-        if masked:
-            if not (isinstance(xin, (tuple, list)) and len(xin) == 2):
-                raise ShapeError(f"built with masked=True, so the input must be a pair (x, mask) "
-                                 f"with x (batch, time, features); got a single input of shape "
-                                 f"{jnp.shape(xin)}", (name,))
-            x, mask = xin
-            if mask_kw is not None or lengths_kw is not None:
-                raise ConfigError("built with masked=True, the mask comes in the input pair "
-                                  "(x, mask); do not also pass mask= or lengths=", (name,))
-        elif isinstance(xin, (tuple, list)):
-            raise ShapeError(f"got a {type(xin).__name__} input; build the layer with "
-                             f"masked=True to pass (x, mask), or pass mask= or lengths=",
-                             (name,))
-        else:
-            if mask_kw is not None and lengths_kw is not None:
-                raise ConfigError("got both mask= and lengths=; pass one", (name,))
-            x = xin
-            mask = mask_kw if mask_kw is not None else lengths_kw
-            if mask_kw is not None and jnp.ndim(mask_kw) != 2:
-                raise ShapeError(f"expected mask of shape (batch, time) = "
-                                 f"{tuple(jnp.shape(x))[:2]}, got {jnp.shape(mask_kw)}; a "
-                                 f"recurrent layer reads key-padding masks only", (name,))
-        x = jnp.asarray(x)
-        shape, n_in = x.shape, params[cell.wx].shape[0]
-        if len(shape) != 3:
-            raise ShapeError(f"expected input of shape (batch, time, features), got shape "
-                             f"{shape} (rank {len(shape)}); for one sequence add a batch "
-                             f"axis: x[None]", (name,))
-        check_floating(name, x)
-        if shape[2] != n_in:
-            raise ShapeError(f"expected input features {n_in}, got {shape[2]} (input shape "
-                             f"{shape}, expected (batch, time, {n_in}))", (name,))
-        if mask is None:
-            return x, None
-        ms = jnp.shape(mask)
-        if ms == shape[:1]:
-            if not jnp.issubdtype(jnp.result_type(mask), jnp.integer):
-                raise DTypeError(f"a mask of shape (batch,) = {ms} is read as lengths and must "
-                                 f"be integer, got dtype {jnp.result_type(mask)}", (name,))
-            mask = jnp.arange(shape[1]) < jnp.asarray(mask)[:, None]
-        elif ms != shape[:2]:
-            raise ShapeError(f"expected mask of shape (batch, time) = {shape[:2]} or lengths "
-                             f"of shape (batch,) = {shape[:1]}, got {ms} (input shape {shape})",
-                             (name,))
-        return x, lax.stop_gradient(jnp.asarray(mask).astype(x.dtype))
 
     def _scan(params, x, mask, keep):
         """The forward scan; returns ``(y, res)`` (``res`` None unless ``keep``)."""
@@ -414,11 +422,11 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         return y, ((x_tm, m_tm, outs[1], outs[2]) if keep else None)
 
     def apply(params, x, *, key=None, train=False, mask=None, lengths=None):
-        x, mask = _inputs(params, x, mask, lengths)
+        x, mask = _inputs(name, cell, masked, params, x, mask, lengths)
         return _scan(params, x, mask, False)[0]
 
     def forward(params, x, *, key=None, train=False, mask=None, lengths=None):
-        x, mask = _inputs(params, x, mask, lengths)
+        x, mask = _inputs(name, cell, masked, params, x, mask, lengths)
         return _scan(params, x, mask, True)
 
     def _bptt(params, res, dy):
@@ -475,7 +483,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
-                 per_example_norms=per_example_norms)
+                 per_example_norms=per_example_norms, kind=kind)
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,

@@ -14,7 +14,6 @@ from funnn.core import (
     ConfigError,
     Layer,
     ShapeError,
-    check_backward,
     check_floating,
     check_in_shape,
     check_rank,
@@ -26,12 +25,13 @@ from funnn.core import (
 )
 from funnn.layers._per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
-from funnn.layers.combinators import residual, rule, serial
+from funnn.layers.combinators import residual, serial
 from funnn.layers.dense import dense
 from funnn.layers.dropout import dropout as dropout_layer
 from funnn.layers.elementwise import activation
 from funnn.layers.embedding import embedding
 from funnn.layers.norm import layer_norm
+from funnn.layers.walk import Child, walk_back
 
 __all__ = ["transformer_block", "positional_embedding", "tied_embedding"]
 
@@ -105,41 +105,34 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
                                                          train=train)
         return y, (r_ln, r_attn, r_drop, r_mlp)
 
-    def backward(params, res, dy):
+    def _walk(params, res, dy, how):
+        """The children last to first (``how`` as in :func:`~funnn.layers.walk.walk_back`):
+        the MLP half gives ``dh``, the attention half's chain continues from it."""
         r_ln, r_attn, r_drop, r_mlp = res
         (p_ln, p_attn) = params["attn"]
+        mlp = Child(m_label, mlp_half(dy.shape[-1]), params["mlp"], r_mlp, input_spec(dy))
         with layer_scope(name):
-            with layer_scope(m_label):
-                g_mlp, dh = mlp_half(dy.shape[-1]).backward(params["mlp"], r_mlp, dy)
-                check_backward("mlp", params["mlp"], g_mlp, input_spec(dy), dh)
-            _, da = drop.backward({}, r_drop, dh)
-            g_attn, du = attn.backward(p_attn, r_attn, da)
-            g_ln, dx = ln.backward(p_ln, r_ln, du)
-        return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dh + dx
+            (g_mlp,), dh = walk_back([mlp], dy, how)
+            (g_ln, g_attn, g_drop), dx = walk_back(
+                [Child(None, ln, p_ln, r_ln), Child(None, attn, p_attn, r_attn),
+                 Child(None, drop, {}, r_drop)], dh, how)
+        return (g_ln, g_attn, g_drop, g_mlp), dh + dx
 
-    def _per_example(field, params, res, dy):
-        """The backward's order with the children's per-example rules (``field``)."""
-        r_ln, r_attn, r_drop, r_mlp = res
-        (p_ln, p_attn) = params["attn"]
-        with layer_scope(name):
-            with layer_scope(m_label):
-                g_mlp, dh = rule(mlp_half(dy.shape[-1]), field)(params["mlp"], r_mlp, dy)
-            _, da = drop.backward({}, r_drop, dh)
-            g_attn, du = rule(attn, field)(p_attn, r_attn, da)
-            g_ln, dx = rule(ln, field)(p_ln, r_ln, du)
-        return (g_ln, g_attn, g_mlp), dh + dx
+    def backward(params, res, dy):
+        (g_ln, g_attn, _, g_mlp), dx = _walk(params, res, dy, "backward")
+        return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dx
 
     def per_example(params, res, dy):
-        (g_ln, g_attn, g_mlp), dx = _per_example("per_example", params, res, dy)
+        (g_ln, g_attn, _, g_mlp), dx = _walk(params, res, dy, "per_example")
         return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dx
 
     def per_example_norms(params, res, dy):
-        (s_ln, s_attn, s_mlp), dx = _per_example("per_example_norms", params, res, dy)
+        (s_ln, s_attn, _, s_mlp), dx = _walk(params, res, dy, "per_example_norms")
         return s_ln + s_attn + s_mlp, dx
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=attn.context, per_example=per_example,
-                 per_example_norms=per_example_norms)
+                 per_example_norms=per_example_norms, kind="transformer_block")
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
@@ -228,7 +221,8 @@ def positional_embedding(max_len: int, kind: str = "learned", *, std: float = 0.
         return jnp.sum(jnp.square(_dpos_rows(dy)), (1, 2)), dy
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms,
+                 kind="positional_embedding")
 
 
 def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
@@ -279,29 +273,27 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
                 h, r_body, _ = run_forward(body, p_body, h0, key=key, train=train, **ctx)
         return h @ p_emb["table"].T, (r_emb, r_body, h, input_spec(h0))
 
-    def backward(params, res, dy):
+    def _walk(params, res, dh, how):
+        """The body, then the embedding (``how`` as in :func:`~funnn.layers.walk.walk_back`):
+        ``(g_emb, g_body, dh0)``, ``dh0`` the body's input gradient (the lookup's output's)."""
         p_emb, p_body = params
-        r_emb, r_body, h, spec = res
-        table = p_emb["table"]
-        d_out = dy.reshape(-1, n).T @ h.reshape(-1, f)              # (V, F) from the projection
-        dh = dy @ table
+        r_emb, r_body, _, spec = res
         with layer_scope(name):
-            with layer_scope(b_label):
-                g_body, dh0 = body.backward(p_body, r_body, dh)
-                check_backward(body.name, p_body, g_body, spec, dh0)
-            g_emb, _ = emb.backward(p_emb, r_emb, dh0)
+            (g_body,), dh0 = walk_back([Child(b_label, body, p_body, r_body, spec)], dh, how)
+            (g_emb,), _ = walk_back([Child(None, emb, p_emb, r_emb)], dh0, how)
+        return g_emb, g_body, dh0
+
+    def backward(params, res, dy):
+        table, h = params[0]["table"], res[2]
+        d_out = dy.reshape(-1, n).T @ h.reshape(-1, f)              # (V, F) from the projection
+        g_emb, g_body, _ = _walk(params, res, dy @ table, "backward")
         return ({"table": (g_emb["table"] + d_out).astype(table.dtype)}, g_body), None
 
     def per_example(params, res, dy):
         """dtable_i = sum_t dlogits_it^T h_it + scatter_add(ids_i, dh0_i): (B, V, F)."""
-        p_emb, p_body = params
-        r_emb, r_body, h, _ = res
-        table = p_emb["table"]
+        table, h = params[0]["table"], res[2]
         d_out = batch_outer(dy, h)                                    # (B, V, F)
-        with layer_scope(name):
-            with layer_scope(b_label):
-                g_body, dh0 = rule(body, "per_example")(p_body, r_body, dy @ table)
-            g_emb, _ = rule(emb, "per_example")(p_emb, r_emb, dh0)
+        g_emb, g_body, _ = _walk(params, res, dy @ table, "per_example")
         return ({"table": (g_emb["table"] + d_out).astype(table.dtype)}, g_body), None
 
     def per_example_norms(params, res, dy):
@@ -309,13 +301,8 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
         without materialising either: ``||A_i||^2`` by the Gram or outer rule,
         ``||E_i||^2`` by the embedding's, and the cross term
         ``<A_i, E_i> = sum_{t,s} dlogits_it[id_is] (h_it . dh0_is)``."""
-        p_emb, p_body = params
-        r_emb, r_body, h, _ = res
-        table = p_emb["table"]
-        with layer_scope(name):
-            with layer_scope(b_label):
-                s_body, dh0 = rule(body, "per_example_norms")(p_body, r_body, dy @ table)
-            s_emb, _ = rule(emb, "per_example_norms")(p_emb, r_emb, dh0)
+        r_emb, h = res[0], res[2]
+        s_emb, s_body, dh0 = _walk(params, res, dy @ params[0]["table"], "per_example_norms")
         b = dy.shape[0]
         dy3, h3, g3 = dy.reshape(b, -1, n), h.reshape(b, -1, f), dh0.reshape(b, -1, f)
         ids = r_emb.reshape(b, 1, -1)
@@ -326,4 +313,5 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  children=(("[0]", emb), ("[1]", body)), context=body.context,
-                 per_example=per_example, per_example_norms=per_example_norms)
+                 per_example=per_example, per_example_norms=per_example_norms,
+                 kind="tied_embedding")

@@ -1,0 +1,189 @@
+"""Processes: joining a multi-process JAX job (``jax.distributed``), agreeing across the
+processes before a collective, and gathering global arrays to the host.
+
+Several processes (:func:`initialize`) form one mesh over all their devices
+(:mod:`funnn.parallel`); each feeds only its own rows of every batch, and :func:`is_main`
+(process 0) alone writes files. With one process every function here is a no-op or trivial.
+Errors name the Python arguments (``initialize(timeout=)``); the ``funnn`` command translates
+them to its flags.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from funnn.errors import ConfigError
+
+__all__ = ["initialize", "is_main", "agree", "gather", "parse_coordinator",
+           "simulate_cpu_devices"]
+
+_WHERE = ("parallel",)
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``; bad text is an error."""
+    text = str(address).strip()
+    host, sep, port_text = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not sep or not host or not 0 < port < 65536:
+        raise ConfigError(f"coordinator must be HOST:PORT with a port in 1..65535 (e.g. "
+                          f"10.0.0.1:1234), got {address!r}", ("initialize(coordinator=)",))
+    return host, port
+
+
+def _wait_for(host: str, port: int, timeout: float) -> None:
+    """Retry a TCP connection to the coordinator until it answers or ``timeout`` passes."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(
+                    1.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            last = err.strerror or type(err).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"cannot reach the coordinator {host}:{port} within {timeout:g} s ({last}); "
+                f"start process 0 with the same initialize(coordinator=) first, check the host "
+                f"name, port and firewall, or raise initialize(timeout=)",
+                ("initialize(coordinator=)",))
+        time.sleep(0.2)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout: float = 60.0) -> None:
+    """Join a multi-process JAX job (``jax.distributed.initialize``); call before any JAX work.
+
+    ``coordinator="HOST:PORT"`` is process 0's address (process 0 listens there);
+    ``num_processes`` and ``process_id`` (0 .. P-1) say who this is. ``"auto"`` (or
+    all three None) lets JAX detect the cluster (SLURM, Open MPI, TPU pods; also
+    ``JAX_COORDINATOR_ADDRESS``). CPU processes talk through gloo
+    (``jax_cpu_collectives_implementation``), GPUs through NCCL, TPUs as JAX does.
+
+    Bad input is a :class:`ConfigError` before JAX starts: a malformed address, a
+    process id outside ``[0, num_processes)``. A process other than 0 first waits
+    up to ``timeout`` seconds for the coordinator's port to answer and raises a
+    ConfigError if it does not. Past that point JAX owns the wait: if the other
+    processes never register within ``timeout``, JAX ends the process itself
+    (``DEADLINE_EXCEEDED``, SIGABRT); it never hangs.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < float("inf")):
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}",
+                          ("initialize(timeout=)",))
+    auto = coordinator in (None, "auto")
+    if auto and (num_processes is not None or process_id is not None):
+        raise ConfigError("num_processes and process_id come with a coordinator HOST:PORT; "
+                          "with 'auto' JAX detects them", ("initialize(coordinator=)",))
+    if not auto:
+        assert coordinator is not None
+        host, port = parse_coordinator(coordinator)
+        for name, v in (("num_processes", num_processes), ("process_id", process_id)):
+            if v is None or isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an int with a coordinator, got {v!r}",
+                                  (f"initialize({name}=)",))
+        assert num_processes is not None and process_id is not None
+        if num_processes < 1:
+            raise ConfigError(f"num_processes must be at least 1, got {num_processes}",
+                              ("initialize(num_processes=)",))
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"process_id must lie in [0, {num_processes}) for "
+                              f"{num_processes} processes, got {process_id}",
+                              ("initialize(process_id=)",))
+    if jax.distributed.is_initialized():
+        if auto or (jax.process_count(), jax.process_index()) == (num_processes, process_id):
+            return
+        raise ConfigError(f"this process already joined a job as process "
+                          f"{jax.process_index()} of {jax.process_count()}", _WHERE)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    wait = math.ceil(timeout)
+    try:
+        if auto:
+            jax.distributed.initialize(initialization_timeout=wait)
+        else:
+            if process_id != 0:
+                t0 = time.monotonic()
+                _wait_for(host, port, timeout)
+                wait = max(1, math.ceil(timeout - (time.monotonic() - t0)))
+            jax.distributed.initialize(coordinator, num_processes, process_id,
+                                       initialization_timeout=wait)
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines()[0].rstrip(".") if str(err).strip()
+                 else type(err).__name__)
+        hint = (" (call it before any JAX computation)" if "initialized" in first.lower()
+                else "; no SLURM, Open MPI or TPU job was detected: give HOST:PORT, the "
+                     "number of processes and this process's id" if auto else "")
+        raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
+                          ("initialize(coordinator=)",)) from None
+
+
+def is_main() -> bool:
+    """True on process 0 (the only one that writes files); always True for one process."""
+    return jax.process_index() == 0
+
+
+def agree(error: BaseException | None = None, value: int = 0, what: str = "") -> None:
+    """Every process says whether it is ready (and a number that must match); all stop together.
+
+    With one process this does nothing. With several it gathers ``(failed, value)``
+    from every process (``multihost_utils.process_allgather``): if any failed,
+    the others raise a ConfigError naming it, instead of waiting forever in the
+    next collective; if ``value`` differs between processes (say, the epoch a
+    resume starts from), every process raises one naming ``what``.
+    """
+    if jax.process_count() == 1:
+        return
+    got = np.asarray(multihost_utils.process_allgather(
+        np.array([error is not None, value], np.int32))).reshape(-1, 2)
+    failed = [i for i, f in enumerate(got[:, 0]) if f]
+    if failed and error is None:
+        raise ConfigError(f"process {', '.join(map(str, failed))} failed (see its error); "
+                          f"stopping process {jax.process_index()} too", _WHERE)
+    if not failed and len(set(got[:, 1].tolist())) > 1:
+        raise ConfigError(f"processes disagree on {what or 'a setting'}: "
+                          f"{got[:, 1].tolist()} (process 0, 1, ...); is the run directory on "
+                          f"a filesystem every process sees?", _WHERE)
+
+
+def gather(tree):
+    """Host (numpy-convertible) copies of global arrays; from every process when sharded.
+
+    One process: the tree as it is (``np.asarray`` already assembles its shards).
+    Several: ``multihost_utils.process_allgather``, a collective every process
+    must call at the same point.
+    """
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def simulate_cpu_devices(n: int) -> bool:
+    """Ask XLA for ``n`` CPU devices (``--xla_force_host_platform_device_count``) if JAX has
+    not started yet and nobody asked for a count; True if the flag is (now) set.
+
+    Simulated devices share the machine's cores: they test sharded programs and
+    measure their overhead, never a speed-up. Other platforms are unaffected.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return True
+    try:
+        from jax._src import xla_bridge  # private: guarded, so imported here
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):     # a JAX without this private helper
+        started = True
+    if started:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return True
