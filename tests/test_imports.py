@@ -18,6 +18,7 @@ FLOORS = [
     ["precision"],
     ["layers"],
     ["autodiff", "manual"],
+    ["engines"],
     ["curvature"],
     ["gradcheck", "numerics"],
     ["control"],
