@@ -21,3 +21,53 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "funnn"))
 
 # A finished 2-epoch XOR run: a fixture of tests/test_rundir.py, test_train.py and test_cli.py.
 from _runs import xor_run  # noqa: E402, F401
+
+import pytest  # noqa: E402
+
+# Cases of large parametrized matrices that cost a few seconds each (compiles of LSTM/GRU,
+# 4-d elementwise stacks, strided conv patches...). The fast tier keeps their cheaper
+# siblings, so every property is still checked there at a small size; the full suite runs
+# these too. Node ids as pytest prints them, relative to tests/.
+SLOW_CASES = {
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[gru-seq-mask-train]",
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[gru-seq-nomask-infer]",
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[gru-last-lengths-infer]",
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[lstm-seq-nomask-infer]",
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[lstm-last-lengths-infer]",
+    "test_recurrent.py::test_manual_equals_autodiff_and_fd[lstm-last-nomask-train]",
+    "test_recurrent.py::test_grads_come_back_in_param_and_input_dtypes[lstm]",
+    "test_recurrent.py::test_grads_come_back_in_param_and_input_dtypes[gru]",
+    "test_recurrent.py::test_per_example_gradients_vmap[lstm-True-lengths]",
+    "test_recurrent.py::test_lengths_mask_semantics[rnn]",
+    "test_recurrent.py::test_lengths_mask_semantics[lstm]",
+    "test_activations.py::test_stability_at_large_inputs[float32]",
+    "test_activations.py::test_jacobian_equals_jacfwd_and_finite_differences[softmax]",
+    "test_pool.py::test_max_pool_ties_first_max_gets_all[shape1-window1-opts1]",
+    "test_pool.py::test_max_pool_reference_and_gradients[(3, 2)-{'stride': (1, 2), "
+    "'padding': ((2, 1), (0, 1))}-2d]",
+    "test_conv.py::test_case_numpy_reference_and_gradients[2d-{'stride': (2, 1), 'padding': "
+    "((1, 2), (0, 1)), 'dilation': (2, 1), 'groups': 2, 'use_bias': False}-patches]",
+    "test_conv.py::test_per_example_vmap_1d[groups3-native]",
+    "test_conv.py::test_jit_equals_eager_and_lax_same[patches]",
+    "test_elementwise.py::test_manual_backward_equals_vjp_and_finite_differences"
+    "[elu(alpha=0.5)-(2, 1, 3, 4)]",
+    "test_elementwise.py::test_manual_backward_equals_vjp_and_finite_differences"
+    "[elu(alpha=0.5)-(3, 4)]",
+    "test_elementwise.py::test_manual_backward_equals_vjp_and_finite_differences"
+    "[tanh-(2, 1, 3, 4)]",
+    "test_dense.py::test_stack_three_ways[squared_error-sum]",
+    "test_dense.py::test_params_of_the_wrong_length_and_a_backward_that_drops_a_leaf",
+    "test_norm.py::test_batch_norm_channel_axis_1_matches_transposed_input",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    found = set()
+    for item in items:
+        case = item.nodeid.split("tests/", 1)[-1]
+        if case in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+            found.add(case)
+    if len(items) > 100 and not config.option.keyword and config.args == ["tests"]:
+        # a renamed test must not silently drop its mark (only checked on a whole-suite run)
+        assert found == SLOW_CASES, f"SLOW_CASES names tests that do not exist: {SLOW_CASES - found}"

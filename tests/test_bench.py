@@ -31,7 +31,9 @@ def test_matmul_flops_equal_the_hand_count():
     assert rows[0]["memory_compiled_bytes"] > 0 and rows[0]["ratio_to_baseline"] == 1.0
 
 
-@pytest.mark.parametrize("impl", ["pure JAX", "funnn autodiff", "funnn manual"])
+@pytest.mark.parametrize("impl", [pytest.param("pure JAX", marks=pytest.mark.slow),
+                                  pytest.param("funnn autodiff", marks=pytest.mark.slow),
+                                  "funnn manual"])
 def test_mlp_step_flops_match_the_hand_count(impl):
     """Forward and backward matmuls, plus Adam: by hand 14 FLOPs per parameter (two moment
     updates 3 + 4, two bias corrections, sqrt + eps + divide, the rate, the update)."""
@@ -157,6 +159,7 @@ def test_peaks_are_positive_and_fraction_uses_the_rows_dtype():
     assert "fraction_of_measured_peak" not in rows[1] and "peak_flag" not in rows[0]
 
 
+@pytest.mark.slow
 def test_attention_suite_rows_compute_the_same_gradients():
     """Every implementation in the attention suite is the same function: equal gradients of the
     projections and the input (torch SDPA too, where installed)."""

@@ -60,6 +60,7 @@ def test_mask_reaches_every_reader_and_padding_is_ignored(stack):
     assert float(jnp.max(jnp.abs(y3 - y)[valid])) > 1e-6
 
 
+@pytest.mark.slow
 def test_serial_equals_the_layers_called_one_by_one(stack):
     model, params = stack
     emb, block, rec, out = (l for _, l in model.children)

@@ -235,6 +235,7 @@ def test_gradcheck_stateful_network_with_a_zero_gradient_leaf():
     assert report.ok, str(report)
 
 
+@pytest.mark.slow
 def test_parallel_sum_and_nested_summary():
     model = L.serial(L.dense(4), L.parallel(L.dense(3), L.dense(2), combine="sum"))
     with pytest.raises(core.ShapeError, match=r"parallel\(sum\): .* cannot be merged by sum"):

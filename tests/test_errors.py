@@ -118,6 +118,7 @@ def test_stateful_model_without_state():
 # =========================================================================== 19c summary
 
 
+@pytest.mark.slow
 def test_summary_rejects_another_models_params():
     model = L.serial(L.dense(30), L.activation("tanh"), L.dense(10))
     _, params = model.init(KEY, (None, 64))

@@ -80,7 +80,7 @@ LAYERS = {
 
 # ~2-11 s each on 2 cores (compiles of both paths in two dtypes); the others stay in the fast tier
 SLOW_LAYERS = {"conv2d", "conv1d", "max_pool", "lstm", "gru", "attention_chunked",
-               "transformer_block"}
+               "attention_materialized", "transformer_block"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYERS
@@ -199,6 +199,7 @@ def test_wrapper_keeps_batch_norm_state_float32_and_input_gradient_dtype():
 # --------------------------------------------------------------------------- loss scaling
 
 
+@pytest.mark.slow
 def test_loss_scaled_step_skips_overflow_and_halves_the_scale():
     model = precision.apply_policy(L.serial(L.dense(4), L.activation("tanh"), L.dense(2)),
                                    "f16")

@@ -109,6 +109,7 @@ def test_bouncing_ball():
     assert e * ex.G * t1 * (t - t1) - ex.G * (t - t1) ** 2 / 2 == pytest.approx(0.9, abs=1e-10)
 
 
+@pytest.mark.slow
 def test_stopping_rule():
     out = load("stopping_rule").main()
     check_rows(out["rows"], 12)
