@@ -20,9 +20,8 @@ settings.register_profile("thorough", parent=settings.get_profile("funnn"), max_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "funnn"))
 
 # A finished 2-epoch XOR run: a fixture of tests/test_rundir.py, test_train.py and test_cli.py.
-from _runs import xor_run  # noqa: E402, F401
-
 import pytest  # noqa: E402
+from _runs import xor_run  # noqa: E402, F401
 
 # Cases of large parametrized matrices that cost a few seconds each (compiles of LSTM/GRU,
 # 4-d elementwise stacks, strided conv patches...). The fast tier keeps their cheaper
