@@ -1,10 +1,9 @@
-"""Many devices and many hosts: meshes, sharding specs, fit on a mesh, two real processes.
+"""Many devices: meshes, sharding specs, fit on a mesh (funnn/parallel.py).
 
 This process started JAX with one CPU device, so the multi-device checks run in
 fresh processes with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``:
 ``tests/_parallel_worker.py`` (8 devices, ``fit`` on every layout, both engines,
-float32 and float64) and the ``funnn`` command itself (two processes on 127.0.0.1
-with 4 devices each against one process with 8).
+float32 and float64). Many processes (funnn/distributed.py) are in test_distributed.py.
 """
 
 import json
@@ -12,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,20 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _funnn(*args, devices: int = 1, cwd=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "funnn.cli", *args], cwd=cwd,
-                            env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def _finish(*procs, timeout=400):
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append((p.returncode, stdout, stderr))
-    return out
 
 
 def _rel(a, b) -> float:
@@ -111,104 +95,7 @@ def test_eight_devices_train_like_one_on_every_layout(tmp_path):
     assert rep["compiles_during_errors"] == 0      # ...and every bad input fails before one
 
 
-# --------------------------------------------------------------------------- processes
-
-
-@pytest.mark.slow
-def test_two_processes_end_where_eight_devices_end_and_both_resume(tmp_path):
-    port = _free_port()
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ("train", "--epochs", "5", "--quiet")
-    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
-    runs = _finish(_funnn(*common, "--devices", "8", "--out", str(one), devices=8),
-                   *(_funnn(*common, *job, "--process-id", str(i), "--out", str(two),
-                            devices=4) for i in (0, 1)))
-    for code, _, stderr in runs:
-        assert code == 0, stderr[-3000:]
-    assert "8 cpu devices in 1 process" in runs[0][1]
-    assert "8 cpu devices in 2 processes" in runs[1][1] and "process 0 of 2" in runs[1][1]
-    assert "process 1 of 2; process 0 writes the run directory" in runs[2][1]
-    # process 0 alone wrote the run directory, the same files as the one-process run
-    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
-    assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
-    a, b = train.restore_run(one), train.restore_run(two)
-    assert a.step == b.step == 5
-    assert _rel(b.params, a.params) <= 1e-5 and _rel(b.opt_state, a.opt_state) <= 1e-5
-    fa, fb = (json.loads((d / "metrics.json").read_text())["final"] for d in (one, two))
-    assert abs(fa["train_loss"] - fb["train_loss"]) <= 1e-5 * fa["train_loss"]
-    assert fa["eval_accuracy"] == fb["eval_accuracy"]
-    assert b.config["mesh"] == {"data": 8, "model": 1}
-
-    # every process resumes from process 0's checkpoint, here onto fsdp parameters
-    port = _free_port()
-    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
-    more = ("train", "--epochs", "6", "--quiet", "--resume")
-    runs = _finish(_funnn(*more, "--devices", "8", "--out", str(one), devices=8),
-                   *(_funnn(*more, *job, "--process-id", str(i), "--out", str(two),
-                            "--sharding", "fsdp", devices=4) for i in (0, 1)))
-    for code, stdout, stderr in runs:
-        assert code == 0, stderr[-3000:]
-        assert "from epoch 5" in stdout
-    a, b = train.restore_run(one), train.restore_run(two)
-    assert a.step == b.step == 6
-    assert _rel(b.params, a.params) <= 1e-5 and _rel(b.opt_state, a.opt_state) <= 1e-5
-
-    # a setup error on process 0 alone (nothing to resume there) stops process 1 too
-    t0, port = time.perf_counter(), _free_port()
-    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2")
-    runs = _finish(*(_funnn("train", "--resume", "--out", str(tmp_path / "typo"), *job,
-                            "--process-id", str(i), devices=4) for i in (0, 1)), timeout=120)
-    assert [code for code, _, _ in runs] == [2, 2]
-    assert "nothing to resume" in runs[0][2] and "process 0 failed" in runs[1][2]
-    assert time.perf_counter() - t0 < 100
-
-
-@pytest.mark.slow
-def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
-    t0 = time.perf_counter()
-    ((code, _, stderr),) = _finish(_funnn(
-        "train", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-        "--process-id", "1", "--init-timeout", "2"), timeout=120)
-    assert code == 2, stderr
-    assert "cannot reach the coordinator 127.0.0.1:" in stderr and "within 2 s" in stderr
-    assert "raise --init-timeout" in stderr and "initialize(" not in stderr   # the CLI's words
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    assert time.perf_counter() - t0 < 60
-
-
-@pytest.mark.slow
-def test_process_zero_alone_stops_after_the_timeout_instead_of_hanging():
-    """Past the coordinator's port, JAX owns the wait: it ends the process (SIGABRT)."""
-    t0 = time.perf_counter()
-    ((code, stdout, stderr),) = _finish(_funnn(
-        "train", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-        "--process-id", "0", "--init-timeout", "1"), timeout=120)
-    assert code != 0
-    assert "waits up to 1 s" in stdout + stderr
-    assert time.perf_counter() - t0 < 60
-
-
 # --------------------------------------------------------------------------- this process
-
-
-@pytest.mark.parametrize("kw, match", [
-    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": 2},
-     r"process_id must lie in \[0, 2\) for 2 processes, got 2"),
-    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": -1}, r"got -1"),
-    ({"coordinator": "127.0.0.1:1234", "num_processes": 0, "process_id": 0},
-     "num_processes must be at least 1"),
-    ({"coordinator": "127.0.0.1", "num_processes": 2, "process_id": 0}, "HOST:PORT"),
-    ({"coordinator": "host:99999", "num_processes": 2, "process_id": 0}, "1..65535"),
-    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": None},
-     "process_id must be an int"),
-    ({"coordinator": "auto", "num_processes": 2, "process_id": 0}, "JAX detects them"),
-    ({"coordinator": "127.0.0.1:1234", "num_processes": 2, "process_id": 1, "timeout": 0},
-     "timeout must be a positive number"),
-])
-def test_bad_process_settings_fail_before_jax_is_touched(kw, match):
-    with pytest.raises(ConfigError, match=match):
-        parallel.initialize(**kw)
-    assert not jax.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -263,12 +150,6 @@ def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(capsys
         assert said in err and "make_mesh(" not in err and "initialize(" not in err, err
     assert cli._in_flags(ConfigError("build one with parallel.make_mesh(n, model=k)",
                                      ("parallel",))) == "parallel: build one with --model-axis k"
-
-
-def test_processes_moved_to_distributed_and_stay_importable_from_parallel():
-    for name in ("initialize", "is_main", "agree", "gather", "parse_coordinator",
-                 "simulate_cpu_devices"):
-        assert getattr(parallel, name) is getattr(distributed, name)
 
 
 @pytest.mark.slow
