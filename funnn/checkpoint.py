@@ -54,7 +54,7 @@ from funnn import _files
 from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Checkpoint", "save", "restore", "latest", "save_in", "checkpoints", "header",
-           "intact", "FORMAT"]
+           "intact", "scan", "Found", "FORMAT"]
 
 FORMAT = "funnn.checkpoint/2"
 _READABLE = ("funnn.checkpoint/1", FORMAT)   # /1 had no model_state, extras or run id
@@ -247,19 +247,56 @@ def checkpoints(directory) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class Found(NamedTuple):
+    """A checkpoint file as its header describes it (:func:`scan`)."""
+
+    step: int                   # the header's step (the name's when the header is unreadable)
+    path: str
+    run: str | None
+    readable: bool              # the header could be read (the body is not checked here)
+    named: int                  # the step in the file name
+
+    @property
+    def misnamed(self) -> bool:
+        """The name and the header disagree (a copied or renamed file): never chosen by its
+        name, never pruned."""
+        return self.readable and self.step != self.named
+
+
+def scan(directory, prefer: str | None = None) -> list[Found]:
+    """The checkpoints in ``directory`` ordered oldest to newest by their headers' steps.
+
+    At one step, a file of run ``prefer`` and a file whose name agrees with its header
+    come last (newest). A file with an unreadable header keeps its name's step, so a
+    damaged newest checkpoint is still found (and reported when read).
+    """
+    found = []
+    for named, path in checkpoints(directory):
+        try:
+            head = header(path)
+        except CheckpointError:
+            found.append(Found(named, path, None, False, named))
+            continue
+        found.append(Found(head["step"], path, head.get("run"), True, named))
+    return sorted(found, key=lambda f: (f.step, prefer is not None and f.run == prefer,
+                                        not f.misnamed, f.named))
+
+
 def latest(directory) -> str | None:
-    """The path of the highest-step checkpoint in ``directory``, or None if there is none."""
-    found = checkpoints(directory)
-    return found[-1][1] if found else None
+    """The path of the newest checkpoint in ``directory`` by its header's step (see
+    :func:`scan`), or None if there is none."""
+    found = scan(directory)
+    return found[-1].path if found else None
 
 
 def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
     """Save as ``directory/ckpt_<step:08d>.safetensors``, then prune the run's older ones.
 
     ``fields`` are :func:`save`'s (params, opt_state, key, config, metadata,
-    model_state, extras, run). Pruning keeps the newest ``keep`` checkpoints whose
-    header names the same ``run`` (all run-less ones when ``run`` is None); files of
-    other runs, and files whose header cannot be read, are never deleted.
+    model_state, extras, run). Pruning keeps the newest ``keep`` checkpoints (by their
+    headers' steps) whose header names the same ``run`` (all run-less ones when ``run`` is
+    None); files of other runs, files whose header cannot be read and files whose name
+    disagrees with their header's step are never deleted.
     ``keep=None`` keeps every checkpoint. Returns the new file's path.
     """
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -271,21 +308,14 @@ def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
                 **fields)
     if keep is not None:
         run = fields.get("run")
-        own = [p for _, p in checkpoints(directory) if _run_of(p) == (run, True)]
+        own = [f.path for f in scan(directory)
+               if f.readable and f.run == run and not f.misnamed]
         for old in own[:-keep]:
             try:
                 os.unlink(old)
             except OSError:
                 pass
     return path
-
-
-def _run_of(path: str) -> tuple:
-    """``(run id, True)`` from a checkpoint's header, or ``(None, False)`` if unreadable."""
-    try:
-        return header(path).get("run"), True
-    except CheckpointError:
-        return None, False
 
 
 # --------------------------------------------------------------------------- reading

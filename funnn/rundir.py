@@ -144,7 +144,15 @@ class RunInfo:
     run_id: str | None
     config: dict
     epochs_done: int
-    newest: str | None          # path of the highest-step checkpoint, if any
+    newest: str | None          # path of the newest checkpoint by its header, if any
+    misnamed: list = dataclasses.field(default_factory=list)   # (path, header step) pairs
+
+    def notes(self) -> list[str]:
+        """One line per checkpoint whose name disagrees with its header (kept, not used by
+        its name)."""
+        return [f"{p}: its name says epoch {_named(p)} but its header says epoch {step}; it is "
+                f"ordered by its header and never deleted by funnn (a copied or renamed file?)"
+                for p, step in self.misnamed]
 
     def describe(self) -> str:
         """``run 3f2a9c... (model mlp, data digits, 5 of 30 epochs done)``."""
@@ -183,28 +191,31 @@ def find_run(directory, checkpoint_dir=None) -> RunInfo | None:
     directory = os.fspath(directory)
     cdir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else \
         os.path.join(directory, "checkpoints")
-    found = ckpt.checkpoints(cdir) if os.path.isdir(cdir) else []
+    run = _read_json(os.path.join(directory, RUN_FILE)) or {}
+    metrics = _read_json(os.path.join(directory, "metrics.json")) or {}
+    run_id = run.get("run_id") or metrics.get("run_id")
+    found = ckpt.scan(cdir, run_id if isinstance(run_id, str) else None) \
+        if os.path.isdir(cdir) else []
     present = [n for n in _OWN_FILES if os.path.isfile(os.path.join(directory, n))]
     if not found and not present:
         return None
-    run = _read_json(os.path.join(directory, RUN_FILE)) or {}
-    metrics = _read_json(os.path.join(directory, "metrics.json")) or {}
     config = run.get("config") or metrics.get("config") or {}
-    run_id = run.get("run_id") or metrics.get("run_id")
-    done, newest = 0, (found[-1][1] if found else None)
-    for step, path in reversed(found):   # describe by the newest readable header
-        try:
-            head = ckpt.header(path)
-        except CheckpointError:
-            continue
-        done = step
-        config = config or head.get("config") or {}
-        run_id = run_id or head.get("run")
-        break
+    done, newest = 0, (found[-1].path if found else None)
+    for f in reversed(found):   # describe by the newest readable header
+        if f.readable:
+            done = f.step
+            config = config or ckpt.header(f.path).get("config") or {}
+            run_id = run_id or f.run
+            break
     if not found and isinstance(metrics.get("history"), list):
         done = len(metrics["history"])
     return RunInfo(directory, run_id if isinstance(run_id, str) else None,
-                   config if isinstance(config, dict) else {}, done, newest)
+                   config if isinstance(config, dict) else {}, done, newest,
+                   [(f.path, f.step) for f in found if f.misnamed])
+
+
+def _named(path: str) -> int:
+    return int(os.path.basename(path)[5:].split(".")[0])
 
 
 def remove_run(directory, checkpoint_dir=None) -> list[str]:
@@ -221,7 +232,10 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
     removed = []
     names = [os.path.join(directory, n) for n in _OWN_FILES]
     if os.path.isdir(cdir):
-        names += [os.path.join(cdir, n) for n in sorted(os.listdir(cdir)) if _CKPT.match(n)]
+        info = find_run(directory, cdir)
+        kept = {p for p, _ in info.misnamed} if info is not None else set()
+        names += [p for n in sorted(os.listdir(cdir))
+                  if _CKPT.match(n) and (p := os.path.join(cdir, n)) not in kept]
         if cdir != directory:       # the second lock of runs written before the one-lock layout
             names.append(os.path.join(cdir, LOCK_NAME))
     for path in names:

@@ -272,3 +272,25 @@ def test_loading_never_executes_code(tmp_path):
     assert not marker.exists()
     source = pathlib.Path(checkpoint.__file__).read_text()
     assert "import pickle" not in source and "pickle.load" not in source
+
+
+def test_a_copied_checkpoint_is_ordered_by_its_header_and_never_pruned(tmp_path):
+    """issue 22 item 4: ``cp ckpt_3 ckpt_9`` must not make step 3 the newest, nor let
+    pruning delete the real newer ones; the misnamed copy itself is never deleted."""
+    d = tmp_path / "c"
+    for step in range(1, 6):
+        checkpoint.save_in(d, step, params={"w": np.full(2, step)}, run="mine", keep=3)
+    stale = d / "ckpt_00000009.safetensors"
+    stale.write_bytes((d / "ckpt_00000003.safetensors").read_bytes())
+    assert checkpoint.latest(d) == str(d / "ckpt_00000005.safetensors")
+    found = checkpoint.scan(d, "mine")
+    assert [(f.step, f.named, f.misnamed) for f in found] == [
+        (3, 3, False), (3, 9, True), (4, 4, False), (5, 5, False)] or \
+        [(f.step, f.named, f.misnamed) for f in found] == [
+        (3, 9, True), (3, 3, False), (4, 4, False), (5, 5, False)]
+    before = stale.read_bytes()
+    for step in (6, 7):
+        checkpoint.save_in(d, step, params={"w": np.full(2, step)}, run="mine", keep=3)
+    assert [s for s, _ in checkpoint.checkpoints(d)] == [5, 6, 7, 9]
+    assert stale.read_bytes() == before
+    assert checkpoint.latest(d) == str(d / "ckpt_00000007.safetensors")

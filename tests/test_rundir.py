@@ -544,3 +544,29 @@ def test_refusals_come_before_any_file_is_created(tmp_path, capsys):
         train.fit(model, params, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False,
                   run_dir=tmp_path / "checkpoints")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoints"]
+
+
+@pytest.mark.slow
+def test_a_stale_copy_with_a_higher_number_neither_wins_nor_is_deleted(tmp_path, capsys):
+    """issue 22 item 4: ``cp ckpt_3 ckpt_9`` then ``--resume --epochs 7`` continues from
+    epoch 5 (the header decides), reports the misnamed file and leaves it as it was."""
+    d = tmp_path / "D"
+    assert main(["train", *XOR, "--epochs", "5", "--out", str(d)],
+                capsys)[0] == 0
+    ck = d / "checkpoints"
+    stale = ck / "ckpt_00000009.safetensors"
+    stale.write_bytes((ck / "ckpt_00000003.safetensors").read_bytes())
+    before = stale.read_bytes()
+    code, out, err = main(["train", *XOR, "--epochs", "7", "--resume", "--out", str(d)],
+                          capsys)
+    assert code == 0, err
+    assert "from epoch 5" in out and "ckpt_00000009.safetensors" in out and "header" in out
+    assert stale.read_bytes() == before
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("ckpt_")) == [
+        "ckpt_00000005.safetensors", "ckpt_00000006.safetensors",
+        "ckpt_00000007.safetensors", "ckpt_00000009.safetensors"]
+    code, out, err = main(["train", *XOR, "--epochs", "8", "--resume", "--out", str(d)],
+                          capsys)
+    assert code == 0 and "from epoch 7" in out, err
+    assert stale.read_bytes() == before
+

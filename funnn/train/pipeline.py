@@ -129,7 +129,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     run_id, start, history, resumed_from = run_id or uuid.uuid4().hex[:12], 0, [], None
     run, owed = None, True      # this process owes the others one agreement (several processes)
     try:
-        run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place)
+        run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place, log)
         if run is not None:
             got = run.resume(ts._asdict(), s.config, key, key_given)
             if got is not None:
@@ -176,14 +176,19 @@ def _first_state(s: Settings, params, model_state, start_from, x) -> TrainState:
     return TrainState(params, s.optimizer.init(params), model_state)
 
 
-def _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place):
-    """The claimed :class:`funnn.rundir.Run`, or None when the run keeps no directory."""
+def _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place, log):
+    """The claimed :class:`funnn.rundir.Run`, or None when the run keeps no directory; its
+    notices (checkpoints whose name and header disagree) said in ``log``."""
     if run_dir is None and checkpoint_dir is None:
         return None
     root = os.fspath(run_dir if run_dir is not None else checkpoint_dir)
     cdir = os.path.join(root, "checkpoints") if run_dir is not None else root
-    return rundir.Run.claim(root, cdir, resume=resume, overwrite=overwrite,
-                            from_checkpoint=from_checkpoint, main=place.is_main)
+    run = rundir.Run.claim(root, cdir, resume=resume, overwrite=overwrite,
+                           from_checkpoint=from_checkpoint, main=place.is_main)
+    if log is not None and place.is_main and run.found is not None:
+        for line in run.found.notes():
+            log(f"note: {line}")
+    return run
 
 
 def _resumed(s: Settings, got: rundir.Resumed, run_id: str, log):
