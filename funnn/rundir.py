@@ -259,17 +259,30 @@ _SAVED_DEFAULTS = {"precision": "f32"}
 RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint", "mesh", "sharding")
 
 
+# Settings recorded since a later version: a run saved without one is not compared on it.
+_RECORDED_LATER = ("data_sha256", "dtypes")
+
+
 def config_diff(saved: dict, now: dict, ignore=RESUMABLE) -> list[str]:
     """``["learning_rate: 0.1 -> 0.2", ...]`` for every setting that differs."""
     out = []
     saved = {**_SAVED_DEFAULTS, **saved}        # runs saved before a setting existed
     for k in sorted(set(saved) | set(now), key=str):
-        if k in ignore:
+        if k in ignore or (k in _RECORDED_LATER and k not in saved):
             continue
         a, b = saved.get(k, "(unset)"), now.get(k, "(unset)")
         if a != b:
             out.append(f"{k}: {a} -> {b}")
     return out
+
+
+def _x64_hint(diffs: list[str]) -> str:
+    """Where float64 against float32 comes from, when the dtypes differ."""
+    if not any(d.startswith("dtypes:") and "float64" in d for d in diffs):
+        return ""
+    now = "set" if getattr(jax.config, "jax_enable_x64", False) else "not set"
+    return (f" (float64 comes from the environment variable JAX_ENABLE_X64=1, which is {now} "
+            f"now: resume with it as the saved run had it)")
 
 
 def check_mode(resume, overwrite) -> None:
@@ -409,8 +422,8 @@ class Run:
         if diffs:
             raise ConfigError(f"cannot resume run {head.get('run') or '(no id)'} from {path}: "
                               f"settings differ from the saved run: {'; '.join(diffs)}. Resume "
-                              f"with the saved settings, or start a new run (another directory, "
-                              f"or overwrite=True)", ("run",))
+                              f"with the saved settings{_x64_hint(diffs)}, or start a new run "
+                              f"(another directory, or overwrite=True)", ("run",))
         saved = _damaged_hint(lambda: ckpt.restore(path, like=like), path, self.cdir)
         if key_given and saved.key is not None and not bool(jnp.array_equal(
                 jax.random.key_data(saved.key), jax.random.key_data(key))):

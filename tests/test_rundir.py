@@ -570,3 +570,49 @@ def test_a_stale_copy_with_a_higher_number_neither_wins_nor_is_deleted(tmp_path,
     assert code == 0 and "from epoch 7" in out, err
     assert stale.read_bytes() == before
 
+
+# ----------------------------------------------------------------- issue 22: items 4 on
+
+
+@pytest.mark.slow
+def test_resume_on_other_data_with_the_same_counts_is_refused(tmp_path):
+    """issue 22 item 5: the data's content is fingerprinted in run.json and every checkpoint
+    config; resuming on regenerated data (same shapes, other values) is refused untouched."""
+    model, params, (x, y) = tiny()
+    kw = dict(batch_size=4, progress=False, run_dir=tmp_path / "D")
+    train.fit(model, params, (x, y), "mse", "sgd", epochs=1, **kw)
+    recorded = json.loads((tmp_path / "D" / rundir.RUN_FILE).read_text())["config"]
+    from funnn.train.settings import fingerprint
+    assert recorded["data_sha256"] == fingerprint(x, y)
+    before = snapshot(tmp_path / "D")
+    with pytest.raises(train.ConfigError, match="data_sha256"):
+        train.fit(model, params, (x[::-1].copy(), y), "mse", "sgd", epochs=2, resume=True,
+                  **kw)
+    assert snapshot(tmp_path / "D") == before
+    done = train.fit(model, params, (x, y), "mse", "sgd", epochs=2, resume=True, **kw)
+    assert done.resumed_from is not None and done.epochs_done == 2
+
+
+@pytest.mark.slow
+def test_x64_runs_record_float64_and_a_resume_without_it_names_x64(tmp_path):
+    """issue 22 item 6: ``JAX_ENABLE_X64=1`` trains float64 and says so in run.json; resuming
+    without it is refused naming the variable, before anything changes."""
+    d = tmp_path / "D"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def funnn(*args, x64):
+        e = {**env, "JAX_ENABLE_X64": "1"} if x64 else {
+            k: v for k, v in env.items() if k != "JAX_ENABLE_X64"}
+        return subprocess.run([sys.executable, "-m", "funnn.cli", "train", *XOR, *args,
+                               "--out", str(d)], capture_output=True, text=True, env=e,
+                              timeout=300)
+    done = funnn("--epochs", "1", x64=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((d / rundir.RUN_FILE).read_text())["config"]["dtypes"].startswith(
+        "params float64")
+    before = snapshot(d)
+    again = funnn("--epochs", "2", "--resume", x64=False)
+    assert again.returncode == 2 and "JAX_ENABLE_X64" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr and "like" not in again.stderr
+    assert snapshot(d) == before
+    assert funnn("--epochs", "2", "--resume", x64=True).returncode == 0

@@ -333,6 +333,7 @@ def test_fit_on_empty_data():
 
 @pytest.mark.slow
 def test_settings_are_resolved_once_and_print_as_the_config():
+    from funnn.train.settings import fingerprint
     model, params, xy = tiny()
     s, (x, _), held_out = train.resolve(
         model, params, xy, "mse", "adam", learning_rate=None, epochs=3, batch_size=4,
@@ -341,7 +342,9 @@ def test_settings_are_resolved_once_and_print_as_the_config():
         overwrite=False, from_checkpoint=None)
     assert s.config == {"note": "n", "optimizer": "adam", "learning_rate": 1e-3,
                         "schedule": "cosine", "engine": "manual", "loss": "mse",
-                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32"}
+                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32",
+                        "data_sha256": fingerprint(*xy),
+                        "dtypes": "params float64, x float32"}     # conftest: x64 on
     assert repr(s) == str(s) == f"Settings({s.config!r})"
     assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -10,11 +10,13 @@ to ``run.json`` and ``metrics.json``). A ``Settings`` prints as that config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from funnn import engines, privacy, rundir
@@ -24,7 +26,7 @@ from funnn.train.epoch import Order, dp_sampled, shuffled
 from funnn.train.optim import optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
 
-__all__ = ["Settings", "resolve"]
+__all__ = ["Settings", "resolve", "fingerprint"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,9 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
                           ("fit",))
     settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
                     batch_size=batch_size, epochs=epochs, num_examples=num,
-                    precision=policy.name)
+                    precision=policy.name,
+                    data_sha256=fingerprint(x, y, *(held_out if held_out is not None else ())),
+                    dtypes=_dtypes(params, x))
     if plan is not None:
         settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
     if dp is not None:
@@ -116,6 +120,25 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
                  batch_size, num, bool(check_numerics), run_config)
     return s, (x, y), held_out
+
+
+def fingerprint(*arrays) -> str:
+    """The data's content in 16 hex digits: sha256 over each array's dtype, shape and bytes
+    (once per run; resuming on other data with the same counts is then refused)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtypes(params, x) -> str:
+    """The dtypes the run actually trains in (``JAX_ENABLE_X64=1`` makes them float64):
+    ``"params float32, x float32"``."""
+    kinds = sorted({jnp.dtype(jnp.result_type(p)).name for p in jax.tree_util.tree_leaves(params)
+                    if jnp.issubdtype(jnp.result_type(p), jnp.inexact)})
+    return f"params {'/'.join(kinds) or 'none'}, x {jnp.dtype(x.dtype).name}"
 
 
 def _check_positive(name, value) -> None:
