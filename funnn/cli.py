@@ -355,7 +355,7 @@ def _pct(v) -> str:
 
 
 def _eval(args) -> int:
-    from funnn import checkpoint, data, models, precision, train
+    from funnn import checkpoint, data, models, precision, rundir, train
     from funnn.core import CheckpointError, DataError
 
     run_dir = args.run_dir
@@ -365,13 +365,13 @@ def _eval(args) -> int:
     if path is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint (no {run_dir}/checkpoints/"
                               f"ckpt_*.safetensors); is it a funnn train run directory?")
-    config = checkpoint.header(path).get("config") or {}
+    config = rundir.read_config(path)
     missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
                               f"lacks {', '.join(missing)}); it was not written by funnn train")
     recipe = models.get(config["model"])
-    model = recipe.build(int(config["num_outputs"]))
+    model = recipe.build(config["num_outputs"])
     ck = train.restore_run(run_dir, model, checkpoint=path)
     model = precision.apply_policy(model, config.get("precision"))   # compute as it trained
     stats = None

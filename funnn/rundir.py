@@ -46,7 +46,8 @@ from funnn import checkpoint as ckpt
 from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Run", "Resumed", "RunLock", "RunInfo", "find_run", "remove_run", "config_diff",
-           "check_mode", "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
+           "check_mode", "check_config", "read_config", "SCHEMA",
+           "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
 
 LOCK_NAME = ".funnn-lock"
 RUN_FILE = "run.json"
@@ -252,6 +253,62 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
     return removed
 
 
+# --------------------------------------------------------------------------- config schema
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SHAPE = ("a list of positive ints",
+          lambda v: isinstance(v, list) and all(_is_int(d, 1) for d in v))
+_POSITIVE = ("a positive int", lambda v: _is_int(v, 1))
+_COUNT = ("a non-negative int", lambda v: _is_int(v, 0))
+_TEXT = ("a string", lambda v: isinstance(v, str))
+_NUMBER = ("a number", _is_num)
+# What funnn writes for each setting it records; a config read back is checked against it.
+SCHEMA: dict = {
+    **dict.fromkeys(("epochs", "batch_size", "batch_size_asked", "num_examples",
+                     "num_outputs"), _POSITIVE),
+    **dict.fromkeys(("train_examples", "test_examples"), _COUNT),
+    **dict.fromkeys(("model", "data", "engine", "loss", "optimizer", "schedule", "precision",
+                     "data_sha256", "dtypes", "sharding", "from_checkpoint", "dp_sampling"),
+                    _TEXT),
+    **dict.fromkeys(("dp_clip", "dp_noise", "dp_delta"), _NUMBER),
+    "learning_rate": ("a number or null", lambda v: v is None or _is_num(v)),
+    "seed": ("an int", lambda v: _is_int(v, -2**63)),
+    "standardize": ("true or false", lambda v: isinstance(v, bool)),
+    "input_shape": _SHAPE,
+    "mesh": ("an object of axis sizes", lambda v: isinstance(v, dict)),
+}
+
+
+def check_config(config, path: str) -> dict:
+    """``config`` as read from ``path`` (a checkpoint header), checked against
+    :data:`SCHEMA`: a setting funnn records with another type is a CheckpointError naming
+    it (settings funnn does not know, from ``fit(config=...)``, pass as they are)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: config must be a JSON object, got "
+                              f"{type(config).__name__}")
+    for k, v in config.items():
+        if k in SCHEMA and not SCHEMA[k][1](v):
+            raise CheckpointError(f"checkpoint {path}: config.{k} must be {SCHEMA[k][0]}, "
+                                  f"got {v!r}; the file was edited or not written by funnn")
+    return config
+
+
+def read_config(path) -> dict:
+    """The checked config in the header of the checkpoint ``path``."""
+    path = os.fspath(path)
+    return check_config(ckpt.header(path).get("config"), path)
+
+
 # --------------------------------------------------------------------------- resume rules
 
 # Settings that may change on resume: epochs may grow; the others do not change results.
@@ -418,7 +475,8 @@ class Run:
         if path is None:
             return None
         head = _damaged_hint(lambda: ckpt.header(path), path, self.cdir)
-        diffs = config_diff(head.get("config") or {}, config)
+        diffs = config_diff(_damaged_hint(lambda: check_config(head.get("config"), path), path,
+                                          self.cdir), config)
         if diffs:
             raise ConfigError(f"cannot resume run {head.get('run') or '(no id)'} from {path}: "
                               f"settings differ from the saved run: {'; '.join(diffs)}. Resume "

@@ -616,3 +616,34 @@ def test_x64_runs_record_float64_and_a_resume_without_it_names_x64(tmp_path):
     assert "Traceback" not in again.stderr and "like" not in again.stderr
     assert snapshot(d) == before
     assert funnn("--epochs", "2", "--resume", x64=True).returncode == 0
+
+
+def _set_config(key, value):
+    def edit(desc):
+        desc["config"][key] = value
+        return json.dumps(desc)
+    return edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value", [("num_outputs", "two"), ("epochs", "x"),
+                                        ("input_shape", 3), ("learning_rate", "fast")])
+def test_bad_config_values_in_a_valid_header_exit_2_in_one_line(xor_run, capsys, key, value):
+    """issue 22 item 14: a checksum-valid header whose config holds values of the wrong type
+    is refused by ``eval`` and ``--resume`` with one line naming the setting."""
+    _rewrite_header(checkpoint.latest(xor_run / "checkpoints"), _set_config(key, value))
+    before = snapshot(xor_run)
+    for argv in (["eval", str(xor_run)],
+                 ["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run)]):
+        code, _, err = main(argv, capsys)
+        assert code == 2 and f"config.{key} must be" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(xor_run) == before
+
+
+def test_check_config_passes_what_fit_writes_and_unknown_keys():
+    config = {"model": "mlp", "epochs": 2, "input_shape": [8, 8, 1], "learning_rate": None,
+              "seed": -1, "standardize": False, "mesh": {"data": 2}, "note": object()}
+    assert rundir.check_config(config, "p") is config and rundir.check_config(None, "p") == {}
+    with pytest.raises(rundir.CheckpointError, match=r"checkpoint p: config.seed must be an int"):
+        rundir.check_config({"seed": True}, "p")
