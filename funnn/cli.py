@@ -29,6 +29,8 @@ _FLAGS = {
     "check_numerics runs": "--check-numerics runs",
     "leave out mesh=": "leave out --devices, --model-axis, --sharding and --coordinator",
     "(a typo in the directory?)": "(a typo in --out?)",
+    "noise_multiplier * clip_norm": "--dp-noise * --dp-clip", "clip_norm": "--dp-clip",
+    "noise_multiplier": "--dp-noise",
 }
 
 
