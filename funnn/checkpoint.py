@@ -42,6 +42,7 @@ import json
 import operator
 import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -363,6 +364,46 @@ def _check_description(path: str, desc: dict) -> None:
         raise CheckpointError(f"checkpoint {path}: run id must be a string")
 
 
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (a symlink to one is fine); a
+    FIFO, device (``/dev/zero``), directory or socket is refused without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else \
+            "a device or special file"
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a regular file; funnn reads "
+                              f"checkpoints only from regular files")
+    return os.fdopen(fd, "rb")
+
+
+def _read_head(f, path: str) -> tuple[bytes, int]:
+    """``(the first 8 + header bytes, file size)``, never more than ``_MAX_HEADER``."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(8)
+        n = int.from_bytes(first, "little") if len(first) == 8 else 0
+        return first + f.read(min(n, _MAX_HEADER, max(size - 8, 0))), size
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+
+
+def _body_size(path: str, head: bytes) -> int:
+    """The tensors' bytes the safetensors header announces (the largest end offset)."""
+    n = int.from_bytes(head[:8], "little")
+    try:
+        entries = json.loads(head[8:8 + n])
+        ends = [int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt or foreign header "
+                              f"(not a funnn checkpoint, or damaged)") from None
+    return max(ends, default=0)
+
+
 def header(path) -> dict:
     """The JSON description of a checkpoint (step, run, config, metadata, trees).
 
@@ -370,25 +411,26 @@ def header(path) -> dict:
     verified here (:func:`restore` does that).
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(8)
-            n = int.from_bytes(first, "little") if len(first) == 8 else 0
-            head = first + f.read(min(n, _MAX_HEADER))
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    with _open_regular(path) as f:
+        head, size = _read_head(f, path)
     return _parse_header(path, head, size)[0]
 
 
 def _read(path: str) -> tuple[dict, dict]:
-    """``(description, tensors)`` of a checkpoint file, checked end to end."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    desc, desc_text, want = _parse_header(path, data, len(data))
+    """``(description, tensors)`` of a checkpoint file, checked end to end. The body is read
+    only once the header has announced its size and the file's size agrees."""
+    with _open_regular(path) as f:
+        head, size = _read_head(f, path)
+        desc, desc_text, want = _parse_header(path, head, size)
+        body = _body_size(path, head)
+        if len(head) + body != size:
+            raise CheckpointError(f"checkpoint {path} is damaged: its header announces "
+                                  f"{body} bytes of tensors, the file has {size - len(head)}")
+        try:
+            data = head + f.read(body)
+        except OSError as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: "
+                                  f"{err.strerror or err}") from None
     try:
         tensors = stn.load(data)
     except Exception as err:  # safetensors raises its own error types

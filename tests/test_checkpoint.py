@@ -294,3 +294,56 @@ def test_a_copied_checkpoint_is_ordered_by_its_header_and_never_pruned(tmp_path)
     assert [s for s, _ in checkpoint.checkpoints(d)] == [5, 6, 7, 9]
     assert stale.read_bytes() == before
     assert checkpoint.latest(d) == str(d / "ckpt_00000007.safetensors")
+
+
+def _alarm(seconds):
+    """A guard: a read that blocks or runs away fails the test instead of hanging it."""
+    import signal
+
+    def fire(*_):
+        raise TimeoutError("the checkpoint read blocked")
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("read", [ckpt.header, ckpt.restore])
+def test_special_files_are_refused_without_blocking(tmp_path, read):
+    """issue 22 item 11: a FIFO or a symlink to /dev/zero named like a checkpoint is refused at
+    once (no hang, no read until MemoryError)."""
+    import signal
+    fifo = tmp_path / "ckpt_00000001.safetensors"
+    os.mkfifo(fifo)
+    zero = tmp_path / "ckpt_00000002.safetensors"
+    zero.symlink_to("/dev/zero")
+    _alarm(10)
+    try:
+        with pytest.raises(CheckpointError, match="is a FIFO, not a regular file"):
+            read(fifo)
+        with pytest.raises(CheckpointError, match="is a device or special file"):
+            read(zero)
+        with pytest.raises(CheckpointError, match="is a directory"):
+            read(tmp_path)
+    finally:
+        signal.alarm(0)
+
+
+def test_the_body_is_read_only_as_large_as_the_header_announces(tmp_path):
+    """issue 22 item 11: a checkpoint grown to 8 GiB (sparse) is refused from its header's
+    size before the body is read; a symlink to an intact checkpoint still reads."""
+    import signal
+    path = ckpt.save(tmp_path / "a.safetensors", params={"w": np.ones(3)})
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(8 << 30)
+    _alarm(10)
+    try:
+        with pytest.raises(CheckpointError, match=r"its header announces .* the file has"):
+            ckpt.restore(path)
+    finally:
+        signal.alarm(0)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    (tmp_path / "link.safetensors").symlink_to(path)
+    np.testing.assert_array_equal(ckpt.restore(tmp_path / "link.safetensors").params["w"],
+                                  np.ones(3))
