@@ -357,25 +357,19 @@ def _pct(v) -> str:
 
 
 def _eval(args) -> int:
-    from funnn import checkpoint, data, models, precision, rundir, train
+    from funnn import data, models, rundir, train
     from funnn.core import CheckpointError, DataError
 
     run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
-    path = args.checkpoint or checkpoint.latest(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise CheckpointError(f"{run_dir} holds no checkpoint (no {run_dir}/checkpoints/"
-                              f"ckpt_*.safetensors); is it a funnn train run directory?")
-    config = rundir.read_config(path)
-    missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
-                              f"lacks {', '.join(missing)}); it was not written by funnn train")
-    recipe = models.get(config["model"])
-    model = recipe.build(config["num_outputs"])
-    ck = train.restore_run(run_dir, model, checkpoint=path)
-    model = precision.apply_policy(model, config.get("precision"))   # compute as it trained
+    if args.checkpoint:
+        path, (config, recipe, model, ck) = args.checkpoint, _eval_load(args.checkpoint, run_dir)
+    else:       # the newest that reads whole: a run that trains may prune one meanwhile
+        path, (config, recipe, model, ck), skipped = rundir.load_newest(
+            os.path.join(run_dir, "checkpoints"), lambda p: _eval_load(p, run_dir))
+        for line in skipped:
+            print(f"note: skipped {line}")
     stats = None
     if config.get("standardize"):
         extras = ck.extras or {}
@@ -401,6 +395,23 @@ def _eval(args) -> int:
                                   "epoch": ck.step, "data": name, "examples": int(x.shape[0]),
                                   "run_id": ck.run}))
     return 0
+
+
+def _eval_load(path: str, run_dir: str):
+    """``(config, recipe, model, checkpoint)`` of the checkpoint ``path`` of a train run."""
+    from funnn import models, precision, rundir, train
+    from funnn.core import CheckpointError
+
+    config = rundir.read_config(path)
+    missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
+                              f"lacks {', '.join(missing)}); it was not written by funnn train")
+    recipe = models.get(config["model"])
+    ck = train.restore_run(run_dir, recipe.build(config["num_outputs"]), checkpoint=path)
+    model = precision.apply_policy(recipe.build(config["num_outputs"]),
+                                   config.get("precision"))   # compute as it trained
+    return config, recipe, model, ck
 
 
 def _gradcheck(args) -> int:

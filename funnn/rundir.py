@@ -46,7 +46,7 @@ from funnn import checkpoint as ckpt
 from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Run", "Resumed", "RunLock", "RunInfo", "find_run", "remove_run", "config_diff",
-           "check_mode", "check_config", "read_config", "SCHEMA",
+           "check_mode", "check_config", "read_config", "SCHEMA", "load_newest",
            "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
 
 LOCK_NAME = ".funnn-lock"
@@ -251,6 +251,24 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def load_newest(cdir, load) -> tuple[str, Any, list[str]]:
+    """``(path, load(path), skipped)`` for the newest checkpoint in ``cdir`` (by header) that
+    ``load`` reads: one that vanishes meanwhile (a run that trains prunes its old ones) or is
+    damaged is skipped, each named in ``skipped`` with its reason."""
+    cdir = os.fspath(cdir)
+    found = ckpt.scan(cdir) if os.path.isdir(cdir) else []
+    if not found:
+        raise CheckpointError(f"{os.path.dirname(cdir) or cdir} holds no checkpoint (no {cdir}/"
+                              f"ckpt_*.safetensors); is it a funnn train run directory?")
+    skipped: list[str] = []
+    for f in reversed(found):
+        try:
+            return f.path, load(f.path), skipped
+        except CheckpointError as err:
+            skipped.append(f"{f.path}: {err}")
+    raise CheckpointError(f"no checkpoint in {cdir} could be read: {'; '.join(skipped)}")
 
 
 # --------------------------------------------------------------------------- config schema

@@ -647,3 +647,32 @@ def test_check_config_passes_what_fit_writes_and_unknown_keys():
     assert rundir.check_config(config, "p") is config and rundir.check_config(None, "p") == {}
     with pytest.raises(rundir.CheckpointError, match=r"checkpoint p: config.seed must be an int"):
         rundir.check_config({"seed": True}, "p")
+
+
+@pytest.mark.slow
+def test_eval_falls_back_when_the_newest_checkpoint_vanishes(xor_run, capsys, monkeypatch):
+    """issue 22 item 10: a run that trains prunes a checkpoint between eval's listing and its
+    read; eval evaluates the next-newest intact one and says which."""
+    newest = checkpoint.latest(xor_run / "checkpoints")
+    real = rundir.read_config
+
+    def pruned_meanwhile(path):
+        if path == newest and os.path.exists(path):
+            os.unlink(path)
+        return real(path)
+    monkeypatch.setattr(rundir, "read_config", pruned_meanwhile)
+    code, out, err = main(["eval", str(xor_run)], capsys)
+    assert code == 0, err
+    older = os.path.join(str(xor_run), "checkpoints", "ckpt_00000001.safetensors")
+    assert f"{older} (epoch 1):" in out and f"note: skipped {newest}" in out
+
+
+def test_load_newest_skips_damaged_and_vanished_files(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save_in(tmp_path, step, params={"w": np.full(2, step)}, keep=None)
+    (tmp_path / "ckpt_00000003.safetensors").write_bytes(b"damaged")
+    path, ck, skipped = rundir.load_newest(tmp_path, checkpoint.restore)
+    assert path.endswith("ckpt_00000002.safetensors") and ck.step == 2
+    assert len(skipped) == 1 and "ckpt_00000003" in skipped[0]
+    with pytest.raises(rundir.CheckpointError, match="holds no checkpoint"):
+        rundir.load_newest(tmp_path / "none", checkpoint.restore)
