@@ -3,7 +3,10 @@
 Exit codes: 0 done; 1 a gradient check that disagrees; 2 bad input (an unknown
 name, a non-positive number, a missing or corrupt data directory or checkpoint, an
 output directory that cannot be written or belongs to another run), one line on
-stderr, never a traceback; 3 a diverged run (a non-finite loss); 130 interrupted.
+stderr, never a traceback; 3 a diverged run (a non-finite loss); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM: ``timeout``, batch schedulers, ``docker stop``). Both
+stop like Ctrl-C: the last complete checkpoint stays, ``metrics.json`` says
+``"status": "interrupted"`` and ``--resume`` continues bit-for-bit.
 """
 
 from __future__ import annotations
@@ -11,12 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
-__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (so ``fit`` stops alike)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one stop: let it write its files
+    raise _Terminated()
+
+
+def _handle_sigterm():
+    """Install the SIGTERM handler (main thread only); the previous handler, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 # The library's errors name Python arguments; the command line says them with its flags.
 _FLAGS = {
@@ -179,6 +201,7 @@ def main(argv=None) -> int:
     from funnn.core import FunnnError
     from funnn.train import TrainingDiverged
 
+    previous = _handle_sigterm()
     try:
         return {"train": _train, "eval": _eval, "gradcheck": _gradcheck, "bench": _bench,
                 "info": _info}[args.command](args)
@@ -188,9 +211,14 @@ def main(argv=None) -> int:
     except (FunnnError, OSError) as err:
         print(f"funnn {args.command}: error: {_in_flags(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"funnn {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        term = isinstance(err, _Terminated)
+        print(f"funnn {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}",
+              file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _fresh_out(model: str) -> str:

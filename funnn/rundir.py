@@ -255,8 +255,8 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
 
 def load_newest(cdir, load) -> tuple[str, Any, list[str]]:
     """``(path, load(path), skipped)`` for the newest checkpoint in ``cdir`` (by header) that
-    ``load`` reads: one that vanishes meanwhile (a run that trains prunes its old ones) or is
-    damaged is skipped, each named in ``skipped`` with its reason."""
+    ``load`` reads: one that vanishes meanwhile (a run that trains prunes its old ones) is
+    skipped and named in ``skipped``; a damaged one is an error (never passed over)."""
     cdir = os.fspath(cdir)
     found = ckpt.scan(cdir) if os.path.isdir(cdir) else []
     if not found:
@@ -267,8 +267,11 @@ def load_newest(cdir, load) -> tuple[str, Any, list[str]]:
         try:
             return f.path, load(f.path), skipped
         except CheckpointError as err:
+            if os.path.lexists(f.path):
+                raise
             skipped.append(f"{f.path}: {err}")
-    raise CheckpointError(f"no checkpoint in {cdir} could be read: {'; '.join(skipped)}")
+    raise CheckpointError(f"every checkpoint in {cdir} vanished while it was read: "
+                          f"{'; '.join(skipped)}")
 
 
 # --------------------------------------------------------------------------- config schema
@@ -539,6 +542,13 @@ class Run:
             return None
         return ckpt.save_in(self.cdir, epoch, keep=keep, metadata={"history": history},
                             run=run_id, **fields)
+
+    def saved(self, run_id) -> int:
+        """The epoch of this run's newest complete checkpoint on disk (0 if none): where an
+        interrupted run stands, even if the signal came between a write and its return."""
+        own = [f.step for f in ckpt.scan(self.cdir) if f.readable and f.run == run_id
+               and not f.misnamed]
+        return max(own, default=0)
 
     def finish(self, status: str, run_id, config: dict, history: list, error=None) -> None:
         """``metrics.json`` (strict JSON) and ``curves.png`` (process 0 only)."""

@@ -667,12 +667,84 @@ def test_eval_falls_back_when_the_newest_checkpoint_vanishes(xor_run, capsys, mo
     assert f"{older} (epoch 1):" in out and f"note: skipped {newest}" in out
 
 
-def test_load_newest_skips_damaged_and_vanished_files(tmp_path):
+def test_load_newest_skips_vanished_files_and_stops_at_damaged_ones(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save_in(tmp_path, step, params={"w": np.full(2, step)}, keep=None)
-    (tmp_path / "ckpt_00000003.safetensors").write_bytes(b"damaged")
-    path, ck, skipped = rundir.load_newest(tmp_path, checkpoint.restore)
+    newest = str(tmp_path / "ckpt_00000003.safetensors")
+
+    def pruned_meanwhile(path):
+        if path == newest:
+            os.unlink(path)
+        return checkpoint.restore(path)
+    path, ck, skipped = rundir.load_newest(tmp_path, pruned_meanwhile)
     assert path.endswith("ckpt_00000002.safetensors") and ck.step == 2
     assert len(skipped) == 1 and "ckpt_00000003" in skipped[0]
+    (tmp_path / "ckpt_00000002.safetensors").write_bytes(b"damaged")
+    with pytest.raises(rundir.CheckpointError, match="ckpt_00000002"):
+        rundir.load_newest(tmp_path, checkpoint.restore)
     with pytest.raises(rundir.CheckpointError, match="holds no checkpoint"):
         rundir.load_newest(tmp_path / "none", checkpoint.restore)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resume_is_bit_identical(tmp_path, capsys):
+    """issue 22 item 9: SIGTERM (timeout, schedulers, docker stop) exits 143 with the last
+    complete checkpoint and metrics.json ``"status": "interrupted"``; --resume then ends
+    bit-for-bit where an uninterrupted run does."""
+    d, flags = tmp_path / "D", [*XOR, "--schedule", "constant"]
+    p = subprocess.Popen([sys.executable, "-m", "funnn.cli", "train", *flags, "--epochs",
+                          "100000", "--out", str(d)], stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
+                                  PYTHONPATH=os.pathsep.join(sys.path)))  # x64 as conftest
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((d / "checkpoints").glob("ckpt_*"))) < 3:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    metrics = json.loads((d / rundir.METRICS_FILE).read_text())
+    newest = checkpoint.latest(d / "checkpoints")
+    step = checkpoint.header(newest)["step"]
+    assert metrics["status"] == "interrupted" and len(metrics["history"]) == step >= 3
+    target = step + 2
+    code, out, err = main(["train", *flags, "--epochs", str(target), "--resume", "--out",
+                           str(d)], capsys)
+    assert code == 0 and f"from epoch {step}" in out, err
+    fresh = tmp_path / "F"
+    assert main(["train", *flags, "--epochs", str(target), "--out", str(fresh)],
+                capsys)[0] == 0
+    a = checkpoint.restore(checkpoint.latest(d / "checkpoints"))
+    b = checkpoint.restore(checkpoint.latest(fresh / "checkpoints"))
+    assert a.step == b.step == target
+    for x, y in zip(jax_leaves(a.params), jax_leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_writes_metrics_with_its_last_complete_epoch(tmp_path):
+    """issue 22 item 9: Ctrl-C (KeyboardInterrupt) in fit leaves metrics.json with
+    ``"status": "interrupted"`` and the history of the last complete checkpoint."""
+    model, params, xy = tiny()
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, params, xy, "mse", "sgd", epochs=5, batch_size=4, progress=False,
+                  run_dir=tmp_path / "D", on_epoch=stop)
+    metrics = json.loads((tmp_path / "D" / rundir.METRICS_FILE).read_text())
+    assert metrics["status"] == "interrupted" and [r["epoch"] for r in metrics["history"]] == [
+        1, 2]
+    done = train.fit(model, params, xy, "mse", "sgd", epochs=3, batch_size=4, progress=False,
+                     run_dir=tmp_path / "D", resume=True)
+    assert done.resumed_from is not None and done.epochs_done == 3

@@ -149,9 +149,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
             save=_saver(run, place, s, key, keep, extras, run_id))
         if run is not None:
             run.finish("completed", run_id, s.config, history)
-    except TrainingDiverged as err:
-        if run is not None:
-            run.finish("diverged", run_id, s.config, err.history, err)
+    except (TrainingDiverged, KeyboardInterrupt) as err:
+        _stopped(run, run_id, s.config, history, err)
         raise
     except (FunnnError, OSError) as err:
         if owed:
@@ -162,6 +161,18 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
             run.release()
     return FitResult(ts.params, ts.opt_state, ts.model_state, history, len(history), run_id,
                      resumed_from, s.config)
+
+
+def _stopped(run, run_id, config: dict, history: list, err: BaseException) -> None:
+    """``metrics.json`` of a run that stopped early: diverged (its history up to the bad
+    epoch), or interrupted (Ctrl-C, SIGTERM in ``funnn train``): the history of its last
+    complete checkpoint, which ``resume`` continues from."""
+    if run is None:
+        return
+    if isinstance(err, TrainingDiverged):
+        run.finish("diverged", run_id, config, err.history, err)
+    else:
+        run.finish("interrupted", run_id, config, history[:run.saved(run_id)])
 
 
 def _first_state(s: Settings, params, model_state, start_from, x) -> TrainState:
