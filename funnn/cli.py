@@ -431,6 +431,7 @@ def _eval_load(path: str, run_dir: str):
     from funnn.core import CheckpointError
 
     config = rundir.read_config(path)
+    rundir.check_same_run(run_dir, path)
     missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
     if missing:
         raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "

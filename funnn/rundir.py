@@ -47,6 +47,7 @@ from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Run", "Resumed", "RunLock", "RunInfo", "find_run", "remove_run", "config_diff",
            "check_mode", "check_config", "read_config", "SCHEMA", "load_newest",
+           "check_same_run",
            "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
 
 LOCK_NAME = ".funnn-lock"
@@ -503,6 +504,7 @@ class Run:
                               f"settings differ from the saved run: {'; '.join(diffs)}. Resume "
                               f"with the saved settings{_x64_hint(diffs)}, or start a new run "
                               f"(another directory, or overwrite=True)", ("run",))
+        _check_one_run(self.found, head.get("run"), path)
         saved = _damaged_hint(lambda: ckpt.restore(path, like=like), path, self.cdir)
         if key_given and saved.key is not None and not bool(jnp.array_equal(
                 jax.random.key_data(saved.key), jax.random.key_data(key))):
@@ -565,6 +567,23 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _check_one_run(found: RunInfo | None, run_id, path: str) -> None:
+    """A run directory holds one run: a checkpoint of another run does not continue in it."""
+    if found is None or found.run_id is None or run_id is None or run_id == found.run_id:
+        return
+    raise ConfigError(f"{path} belongs to run {run_id}, but {found.directory} holds run "
+                      f"{found.run_id}; a run directory holds one run: continue run {run_id} "
+                      f"in its own directory, or start a new run from that checkpoint "
+                      f"(from_checkpoint=PATH without resume=True, in another directory)",
+                      ("run",))
+
+
+def check_same_run(directory, path) -> None:
+    """Refuse the checkpoint ``path`` unless it belongs to the run ``directory`` holds (or
+    either has no run id)."""
+    _check_one_run(find_run(directory), ckpt.header(path).get("run"), os.fspath(path))
 
 
 def _check_layout(root: str, cdir: str) -> None:

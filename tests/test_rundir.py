@@ -748,3 +748,21 @@ def test_an_interrupted_fit_writes_metrics_with_its_last_complete_epoch(tmp_path
     done = train.fit(model, params, xy, "mse", "sgd", epochs=3, batch_size=4, progress=False,
                      run_dir=tmp_path / "D", resume=True)
     assert done.resumed_from is not None and done.epochs_done == 3
+
+
+@pytest.mark.slow
+def test_a_run_directory_holds_one_run(xor_run, tmp_path, capsys):
+    """issue 22 item 16: continuing another run's checkpoint in D (same settings) is refused
+    before anything changes, and ``eval D --checkpoint OTHER`` does not evaluate the other
+    model as D's."""
+    other = tmp_path / "other"
+    assert main(["train", *XOR, "--epochs", "3", "--out", str(other)], capsys)[0] == 0
+    foreign = checkpoint.latest(other / "checkpoints")
+    before, theirs = snapshot(xor_run), snapshot(other)
+    code, _, err = main(["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run),
+                         "--from-checkpoint", foreign], capsys)
+    assert code == 2 and f"belongs to run {run_id(other)}" in err, err
+    assert f"holds run {run_id(xor_run)}" in err and "--from-checkpoint PATH" in err
+    code, out, err = main(["eval", str(xor_run), "--checkpoint", foreign], capsys)
+    assert code == 2 and f"belongs to run {run_id(other)}" in err and "accuracy" not in out
+    assert snapshot(xor_run) == before and snapshot(other) == theirs
