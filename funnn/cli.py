@@ -320,10 +320,11 @@ def _train(args) -> int:
     """Parse, load, build, :func:`funnn.train.fit` (which owns the run directory), print."""
     import jax
 
-    from funnn import _files, data, models, parallel, train
+    from funnn import _files, data, distributed, models, parallel, train
     from funnn.core import ConfigError, FunnnError
 
     _join(args)
+    distributed.check_backend()
     recipe = models.get(args.model)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out naming the run directory to continue",
@@ -385,9 +386,10 @@ def _pct(v) -> str:
 
 
 def _eval(args) -> int:
-    from funnn import data, models, rundir, train
+    from funnn import data, distributed, models, rundir, train
     from funnn.core import CheckpointError, DataError
 
+    distributed.check_backend()
     run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
@@ -446,7 +448,9 @@ def _eval_load(path: str, run_dir: str):
 def _gradcheck(args) -> int:
     import jax
 
-    from funnn import data, gradcheck, models
+    from funnn import data, distributed, gradcheck, models
+
+    distributed.check_backend()
 
     recipe = models.get(args.model)
     train_set, _ = data.load("digits")

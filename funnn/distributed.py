@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from funnn.errors import ConfigError
 
 __all__ = ["initialize", "is_main", "agree", "gather", "parse_coordinator",
-           "simulate_cpu_devices"]
+           "simulate_cpu_devices", "check_backend"]
 
 _WHERE = ("parallel",)
 
@@ -126,6 +126,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                      "number of processes and this process's id" if auto else "")
         raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
                           ("initialize(coordinator=)",)) from None
+
+
+def check_backend() -> None:
+    """Start JAX's backend now (after :func:`initialize`, if any): one that cannot start (an
+    unknown or absent platform in ``JAX_PLATFORMS``) is a one-line ConfigError naming it,
+    instead of a traceback later or a checkpoint that seems not to load."""
+    try:
+        jax.devices()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '(unset)')}: no "
+                          f"usable JAX backend ({first}); unset JAX_PLATFORMS or set "
+                          f"JAX_PLATFORMS=cpu to use the CPU", ("jax",)) from None
 
 
 def is_main() -> bool:

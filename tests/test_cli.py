@@ -221,3 +221,17 @@ def test_library_words_become_flags():
         "--overwrite. Resume from one with --from-checkpoint PATH; --check-numerics runs one "
         "step at a time on one device; leave out --devices, --model-axis, --sharding and "
         "--coordinator to use it")
+
+
+@pytest.mark.slow
+def test_a_broken_backend_is_one_line_naming_jax_platforms(xor_run, tmp_path):
+    """issue 22 item 13: ``JAX_PLATFORMS=bogus`` ends train, gradcheck and eval with exit 2
+    and one line naming the variable, as ``info`` reports it, and creates nothing."""
+    env = {**os.environ, "JAX_PLATFORMS": "bogus", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for args in (["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "new")],
+                 ["gradcheck"], ["eval", str(xor_run)]):
+        r = subprocess.run([sys.executable, "-m", "funnn.cli", *args], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 2 and "JAX_PLATFORMS=bogus" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "new").exists()
