@@ -328,6 +328,9 @@ def _parse_header(path: str, head: bytes, size: int) -> tuple[dict, str, str]:
         raise CheckpointError(f"checkpoint {path} is truncated: {size} bytes, "
                               f"not even a safetensors header")
     n = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{":       # a safetensors header is JSON: a PNG or text file is not one
+        raise CheckpointError(f"checkpoint {path} is not a funnn checkpoint (not a safetensors "
+                              f"file: it does not start with a length and a JSON header)")
     if 8 + n > size:
         raise CheckpointError(f"checkpoint {path} is truncated: the header announces {n} "
                               f"bytes, the file has {size - 8} after the length")

@@ -449,12 +449,16 @@ def _gradcheck(args) -> int:
     import jax
 
     from funnn import data, distributed, gradcheck, models
+    from funnn.core import ConfigError
 
     distributed.check_backend()
 
     recipe = models.get(args.model)
     train_set, _ = data.load("digits")
     x, y = models.prepare(recipe, train_set)
+    if args.examples > x.shape[0]:
+        raise ConfigError(f"--examples {args.examples} exceeds the {x.shape[0]} examples of the "
+                          f"digits training split", ("gradcheck",))
     x, y = x[: args.examples], y[: args.examples]
     model = recipe.build(train_set.num_classes)
     k_init, k_jitter = jax.random.split(jax.random.key(args.seed))

@@ -22,7 +22,7 @@ from funnn.core import FunnnError, Layer
 from funnn.train.evaluation import make_evaluate
 from funnn.train.loop import TrainingDiverged, train_epochs
 from funnn.train.placement import placement
-from funnn.train.settings import Settings, resolve
+from funnn.train.settings import Settings, as_key, resolve
 from funnn.train.step import TrainState
 
 __all__ = ["fit", "FitResult"]
@@ -123,7 +123,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         from_checkpoint=from_checkpoint, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
         keep=keep)
     place = placement(s.plan)
-    key_given, key = key is not None, jax.random.key(0) if key is None else key
+    key_given, key = key is not None, as_key(key)
     ts = _first_state(s, params, model_state, from_checkpoint if not resume else None,
                       train_xy[0])
     run_id, start, history, resumed_from = run_id or uuid.uuid4().hex[:12], 0, [], None
@@ -212,6 +212,11 @@ def _resumed(s: Settings, got: rundir.Resumed, run_id: str, log):
                                            "from_checkpoint": saved["from_checkpoint"]})
     if log is not None:
         log(f"resuming run {run_id} from epoch {got.start} ({got.path})")
+        planned = saved.get("epochs")
+        if saved.get("schedule") not in (None, "constant") and planned != s.epochs:
+            log(f"note: run {run_id} planned {planned} epochs; its {saved['schedule']} "
+                f"schedule now spans {s.epochs}, so the learning rates from epoch "
+                f"{got.start + 1} on differ from the planned run's")
         if got.start == s.epochs:
             log(f"run {run_id} has already trained all {s.epochs} epochs; nothing to train "
                 f"(ask for more epochs to continue)")

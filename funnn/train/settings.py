@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import os
 from typing import Any
 
@@ -26,7 +27,7 @@ from funnn.train.epoch import Order, dp_sampled, shuffled
 from funnn.train.optim import optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
 
-__all__ = ["Settings", "resolve", "fingerprint"]
+__all__ = ["Settings", "resolve", "fingerprint", "as_key"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,7 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
             precision, dp, config, resume, overwrite, from_checkpoint, run_dir=None,
             checkpoint_dir=None, keep=3):
     """``(settings, (x, y), eval (x, y) or None)``; every bad argument is raised here."""
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
+    epochs, batch_size = _positive("epochs", epochs), _positive("batch_size", batch_size)
     engines.get(engine)
     loss = as_loss(loss, engine)
     x, y = _xy(data)
@@ -141,9 +141,35 @@ def _dtypes(params, x) -> str:
     return f"params {'/'.join(kinds) or 'none'}, x {jnp.dtype(x.dtype).name}"
 
 
-def _check_positive(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _positive(name, value) -> int:
+    """A positive integer (``np.int64(2)`` too) as a Python int; anything else refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n <= 0:
         raise ConfigError(f"{name} must be a positive int, got {value!r}", ("fit",))
+    return n
+
+
+def as_key(key):
+    """``fit``'s ``key``: None (key 0), an int seed, or a JAX PRNG key (typed or raw)."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, bool):
+        raise ConfigError(f"key must be a jax.random.key, an int seed or None, got {key!r}",
+                          ("fit",))
+    try:
+        return jax.random.key(operator.index(key))
+    except TypeError:
+        pass
+    if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                       or (key.dtype == jnp.uint32 and key.shape == (2,))):
+        return key
+    raise ConfigError(f"key must be a jax.random.key, an int seed or None, got "
+                      f"{type(key).__name__}", ("fit",))
 
 
 def _check_rate_fits(learning_rate, params) -> None:
