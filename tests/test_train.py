@@ -461,3 +461,22 @@ def _stop_at(epoch):
         if row["epoch"] == epoch:
             raise KeyboardInterrupt
     return stop
+
+
+def test_nan_inputs_are_named_as_the_cause_before_training(tmp_path):
+    """issue 22 item 17: NaN in the data is the data's fault, not the learning rate's."""
+    model, params, (x, y) = tiny()
+    x = x.copy()
+    x[5, 1] = np.nan
+    with pytest.raises(DataError, match=r"training x data holds NaN or inf in 1 of its 8 "
+                                        r"examples \(the first: row 5\)"):
+        train.fit(model, params, (x, y), "mse", "sgd", epochs=1, batch_size=4,
+                  progress=False, run_dir=tmp_path / "D")
+    assert not (tmp_path / "D").exists()
+
+
+def test_integer_params_are_refused():
+    model, params, xy = tiny()
+    bad = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(np.int32), params)
+    with pytest.raises(ConfigError, match="is int32; training needs floating-point"):
+        train.fit(model, bad, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False)

@@ -26,6 +26,7 @@ from funnn.precision import Policy, apply_policy, get_policy
 from funnn.train.epoch import Order, dp_sampled, shuffled
 from funnn.train.optim import optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
+from funnn.trees import tree_paths
 
 __all__ = ["Settings", "resolve", "fingerprint", "as_key"]
 
@@ -84,6 +85,11 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
             raise DataError(f"the evaluation data is empty (x has shape "
                             f"{tuple(held_out[0].shape)})", ("fit",))
         _check_labels(model, held_out[0], held_out[1], "evaluation")
+    for what, a in (("training x", x), ("training y", y), *(
+            (("evaluation x", held_out[0]), ("evaluation y", held_out[1]))
+            if held_out is not None else ())):
+        _check_finite(what, a)
+    _check_float_params(params)
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
@@ -219,6 +225,28 @@ def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):
     plan = parallel.plan(mesh, params, sharding)
     parallel.check_batch(batch_size, plan.mesh)
     return plan
+
+
+def _check_finite(what: str, a) -> None:
+    """NaN or inf in the data would show up as a diverged loss blamed on the learning rate:
+    named here, as the data's, before anything trains."""
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        return
+    bad = ~jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+    if bool(bad.any()):
+        rows = jnp.nonzero(bad)[0]
+        raise DataError(f"the {what} data holds NaN or inf in {int(rows.size)} of its "
+                        f"{a.shape[0]} examples (the first: row {int(rows[0])}); clean or drop "
+                        f"them before training", ("fit",))
+
+
+def _check_float_params(params) -> None:
+    """Gradient descent moves floating parameters; an integer leaf would be truncated."""
+    for path, p in tree_paths(params):
+        dt = jnp.result_type(p)
+        if not jnp.issubdtype(dt, jnp.inexact):
+            raise ConfigError(f"params {path} is {jnp.dtype(dt).name}; training needs "
+                              f"floating-point parameters (cast it, e.g. to float32)", ("fit",))
 
 
 def _check_labels(model: Layer, x, y, what: str) -> None:
