@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from funnn import privacy, rundir
+from funnn import __version__, privacy, rundir
 from funnn.core import FunnnError, Layer
 from funnn.train.evaluation import make_evaluate
 from funnn.train.loop import TrainingDiverged, train_epochs
@@ -129,6 +129,7 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     run_id, start, history, resumed_from = run_id or uuid.uuid4().hex[:12], 0, [], None
     run, owed = None, True      # this process owes the others one agreement (several processes)
     try:
+        place.agree_settings({**s.config, "funnn": __version__})     # before any file
         run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place, log)
         if run is not None:
             got = run.resume(ts._asdict(), s.config, key, key_given)
