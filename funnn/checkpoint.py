@@ -36,6 +36,7 @@ can write the file can write a matching checksum, so it does not prove who wrote
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import hashlib
 import json
@@ -205,8 +206,11 @@ def _write_atomic(path: str, data: bytes) -> None:
         os.makedirs(directory, exist_ok=True)
         _files.write_atomic(path, data)
     except OSError as err:
+        hint = (f"the disk holding {directory} is full (or over its quota): free space and "
+                f"resume" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"is {directory} a writable directory?")
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
-                              f"is {directory} a writable directory?") from None
+                              f"{hint}") from None
 
 
 def save(path, *, params, opt_state=None, step: int = 0, key=None, config=None,

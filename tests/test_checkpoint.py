@@ -347,3 +347,17 @@ def test_the_body_is_read_only_as_large_as_the_header_announces(tmp_path):
     (tmp_path / "link.safetensors").symlink_to(path)
     np.testing.assert_array_equal(ckpt.restore(tmp_path / "link.safetensors").params["w"],
                                   np.ones(3))
+
+
+def test_a_full_disk_says_so(tmp_path, monkeypatch):
+    """issue 22 item 17: ENOSPC is named as a full disk, not as an unwritable directory."""
+    import errno
+
+    from funnn import _files
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(_files, "write_atomic", full)
+    with pytest.raises(CheckpointError, match=r"No space left on device; the disk holding .* "
+                                              r"is full"):
+        ckpt.save(tmp_path / "a.safetensors", params={"w": np.ones(2)})
