@@ -53,6 +53,8 @@ _FLAGS = {
     "(a typo in the directory?)": "(a typo in --out?)",
     "noise_multiplier * clip_norm": "--dp-noise * --dp-clip", "clip_norm": "--dp-clip",
     "noise_multiplier": "--dp-noise",
+    "fit: ": "", "dp= trains": "DP-SGD (--dp-clip, --dp-noise) trains", "with dp=":
+    "with --dp-clip/--dp-noise", "leave out precision=": "leave out --precision ",
 }
 
 

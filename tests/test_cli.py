@@ -235,3 +235,16 @@ def test_a_broken_backend_is_one_line_naming_jax_platforms(xor_run, tmp_path):
         assert r.returncode == 2 and "JAX_PLATFORMS=bogus" in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--precision", "bf16"], "DP-SGD (--dp-clip, --dp-noise) trains in float32"),
+    (["--check-numerics"], "leave it out with --dp-clip/--dp-noise"),
+])
+def test_library_refusals_speak_in_flags(extra, want, capsys, tmp_path):
+    """issue 22 item 17: no ``fit:``, ``dp=`` or ``precision=`` in the command's errors."""
+    code, _, err = main(["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "o"),
+                         "--dp-clip", "1", "--dp-noise", "1", *extra], capsys)
+    assert code == 2 and want in err, err
+    assert "fit:" not in err and "dp=" not in err and "precision=" not in err
+    assert not (tmp_path / "o").exists()
