@@ -216,8 +216,8 @@ def test_library_words_become_flags():
     msg = ("fit: D already holds run x; continue it with resume=True, or replace it with "
            "overwrite=True. Resume from one with from_checkpoint=PATH; check_numerics runs one "
            "step at a time on one device; leave out mesh= to use it")
-    assert cli._in_flags(msg) == (
-        "fit: D already holds run x; continue it with --resume, or replace it with "
+    assert cli._in_flags(msg) == (     # the library's "fit:" is no place on the command line
+        "D already holds run x; continue it with --resume, or replace it with "
         "--overwrite. Resume from one with --from-checkpoint PATH; --check-numerics runs one "
         "step at a time on one device; leave out --devices, --model-axis, --sharding and "
         "--coordinator to use it")
