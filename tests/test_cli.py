@@ -237,6 +237,7 @@ def test_a_broken_backend_is_one_line_naming_jax_platforms(xor_run, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, want", [
     (["--precision", "bf16"], "DP-SGD (--dp-clip, --dp-noise) trains in float32"),
     (["--check-numerics"], "leave it out with --dp-clip/--dp-noise"),

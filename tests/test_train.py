@@ -463,6 +463,7 @@ def _stop_at(epoch):
     return stop
 
 
+@pytest.mark.slow
 def test_nan_inputs_are_named_as_the_cause_before_training(tmp_path):
     """issue 22 item 17: NaN in the data is the data's fault, not the learning rate's."""
     model, params, (x, y) = tiny()
