@@ -36,12 +36,14 @@ can write the file can write a matching checksum, so it does not prove who wrote
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import hashlib
 import json
 import operator
 import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -54,7 +56,7 @@ from funnn import _files
 from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Checkpoint", "save", "restore", "latest", "save_in", "checkpoints", "header",
-           "intact", "FORMAT"]
+           "intact", "scan", "Found", "FORMAT"]
 
 FORMAT = "funnn.checkpoint/2"
 _READABLE = ("funnn.checkpoint/1", FORMAT)   # /1 had no model_state, extras or run id
@@ -204,8 +206,11 @@ def _write_atomic(path: str, data: bytes) -> None:
         os.makedirs(directory, exist_ok=True)
         _files.write_atomic(path, data)
     except OSError as err:
+        hint = (f"the disk holding {directory} is full (or over its quota): free space and "
+                f"resume" if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"is {directory} a writable directory?")
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; "
-                              f"is {directory} a writable directory?") from None
+                              f"{hint}") from None
 
 
 def save(path, *, params, opt_state=None, step: int = 0, key=None, config=None,
@@ -247,19 +252,56 @@ def checkpoints(directory) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class Found(NamedTuple):
+    """A checkpoint file as its header describes it (:func:`scan`)."""
+
+    step: int                   # the header's step (the name's when the header is unreadable)
+    path: str
+    run: str | None
+    readable: bool              # the header could be read (the body is not checked here)
+    named: int                  # the step in the file name
+
+    @property
+    def misnamed(self) -> bool:
+        """The name and the header disagree (a copied or renamed file): never chosen by its
+        name, never pruned."""
+        return self.readable and self.step != self.named
+
+
+def scan(directory, prefer: str | None = None) -> list[Found]:
+    """The checkpoints in ``directory`` ordered oldest to newest by their headers' steps.
+
+    At one step, a file of run ``prefer`` and a file whose name agrees with its header
+    come last (newest). A file with an unreadable header keeps its name's step, so a
+    damaged newest checkpoint is still found (and reported when read).
+    """
+    found = []
+    for named, path in checkpoints(directory):
+        try:
+            head = header(path)
+        except CheckpointError:
+            found.append(Found(named, path, None, False, named))
+            continue
+        found.append(Found(head["step"], path, head.get("run"), True, named))
+    return sorted(found, key=lambda f: (f.step, prefer is not None and f.run == prefer,
+                                        not f.misnamed, f.named))
+
+
 def latest(directory) -> str | None:
-    """The path of the highest-step checkpoint in ``directory``, or None if there is none."""
-    found = checkpoints(directory)
-    return found[-1][1] if found else None
+    """The path of the newest checkpoint in ``directory`` by its header's step (see
+    :func:`scan`), or None if there is none."""
+    found = scan(directory)
+    return found[-1].path if found else None
 
 
 def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
     """Save as ``directory/ckpt_<step:08d>.safetensors``, then prune the run's older ones.
 
     ``fields`` are :func:`save`'s (params, opt_state, key, config, metadata,
-    model_state, extras, run). Pruning keeps the newest ``keep`` checkpoints whose
-    header names the same ``run`` (all run-less ones when ``run`` is None); files of
-    other runs, and files whose header cannot be read, are never deleted.
+    model_state, extras, run). Pruning keeps the newest ``keep`` checkpoints (by their
+    headers' steps) whose header names the same ``run`` (all run-less ones when ``run`` is
+    None); files of other runs, files whose header cannot be read and files whose name
+    disagrees with their header's step are never deleted.
     ``keep=None`` keeps every checkpoint. Returns the new file's path.
     """
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -271,21 +313,14 @@ def save_in(directory, step: int, *, keep: int | None = 3, **fields) -> str:
                 **fields)
     if keep is not None:
         run = fields.get("run")
-        own = [p for _, p in checkpoints(directory) if _run_of(p) == (run, True)]
+        own = [f.path for f in scan(directory)
+               if f.readable and f.run == run and not f.misnamed]
         for old in own[:-keep]:
             try:
                 os.unlink(old)
             except OSError:
                 pass
     return path
-
-
-def _run_of(path: str) -> tuple:
-    """``(run id, True)`` from a checkpoint's header, or ``(None, False)`` if unreadable."""
-    try:
-        return header(path).get("run"), True
-    except CheckpointError:
-        return None, False
 
 
 # --------------------------------------------------------------------------- reading
@@ -297,6 +332,9 @@ def _parse_header(path: str, head: bytes, size: int) -> tuple[dict, str, str]:
         raise CheckpointError(f"checkpoint {path} is truncated: {size} bytes, "
                               f"not even a safetensors header")
     n = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{":       # a safetensors header is JSON: a PNG or text file is not one
+        raise CheckpointError(f"checkpoint {path} is not a funnn checkpoint (not a safetensors "
+                              f"file: it does not start with a length and a JSON header)")
     if 8 + n > size:
         raise CheckpointError(f"checkpoint {path} is truncated: the header announces {n} "
                               f"bytes, the file has {size - 8} after the length")
@@ -333,6 +371,46 @@ def _check_description(path: str, desc: dict) -> None:
         raise CheckpointError(f"checkpoint {path}: run id must be a string")
 
 
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (a symlink to one is fine); a
+    FIFO, device (``/dev/zero``), directory or socket is refused without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else \
+            "a device or special file"
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a regular file; funnn reads "
+                              f"checkpoints only from regular files")
+    return os.fdopen(fd, "rb")
+
+
+def _read_head(f, path: str) -> tuple[bytes, int]:
+    """``(the first 8 + header bytes, file size)``, never more than ``_MAX_HEADER``."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(8)
+        n = int.from_bytes(first, "little") if len(first) == 8 else 0
+        return first + f.read(min(n, _MAX_HEADER, max(size - 8, 0))), size
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+
+
+def _body_size(path: str, head: bytes) -> int:
+    """The tensors' bytes the safetensors header announces (the largest end offset)."""
+    n = int.from_bytes(head[:8], "little")
+    try:
+        entries = json.loads(head[8:8 + n])
+        ends = [int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        raise CheckpointError(f"checkpoint {path} has a corrupt or foreign header "
+                              f"(not a funnn checkpoint, or damaged)") from None
+    return max(ends, default=0)
+
+
 def header(path) -> dict:
     """The JSON description of a checkpoint (step, run, config, metadata, trees).
 
@@ -340,25 +418,26 @@ def header(path) -> dict:
     verified here (:func:`restore` does that).
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(8)
-            n = int.from_bytes(first, "little") if len(first) == 8 else 0
-            head = first + f.read(min(n, _MAX_HEADER))
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    with _open_regular(path) as f:
+        head, size = _read_head(f, path)
     return _parse_header(path, head, size)[0]
 
 
 def _read(path: str) -> tuple[dict, dict]:
-    """``(description, tensors)`` of a checkpoint file, checked end to end."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    desc, desc_text, want = _parse_header(path, data, len(data))
+    """``(description, tensors)`` of a checkpoint file, checked end to end. The body is read
+    only once the header has announced its size and the file's size agrees."""
+    with _open_regular(path) as f:
+        head, size = _read_head(f, path)
+        desc, desc_text, want = _parse_header(path, head, size)
+        body = _body_size(path, head)
+        if len(head) + body != size:
+            raise CheckpointError(f"checkpoint {path} is damaged: its header announces "
+                                  f"{body} bytes of tensors, the file has {size - len(head)}")
+        try:
+            data = head + f.read(body)
+        except OSError as err:
+            raise CheckpointError(f"cannot read checkpoint {path}: "
+                                  f"{err.strerror or err}") from None
     try:
         tensors = stn.load(data)
     except Exception as err:  # safetensors raises its own error types

@@ -3,7 +3,10 @@
 Exit codes: 0 done; 1 a gradient check that disagrees; 2 bad input (an unknown
 name, a non-positive number, a missing or corrupt data directory or checkpoint, an
 output directory that cannot be written or belongs to another run), one line on
-stderr, never a traceback; 3 a diverged run (a non-finite loss); 130 interrupted.
+stderr, never a traceback; 3 a diverged run (a non-finite loss); 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM: ``timeout``, batch schedulers, ``docker stop``). Both
+stop like Ctrl-C: the last complete checkpoint stays, ``metrics.json`` says
+``"status": "interrupted"`` and ``--resume`` continues bit-for-bit.
 """
 
 from __future__ import annotations
@@ -11,12 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
-__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be (so ``fit`` stops alike)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one stop: let it write its files
+    raise _Terminated()
+
+
+def _handle_sigterm():
+    """Install the SIGTERM handler (main thread only); the previous handler, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 # The library's errors name Python arguments; the command line says them with its flags.
 _FLAGS = {
@@ -29,6 +51,10 @@ _FLAGS = {
     "check_numerics runs": "--check-numerics runs",
     "leave out mesh=": "leave out --devices, --model-axis, --sharding and --coordinator",
     "(a typo in the directory?)": "(a typo in --out?)",
+    "noise_multiplier * clip_norm": "--dp-noise * --dp-clip", "clip_norm": "--dp-clip",
+    "noise_multiplier": "--dp-noise",
+    "fit: ": "", "dp= trains": "DP-SGD (--dp-clip, --dp-noise) trains", "with dp=":
+    "with --dp-clip/--dp-noise", "leave out precision=": "leave out --precision ",
 }
 
 
@@ -177,6 +203,7 @@ def main(argv=None) -> int:
     from funnn.core import FunnnError
     from funnn.train import TrainingDiverged
 
+    previous = _handle_sigterm()
     try:
         return {"train": _train, "eval": _eval, "gradcheck": _gradcheck, "bench": _bench,
                 "info": _info}[args.command](args)
@@ -186,9 +213,14 @@ def main(argv=None) -> int:
     except (FunnnError, OSError) as err:
         print(f"funnn {args.command}: error: {_in_flags(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"funnn {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        term = isinstance(err, _Terminated)
+        print(f"funnn {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}",
+              file=sys.stderr)
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _fresh_out(model: str) -> str:
@@ -290,10 +322,11 @@ def _train(args) -> int:
     """Parse, load, build, :func:`funnn.train.fit` (which owns the run directory), print."""
     import jax
 
-    from funnn import _files, data, models, parallel, train
+    from funnn import _files, data, distributed, models, parallel, train
     from funnn.core import ConfigError, FunnnError
 
     _join(args)
+    distributed.check_backend()
     recipe = models.get(args.model)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out naming the run directory to continue",
@@ -355,25 +388,20 @@ def _pct(v) -> str:
 
 
 def _eval(args) -> int:
-    from funnn import checkpoint, data, models, precision, train
+    from funnn import data, distributed, models, rundir, train
     from funnn.core import CheckpointError, DataError
 
+    distributed.check_backend()
     run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"run directory {run_dir!r} does not exist")
-    path = args.checkpoint or checkpoint.latest(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise CheckpointError(f"{run_dir} holds no checkpoint (no {run_dir}/checkpoints/"
-                              f"ckpt_*.safetensors); is it a funnn train run directory?")
-    config = checkpoint.header(path).get("config") or {}
-    missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
-                              f"lacks {', '.join(missing)}); it was not written by funnn train")
-    recipe = models.get(config["model"])
-    model = recipe.build(int(config["num_outputs"]))
-    ck = train.restore_run(run_dir, model, checkpoint=path)
-    model = precision.apply_policy(model, config.get("precision"))   # compute as it trained
+    if args.checkpoint:
+        path, (config, recipe, model, ck) = args.checkpoint, _eval_load(args.checkpoint, run_dir)
+    else:       # the newest that reads whole: a run that trains may prune one meanwhile
+        path, (config, recipe, model, ck), skipped = rundir.load_newest(
+            os.path.join(run_dir, "checkpoints"), lambda p: _eval_load(p, run_dir))
+        for line in skipped:
+            print(f"note: skipped {line}")
     stats = None
     if config.get("standardize"):
         extras = ck.extras or {}
@@ -401,14 +429,38 @@ def _eval(args) -> int:
     return 0
 
 
+def _eval_load(path: str, run_dir: str):
+    """``(config, recipe, model, checkpoint)`` of the checkpoint ``path`` of a train run."""
+    from funnn import models, precision, rundir, train
+    from funnn.core import CheckpointError
+
+    config = rundir.read_config(path)
+    rundir.check_same_run(run_dir, path)
+    missing = [k for k in ("model", "data", "num_outputs", "input_shape") if k not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not say how to predict (its config "
+                              f"lacks {', '.join(missing)}); it was not written by funnn train")
+    recipe = models.get(config["model"])
+    ck = train.restore_run(run_dir, recipe.build(config["num_outputs"]), checkpoint=path)
+    model = precision.apply_policy(recipe.build(config["num_outputs"]),
+                                   config.get("precision"))   # compute as it trained
+    return config, recipe, model, ck
+
+
 def _gradcheck(args) -> int:
     import jax
 
-    from funnn import data, gradcheck, models
+    from funnn import data, distributed, gradcheck, models
+    from funnn.core import ConfigError
+
+    distributed.check_backend()
 
     recipe = models.get(args.model)
     train_set, _ = data.load("digits")
     x, y = models.prepare(recipe, train_set)
+    if args.examples > x.shape[0]:
+        raise ConfigError(f"--examples {args.examples} exceeds the {x.shape[0]} examples of the "
+                          f"digits training split", ("gradcheck",))
     x, y = x[: args.examples], y[: args.examples]
     model = recipe.build(train_set.num_classes)
     k_init, k_jitter = jax.random.split(jax.random.key(args.seed))

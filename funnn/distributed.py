@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from funnn.errors import ConfigError
 
 __all__ = ["initialize", "is_main", "agree", "gather", "parse_coordinator",
-           "simulate_cpu_devices"]
+           "simulate_cpu_devices", "check_backend", "agree_settings"]
 
 _WHERE = ("parallel",)
 
@@ -128,6 +128,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           ("initialize(coordinator=)",)) from None
 
 
+def check_backend() -> None:
+    """Start JAX's backend now (after :func:`initialize`, if any): one that cannot start (an
+    unknown or absent platform in ``JAX_PLATFORMS``) is a one-line ConfigError naming it,
+    instead of a traceback later or a checkpoint that seems not to load."""
+    try:
+        jax.devices()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '(unset)')}: no "
+                          f"usable JAX backend ({first}); unset JAX_PLATFORMS or set "
+                          f"JAX_PLATFORMS=cpu to use the CPU", ("jax",)) from None
+
+
 def is_main() -> bool:
     """True on process 0 (the only one that writes files); always True for one process."""
     return jax.process_index() == 0
@@ -154,6 +167,44 @@ def agree(error: BaseException | None = None, value: int = 0, what: str = "") ->
         raise ConfigError(f"processes disagree on {what or 'a setting'}: "
                           f"{got[:, 1].tolist()} (process 0, 1, ...); is the run directory on "
                           f"a filesystem every process sees?", _WHERE)
+
+
+def _digest(value) -> int:
+    """A value's 31-bit fingerprint (sha256 of its sorted JSON), to compare across processes."""
+    import hashlib
+    import json
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def agree_settings(settings: dict) -> None:
+    """Every process must run with the same ``settings`` (a run's config, the data's
+    fingerprint, the funnn version): two small collectives at start-up, then a ConfigError
+    on every process naming the settings and the processes that differ."""
+    if jax.process_count() == 1:
+        return
+    names = sorted(settings, key=str)
+
+    def gathered(values: list[int]) -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(
+            np.asarray(values, np.int32))).reshape(jax.process_count(), -1)
+
+    keys = gathered([len(names), _digest(names)])
+    if len({tuple(r) for r in keys.tolist()}) > 1:
+        raise ConfigError(f"processes run with different sets of settings (process "
+                          f"{jax.process_index()} has {', '.join(map(str, names))}); start "
+                          f"every process with the same command", _WHERE)
+    got = gathered([_digest(settings[k]) for k in names])
+    differ = [k for i, k in enumerate(names) if len(set(got[:, i].tolist())) > 1]
+    if differ:
+        groups: dict[tuple, list[int]] = {}
+        for p, row in enumerate(got.tolist()):
+            groups.setdefault(tuple(row), []).append(p)
+        who = " vs ".join("process " + ", ".join(map(str, g)) for g in groups.values())
+        raise ConfigError(f"processes disagree on {', '.join(map(str, differ))} ({who}); this "
+                          f"is process {jax.process_index()} with "
+                          f"{', '.join(f'{k}={settings[k]!r}' for k in differ)}: start every "
+                          f"process with the same settings and data", _WHERE)
 
 
 def gather(tree):

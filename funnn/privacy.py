@@ -62,6 +62,22 @@ def _number(value, what: str) -> float:
                           ("DP",)) from None
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _check_fits_float32(clip_norm: float, noise_multiplier: float) -> None:
+    """DP-SGD trains in float32: the clip norm and the noise's standard deviation
+    (``noise_multiplier * clip_norm``) must be finite there, as a learning rate must be
+    finite in the parameters' dtype."""
+    if clip_norm > _F32_MAX:
+        raise ConfigError(f"clip_norm {clip_norm!r} is not finite in float32, the dtype DP-SGD "
+                          f"trains in (largest: {_F32_MAX:.3g})", ("DP",))
+    if noise_multiplier * clip_norm > _F32_MAX:
+        raise ConfigError(f"the noise standard deviation noise_multiplier * clip_norm = "
+                          f"{noise_multiplier * clip_norm:.3g} is not finite in float32, the "
+                          f"dtype DP-SGD trains in (largest: {_F32_MAX:.3g})", ("DP",))
+
+
 @dataclasses.dataclass(frozen=True)
 class DP:
     """DP-SGD settings: clip each example's gradient to ``clip_norm``, add Gaussian noise of
@@ -96,6 +112,7 @@ class DP:
         if self.sampling not in SAMPLINGS:
             raise ConfigError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}, got "
                               f"{self.sampling!r}", ("DP",))
+        _check_fits_float32(c, s)
         object.__setattr__(self, "clip_norm", c)
         object.__setattr__(self, "noise_multiplier", s)
         object.__setattr__(self, "delta", d)

@@ -46,7 +46,9 @@ from funnn import checkpoint as ckpt
 from funnn.core import CheckpointError, ConfigError
 
 __all__ = ["Run", "Resumed", "RunLock", "RunInfo", "find_run", "remove_run", "config_diff",
-           "check_mode", "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
+           "check_mode", "check_config", "read_config", "SCHEMA", "load_newest",
+           "check_same_run",
+           "plot_curves", "LOCK_NAME", "RUN_FILE", "METRICS_FILE", "CURVES_FILE"]
 
 LOCK_NAME = ".funnn-lock"
 RUN_FILE = "run.json"
@@ -144,7 +146,15 @@ class RunInfo:
     run_id: str | None
     config: dict
     epochs_done: int
-    newest: str | None          # path of the highest-step checkpoint, if any
+    newest: str | None          # path of the newest checkpoint by its header, if any
+    misnamed: list = dataclasses.field(default_factory=list)   # (path, header step) pairs
+
+    def notes(self) -> list[str]:
+        """One line per checkpoint whose name disagrees with its header (kept, not used by
+        its name)."""
+        return [f"{p}: its name says epoch {_named(p)} but its header says epoch {step}; it is "
+                f"ordered by its header and never deleted by funnn (a copied or renamed file?)"
+                for p, step in self.misnamed]
 
     def describe(self) -> str:
         """``run 3f2a9c... (model mlp, data digits, 5 of 30 epochs done)``."""
@@ -183,28 +193,31 @@ def find_run(directory, checkpoint_dir=None) -> RunInfo | None:
     directory = os.fspath(directory)
     cdir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else \
         os.path.join(directory, "checkpoints")
-    found = ckpt.checkpoints(cdir) if os.path.isdir(cdir) else []
+    run = _read_json(os.path.join(directory, RUN_FILE)) or {}
+    metrics = _read_json(os.path.join(directory, "metrics.json")) or {}
+    run_id = run.get("run_id") or metrics.get("run_id")
+    found = ckpt.scan(cdir, run_id if isinstance(run_id, str) else None) \
+        if os.path.isdir(cdir) else []
     present = [n for n in _OWN_FILES if os.path.isfile(os.path.join(directory, n))]
     if not found and not present:
         return None
-    run = _read_json(os.path.join(directory, RUN_FILE)) or {}
-    metrics = _read_json(os.path.join(directory, "metrics.json")) or {}
     config = run.get("config") or metrics.get("config") or {}
-    run_id = run.get("run_id") or metrics.get("run_id")
-    done, newest = 0, (found[-1][1] if found else None)
-    for step, path in reversed(found):   # describe by the newest readable header
-        try:
-            head = ckpt.header(path)
-        except CheckpointError:
-            continue
-        done = step
-        config = config or head.get("config") or {}
-        run_id = run_id or head.get("run")
-        break
+    done, newest = 0, (found[-1].path if found else None)
+    for f in reversed(found):   # describe by the newest readable header
+        if f.readable:
+            done = f.step
+            config = config or ckpt.header(f.path).get("config") or {}
+            run_id = run_id or f.run
+            break
     if not found and isinstance(metrics.get("history"), list):
         done = len(metrics["history"])
     return RunInfo(directory, run_id if isinstance(run_id, str) else None,
-                   config if isinstance(config, dict) else {}, done, newest)
+                   config if isinstance(config, dict) else {}, done, newest,
+                   [(f.path, f.step) for f in found if f.misnamed])
+
+
+def _named(path: str) -> int:
+    return int(os.path.basename(path)[5:].split(".")[0])
 
 
 def remove_run(directory, checkpoint_dir=None) -> list[str]:
@@ -221,7 +234,10 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
     removed = []
     names = [os.path.join(directory, n) for n in _OWN_FILES]
     if os.path.isdir(cdir):
-        names += [os.path.join(cdir, n) for n in sorted(os.listdir(cdir)) if _CKPT.match(n)]
+        info = find_run(directory, cdir)
+        kept = {p for p, _ in info.misnamed} if info is not None else set()
+        names += [p for n in sorted(os.listdir(cdir))
+                  if _CKPT.match(n) and (p := os.path.join(cdir, n)) not in kept]
         if cdir != directory:       # the second lock of runs written before the one-lock layout
             names.append(os.path.join(cdir, LOCK_NAME))
     for path in names:
@@ -238,6 +254,83 @@ def remove_run(directory, checkpoint_dir=None) -> list[str]:
     return removed
 
 
+def load_newest(cdir, load) -> tuple[str, Any, list[str]]:
+    """``(path, load(path), skipped)`` for the newest checkpoint in ``cdir`` (by header) that
+    ``load`` reads: one that vanishes meanwhile (a run that trains prunes its old ones) is
+    skipped and named in ``skipped``; a damaged one is an error (never passed over)."""
+    cdir = os.fspath(cdir)
+    found = ckpt.scan(cdir) if os.path.isdir(cdir) else []
+    if not found:
+        raise CheckpointError(f"{os.path.dirname(cdir) or cdir} holds no checkpoint (no {cdir}/"
+                              f"ckpt_*.safetensors); is it a funnn train run directory?")
+    skipped: list[str] = []
+    for f in reversed(found):
+        try:
+            return f.path, load(f.path), skipped
+        except CheckpointError as err:
+            if os.path.lexists(f.path):
+                raise
+            skipped.append(f"{f.path}: {err}")
+    raise CheckpointError(f"every checkpoint in {cdir} vanished while it was read: "
+                          f"{'; '.join(skipped)}")
+
+
+# --------------------------------------------------------------------------- config schema
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_SHAPE = ("a list of positive ints",
+          lambda v: isinstance(v, list) and all(_is_int(d, 1) for d in v))
+_POSITIVE = ("a positive int", lambda v: _is_int(v, 1))
+_COUNT = ("a non-negative int", lambda v: _is_int(v, 0))
+_TEXT = ("a string", lambda v: isinstance(v, str))
+_NUMBER = ("a number", _is_num)
+# What funnn writes for each setting it records; a config read back is checked against it.
+SCHEMA: dict = {
+    **dict.fromkeys(("epochs", "batch_size", "batch_size_asked", "num_examples",
+                     "num_outputs"), _POSITIVE),
+    **dict.fromkeys(("train_examples", "test_examples"), _COUNT),
+    **dict.fromkeys(("model", "data", "engine", "loss", "optimizer", "schedule", "precision",
+                     "data_sha256", "dtypes", "sharding", "from_checkpoint", "dp_sampling"),
+                    _TEXT),
+    **dict.fromkeys(("dp_clip", "dp_noise", "dp_delta"), _NUMBER),
+    "learning_rate": ("a number or null", lambda v: v is None or _is_num(v)),
+    "seed": ("an int", lambda v: _is_int(v, -2**63)),
+    "standardize": ("true or false", lambda v: isinstance(v, bool)),
+    "input_shape": _SHAPE,
+    "mesh": ("an object of axis sizes", lambda v: isinstance(v, dict)),
+}
+
+
+def check_config(config, path: str) -> dict:
+    """``config`` as read from ``path`` (a checkpoint header), checked against
+    :data:`SCHEMA`: a setting funnn records with another type is a CheckpointError naming
+    it (settings funnn does not know, from ``fit(config=...)``, pass as they are)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: config must be a JSON object, got "
+                              f"{type(config).__name__}")
+    for k, v in config.items():
+        if k in SCHEMA and not SCHEMA[k][1](v):
+            raise CheckpointError(f"checkpoint {path}: config.{k} must be {SCHEMA[k][0]}, "
+                                  f"got {v!r}; the file was edited or not written by funnn")
+    return config
+
+
+def read_config(path) -> dict:
+    """The checked config in the header of the checkpoint ``path``."""
+    path = os.fspath(path)
+    return check_config(ckpt.header(path).get("config"), path)
+
+
 # --------------------------------------------------------------------------- resume rules
 
 # Settings that may change on resume: epochs may grow; the others do not change results.
@@ -245,17 +338,30 @@ _SAVED_DEFAULTS = {"precision": "f32"}
 RESUMABLE = ("epochs", "batch_size_asked", "from_checkpoint", "mesh", "sharding")
 
 
+# Settings recorded since a later version: a run saved without one is not compared on it.
+_RECORDED_LATER = ("data_sha256", "dtypes")
+
+
 def config_diff(saved: dict, now: dict, ignore=RESUMABLE) -> list[str]:
     """``["learning_rate: 0.1 -> 0.2", ...]`` for every setting that differs."""
     out = []
     saved = {**_SAVED_DEFAULTS, **saved}        # runs saved before a setting existed
     for k in sorted(set(saved) | set(now), key=str):
-        if k in ignore:
+        if k in ignore or (k in _RECORDED_LATER and k not in saved):
             continue
         a, b = saved.get(k, "(unset)"), now.get(k, "(unset)")
         if a != b:
             out.append(f"{k}: {a} -> {b}")
     return out
+
+
+def _x64_hint(diffs: list[str]) -> str:
+    """Where float64 against float32 comes from, when the dtypes differ."""
+    if not any(d.startswith("dtypes:") and "float64" in d for d in diffs):
+        return ""
+    now = "set" if getattr(jax.config, "jax_enable_x64", False) else "not set"
+    return (f" (float64 comes from the environment variable JAX_ENABLE_X64=1, which is {now} "
+            f"now: resume with it as the saved run had it)")
 
 
 def check_mode(resume, overwrite) -> None:
@@ -391,12 +497,14 @@ class Run:
         if path is None:
             return None
         head = _damaged_hint(lambda: ckpt.header(path), path, self.cdir)
-        diffs = config_diff(head.get("config") or {}, config)
+        diffs = config_diff(_damaged_hint(lambda: check_config(head.get("config"), path), path,
+                                          self.cdir), config)
         if diffs:
             raise ConfigError(f"cannot resume run {head.get('run') or '(no id)'} from {path}: "
                               f"settings differ from the saved run: {'; '.join(diffs)}. Resume "
-                              f"with the saved settings, or start a new run (another directory, "
-                              f"or overwrite=True)", ("run",))
+                              f"with the saved settings{_x64_hint(diffs)}, or start a new run "
+                              f"(another directory, or overwrite=True)", ("run",))
+        _check_one_run(self.found, head.get("run"), path)
         saved = _damaged_hint(lambda: ckpt.restore(path, like=like), path, self.cdir)
         if key_given and saved.key is not None and not bool(jnp.array_equal(
                 jax.random.key_data(saved.key), jax.random.key_data(key))):
@@ -437,6 +545,13 @@ class Run:
         return ckpt.save_in(self.cdir, epoch, keep=keep, metadata={"history": history},
                             run=run_id, **fields)
 
+    def saved(self, run_id) -> int:
+        """The epoch of this run's newest complete checkpoint on disk (0 if none): where an
+        interrupted run stands, even if the signal came between a write and its return."""
+        own = [f.step for f in ckpt.scan(self.cdir) if f.readable and f.run == run_id
+               and not f.misnamed]
+        return max(own, default=0)
+
     def finish(self, status: str, run_id, config: dict, history: list, error=None) -> None:
         """``metrics.json`` (strict JSON) and ``curves.png`` (process 0 only)."""
         if not self.main or not history:
@@ -452,6 +567,23 @@ class Run:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _check_one_run(found: RunInfo | None, run_id, path: str) -> None:
+    """A run directory holds one run: a checkpoint of another run does not continue in it."""
+    if found is None or found.run_id is None or run_id is None or run_id == found.run_id:
+        return
+    raise ConfigError(f"{path} belongs to run {run_id}, but {found.directory} holds run "
+                      f"{found.run_id}; a run directory holds one run: continue run {run_id} "
+                      f"in its own directory, or start a new run from that checkpoint "
+                      f"(from_checkpoint=PATH without resume=True, in another directory)",
+                      ("run",))
+
+
+def check_same_run(directory, path) -> None:
+    """Refuse the checkpoint ``path`` unless it belongs to the run ``directory`` holds (or
+    either has no run id)."""
+    _check_one_run(find_run(directory), ckpt.header(path).get("run"), os.fspath(path))
 
 
 def _check_layout(root: str, cdir: str) -> None:

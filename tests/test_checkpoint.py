@@ -272,3 +272,92 @@ def test_loading_never_executes_code(tmp_path):
     assert not marker.exists()
     source = pathlib.Path(checkpoint.__file__).read_text()
     assert "import pickle" not in source and "pickle.load" not in source
+
+
+def test_a_copied_checkpoint_is_ordered_by_its_header_and_never_pruned(tmp_path):
+    """issue 22 item 4: ``cp ckpt_3 ckpt_9`` must not make step 3 the newest, nor let
+    pruning delete the real newer ones; the misnamed copy itself is never deleted."""
+    d = tmp_path / "c"
+    for step in range(1, 6):
+        checkpoint.save_in(d, step, params={"w": np.full(2, step)}, run="mine", keep=3)
+    stale = d / "ckpt_00000009.safetensors"
+    stale.write_bytes((d / "ckpt_00000003.safetensors").read_bytes())
+    assert checkpoint.latest(d) == str(d / "ckpt_00000005.safetensors")
+    found = checkpoint.scan(d, "mine")
+    assert [(f.step, f.named, f.misnamed) for f in found] == [
+        (3, 3, False), (3, 9, True), (4, 4, False), (5, 5, False)] or \
+        [(f.step, f.named, f.misnamed) for f in found] == [
+        (3, 9, True), (3, 3, False), (4, 4, False), (5, 5, False)]
+    before = stale.read_bytes()
+    for step in (6, 7):
+        checkpoint.save_in(d, step, params={"w": np.full(2, step)}, run="mine", keep=3)
+    assert [s for s, _ in checkpoint.checkpoints(d)] == [5, 6, 7, 9]
+    assert stale.read_bytes() == before
+    assert checkpoint.latest(d) == str(d / "ckpt_00000007.safetensors")
+
+
+def _alarm(seconds):
+    """A guard: a read that blocks or runs away fails the test instead of hanging it."""
+    import signal
+
+    def fire(*_):
+        raise TimeoutError("the checkpoint read blocked")
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("read", [ckpt.header, ckpt.restore])
+def test_special_files_are_refused_without_blocking(tmp_path, read):
+    """issue 22 item 11: a FIFO or a symlink to /dev/zero named like a checkpoint is refused at
+    once (no hang, no read until MemoryError)."""
+    import signal
+    fifo = tmp_path / "ckpt_00000001.safetensors"
+    os.mkfifo(fifo)
+    zero = tmp_path / "ckpt_00000002.safetensors"
+    zero.symlink_to("/dev/zero")
+    _alarm(10)
+    try:
+        with pytest.raises(CheckpointError, match="is a FIFO, not a regular file"):
+            read(fifo)
+        with pytest.raises(CheckpointError, match="is a device or special file"):
+            read(zero)
+        with pytest.raises(CheckpointError, match="is a directory"):
+            read(tmp_path)
+    finally:
+        signal.alarm(0)
+
+
+def test_the_body_is_read_only_as_large_as_the_header_announces(tmp_path):
+    """issue 22 item 11: a checkpoint grown to 8 GiB (sparse) is refused from its header's
+    size before the body is read; a symlink to an intact checkpoint still reads."""
+    import signal
+    path = ckpt.save(tmp_path / "a.safetensors", params={"w": np.ones(3)})
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(8 << 30)
+    _alarm(10)
+    try:
+        with pytest.raises(CheckpointError, match=r"its header announces .* the file has"):
+            ckpt.restore(path)
+    finally:
+        signal.alarm(0)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    (tmp_path / "link.safetensors").symlink_to(path)
+    np.testing.assert_array_equal(ckpt.restore(tmp_path / "link.safetensors").params["w"],
+                                  np.ones(3))
+
+
+def test_a_full_disk_says_so(tmp_path, monkeypatch):
+    """issue 22 item 17: ENOSPC is named as a full disk, not as an unwritable directory."""
+    import errno
+
+    from funnn import _files
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(_files, "write_atomic", full)
+    with pytest.raises(CheckpointError, match=r"No space left on device; the disk holding .* "
+                                              r"is full"):
+        ckpt.save(tmp_path / "a.safetensors", params={"w": np.ones(2)})

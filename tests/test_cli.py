@@ -216,8 +216,36 @@ def test_library_words_become_flags():
     msg = ("fit: D already holds run x; continue it with resume=True, or replace it with "
            "overwrite=True. Resume from one with from_checkpoint=PATH; check_numerics runs one "
            "step at a time on one device; leave out mesh= to use it")
-    assert cli._in_flags(msg) == (
-        "fit: D already holds run x; continue it with --resume, or replace it with "
+    assert cli._in_flags(msg) == (     # the library's "fit:" is no place on the command line
+        "D already holds run x; continue it with --resume, or replace it with "
         "--overwrite. Resume from one with --from-checkpoint PATH; --check-numerics runs one "
         "step at a time on one device; leave out --devices, --model-axis, --sharding and "
         "--coordinator to use it")
+
+
+@pytest.mark.slow
+def test_a_broken_backend_is_one_line_naming_jax_platforms(xor_run, tmp_path):
+    """issue 22 item 13: ``JAX_PLATFORMS=bogus`` ends train, gradcheck and eval with exit 2
+    and one line naming the variable, as ``info`` reports it, and creates nothing."""
+    env = {**os.environ, "JAX_PLATFORMS": "bogus", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for args in (["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "new")],
+                 ["gradcheck"], ["eval", str(xor_run)]):
+        r = subprocess.run([sys.executable, "-m", "funnn.cli", *args], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 2 and "JAX_PLATFORMS=bogus" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, want", [
+    (["--precision", "bf16"], "DP-SGD (--dp-clip, --dp-noise) trains in float32"),
+    (["--check-numerics"], "leave it out with --dp-clip/--dp-noise"),
+])
+def test_library_refusals_speak_in_flags(extra, want, capsys, tmp_path):
+    """issue 22 item 17: no ``fit:``, ``dp=`` or ``precision=`` in the command's errors."""
+    code, _, err = main(["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "o"),
+                         "--dp-clip", "1", "--dp-noise", "1", *extra], capsys)
+    assert code == 2 and want in err, err
+    assert "fit:" not in err and "dp=" not in err and "precision=" not in err
+    assert not (tmp_path / "o").exists()

@@ -201,3 +201,27 @@ def test_per_example_grads_feed_optax_dpsgd():
     _, clipped = manual.clipped_value_and_grad(model, xent, 0.5)(params, x, y)
     for u, c in zip(jax.tree.leaves(updates), jax.tree.leaves(clipped)):
         np.testing.assert_allclose(u, -0.1 * c, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("clip, noise, match", [
+    (1e308, 1.0, "clip_norm 1e\\+308 is not finite in float32"),
+    (1e38, 10.0, "noise_multiplier \\* clip_norm = 1e\\+39 is not finite in float32"),
+])
+def test_dp_settings_must_be_finite_in_float32(clip, noise, match):
+    """issue 22 item 15: bounded as a learning rate is, before anything trains."""
+    with pytest.raises(ConfigError, match=match):
+        privacy.DP(clip, noise)
+    privacy.DP(3e38, 0.0)            # the largest float32 clip without noise is fine
+
+
+def test_cli_dp_clip_beyond_float32_exits_2_in_flags(capsys, tmp_path):
+    """issue 22 item 15: ``--dp-clip 1e308`` is refused in one line naming the flag, no
+    warning, no run directory."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = cli.main(["train", "--data", "xor", "--out", str(tmp_path / "r"), "--epochs",
+                         "1", "--dp-clip", "1e308", "--dp-noise", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--dp-clip 1e+308 is not finite in float32" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -544,3 +544,225 @@ def test_refusals_come_before_any_file_is_created(tmp_path, capsys):
         train.fit(model, params, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False,
                   run_dir=tmp_path / "checkpoints")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoints"]
+
+
+@pytest.mark.slow
+def test_a_stale_copy_with_a_higher_number_neither_wins_nor_is_deleted(tmp_path, capsys):
+    """issue 22 item 4: ``cp ckpt_3 ckpt_9`` then ``--resume --epochs 7`` continues from
+    epoch 5 (the header decides), reports the misnamed file and leaves it as it was."""
+    d = tmp_path / "D"
+    assert main(["train", *XOR, "--epochs", "5", "--out", str(d)],
+                capsys)[0] == 0
+    ck = d / "checkpoints"
+    stale = ck / "ckpt_00000009.safetensors"
+    stale.write_bytes((ck / "ckpt_00000003.safetensors").read_bytes())
+    before = stale.read_bytes()
+    code, out, err = main(["train", *XOR, "--epochs", "7", "--resume", "--out", str(d)],
+                          capsys)
+    assert code == 0, err
+    assert "from epoch 5" in out and "ckpt_00000009.safetensors" in out and "header" in out
+    assert stale.read_bytes() == before
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("ckpt_")) == [
+        "ckpt_00000005.safetensors", "ckpt_00000006.safetensors",
+        "ckpt_00000007.safetensors", "ckpt_00000009.safetensors"]
+    code, out, err = main(["train", *XOR, "--epochs", "8", "--resume", "--out", str(d)],
+                          capsys)
+    assert code == 0 and "from epoch 7" in out, err
+    assert stale.read_bytes() == before
+
+
+# ----------------------------------------------------------------- issue 22: items 4 on
+
+
+@pytest.mark.slow
+def test_resume_on_other_data_with_the_same_counts_is_refused(tmp_path):
+    """issue 22 item 5: the data's content is fingerprinted in run.json and every checkpoint
+    config; resuming on regenerated data (same shapes, other values) is refused untouched."""
+    model, params, (x, y) = tiny()
+    kw = dict(batch_size=4, progress=False, run_dir=tmp_path / "D")
+    train.fit(model, params, (x, y), "mse", "sgd", epochs=1, **kw)
+    recorded = json.loads((tmp_path / "D" / rundir.RUN_FILE).read_text())["config"]
+    from funnn.train.settings import fingerprint
+    assert recorded["data_sha256"] == fingerprint(x, y)
+    before = snapshot(tmp_path / "D")
+    with pytest.raises(train.ConfigError, match="data_sha256"):
+        train.fit(model, params, (x[::-1].copy(), y), "mse", "sgd", epochs=2, resume=True,
+                  **kw)
+    assert snapshot(tmp_path / "D") == before
+    done = train.fit(model, params, (x, y), "mse", "sgd", epochs=2, resume=True, **kw)
+    assert done.resumed_from is not None and done.epochs_done == 2
+
+
+@pytest.mark.slow
+def test_x64_runs_record_float64_and_a_resume_without_it_names_x64(tmp_path):
+    """issue 22 item 6: ``JAX_ENABLE_X64=1`` trains float64 and says so in run.json; resuming
+    without it is refused naming the variable, before anything changes."""
+    d = tmp_path / "D"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def funnn(*args, x64):
+        e = {**env, "JAX_ENABLE_X64": "1"} if x64 else {
+            k: v for k, v in env.items() if k != "JAX_ENABLE_X64"}
+        return subprocess.run([sys.executable, "-m", "funnn.cli", "train", *XOR, *args,
+                               "--out", str(d)], capture_output=True, text=True, env=e,
+                              timeout=300)
+    done = funnn("--epochs", "1", x64=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((d / rundir.RUN_FILE).read_text())["config"]["dtypes"].startswith(
+        "params float64")
+    before = snapshot(d)
+    again = funnn("--epochs", "2", "--resume", x64=False)
+    assert again.returncode == 2 and "JAX_ENABLE_X64" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr and "like" not in again.stderr
+    assert snapshot(d) == before
+    assert funnn("--epochs", "2", "--resume", x64=True).returncode == 0
+
+
+def _set_config(key, value):
+    def edit(desc):
+        desc["config"][key] = value
+        return json.dumps(desc)
+    return edit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value", [("num_outputs", "two"), ("epochs", "x"),
+                                        ("input_shape", 3), ("learning_rate", "fast")])
+def test_bad_config_values_in_a_valid_header_exit_2_in_one_line(xor_run, capsys, key, value):
+    """issue 22 item 14: a checksum-valid header whose config holds values of the wrong type
+    is refused by ``eval`` and ``--resume`` with one line naming the setting."""
+    _rewrite_header(checkpoint.latest(xor_run / "checkpoints"), _set_config(key, value))
+    before = snapshot(xor_run)
+    for argv in (["eval", str(xor_run)],
+                 ["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run)]):
+        code, _, err = main(argv, capsys)
+        assert code == 2 and f"config.{key} must be" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(xor_run) == before
+
+
+def test_check_config_passes_what_fit_writes_and_unknown_keys():
+    config = {"model": "mlp", "epochs": 2, "input_shape": [8, 8, 1], "learning_rate": None,
+              "seed": -1, "standardize": False, "mesh": {"data": 2}, "note": object()}
+    assert rundir.check_config(config, "p") is config and rundir.check_config(None, "p") == {}
+    with pytest.raises(rundir.CheckpointError, match=r"checkpoint p: config.seed must be an int"):
+        rundir.check_config({"seed": True}, "p")
+
+
+@pytest.mark.slow
+def test_eval_falls_back_when_the_newest_checkpoint_vanishes(xor_run, capsys, monkeypatch):
+    """issue 22 item 10: a run that trains prunes a checkpoint between eval's listing and its
+    read; eval evaluates the next-newest intact one and says which."""
+    newest = checkpoint.latest(xor_run / "checkpoints")
+    real = rundir.read_config
+
+    def pruned_meanwhile(path):
+        if path == newest and os.path.exists(path):
+            os.unlink(path)
+        return real(path)
+    monkeypatch.setattr(rundir, "read_config", pruned_meanwhile)
+    code, out, err = main(["eval", str(xor_run)], capsys)
+    assert code == 0, err
+    older = os.path.join(str(xor_run), "checkpoints", "ckpt_00000001.safetensors")
+    assert f"{older} (epoch 1):" in out and f"note: skipped {newest}" in out
+
+
+def test_load_newest_skips_vanished_files_and_stops_at_damaged_ones(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save_in(tmp_path, step, params={"w": np.full(2, step)}, keep=None)
+    newest = str(tmp_path / "ckpt_00000003.safetensors")
+
+    def pruned_meanwhile(path):
+        if path == newest:
+            os.unlink(path)
+        return checkpoint.restore(path)
+    path, ck, skipped = rundir.load_newest(tmp_path, pruned_meanwhile)
+    assert path.endswith("ckpt_00000002.safetensors") and ck.step == 2
+    assert len(skipped) == 1 and "ckpt_00000003" in skipped[0]
+    (tmp_path / "ckpt_00000002.safetensors").write_bytes(b"damaged")
+    with pytest.raises(rundir.CheckpointError, match="ckpt_00000002"):
+        rundir.load_newest(tmp_path, checkpoint.restore)
+    with pytest.raises(rundir.CheckpointError, match="holds no checkpoint"):
+        rundir.load_newest(tmp_path / "none", checkpoint.restore)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resume_is_bit_identical(tmp_path, capsys):
+    """issue 22 item 9: SIGTERM (timeout, schedulers, docker stop) exits 143 with the last
+    complete checkpoint and metrics.json ``"status": "interrupted"``; --resume then ends
+    bit-for-bit where an uninterrupted run does."""
+    d, flags = tmp_path / "D", [*XOR, "--schedule", "constant"]
+    p = subprocess.Popen([sys.executable, "-m", "funnn.cli", "train", *flags, "--epochs",
+                          "100000", "--out", str(d)], stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
+                                  PYTHONPATH=os.pathsep.join(sys.path)))  # x64 as conftest
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((d / "checkpoints").glob("ckpt_*"))) < 3:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    metrics = json.loads((d / rundir.METRICS_FILE).read_text())
+    newest = checkpoint.latest(d / "checkpoints")
+    step = checkpoint.header(newest)["step"]
+    assert metrics["status"] == "interrupted" and len(metrics["history"]) == step >= 3
+    target = step + 2
+    code, out, err = main(["train", *flags, "--epochs", str(target), "--resume", "--out",
+                           str(d)], capsys)
+    assert code == 0 and f"from epoch {step}" in out, err
+    fresh = tmp_path / "F"
+    assert main(["train", *flags, "--epochs", str(target), "--out", str(fresh)],
+                capsys)[0] == 0
+    a = checkpoint.restore(checkpoint.latest(d / "checkpoints"))
+    b = checkpoint.restore(checkpoint.latest(fresh / "checkpoints"))
+    assert a.step == b.step == target
+    for x, y in zip(jax_leaves(a.params), jax_leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_writes_metrics_with_its_last_complete_epoch(tmp_path):
+    """issue 22 item 9: Ctrl-C (KeyboardInterrupt) in fit leaves metrics.json with
+    ``"status": "interrupted"`` and the history of the last complete checkpoint."""
+    model, params, xy = tiny()
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, params, xy, "mse", "sgd", epochs=5, batch_size=4, progress=False,
+                  run_dir=tmp_path / "D", on_epoch=stop)
+    metrics = json.loads((tmp_path / "D" / rundir.METRICS_FILE).read_text())
+    assert metrics["status"] == "interrupted" and [r["epoch"] for r in metrics["history"]] == [
+        1, 2]
+    done = train.fit(model, params, xy, "mse", "sgd", epochs=3, batch_size=4, progress=False,
+                     run_dir=tmp_path / "D", resume=True)
+    assert done.resumed_from is not None and done.epochs_done == 3
+
+
+@pytest.mark.slow
+def test_a_run_directory_holds_one_run(xor_run, tmp_path, capsys):
+    """issue 22 item 16: continuing another run's checkpoint in D (same settings) is refused
+    before anything changes, and ``eval D --checkpoint OTHER`` does not evaluate the other
+    model as D's."""
+    other = tmp_path / "other"
+    assert main(["train", *XOR, "--epochs", "3", "--out", str(other)], capsys)[0] == 0
+    foreign = checkpoint.latest(other / "checkpoints")
+    before, theirs = snapshot(xor_run), snapshot(other)
+    code, _, err = main(["train", *XOR, "--epochs", "3", "--resume", "--out", str(xor_run),
+                         "--from-checkpoint", foreign], capsys)
+    assert code == 2 and f"belongs to run {run_id(other)}" in err, err
+    assert f"holds run {run_id(xor_run)}" in err and "--from-checkpoint PATH" in err
+    code, out, err = main(["eval", str(xor_run), "--checkpoint", foreign], capsys)
+    assert code == 2 and f"belongs to run {run_id(other)}" in err and "accuracy" not in out
+    assert snapshot(xor_run) == before and snapshot(other) == theirs

@@ -333,6 +333,7 @@ def test_fit_on_empty_data():
 
 @pytest.mark.slow
 def test_settings_are_resolved_once_and_print_as_the_config():
+    from funnn.train.settings import fingerprint
     model, params, xy = tiny()
     s, (x, _), held_out = train.resolve(
         model, params, xy, "mse", "adam", learning_rate=None, epochs=3, batch_size=4,
@@ -341,7 +342,9 @@ def test_settings_are_resolved_once_and_print_as_the_config():
         overwrite=False, from_checkpoint=None)
     assert s.config == {"note": "n", "optimizer": "adam", "learning_rate": 1e-3,
                         "schedule": "cosine", "engine": "manual", "loss": "mse",
-                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32"}
+                        "batch_size": 4, "epochs": 3, "num_examples": 8, "precision": "f32",
+                        "data_sha256": fingerprint(*xy),
+                        "dtypes": "params float64, x float32"}     # conftest: x64 on
     assert repr(s) == str(s) == f"Settings({s.config!r})"
     assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -408,3 +411,73 @@ def test_engines_are_chosen_by_one_lookup():
     assert [e.name for e in engines.ENGINES.values() if e.clips_by_rules] == ["manual"]
     with pytest.raises(ConfigError, match="unknown engine 'symbolic'; valid: autodiff, manual"):
         engines.get("symbolic")
+
+
+# ----- issue 22 item 17: the library takes what a user naturally passes, or says why not
+
+
+@pytest.mark.slow
+def test_fit_takes_an_int_seed_and_numpy_integer_epochs():
+    model, params, xy = tiny()
+    kw = dict(batch_size=4, progress=False, learning_rate=0.1)
+    a = train.fit(model, params, xy, "mse", "sgd", epochs=np.int64(2), key=3, **kw)
+    b = train.fit(model, params, xy, "mse", "sgd", epochs=2, key=jax.random.key(3), **kw)
+    assert a.epochs_done == 2 and a.config["epochs"] == 2 and type(a.config["epochs"]) is int
+    for x, y in zip(leaves(a.params), leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+    for bad in ("x", 1.5, True):
+        with pytest.raises(ConfigError, match=r"key must be a jax\.random\.key, an int seed"):
+            train.fit(model, params, xy, "mse", "sgd", epochs=1, key=bad, **kw)
+    with pytest.raises(ConfigError, match=r"epochs must be a positive int, got 2\.0"):
+        train.fit(model, params, xy, "mse", "sgd", epochs=2.0, **kw)
+
+
+def test_a_png_given_as_a_checkpoint_is_not_a_funnn_checkpoint(tmp_path):
+    png = tmp_path / "curves.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64))
+    for read in (checkpoint.header, checkpoint.restore):
+        with pytest.raises(checkpoint.CheckpointError, match="is not a funnn checkpoint"):
+            read(png)
+
+
+def test_gradcheck_refuses_more_examples_than_the_data_holds(capsys):
+    code, _, err = main(["gradcheck", "--examples", "100000"], capsys)
+    assert code == 2 and "--examples 100000 exceeds the 1437 examples of the digits" in err, err
+
+
+@pytest.mark.slow
+def test_resuming_with_other_epochs_says_the_schedule_changes(tmp_path):
+    model, params, xy = tiny()
+    kw = dict(batch_size=4, progress=False, run_dir=tmp_path / "D", schedule="cosine")
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, params, xy, "mse", "sgd", epochs=4, on_epoch=_stop_at(2), **kw)
+    said: list = []
+    train.fit(model, params, xy, "mse", "sgd", epochs=3, resume=True, log=said.append, **kw)
+    assert any("planned 4 epochs; its cosine schedule now spans 3" in s for s in said), said
+
+
+def _stop_at(epoch):
+    def stop(row):
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return stop
+
+
+@pytest.mark.slow
+def test_nan_inputs_are_named_as_the_cause_before_training(tmp_path):
+    """issue 22 item 17: NaN in the data is the data's fault, not the learning rate's."""
+    model, params, (x, y) = tiny()
+    x = x.copy()
+    x[5, 1] = np.nan
+    with pytest.raises(DataError, match=r"training x data holds NaN or inf in 1 of its 8 "
+                                        r"examples \(the first: row 5\)"):
+        train.fit(model, params, (x, y), "mse", "sgd", epochs=1, batch_size=4,
+                  progress=False, run_dir=tmp_path / "D")
+    assert not (tmp_path / "D").exists()
+
+
+def test_integer_params_are_refused():
+    model, params, xy = tiny()
+    bad = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(np.int32), params)
+    with pytest.raises(ConfigError, match="is int32; training needs floating-point"):
+        train.fit(model, bad, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False)

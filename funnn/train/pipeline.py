@@ -17,12 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from funnn import privacy, rundir
+from funnn import __version__, privacy, rundir
 from funnn.core import FunnnError, Layer
 from funnn.train.evaluation import make_evaluate
 from funnn.train.loop import TrainingDiverged, train_epochs
 from funnn.train.placement import placement
-from funnn.train.settings import Settings, resolve
+from funnn.train.settings import Settings, as_key, resolve
 from funnn.train.step import TrainState
 
 __all__ = ["fit", "FitResult"]
@@ -123,13 +123,14 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         from_checkpoint=from_checkpoint, run_dir=run_dir, checkpoint_dir=checkpoint_dir,
         keep=keep)
     place = placement(s.plan)
-    key_given, key = key is not None, jax.random.key(0) if key is None else key
+    key_given, key = key is not None, as_key(key)
     ts = _first_state(s, params, model_state, from_checkpoint if not resume else None,
                       train_xy[0])
     run_id, start, history, resumed_from = run_id or uuid.uuid4().hex[:12], 0, [], None
     run, owed = None, True      # this process owes the others one agreement (several processes)
     try:
-        run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place)
+        place.agree_settings({**s.config, "funnn": __version__})     # before any file
+        run = _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place, log)
         if run is not None:
             got = run.resume(ts._asdict(), s.config, key, key_given)
             if got is not None:
@@ -149,9 +150,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
             save=_saver(run, place, s, key, keep, extras, run_id))
         if run is not None:
             run.finish("completed", run_id, s.config, history)
-    except TrainingDiverged as err:
-        if run is not None:
-            run.finish("diverged", run_id, s.config, err.history, err)
+    except (TrainingDiverged, KeyboardInterrupt) as err:
+        _stopped(run, run_id, s.config, history, err)
         raise
     except (FunnnError, OSError) as err:
         if owed:
@@ -162,6 +162,18 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
             run.release()
     return FitResult(ts.params, ts.opt_state, ts.model_state, history, len(history), run_id,
                      resumed_from, s.config)
+
+
+def _stopped(run, run_id, config: dict, history: list, err: BaseException) -> None:
+    """``metrics.json`` of a run that stopped early: diverged (its history up to the bad
+    epoch), or interrupted (Ctrl-C, SIGTERM in ``funnn train``): the history of its last
+    complete checkpoint, which ``resume`` continues from."""
+    if run is None:
+        return
+    if isinstance(err, TrainingDiverged):
+        run.finish("diverged", run_id, config, err.history, err)
+    else:
+        run.finish("interrupted", run_id, config, history[:run.saved(run_id)])
 
 
 def _first_state(s: Settings, params, model_state, start_from, x) -> TrainState:
@@ -176,14 +188,19 @@ def _first_state(s: Settings, params, model_state, start_from, x) -> TrainState:
     return TrainState(params, s.optimizer.init(params), model_state)
 
 
-def _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place):
-    """The claimed :class:`funnn.rundir.Run`, or None when the run keeps no directory."""
+def _claim(run_dir, checkpoint_dir, resume, overwrite, from_checkpoint, place, log):
+    """The claimed :class:`funnn.rundir.Run`, or None when the run keeps no directory; its
+    notices (checkpoints whose name and header disagree) said in ``log``."""
     if run_dir is None and checkpoint_dir is None:
         return None
     root = os.fspath(run_dir if run_dir is not None else checkpoint_dir)
     cdir = os.path.join(root, "checkpoints") if run_dir is not None else root
-    return rundir.Run.claim(root, cdir, resume=resume, overwrite=overwrite,
-                            from_checkpoint=from_checkpoint, main=place.is_main)
+    run = rundir.Run.claim(root, cdir, resume=resume, overwrite=overwrite,
+                           from_checkpoint=from_checkpoint, main=place.is_main)
+    if log is not None and place.is_main and run.found is not None:
+        for line in run.found.notes():
+            log(f"note: {line}")
+    return run
 
 
 def _resumed(s: Settings, got: rundir.Resumed, run_id: str, log):
@@ -196,6 +213,11 @@ def _resumed(s: Settings, got: rundir.Resumed, run_id: str, log):
                                            "from_checkpoint": saved["from_checkpoint"]})
     if log is not None:
         log(f"resuming run {run_id} from epoch {got.start} ({got.path})")
+        planned = saved.get("epochs")
+        if saved.get("schedule") not in (None, "constant") and planned != s.epochs:
+            log(f"note: run {run_id} planned {planned} epochs; its {saved['schedule']} "
+                f"schedule now spans {s.epochs}, so the learning rates from epoch "
+                f"{got.start + 1} on differ from the planned run's")
         if got.start == s.epochs:
             log(f"run {run_id} has already trained all {s.epochs} epochs; nothing to train "
                 f"(ask for more epochs to continue)")

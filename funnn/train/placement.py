@@ -44,6 +44,9 @@ class OneDevice:
     def agree(self, error=None, value: int = 0) -> None:
         """Nothing to agree with: one process."""
 
+    def agree_settings(self, settings: dict) -> None:
+        """Nothing to compare with: one process."""
+
 
 class OnMesh:
     """Data parallel on a mesh (``parallel.Plan``): each batch split over ``data``, the
@@ -92,6 +95,12 @@ class OnMesh:
 
     def agree(self, error=None, value: int = 0) -> None:
         self._parallel.agree(error, value, "the epoch to start from")
+
+    def agree_settings(self, settings: dict) -> None:
+        """Every process runs the same settings (a collective, before any file)."""
+        from funnn import distributed
+
+        distributed.agree_settings(settings)
 
 
 def placement(plan) -> OneDevice | OnMesh:

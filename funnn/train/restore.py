@@ -7,6 +7,7 @@ import os
 import jax
 
 from funnn import checkpoint as ckpt
+from funnn import rundir
 from funnn.core import CheckpointError, Layer
 from funnn.train.optim import OPTIMIZERS, optimizer_from
 
@@ -35,7 +36,7 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
     if path is None:
         raise CheckpointError(f"no checkpoint in {directory} (nor in its checkpoints/)")
     plain = ckpt.restore(path)
-    config = plain.config or {}
+    config = rundir.check_config(plain.config, path)
     like: dict = {"params": plain.params}
     if model is not None and config.get("input_shape") is not None:
         in_shape = (None,) + tuple(config["input_shape"])

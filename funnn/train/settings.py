@@ -10,11 +10,14 @@ to ``run.json`` and ``metrics.json``). A ``Settings`` prints as that config.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import operator
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from funnn import engines, privacy, rundir
@@ -23,8 +26,9 @@ from funnn.precision import Policy, apply_policy, get_policy
 from funnn.train.epoch import Order, dp_sampled, shuffled
 from funnn.train.optim import optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
+from funnn.trees import tree_paths
 
-__all__ = ["Settings", "resolve"]
+__all__ = ["Settings", "resolve", "fingerprint", "as_key"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +71,7 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
             precision, dp, config, resume, overwrite, from_checkpoint, run_dir=None,
             checkpoint_dir=None, keep=3):
     """``(settings, (x, y), eval (x, y) or None)``; every bad argument is raised here."""
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
+    epochs, batch_size = _positive("epochs", epochs), _positive("batch_size", batch_size)
     engines.get(engine)
     loss = as_loss(loss, engine)
     x, y = _xy(data)
@@ -82,6 +85,11 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
             raise DataError(f"the evaluation data is empty (x has shape "
                             f"{tuple(held_out[0].shape)})", ("fit",))
         _check_labels(model, held_out[0], held_out[1], "evaluation")
+    for what, a in (("training x", x), ("training y", y), *(
+            (("evaluation x", held_out[0]), ("evaluation y", held_out[1]))
+            if held_out is not None else ())):
+        _check_finite(what, a)
+    _check_float_params(params)
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
@@ -103,7 +111,9 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
                           ("fit",))
     settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
                     batch_size=batch_size, epochs=epochs, num_examples=num,
-                    precision=policy.name)
+                    precision=policy.name,
+                    data_sha256=fingerprint(x, y, *(held_out if held_out is not None else ())),
+                    dtypes=_dtypes(params, x))
     if plan is not None:
         settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
     if dp is not None:
@@ -118,9 +128,54 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     return s, (x, y), held_out
 
 
-def _check_positive(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def fingerprint(*arrays) -> str:
+    """The data's content in 16 hex digits: sha256 over each array's dtype, shape and bytes
+    (once per run; resuming on other data with the same counts is then refused)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtypes(params, x) -> str:
+    """The dtypes the run actually trains in (``JAX_ENABLE_X64=1`` makes them float64):
+    ``"params float32, x float32"``."""
+    kinds = sorted({jnp.dtype(jnp.result_type(p)).name for p in jax.tree_util.tree_leaves(params)
+                    if jnp.issubdtype(jnp.result_type(p), jnp.inexact)})
+    return f"params {'/'.join(kinds) or 'none'}, x {jnp.dtype(x.dtype).name}"
+
+
+def _positive(name, value) -> int:
+    """A positive integer (``np.int64(2)`` too) as a Python int; anything else refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = 0
+    if n <= 0:
         raise ConfigError(f"{name} must be a positive int, got {value!r}", ("fit",))
+    return n
+
+
+def as_key(key):
+    """``fit``'s ``key``: None (key 0), an int seed, or a JAX PRNG key (typed or raw)."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, bool):
+        raise ConfigError(f"key must be a jax.random.key, an int seed or None, got {key!r}",
+                          ("fit",))
+    try:
+        return jax.random.key(operator.index(key))
+    except TypeError:
+        pass
+    if isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                       or (key.dtype == jnp.uint32 and key.shape == (2,))):
+        return key
+    raise ConfigError(f"key must be a jax.random.key, an int seed or None, got "
+                      f"{type(key).__name__}", ("fit",))
 
 
 def _check_rate_fits(learning_rate, params) -> None:
@@ -170,6 +225,28 @@ def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):
     plan = parallel.plan(mesh, params, sharding)
     parallel.check_batch(batch_size, plan.mesh)
     return plan
+
+
+def _check_finite(what: str, a) -> None:
+    """NaN or inf in the data would show up as a diverged loss blamed on the learning rate:
+    named here, as the data's, before anything trains."""
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        return
+    bad = ~jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+    if bool(bad.any()):
+        rows = jnp.nonzero(bad)[0]
+        raise DataError(f"the {what} data holds NaN or inf in {int(rows.size)} of its "
+                        f"{a.shape[0]} examples (the first: row {int(rows[0])}); clean or drop "
+                        f"them before training", ("fit",))
+
+
+def _check_float_params(params) -> None:
+    """Gradient descent moves floating parameters; an integer leaf would be truncated."""
+    for path, p in tree_paths(params):
+        dt = jnp.result_type(p)
+        if not jnp.issubdtype(dt, jnp.inexact):
+            raise ConfigError(f"params {path} is {jnp.dtype(dt).name}; training needs "
+                              f"floating-point parameters (cast it, e.g. to float32)", ("fit",))
 
 
 def _check_labels(model: Layer, x, y, what: str) -> None:
