@@ -172,3 +172,21 @@ def test_parse_coordinator_and_one_process_is_main_agrees_and_gathers_as_is():
     assert distributed.agree(None, value=3, what="the epoch") is None
     tree = {"W": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}
     assert distributed.gather(tree) is tree
+
+
+@pytest.mark.slow
+def test_processes_that_disagree_exit_2_together_and_write_nothing(tmp_path):
+    """issue 22 item 1: ``--epochs 2`` on process 0 and ``--epochs 3`` on process 1 of one job
+    stop both within seconds, naming the setting and the processes, before any file."""
+    t0, port = time.perf_counter(), _free_port()
+    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--init-timeout", "60")
+    runs = _finish(*(_funnn("train", "--data", "xor", "--quiet", "--epochs", str(2 + i), *job,
+                            "--process-id", str(i), "--out", str(tmp_path / "D"), devices=1)
+                     for i in (0, 1)), timeout=120)
+    assert [code for code, _, _ in runs] == [2, 2], [r[2][-2000:] for r in runs]
+    for i, (_, _, stderr) in enumerate(runs):
+        assert "processes disagree on epochs (process 0 vs process 1)" in stderr, stderr
+        assert f"this is process {i} with epochs={2 + i}" in stderr
+        assert "Traceback" not in stderr
+    assert time.perf_counter() - t0 < 60
+    assert not (tmp_path / "D").exists()

@@ -220,21 +220,3 @@ def test_parallel_bench_suite_says_cpu_devices_show_overhead_not_speed_up():
     quick = suites.parallel_suite("quick")
     assert [len(g) for g in quick] == [1, 3, 3, 3]       # 1, 2, 4, 8 devices
     assert quick[3][2].impl == "all-reduce: share of step"
-
-
-@pytest.mark.slow
-def test_processes_that_disagree_exit_2_together_and_write_nothing(tmp_path):
-    """issue 22 item 1: ``--epochs 2`` on process 0 and ``--epochs 3`` on process 1 of one job
-    stop both within seconds, naming the setting and the processes, before any file."""
-    t0, port = time.perf_counter(), _free_port()
-    job = ("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--init-timeout", "60")
-    runs = _finish(*(_funnn("train", "--data", "xor", "--quiet", "--epochs", str(2 + i), *job,
-                            "--process-id", str(i), "--out", str(tmp_path / "D"), devices=1)
-                     for i in (0, 1)), timeout=120)
-    assert [code for code, _, _ in runs] == [2, 2], [r[2][-2000:] for r in runs]
-    for i, (_, _, stderr) in enumerate(runs):
-        assert "processes disagree on epochs (process 0 vs process 1)" in stderr, stderr
-        assert f"this is process {i} with epochs={2 + i}" in stderr
-        assert "Traceback" not in stderr
-    assert time.perf_counter() - t0 < 60
-    assert not (tmp_path / "D").exists()
