@@ -7,8 +7,6 @@ float32 and float64). Many processes (funnn/distributed.py) are in test_distribu
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _procs import _env, _free_port, _rel
 
 from funnn import cli, data, distributed, parallel, train
 from funnn import layers as L
@@ -25,23 +24,7 @@ from funnn.core import ConfigError
 HERE = Path(__file__).parent
 
 
-def _env(devices: int) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rel(a, b) -> float:
-    worst = 0.0
-    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-        worst = max(worst, float(np.linalg.norm(u - v) / max(np.linalg.norm(v), 1e-300)))
-    return worst
 
 
 # --------------------------------------------------------------------------- 8 devices
