@@ -494,8 +494,9 @@ def _info(args) -> int:
     import funnn
 
     print(f"funnn {funnn.__version__}, Python {platform.python_version()}")
+    joined = None
     try:  # info diagnoses broken set-ups, so it reports failures instead of raising them
-        _info_join(args)
+        joined = _info_join(args)
         print(f"jax {jax.__version__}, backend {jax.default_backend()}")
         for d in jax.devices():
             print(f"  device {d.id}: {d.device_kind} ({d.platform}), process {d.process_index}")
@@ -508,16 +509,22 @@ def _info(args) -> int:
     extras = ["optax", "chex", "tqdm", "safetensors", "matplotlib", "hypothesis", "pytest"]
     have = {m: importlib.util.find_spec(m) is not None for m in extras}
     print("extras: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in have.items()))
+    if joined is not None:      # the job it was asked to join: exit 2, its reason on stderr
+        print(f"funnn info: error: {joined}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
-def _info_join(args) -> None:
+def _info_join(args) -> str | None:
+    """Join the job the options name; why it could not (in flags), or None."""
     from funnn.core import FunnnError
 
     try:
         _join(args)
     except FunnnError as err:
         print(f"processes: cannot join the job: {_in_flags(err)}")
+        return _in_flags(err)
+    return None
 
 
 def _info_mesh(args) -> None:

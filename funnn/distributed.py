@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from funnn._rendezvous import gather_peers, join_coordinator
 from funnn.errors import ConfigError
 
 __all__ = ["initialize", "is_main", "agree", "gather", "parse_coordinator",
@@ -42,25 +41,6 @@ def parse_coordinator(address: str) -> tuple[str, int]:
     return host, port
 
 
-def _wait_for(host: str, port: int, timeout: float) -> None:
-    """Retry a TCP connection to the coordinator until it answers or ``timeout`` passes."""
-    deadline, last = time.monotonic() + timeout, "no answer"
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(
-                    1.0, deadline - time.monotonic()))):
-                return
-        except OSError as err:
-            last = err.strerror or type(err).__name__
-        if time.monotonic() >= deadline:
-            raise ConfigError(
-                f"cannot reach the coordinator {host}:{port} within {timeout:g} s ({last}); "
-                f"start process 0 with the same initialize(coordinator=) first, check the host "
-                f"name, port and firewall, or raise initialize(timeout=)",
-                ("initialize(coordinator=)",))
-        time.sleep(0.2)
-
-
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, timeout: float = 60.0) -> None:
     """Join a multi-process JAX job (``jax.distributed.initialize``); call before any JAX work.
@@ -72,11 +52,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     (``jax_cpu_collectives_implementation``), GPUs through NCCL, TPUs as JAX does.
 
     Bad input is a :class:`ConfigError` before JAX starts: a malformed address, a
-    process id outside ``[0, num_processes)``. A process other than 0 first waits
-    up to ``timeout`` seconds for the coordinator's port to answer and raises a
-    ConfigError if it does not. Past that point JAX owns the wait: if the other
-    processes never register within ``timeout``, JAX ends the process itself
-    (``DEADLINE_EXCEEDED``, SIGABRT); it never hangs.
+    process id outside ``[0, num_processes)``, a call after JAX has started. Then
+    funnn's own rendezvous (every process must call this function): process 0 listens
+    on the port (a ConfigError at once if another program holds it) and waits up to
+    ``timeout`` seconds for every other process to say who it is; each other process
+    waits up to ``timeout`` for process 0 to answer and for all to come. A program on
+    the port that is not a funnn coordinator, processes that count the processes
+    differently, or a timeout are ConfigErrors on every process that is there, where
+    JAX would end the process in C++ (SIGABRT). Only then does JAX's own rendezvous
+    run, with ``timeout`` again. With ``"auto"`` JAX alone joins the job.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
             0 < timeout < float("inf")):
@@ -106,16 +90,37 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             return
         raise ConfigError(f"this process already joined a job as process "
                           f"{jax.process_index()} of {jax.process_count()}", _WHERE)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    wait = math.ceil(timeout)
+    if _backend_started():
+        raise ConfigError("initialize must come before any JAX computation (this process has "
+                          "already started JAX's backend)", ("initialize(coordinator=)",))
+    if not auto:        # funnn's rendezvous first: its failures are errors, not SIGABRT
+        assert num_processes is not None and process_id is not None
+        if process_id == 0:
+            bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")   # where JAX will listen
+            gather_peers(str(coordinator).strip(), parse_coordinator(bind) if bind else
+                         (None, port), num_processes, timeout)
+        else:
+            join_coordinator(host, port, num_processes, process_id, timeout)
+    _start_jax(None if auto else coordinator, num_processes, process_id, math.ceil(timeout))
+
+
+def _backend_started() -> bool:
+    """Whether JAX's backend has started (then ``jax.distributed`` can no longer join)."""
     try:
-        if auto:
+        from jax._src import xla_bridge  # private: guarded, so imported here
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):     # a JAX without this private helper
+        return False
+
+
+def _start_jax(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               wait: int) -> None:
+    """``jax.distributed.initialize`` (gloo for CPU collectives); its errors as ConfigErrors."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if coordinator is None:
             jax.distributed.initialize(initialization_timeout=wait)
         else:
-            if process_id != 0:
-                t0 = time.monotonic()
-                _wait_for(host, port, timeout)
-                wait = max(1, math.ceil(timeout - (time.monotonic() - t0)))
             jax.distributed.initialize(coordinator, num_processes, process_id,
                                        initialization_timeout=wait)
     except (RuntimeError, ValueError) as err:
@@ -123,7 +128,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                  else type(err).__name__)
         hint = (" (call it before any JAX computation)" if "initialized" in first.lower()
                 else "; no SLURM, Open MPI or TPU job was detected: give HOST:PORT, the "
-                     "number of processes and this process's id" if auto else "")
+                     "number of processes and this process's id" if coordinator is None
+                else "")
         raise ConfigError(f"jax.distributed.initialize failed: {first}{hint}",
                           ("initialize(coordinator=)",)) from None
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -184,6 +185,26 @@ def test_info_never_crashes():
                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cuda"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "backend unavailable" in r.stdout
+
+
+def test_info_with_a_coordinator_and_no_peer_exits_2_with_one_line(capsys, monkeypatch):
+    """issue 22 item 12: ``funnn info --coordinator H:P --num-processes 2 --process-id 0``
+    with no peer ended in SIGABRT; now funnn's rendezvous gives up after --init-timeout."""
+    from funnn import distributed
+
+    monkeypatch.setattr(distributed, "_backend_started", lambda: False)   # JAX not yet up
+    monkeypatch.setattr(distributed, "_start_jax", lambda *a: pytest.fail("JAX started"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = main(["info", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                           "--process-id", "0", "--init-timeout", "0.3"], capsys)
+    assert code == 2 and err.strip() == (
+        f"funnn info: error: --coordinator: process 0 waited 0.3 s at 127.0.0.1:{port} for the "
+        f"other processes: process 1 did not join; start each with the same --coordinator and "
+        f"--num-processes, or raise --init-timeout")
+    assert "processes: cannot join the job: --coordinator: process 0 waited" in out
+    assert "extras: " in out        # the rest of the report still comes
 
 
 def _mnist(d, train_shape, test_shape):

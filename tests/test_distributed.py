@@ -5,8 +5,11 @@ The two-process checks run the ``funnn`` command itself: two processes on 127.0.
 CPU devices each against one process with 8 (``XLA_FLAGS=--xla_force_host_platform_device_count``).
 """
 
+import contextlib
 import json
 import os
+import socket
+import threading
 import time
 
 import jax
@@ -14,7 +17,7 @@ import numpy as np
 import pytest
 from _procs import _finish, _free_port, _funnn, _rel
 
-from funnn import distributed, parallel, train
+from funnn import _rendezvous, distributed, parallel, train
 from funnn.core import ConfigError
 
 # --------------------------------------------------------------------------- processes
@@ -84,14 +87,138 @@ def test_unreachable_coordinator_is_a_clear_error_within_the_timeout():
 
 @pytest.mark.slow
 def test_process_zero_alone_stops_after_the_timeout_instead_of_hanging():
-    """Past the coordinator's port, JAX owns the wait: it ends the process (SIGABRT)."""
-    t0 = time.perf_counter()
+    """issue 22 item 12: process 0 whose peers never come exits 2 with one line after
+    ``--init-timeout`` (JAX's own rendezvous used to end it with SIGABRT and a C++ stack)."""
+    t0, port = time.perf_counter(), _free_port()
     ((code, stdout, stderr),) = _finish(_funnn(
-        "train", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+        "train", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
         "--process-id", "0", "--init-timeout", "1"), timeout=120)
-    assert code != 0
-    assert "waits up to 1 s" in stdout + stderr
+    assert code == 2, stderr[-3000:]
+    assert "waits up to 1 s" in stdout
+    assert stderr.strip() == (
+        f"funnn train: error: --coordinator: process 0 waited 1 s at 127.0.0.1:{port} for the "
+        f"other processes: process 1 did not join; start each with the same --coordinator and "
+        f"--num-processes, or raise --init-timeout")
     assert time.perf_counter() - t0 < 60
+
+
+# --------------------------------------------------------------------------- rendezvous
+# funnn's own rendezvous runs before JAX's (whose failures abort in C++). These tests run it
+# in threads of this process: JAX counts as not started and its start is only recorded.
+
+
+@pytest.fixture
+def rendezvous_only(monkeypatch):
+    started = []
+    monkeypatch.setattr(distributed, "_backend_started", lambda: False)
+    monkeypatch.setattr(distributed, "_start_jax", lambda *a: started.append(a))
+    return started
+
+
+def _threads(*calls):
+    """Run each call in its own thread; what each returned or raised, in order."""
+    got: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            got[i] = call()
+        except Exception as err:        # noqa: BLE001 - handed back to the test
+            got[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True)
+               for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(30)
+    return got
+
+
+def _serve(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
+    """Another program on a port: it sends ``answer`` to each connection (None: closes it)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def loop():
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    if answer is not None:
+                        conn.sendall(answer)
+                        time.sleep(0.2)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_three_processes_meet_before_jax_starts_and_a_stranger_is_ignored(rendezvous_only):
+    port = _free_port()
+    at = f"127.0.0.1:{port}"
+
+    gone = threading.Event()
+
+    def stranger():         # a port scanner before the last process: process 0 ignores it
+        try:
+            with _rendezvous._connect("127.0.0.1", port, 10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                return s.recv(64)
+        finally:
+            gone.set()
+
+    def last():
+        gone.wait(10)
+        return distributed.initialize(at, 3, 1, timeout=10)
+
+    got = _threads(lambda: distributed.initialize(at, 3, 2, timeout=10),   # before process 0
+                   lambda: distributed.initialize(at, 3, 0, timeout=10), stranger, last)
+    assert got == [None, None, b"", None]
+    assert sorted(rendezvous_only) == [(at, 3, i, 10) for i in range(3)]
+    with socket.create_server(("127.0.0.1", port)):
+        pass                # process 0 gave the port back for JAX's service
+
+
+def test_a_port_held_by_another_program_or_a_stranger_there_is_one_clear_error(
+        rendezvous_only):
+    held = socket.create_server(("127.0.0.1", 0))
+    at = f"127.0.0.1:{held.getsockname()[1]}"
+    t0 = time.perf_counter()
+    with held, pytest.raises(ConfigError, match=rf"^initialize\(coordinator=\): process 0 "
+                             rf"cannot listen on {at} \(port \d+: .*\): another program holds "
+                             rf"it; choose a free port"):
+        distributed.initialize(at, 2, 0, timeout=30)
+    for answer, how in ((b"HTTP/1.1 400 Bad Request\r\n\r\n", r"it answered b'HTTP/1.1 400"),
+                        (None, "it closed the connection")):
+        server, thread = _serve(answer)
+        with server, pytest.raises(ConfigError, match=rf"127.0.0.1:\d+ is not a funnn "
+                                   rf"coordinator waiting for processes \({how}"):
+            distributed.initialize(f"127.0.0.1:{server.getsockname()[1]}", 2, 1, timeout=30)
+    assert time.perf_counter() - t0 < 5 and rendezvous_only == []
+
+
+def test_processes_that_do_not_all_come_or_count_differently_stop_every_process(
+        rendezvous_only):
+    at = f"127.0.0.1:{_free_port()}"
+    got = _threads(lambda: distributed.initialize(at, 3, 0, timeout=0.5),
+                   lambda: distributed.initialize(at, 3, 1, timeout=20))
+    assert all(isinstance(e, ConfigError) for e in got), got
+    alone = ("process 0 waited 0.5 s at 127.0.0.1:", " for the other processes: process 2 did "
+             "not join (1 did); start each with the same initialize(coordinator=) and "
+             "initialize(num_processes=), or raise initialize(timeout=)")
+    assert all(part in str(got[0]) for part in alone), got[0]
+    assert str(got[1]).startswith(f"initialize(coordinator=): process 0 at {at} stopped: "
+                                  f"process 0 waited 0.5 s"), got[1]
+
+    at = f"127.0.0.1:{_free_port()}"
+    got = _threads(lambda: distributed.initialize(at, 2, 0, timeout=20),
+                   lambda: distributed.initialize(at, 3, 1, timeout=20))
+    assert str(got[0]) == ("initialize(num_processes=): process 0 starts 2 processes, process "
+                           "1 says 3: start every process with the same "
+                           "initialize(num_processes=)")
+    assert str(got[1]).startswith(f"initialize(coordinator=): the coordinator {at} refused "
+                                  f"this process: process 0 starts 2 processes")
+    assert rendezvous_only == []
 
 
 # --------------------------------------------------------------------------- this process
