@@ -122,7 +122,7 @@ def _threads(*calls):
     def run(i, call):
         try:
             got[i] = call()
-        except Exception as err:        # noqa: BLE001 - handed back to the test
+        except Exception as err:        # handed back to the test
             got[i] = err
 
     threads = [threading.Thread(target=run, args=(i, c), daemon=True)
@@ -135,7 +135,7 @@ def _threads(*calls):
     return got
 
 
-def _serve(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
+def _serve(answer: bytes | None) -> socket.socket:
     """Another program on a port: it sends ``answer`` to each connection (None: closes it)."""
     server = socket.create_server(("127.0.0.1", 0))
 
@@ -148,9 +148,8 @@ def _serve(answer: bytes | None) -> tuple[socket.socket, threading.Thread]:
                         conn.sendall(answer)
                         time.sleep(0.2)
 
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    return server, thread
+    threading.Thread(target=loop, daemon=True).start()
+    return server
 
 
 def test_three_processes_meet_before_jax_starts_and_a_stranger_is_ignored(rendezvous_only):
@@ -190,7 +189,7 @@ def test_a_port_held_by_another_program_or_a_stranger_there_is_one_clear_error(
         distributed.initialize(at, 2, 0, timeout=30)
     for answer, how in ((b"HTTP/1.1 400 Bad Request\r\n\r\n", r"it answered b'HTTP/1.1 400"),
                         (None, "it closed the connection")):
-        server, thread = _serve(answer)
+        server = _serve(answer)
         with server, pytest.raises(ConfigError, match=rf"127.0.0.1:\d+ is not a funnn "
                                    rf"coordinator waiting for processes \({how}"):
             distributed.initialize(f"127.0.0.1:{server.getsockname()[1]}", 2, 1, timeout=30)
