@@ -121,8 +121,10 @@ class Layer:
 
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
-    key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
-    raises :class:`StateError`.
+    key 'b'``) rather than a bare ``KeyError``, ``state=`` given to a stateless layer
+    raises :class:`StateError`, and an input ``x`` given to ``apply`` or ``forward`` as a
+    (nested) Python list of numbers becomes an array (``jnp.asarray``; a ragged one is a
+    ShapeError naming the layer).
     """
 
     name: str
@@ -192,6 +194,28 @@ def _reject_context(name: str, kwargs, context: tuple) -> None:
                           (name,))
 
 
+def _scalars(x: list) -> bool:
+    """Whether ``x`` is a (nested) list of numbers only: Python or NumPy scalars, or 0-d arrays
+    (what ``jit`` makes of such a list), not a pair of arrays such as ``[x, mask]``."""
+    return all(_scalars(e) if type(e) is list else
+               isinstance(e, (int, float, complex, np.number, np.bool_))
+               or getattr(e, "ndim", None) == 0 for e in x)
+
+
+def _list_input(name: str, x: list):
+    """A nested list of numbers given as a layer's input, as an array (``jnp.asarray``); a
+    ragged one is a :class:`ShapeError` naming the layer. A list of arrays (an ``[x, mask]``
+    pair) is left to the layer."""
+    if not _scalars(x):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise ShapeError("input x is a nested list whose rows differ in length (ragged); give "
+                         "an array of one shape, e.g. jnp.asarray(x) of padded rows",
+                         (name,)) from None
+
+
 def _guarded(fn, name: str, stateful: bool, takes_state: bool, context: tuple = ()):
     if not callable(fn) or getattr(fn, "_funnn_guarded", False):
         return fn
@@ -199,6 +223,8 @@ def _guarded(fn, name: str, stateful: bool, takes_state: bool, context: tuple = 
     def guarded(params, *args, **kwargs):
         if takes_state:
             _reject_context(name, kwargs, context)
+            if args and type(args[0]) is list:      # one type check: arrays pay nothing more
+                args = (_list_input(name, args[0]), *args[1:])
         if takes_state and not stateful and "state" in kwargs:
             _reject_state(name, kwargs.pop("state"))
         try:

@@ -142,3 +142,22 @@ def test_checks_pass_for_layers_whose_dx_is_none_or_a_tuple():
     lengths = jnp.array([5, 3])
     out = jax.eval_shape(lambda: rnn.apply(pr, (xs, lengths)))
     manual.value_and_grad(rnn, losses.mse)(pr, (xs, lengths), jnp.zeros(out.shape))
+
+
+def test_a_nested_list_input_works_as_its_array_and_a_ragged_one_names_the_layer():
+    """issue 22 item 17: a Python list into ``apply`` was "Cannot determine dtype"."""
+    model = L.serial(L.dense(3), L.activation("tanh"), L.dense(2))
+    _, params = model.init(KEY, (None, 2))
+    xs = [[1.0, 2.0], [0.5, -1.0]]
+    want = model.apply(params, jnp.asarray(xs))
+    np.testing.assert_array_equal(model.apply(params, xs), want)
+    np.testing.assert_array_equal(model.forward(params, xs)[0], want)
+    np.testing.assert_array_equal(jax.jit(model.apply)(params, xs), want)  # 0-d tracers
+    with pytest.raises(ShapeError, match=r"^serial\S*: input x is a nested list whose rows "
+                                         r"differ in length \(ragged\)"):
+        model.apply(params, [[1.0, 2.0], [3.0]])
+    # a list of arrays is an input pair (a masked LSTM's [x, mask]), left to the layer as is
+    pair = [jnp.ones((1, 2, 2)), jnp.array([[True, False]])]
+    same = Layer("as_is", init=lambda k, s: (s, {}), apply=lambda p, x, **kw: x,
+                 forward=lambda p, x, **kw: (x, None), backward=lambda p, r, dy: ({}, dy))
+    assert same.apply({}, pair) is pair and same.forward({}, pair)[0] is pair
