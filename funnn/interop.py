@@ -40,6 +40,14 @@ A dense layer after a flatten needs one more step: PyTorch flattens ``(C, H, W)`
 (NCHW), funnn ``(H, W, C)`` (NHWC), so the rows of ``W`` come in another order.
 ``dense(sd, prefix, flatten_from=(C, H, W))`` (or ``(C, W)`` after a 1-D conv) reorders them.
 
+What :func:`load` refuses unless told to allow it: a bias the layer has and the state dict
+lacks (``allow_missing_bias=True`` loads zeros; a bias-free module fits a layer built with
+``use_bias=False``), state-dict keys that no mapped layer reads (``allow_unused=True`` loads
+part of a checkpoint), NaN or infinite values (``allow_nonfinite=True``) and a negative
+running variance (``allow_negative_variance=True``). An array of the transposed shape is
+named as such, by its key. The converters alone re-lay arrays and check their shapes; a bias
+the module lacks is left out of their result (zeros with ``allow_missing_bias=True``).
+
 BatchNorm: PyTorch's ``momentum=0.1`` is funnn's ``momentum=0.9`` (the weight of the old
 statistic). PyTorch stores the unbiased running variance; inference uses the stored value in
 both libraries, so the loaded model predicts exactly as PyTorch's does in ``eval()``.
@@ -47,6 +55,7 @@ both libraries, so the loaded model predicts exactly as PyTorch's does in ``eval
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,17 +95,50 @@ def _get(sd: Mapping[str, Any], prefix: str, name: str, ndim: int, what: str,
     return a
 
 
+def _swapped(got: tuple, want: tuple) -> bool:
+    """Whether ``got`` is ``want`` with its first two axes swapped (a transposed weight)."""
+    return (len(got) == len(want) >= 2 and got != want and got[:2] == want[1::-1]
+            and got[2:] == want[2:])
+
+
+def _transposed(k: str, got: tuple, want: tuple) -> str:
+    """``"; it looks transposed ..."`` when ``got`` is ``want`` with two axes swapped."""
+    if not _swapped(tuple(got), tuple(want)):
+        return ""
+    how = ".T" if len(want) == 2 else ".swapaxes(0, 1) (its out and in axes swapped)"
+    return f"; it looks transposed: load {k!r} as {how}"
+
+
 def _expect(k: str, a, shape: tuple, what: str) -> None:
     if tuple(a.shape) != tuple(shape):
         raise StateDictError(f"state_dict key {k!r} ({what}) has shape {tuple(a.shape)}, "
-                             f"expected {tuple(shape)}")
+                             f"expected {tuple(shape)}"
+                             f"{_transposed(k, tuple(a.shape), tuple(shape))}")
+
+
+def _bias_fits(prefix: str, w, b, what: str) -> None:
+    """A bias whose length is the weight's second axis, not its first: the weight is the one
+    that is transposed (its in and out axes swapped), so name it, not the bias."""
+    if b.shape != (w.shape[0],) and b.shape == (w.shape[1],):
+        kw, want = _key(prefix, "weight"), (w.shape[1], w.shape[0], *w.shape[2:])
+        raise StateDictError(f"state_dict key {kw!r} ({what}) has shape {w.shape}, expected "
+                             f"{want} to match {_key(prefix, 'bias')!r} of shape {b.shape}"
+                             f"{_transposed(kw, w.shape, want)}")
+
+
+def _no_bias(shape: tuple, dtype, allow: bool):
+    """Zeros for a bias the module lacks with ``allow_missing_bias=True``, else None."""
+    return np.zeros(shape, dtype) if allow else None
 
 
 # --------------------------------------------------------------------------- converters
 
 
-def dense(sd: Mapping[str, Any], prefix: str = "", *, flatten_from: tuple | None = None) -> dict:
-    """``nn.Linear``: ``{"W": weight.T, "b": bias}`` (zeros when the module has no bias).
+def dense(sd: Mapping[str, Any], prefix: str = "", *, flatten_from: tuple | None = None,
+          allow_missing_bias: bool = False) -> dict:
+    """``nn.Linear``: ``{"W": weight.T, "b": bias}``; no ``"b"`` for a module without a bias
+    (``nn.Linear(bias=False)``, for ``dense(use_bias=False)``), zeros with
+    ``allow_missing_bias=True``.
 
     ``flatten_from=(C, H, W)`` (or ``(C, W)``): the layer follows a flatten of a
     channels-first feature map in PyTorch; its input rows are reordered to funnn's
@@ -106,22 +148,28 @@ def dense(sd: Mapping[str, Any], prefix: str = "", *, flatten_from: tuple | None
     out, n_in = w.shape
     b = _get(sd, prefix, "bias", 1, "Linear bias (out,)", optional=True)
     if b is None:
-        b = np.zeros((out,), w.dtype)
-    _expect(_key(prefix, "bias"), b, (out,), "Linear bias (out,)")
+        b = _no_bias((out,), w.dtype, allow_missing_bias)
+    else:
+        _bias_fits(prefix, w, b, "Linear weight (out, in)")
+        _expect(_key(prefix, "bias"), b, (out,), "Linear bias (out,)")
     W = w.T
     if flatten_from is not None:
         cf = tuple(int(d) for d in flatten_from)
         if int(np.prod(cf)) != n_in:
-            raise StateDictError(f"state_dict key {_key(prefix, 'weight')!r} has {n_in} inputs, "
-                                 f"but flatten_from={cf} has {int(np.prod(cf))}")
+            raise StateDictError(f"state_dict key {_key(prefix, 'weight')!r} has shape "
+                                 f"{w.shape}: {n_in} inputs, but flatten_from={cf} has "
+                                 f"{int(np.prod(cf))}" + (
+                                     "; it looks transposed: load it as .T" if out == int(
+                                         np.prod(cf)) else ""))
         # rows are (C, *spatial) in PyTorch order; move C last
         W = W.reshape(cf + (out,))
         W = np.moveaxis(W, 0, -2).reshape(n_in, out)
-    return {"W": np.ascontiguousarray(W), "b": b}
+    return {"W": np.ascontiguousarray(W), **({} if b is None else {"b": b})}
 
 
-def conv(sd: Mapping[str, Any], prefix: str = "") -> dict:
-    """``nn.Conv1d`` / ``nn.Conv2d``: OIW / OIHW weights to WIO / HWIO, ``b = bias``."""
+def conv(sd: Mapping[str, Any], prefix: str = "", *, allow_missing_bias: bool = False) -> dict:
+    """``nn.Conv1d`` / ``nn.Conv2d``: OIW / OIHW weights to WIO / HWIO, ``b = bias``; no
+    ``"b"`` for a module without a bias, zeros with ``allow_missing_bias=True``."""
     k = _key(prefix, "weight")
     if k not in sd:
         _get(sd, prefix, "weight", 4, "Conv weight (O, I/groups, *kernel)")
@@ -133,23 +181,33 @@ def conv(sd: Mapping[str, Any], prefix: str = "") -> dict:
     out: dict = {"W": np.ascontiguousarray(W)}
     b = _get(sd, prefix, "bias", 1, "Conv bias (O,)", optional=True)
     if b is not None:
+        _bias_fits(prefix, w, b, "Conv weight (O, I/groups, *kernel)")
         _expect(_key(prefix, "bias"), b, (w.shape[0],), "Conv bias (O,)")
-        out["b"] = b
-    return out
+    else:
+        b = _no_bias((w.shape[0],), w.dtype, allow_missing_bias)
+    return out if b is None else {**out, "b": b}
 
 
-def layer_norm(sd: Mapping[str, Any], prefix: str = "") -> dict:
-    """``nn.LayerNorm`` over the last axis: ``{"gamma": weight, "beta": bias}``."""
+def layer_norm(sd: Mapping[str, Any], prefix: str = "", *,
+               allow_missing_bias: bool = False) -> dict:
+    """``nn.LayerNorm`` over the last axis: ``{"gamma": weight, "beta": bias}``; no
+    ``"beta"`` for ``LayerNorm(bias=False)``, zeros with ``allow_missing_bias=True``."""
     g = _get(sd, prefix, "weight", 1, "LayerNorm weight (F,)")
-    b = _get(sd, prefix, "bias", 1, "LayerNorm bias (F,)")
+    b = _get(sd, prefix, "bias", 1, "LayerNorm bias (F,)", optional=True)
+    if b is None:
+        b = _no_bias(g.shape, g.dtype, allow_missing_bias)
+        return {"gamma": g} if b is None else {"gamma": g, "beta": b}
     _expect(_key(prefix, "bias"), b, g.shape, "LayerNorm bias (F,)")
     return {"gamma": g, "beta": b}
 
 
-def batch_norm(sd: Mapping[str, Any], prefix: str = "") -> tuple[dict, dict]:
+def batch_norm(sd: Mapping[str, Any], prefix: str = "", *,
+               allow_negative_variance: bool = False) -> tuple[dict, dict]:
     """``nn.BatchNorm1d/2d``: ``({"gamma", "beta"}, {"mean", "var"})`` (params, state).
 
-    ``num_batches_tracked`` is ignored (funnn's momentum is fixed).
+    ``num_batches_tracked`` is read and ignored (funnn's momentum is fixed). A negative
+    ``running_var`` (never a variance: a corrupt or hand-edited checkpoint) is refused
+    unless ``allow_negative_variance=True``.
     """
     g = _get(sd, prefix, "weight", 1, "BatchNorm weight (C,)")
     c = g.shape
@@ -159,6 +217,13 @@ def batch_norm(sd: Mapping[str, Any], prefix: str = "") -> tuple[dict, dict]:
         _expect(_key(prefix, name), a, c, f"BatchNorm {name} (C,)")
         parts.append(a)
     b, mean, var = parts
+    if _key(prefix, "num_batches_tracked") in sd:
+        sd[_key(prefix, "num_batches_tracked")]        # read: it belongs to this module
+    if not allow_negative_variance and np.any(var < 0):
+        raise StateDictError(f"state_dict key {_key(prefix, 'running_var')!r} holds "
+                             f"{int(np.sum(var < 0))} negative values (the lowest "
+                             f"{float(np.min(var)):.3g}), and a variance is never negative; "
+                             f"pass allow_negative_variance=True to load it anyway")
     return {"gamma": g, "beta": b}, {"mean": mean, "var": var}
 
 
@@ -167,47 +232,75 @@ def embedding(sd: Mapping[str, Any], prefix: str = "") -> dict:
     return {"table": _get(sd, prefix, "weight", 2, "Embedding weight (num_embeddings, F)")}
 
 
-def _recurrent(sd, prefix: str, gates: int, kind: str, layer: int):
+def _recurrent(sd, prefix: str, gates: int, kind: str, layer: int, allow_missing_bias: bool):
+    """``(W_x, W_h, b_ih, b_hh)``: ``weight_hh (gates*H, H)`` gives ``H``, so a transposed
+    ``weight_ih`` or ``weight_hh`` is named by its own key. Biases: both or neither (then
+    ``None``, or zeros with ``allow_missing_bias=True``)."""
+    k_ih, k_hh = _key(prefix, f"weight_ih_l{layer}"), _key(prefix, f"weight_hh_l{layer}")
     wi = _get(sd, prefix, f"weight_ih_l{layer}", 2, f"{kind} weight_ih ({gates}*H, in)")
     if wi.shape[0] % gates:
-        raise StateDictError(f"state_dict key {_key(prefix, f'weight_ih_l{layer}')!r} has "
-                             f"shape {wi.shape}; its first axis must be {gates}*hidden")
-    h = wi.shape[0] // gates
+        raise StateDictError(f"state_dict key {k_ih!r} has shape {wi.shape}; its first axis "
+                             f"must be {gates}*hidden" + ("; it looks transposed: load it as .T"
+                                                          if wi.shape[1] % gates == 0 else ""))
     wh = _get(sd, prefix, f"weight_hh_l{layer}", 2, f"{kind} weight_hh ({gates}*H, H)")
-    _expect(_key(prefix, f"weight_hh_l{layer}"), wh, (gates * h, h),
-            f"{kind} weight_hh ({gates}*H, H)")
-    biases = []
-    for name in (f"bias_ih_l{layer}", f"bias_hh_l{layer}"):
-        b = _get(sd, prefix, name, 1, f"{kind} {name} ({gates}*H,)", optional=True)
-        if b is None:
-            b = np.zeros((gates * h,), wi.dtype)
-        _expect(_key(prefix, name), b, (gates * h,), f"{kind} {name} ({gates}*H,)")
-        biases.append(b)
+    r, c = wh.shape
+    h = r if c == gates * r and r != c else c   # (H, gates*H): transposed, said below
+    _expect(k_hh, wh, (gates * h, h), f"{kind} weight_hh ({gates}*H, H)")
+    if wi.shape[0] != gates * h:
+        raise StateDictError(f"state_dict key {k_ih!r} ({kind} weight_ih ({gates}*H, in)) has "
+                             f"shape {wi.shape}, expected ({gates * h}, in) for hidden size {h} "
+                             f"(from {k_hh!r})" + ("; it looks transposed: load it as .T"
+                                                   if wi.shape[1] == gates * h else ""))
+    names = (f"bias_ih_l{layer}", f"bias_hh_l{layer}")
+    biases = [_get(sd, prefix, n, 1, f"{kind} {n} ({gates}*H,)", optional=True) for n in names]
+    for n, b in zip(names, biases):
+        if b is not None:
+            _expect(_key(prefix, n), b, (gates * h,), f"{kind} {n} ({gates}*H,)")
+    if (biases[0] is None) != (biases[1] is None) and not allow_missing_bias:
+        gone = 0 if biases[0] is None else 1
+        raise StateDictError(f"state_dict has {_key(prefix, names[1 - gone])!r} but not "
+                             f"{_key(prefix, names[gone])!r} ({kind} biases come in pairs); "
+                             f"pass allow_missing_bias=True to load zeros for it")
+    biases = [_no_bias((gates * h,), wi.dtype, allow_missing_bias) if b is None else b
+              for b in biases]
     return np.ascontiguousarray(wi.T), np.ascontiguousarray(wh.T), biases[0], biases[1]
 
 
-def rnn(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
-    """``nn.RNN`` (tanh), one layer: ``{"W_xh", "W_hh", "b": bias_ih + bias_hh}``."""
-    wx, wh, bi, bh = _recurrent(sd, prefix, 1, "RNN", layer)
-    return {"W_xh": wx, "W_hh": wh, "b": bi + bh}
+def _bias_sum(bi, bh) -> dict:
+    """``{"b": b_ih + b_hh}``, or nothing for a bias-free module."""
+    return {} if bi is None or bh is None else {"b": bi + bh}
 
 
-def lstm(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
-    """``nn.LSTM``, one layer: gate order ``(i, f, g, o)`` in both; ``b = bias_ih + bias_hh``."""
-    wx, wh, bi, bh = _recurrent(sd, prefix, 4, "LSTM", layer)
-    return {"W_x": wx, "W_h": wh, "b": bi + bh}
+def rnn(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0,
+        allow_missing_bias: bool = False) -> dict:
+    """``nn.RNN`` (tanh), one layer: ``{"W_xh", "W_hh", "b": bias_ih + bias_hh}`` (no ``"b"``
+    for ``bias=False``, zeros with ``allow_missing_bias=True``)."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 1, "RNN", layer, allow_missing_bias)
+    return {"W_xh": wx, "W_hh": wh, **_bias_sum(bi, bh)}
 
 
-def gru(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0) -> dict:
-    """``nn.GRU``, one layer: gate order ``(r, z, n)`` in both; the biases stay apart."""
-    wx, wh, bi, bh = _recurrent(sd, prefix, 3, "GRU", layer)
-    return {"W_x": wx, "W_h": wh, "b_x": bi, "b_h": bh}
+def lstm(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0,
+         allow_missing_bias: bool = False) -> dict:
+    """``nn.LSTM``, one layer: gate order ``(i, f, g, o)`` in both; ``b = bias_ih + bias_hh``
+    (no ``"b"`` for ``bias=False``, zeros with ``allow_missing_bias=True``)."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 4, "LSTM", layer, allow_missing_bias)
+    return {"W_x": wx, "W_h": wh, **_bias_sum(bi, bh)}
 
 
-def multi_head_attention(sd: Mapping[str, Any], prefix: str = "") -> dict:
+def gru(sd: Mapping[str, Any], prefix: str = "", *, layer: int = 0,
+        allow_missing_bias: bool = False) -> dict:
+    """``nn.GRU``, one layer: gate order ``(r, z, n)`` in both; the biases stay apart (none
+    for ``bias=False``, zeros with ``allow_missing_bias=True``)."""
+    wx, wh, bi, bh = _recurrent(sd, prefix, 3, "GRU", layer, allow_missing_bias)
+    return {"W_x": wx, "W_h": wh, **({} if bi is None else {"b_x": bi, "b_h": bh})}
+
+
+def multi_head_attention(sd: Mapping[str, Any], prefix: str = "", *,
+                         allow_missing_bias: bool = False) -> dict:
     """``nn.MultiheadAttention``: ``W_q, W_k, W_v`` from the row blocks of ``in_proj_weight``
     (or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ), transposed; ``W_o`` from
-    ``out_proj``. Bias-free modules give params without ``b_*`` (``use_bias=False``).
+    ``out_proj``. Bias-free modules give params without ``b_*`` (``use_bias=False``); zeros
+    with ``allow_missing_bias=True``.
     """
     if _key(prefix, "in_proj_weight") in sd:
         w = _get(sd, prefix, "in_proj_weight", 2, "in_proj_weight (3E, E)")
@@ -223,10 +316,15 @@ def multi_head_attention(sd: Mapping[str, Any], prefix: str = "") -> dict:
     wo = _get(sd, prefix, "out_proj.weight", 2, "out_proj.weight (E, E)")
     out = {"W_q": wq.T, "W_k": wk.T, "W_v": wv.T, "W_o": wo.T}
     bias = _get(sd, prefix, "in_proj_bias", 1, "in_proj_bias (3E,)", optional=True)
+    if bias is None and allow_missing_bias:
+        bias = np.zeros((3 * e,), wq.dtype)
+        if _key(prefix, "out_proj.bias") not in sd:
+            out.update(b_o=np.zeros((wo.shape[0],), wo.dtype))
     if bias is not None:
         _expect(_key(prefix, "in_proj_bias"), bias, (3 * e,), "in_proj_bias (3E,)")
-        bo = _get(sd, prefix, "out_proj.bias", 1, "out_proj.bias (E,)")
-        out.update(b_q=bias[:e], b_k=bias[e:2 * e], b_v=bias[2 * e:], b_o=bo)
+        if "b_o" not in out:
+            out["b_o"] = _get(sd, prefix, "out_proj.bias", 1, "out_proj.bias (E,)")
+        out.update(b_q=bias[:e], b_k=bias[e:2 * e], b_v=bias[2 * e:])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -298,29 +396,91 @@ _SOURCES: dict[str, dict[str, str]] = {
 }
 
 
-def _check_like(new, like, prefix: str, where: tuple, kind: str) -> dict:
-    """Check converted arrays against init's, cast to init's dtypes."""
+_BIASES = frozenset({"b", "b_x", "b_h", "b_q", "b_k", "b_v", "b_o", "beta"})
+
+
+class _Reads(Mapping):
+    """A state dict that records the keys read through it (``in`` is not a read)."""
+
+    def __init__(self, sd: Mapping[str, Any]):
+        self.sd, self.read = sd, set[str]()
+
+    def __getitem__(self, k):
+        value = self.sd[k]
+        self.read.add(k)
+        return value
+
+    def __contains__(self, k) -> bool:
+        return k in self.sd
+
+    def __iter__(self):
+        return iter(self.sd)
+
+    def __len__(self) -> int:
+        return len(self.sd)
+
+
+def _source(kind: str, k: str, prefix: str, options: Mapping) -> str:
+    """The state-dict key (or keys) a layer's param ``k`` comes from, for messages."""
+    src = _SOURCES.get(kind, {}).get(k) or k
+    src = src.replace("_l0", f"_l{options.get('layer', 0)}")
+    return " + ".join(_key(prefix, part) for part in src.split(" + "))
+
+
+def _check_like(new, like, prefix: str, where: tuple, kind: str, sd: Mapping[str, Any],
+                options: Mapping, allow_missing_bias: bool) -> dict:
+    """Check converted arrays against init's (a bias the module lacks is zeros only when
+    allowed), cast to init's dtypes."""
     if not isinstance(like, Mapping):
         raise ConfigError(f"{kind} params are not a dict; cannot load into them", where)
-    missing = sorted(set(like) - set(new))
+    new = dict(new)
+    for k in sorted(set(like) - set(new)):
+        if k not in _BIASES:
+            raise StateDictError(f"PyTorch module {prefix!r} gives params {sorted(new)}, the "
+                                 f"layer has {sorted(like)}", where)
+        if not allow_missing_bias:
+            raise StateDictError(
+                f"state_dict has no {_source(kind, k, prefix, options)!r} for the layer's {k} "
+                f"{tuple(np.shape(like[k]))}: a module without a bias fits a layer built with "
+                f"use_bias=False; pass allow_missing_bias=True to load zeros", where)
+        new[k] = np.zeros(np.shape(like[k]))
     extra = sorted(set(new) - set(like))
-    if missing or extra:
+    if extra:
         raise StateDictError(f"PyTorch module {prefix!r} gives params {sorted(new)}, the layer "
-                             f"has {sorted(like)} (bias setting differs?)", where)
+                             f"has {sorted(like)} (a bias the layer lacks: build it with a "
+                             f"bias, or leave it out of the state dict)", where)
     out = {}
     for k, ref in like.items():
-        a = np.asarray(new[k])
-        if a.shape != tuple(np.shape(ref)):
-            src = _SOURCES.get(kind, {}).get(k) or k
-            raise StateDictError(f"state_dict key {_key(prefix, src)!r} gives {k} of shape "
+        a, want = np.asarray(new[k]), tuple(np.shape(ref))
+        if a.shape != want:
+            src = _source(kind, k, prefix, options)
+            raw = tuple(np.shape(sd[src])) if src in sd else None
+            if raw is not None and a.size == int(np.prod(raw)) and _swapped(a.shape, want):
+                raise StateDictError(
+                    f"state_dict key {src!r} has shape {raw}, expected "
+                    f"{(raw[1], raw[0], *raw[2:])} for the layer's {k} {want}"
+                    f"{_transposed(src, raw, (raw[1], raw[0], *raw[2:]))}", where)
+            raise StateDictError(f"state_dict key {src!r} gives {k} of shape "
                                  f"{a.shape} (in funnn's layout), the layer's {k} is "
-                                 f"{tuple(np.shape(ref))}; is this the right module?", where)
+                                 f"{want}; is this the right module?", where)
         out[k] = jax.numpy.asarray(a, dtype=jax.numpy.result_type(ref))
     return out
 
 
+def _check_finite(sd: Mapping[str, Any], keys, where: tuple) -> None:
+    """Refuse a key read for this layer that holds NaN or infinite values."""
+    for k in sorted(keys):
+        a = np.asarray(sd[k])
+        if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
+            bad = int(a.size - np.sum(np.isfinite(a)))
+            raise StateDictError(f"state_dict key {k!r} holds {bad} non-finite value"
+                                 f"{'s' if bad > 1 else ''} (NaN or inf) of {a.size}; pass "
+                                 f"allow_nonfinite=True to load them anyway", where)
+
+
 def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[str, Any], *,
-         state=None):
+         state=None, allow_unused: bool = False, allow_missing_bias: bool = False,
+         allow_nonfinite: bool = False, allow_negative_variance: bool = False):
     """Load PyTorch weights into the layers of ``model`` named by ``mapping``.
 
     ``params`` (and ``state`` for a model with batch-norm) come from ``model.init`` /
@@ -330,10 +490,17 @@ def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[s
     the PyTorch module's key prefix (``"fc1"``), or to ``(prefix, options)`` with options for
     the converter (``("fc", {"flatten_from": (8, 4, 4)})``).
 
+    Refused unless allowed: a state-dict key that no mapped layer reads (``allow_unused``:
+    load part of a checkpoint), a bias the layer has and the module lacks
+    (``allow_missing_bias``: zeros), NaN or infinite values (``allow_nonfinite``), a
+    negative batch-norm running variance (``allow_negative_variance``).
+
     Returns the new params, or ``(params, state)`` when ``state`` is given. Errors
     (:class:`StateDictError`, :class:`~funnn.core.ConfigError`) name the state-dict key, the
-    layer path and both shapes: a missing key, a wrong shape, a layer kind with no converter.
+    layer path and both shapes: a missing key, a wrong or transposed shape, a layer kind with
+    no converter.
     """
+    reads = _Reads(state_dict)
     for path, target in mapping.items():
         prefix, options = (target, {}) if isinstance(target, str) else target
         layer, trail = _find(model, params, state, path)
@@ -342,19 +509,32 @@ def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[s
         if kind not in CONVERTERS:
             raise ConfigError(f"no PyTorch converter for layer {layer.name!r} (kinds: "
                               f"{', '.join(CONVERTERS)})", where)
+        before = set(reads.read)
+        extra = ({"allow_negative_variance": allow_negative_variance} if kind == "batch_norm"
+                 else {})
         try:
-            converted = CONVERTERS[kind](state_dict, prefix, **options)
+            convert: Any = CONVERTERS[kind]
+            converted = convert(reads, prefix, **{**extra, **options})
         except FunnnError as err:
             raise err.under(where[0]) from None
+        if not allow_nonfinite:
+            _check_finite(state_dict, reads.read - before, where)
+        check = functools.partial(_check_like, prefix=prefix, where=where, kind=kind,
+                                  sd=state_dict, options=options,
+                                  allow_missing_bias=allow_missing_bias)
         if kind == "batch_norm":
             new_p, new_s = converted
             if state is None:
                 raise ConfigError("a batch_norm layer needs state=model.init_state(in_shape) "
                                   "to receive its running statistics", where)
-            s_like = _at(state, trail)
-            state = _replace(state, trail, _check_like(new_s, s_like, prefix, where, kind))
+            state = _replace(state, trail, check(new_s, _at(state, trail)))
         else:
             new_p = converted
-        params = _replace(params, trail, _check_like(new_p, _at(params, trail), prefix, where,
-                                                     kind))
+        params = _replace(params, trail, check(new_p, _at(params, trail)))
+    unused = sorted(set(state_dict) - reads.read, key=str)
+    if unused and not allow_unused:
+        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+        raise StateDictError(f"state_dict keys that no layer of the mapping reads: "
+                             f"{unused[:8]}{more}; map their modules to layers, or pass "
+                             f"allow_unused=True to load part of the state dict")
     return params if state is None else (params, state)

@@ -212,6 +212,96 @@ def test_errors_name_the_key_the_layer_and_the_shapes():
         interop.lstm({"weight_ih_l0": _r(6, 2), "weight_hh_l0": _r(6, 6)})
 
 
+def test_a_missing_bias_is_refused_unless_allowed_or_the_layer_has_none():
+    """issue 22 item 17: a bias-free state dict loaded silently as zeros into a biased layer."""
+    sd = {"fc.weight": _r(3, 5)}
+    model = L.dense(3)
+    params = _init(model, (None, 5))
+    with pytest.raises(interop.StateDictError, match=r"^dense\(3\): state_dict has no "
+                       r"'fc\.bias' for the layer's b \(3,\): a module without a bias fits a "
+                       r"layer built with use_bias=False; pass allow_missing_bias=True"):
+        interop.load(model, params, sd, {"": "fc"})
+    got = interop.load(model, params, sd, {"": "fc"}, allow_missing_bias=True)
+    np.testing.assert_array_equal(got["b"], np.zeros(3))
+    np.testing.assert_allclose(got["W"], sd["fc.weight"].T, rtol=1e-6)
+    bare = L.dense(3, use_bias=False)          # a bias-free module fits a bias-free layer
+    assert set(interop.load(bare, _init(bare, (None, 5)), sd, {"": "fc"})) == {"W"}
+    assert set(interop.dense(sd, "fc")) == {"W"}
+    # recurrent biases come in pairs: one alone is refused, naming the other
+    half = {k: v for k, v in sd_recurrent("lstm", 3, 2).items() if k != "bias_hh_l0"}
+    with pytest.raises(interop.StateDictError, match=r"has 'bias_ih_l0' but not 'bias_hh_l0'"):
+        interop.lstm(half)
+    lstm = L.lstm(2)
+    with pytest.raises(interop.StateDictError, match=r"no 'bias_ih_l0 \+ bias_hh_l0' for the "
+                                                     r"layer's b \(8,\)"):
+        interop.load(lstm, _init(lstm, (None, 4, 3)),
+                     {k: v for k, v in half.items() if "bias" not in k}, {"": ""})
+
+
+def test_unused_keys_nonfinite_values_and_a_negative_variance_are_refused_unless_allowed():
+    model = L.serial(L.dense(4), L.batch_norm())
+    params, state = _init(model, (None, 3)), model.init_state((None, 3))
+    sd = {**sd_linear(3, 4, "fc."), "bn.weight": _r(4), "bn.bias": _r(4),
+          "bn.running_mean": _r(4), "bn.running_var": RNG.uniform(0.5, 2, 4),
+          "bn.num_batches_tracked": np.array(7), "head.weight": _r(2, 4), "head.bias": _r(2)}
+    load = lambda sd, **kw: interop.load(model, params, sd, {"0": "fc", "1": "bn"},
+                                         state=state, **kw)
+    with pytest.raises(interop.StateDictError, match=r"^state_dict keys that no layer of the "
+                       r"mapping reads: \['head\.bias', 'head\.weight'\]; map their modules "
+                       r"to layers, or pass allow_unused=True"):
+        load(sd)
+    p, s = load(sd, allow_unused=True)
+    np.testing.assert_allclose(s[1]["var"], sd["bn.running_var"], rtol=1e-6)
+
+    bad = {**sd, "fc.weight": sd["fc.weight"].copy()}
+    bad["fc.weight"][1, 2], bad["fc.weight"][0, 0] = np.nan, -np.inf
+    with pytest.raises(interop.StateDictError, match=r"^serial\[0\] dense\(4\): state_dict key "
+                       r"'fc\.weight' holds 2 non-finite values \(NaN or inf\) of 12; pass "
+                       r"allow_nonfinite=True"):
+        load(bad, allow_unused=True)
+    p, _ = load(bad, allow_unused=True, allow_nonfinite=True)
+    assert np.isnan(p[0]["W"][2, 1]) and np.isneginf(p[0]["W"][0, 0])
+
+    bad = {**sd, "bn.running_var": np.array([1.0, -0.25, 2.0, -3.0])}
+    with pytest.raises(interop.StateDictError, match=r"^serial\[1\] batch_norm: state_dict key "
+                       r"'bn\.running_var' holds 2 negative values \(the lowest -3\), and a "
+                       r"variance is never negative; pass allow_negative_variance=True"):
+        load(bad, allow_unused=True)
+    _, s = load(bad, allow_unused=True, allow_negative_variance=True)
+    np.testing.assert_array_equal(s[1]["var"], [1.0, -0.25, 2.0, -3.0])
+
+
+def test_a_transposed_weight_is_named_by_its_own_key_with_both_shapes():
+    model = L.serial(L.dense(7), L.activation("tanh"), L.dense(3))
+    params = _init(model, (None, 5))
+    sd = {**sd_linear(5, 7, "fc1."), **sd_linear(7, 3, "fc2.")}
+    flipped = {**sd, "fc2.weight": sd["fc2.weight"].T}           # saved as (in, out)
+    with pytest.raises(interop.StateDictError, match=r"^serial\[2\] dense\(3\): state_dict key "
+                       r"'fc2\.weight' .* has shape \(7, 3\), expected \(3, 7\) to match "
+                       r"'fc2\.bias' of shape \(3,\); it looks transposed: load 'fc2\.weight' "
+                       r"as \.T$"):
+        interop.load(model, params, flipped, {"0": "fc1", "2": "fc2"})
+    nobias = L.dense(5, use_bias=False)         # no bias to tell: the layer's W says it
+    with pytest.raises(interop.StateDictError, match=r"^dense\(5\): state_dict key 'weight' "
+                       r"has shape \(4, 5\), expected \(5, 4\) for the layer's W \(4, 5\); "
+                       r"it looks transposed: load 'weight' as \.T$"):
+        interop.load(nobias, _init(nobias, (None, 4)), {"weight": _r(4, 5)}, {"": ""})
+    conv = L.conv2d(4, (3, 3))                                    # OIHW saved as IOHW
+    with pytest.raises(interop.StateDictError, match=r"'c\.weight' .* has shape \(2, 4, 3, 3\), "
+                       r"expected \(4, 2, 3, 3\) .*it looks transposed: load 'c\.weight' as "
+                       r"\.swapaxes\(0, 1\)"):
+        interop.load(conv, _init(conv, (None, 5, 5, 2)),
+                     {"c.weight": _r(2, 4, 3, 3), "c.bias": _r(4)}, {"": "c"})
+    lstm = interop.lstm                       # weight_hh (4H, H) gives H: each named as itself
+    sd = sd_recurrent("lstm", 4, 2)
+    with pytest.raises(interop.StateDictError, match=r"'weight_hh_l0' .* has shape \(2, 8\), "
+                                                     r"expected \(8, 2\); it looks transposed"):
+        lstm({**sd, "weight_hh_l0": sd["weight_hh_l0"].T})
+    with pytest.raises(interop.StateDictError, match=r"'weight_ih_l0' .* has shape \(4, 8\), "
+                                                     r"expected \(8, in\) .*looks transposed"):
+        lstm({**sd, "weight_ih_l0": sd["weight_ih_l0"].T})
+
+
 # --------------------------------------------------------------------------- against PyTorch
 
 
@@ -266,6 +356,20 @@ def test_against_pytorch():
     h = ln(emb(torch.tensor(ids)))
     want = mha(h, h, h, need_weights=False)[0].detach().numpy()
     np.testing.assert_allclose(model.apply(params, jnp.asarray(ids)), want, rtol=1e-9, atol=1e-12)
+
+    # bias-free modules: into bias-free layers, or with zeros where funnn's layer has a bias
+    lin, rec = nn.Linear(5, 3, bias=False).double(), nn.LSTM(3, 4, bias=False, batch_first=True)
+    m = L.dense(3, use_bias=False)
+    p = interop.load(m, _init(m, (None, 5)), _sd(lin), {"": ""})
+    x = _r(2, 5)
+    np.testing.assert_allclose(m.apply(p, x), lin(t(x)).detach().numpy(), rtol=1e-9)
+    m = L.lstm(4)
+    with pytest.raises(interop.StateDictError, match="allow_missing_bias=True"):
+        interop.load(m, _init(m, (None, 6, 3)), _sd(rec.double()), {"": ""})
+    p = interop.load(m, _init(m, (None, 6, 3)), _sd(rec), {"": ""}, allow_missing_bias=True)
+    x = _r(2, 6, 3)
+    np.testing.assert_allclose(m.apply(p, x), rec(t(x))[0].detach().numpy(), rtol=1e-9,
+                               atol=1e-12)
 
     c1 = nn.Conv1d(2, 3, 4).double()
     m = L.conv1d(3, 4)
