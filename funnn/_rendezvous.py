@@ -105,7 +105,8 @@ def gather_peers(name: str, bind: tuple[str | None, int], num_processes: int,
                 s.settimeout(2.0)
                 s.recv(16)
     except BaseException as err:
-        why = (err.message if isinstance(err, FunnnError) else "process 0 was interrupted"
+        why = (err.message if isinstance(err, FunnnError) else
+               "process 0 was interrupted (Ctrl-C or SIGTERM)"
                if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
         for s in joined.values():
             _say(s, f"stop {why.splitlines()[0] if why else 'process 0 failed'}")

@@ -147,7 +147,9 @@ def test_checks_pass_for_layers_whose_dx_is_none_or_a_tuple():
 def test_a_nested_list_input_works_as_its_array_and_a_ragged_one_names_the_layer():
     """issue 22 item 17: a Python list into ``apply`` was "Cannot determine dtype"."""
     model = L.serial(L.dense(3), L.activation("tanh"), L.dense(2))
-    _, params = model.init(KEY, (None, 2))
+    rng = np.random.default_rng(0)
+    params = ({"W": rng.normal(size=(2, 3)), "b": rng.normal(size=3)}, {},
+              {"W": rng.normal(size=(3, 2)), "b": rng.normal(size=2)})
     xs = [[1.0, 2.0], [0.5, -1.0]]
     want = model.apply(params, jnp.asarray(xs))
     np.testing.assert_array_equal(model.apply(params, xs), want)
