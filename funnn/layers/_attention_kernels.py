@@ -241,8 +241,9 @@ def _tile_pairs(nq, nk, bq, bk, causal, by_key):
         for i in range(nq):
             stop = min(nk, ((i + 1) * bq - 1) // bk + 1) if causal else nk
             pairs += [(i, j, j == 0) for j in range(stop)]
-    i, j, first = np.array(pairs, np.int64).reshape(-1, 3).T
-    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32), jnp.asarray(first, bool)
+    table = np.array(pairs, np.int64).reshape(-1, 3)
+    return (jnp.asarray(table[:, 0], jnp.int32), jnp.asarray(table[:, 1], jnp.int32),
+            jnp.asarray(table[:, 2], bool))
 
 
 def tiled_fwd(q, k, v, kvalid, full, causal, scale, block):
