@@ -10,9 +10,10 @@ results come back in the compute dtype.
 * chunked: an online softmax over key blocks (a differentiable ``lax.scan``), keeping ``O``
   and the row log-sum-exp ``lse``; the backward recomputes ``P = exp(S - lse)`` per block.
   Dropout masks are drawn per key block from ``fold_in(key, block)`` and redrawn backward.
-* tiled: the chunked forward over query blocks *and* key blocks (a ``fori_loop`` with a
-  traced bound, never differentiated), so a causal layer skips the tiles above the diagonal;
-  the backward runs in FlashAttention-2's order, key block by key block.
+* tiled: the chunked forward over query blocks *and* key blocks, one ``lax.scan`` over the
+  tiles a pass visits (a static list, so a causal layer skips the tiles above the diagonal
+  and reverse mode can still differentiate the loop: second order through the manual
+  gradient); the backward runs in FlashAttention-2's order, key block by key block.
 
 Plus :func:`cudnn`, the fused GPU kernel ``apply`` uses for float16/bfloat16 when it can.
 The backward equations (``dO`` given)::
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from funnn.dtypes import upcast, wide
@@ -223,53 +225,76 @@ def _tiles(q, k, v, kvalid, full, block):
             _pad_axis(v, 1, nk * bk), _pad_axis(kvalid, 1, nk * bk, False), fp)
 
 
+def _tile_pairs(nq, nk, bq, bk, causal, by_key):
+    """The tiles ``(i, j)`` (query block, key block) a causal-aware pass visits, as static
+    ``int32`` arrays ``i, j`` and a boolean ``first`` (the first tile of its row, or of its
+    column when ``by_key``): row by row for the forward (``j = 0..j_max(i)``), column by column
+    for the backward (``i = i_min(j)..nq-1``). Known from the shapes alone, so one ``lax.scan``
+    of static length walks them: no tile above a causal diagonal is visited, and reverse mode
+    can differentiate the loop (second order)."""
+    pairs = []
+    if by_key:
+        for j in range(nk):
+            start = (j * bk) // bq if causal else 0
+            pairs += [(i, j, i == start) for i in range(start, nq)]
+    else:
+        for i in range(nq):
+            stop = min(nk, ((i + 1) * bq - 1) // bk + 1) if causal else nk
+            pairs += [(i, j, j == 0) for j in range(stop)]
+    table = np.array(pairs, np.int64).reshape(-1, 3)
+    return (jnp.asarray(table[:, 0], jnp.int32), jnp.asarray(table[:, 1], jnp.int32),
+            jnp.asarray(table[:, 2], bool))
+
+
 def tiled_fwd(q, k, v, kvalid, full, causal, scale, block):
     """The chunked forward tiled over query blocks *and* key blocks: query block ``i`` visits
     key blocks ``0..j_max(i)`` only, so a causal layer skips the tiles above the diagonal
-    (half the work). A ``fori_loop`` with a traced bound: the manual path never differentiates
-    it (its backward is :func:`tiled_bwd`). Returns ``o`` and ``lse`` as
-    :func:`chunked_fwd`."""
+    (half the work). One ``lax.scan`` over the visited tiles (:func:`_tile_pairs`), row by row:
+    the row statistics restart at a row's first tile, and each step writes its row's ``o`` and
+    ``lse`` so far (the last write is the whole row). Reverse-differentiable, so the manual
+    gradient can itself be differentiated; first order, its backward is :func:`tiled_bwd`.
+    Returns ``o`` and ``lse`` as :func:`chunked_fwd`."""
     b, t, nkv, g = q.shape[:4]
     dt, wt = q.dtype, wide(q.dtype)
     bq, bk, nq, nk, qp, kp, vp, kvp, fp = _tiles(q, k, v, kvalid, full, block)
 
-    def q_block(i):
-        qi = _tile(qp, 1, i * bq, bq)
-        fi = _tile(fp, 1, i * bq, bq)
-
-        def body(j, carry):
-            m, l_, acc = carry
-            kj, vj = _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
-            allowed = allowed_pairs(_tile(kvp, 1, j * bk, bk), _tile(fi, 2, j * bk, bk), causal,
-                               bq, bk, j * bk, i * bq)
-            sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
-            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-            m_safe = _safe(m_new)
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(sc - m_safe[..., None])
-            l_ = alpha * l_ + jnp.sum(p, axis=-1)
-            pv = _ein("bkgts,bskd->btkgd", p.astype(dt), vj)
-            return m_new, l_, jnp.moveaxis(alpha, -1, 1)[..., None] * acc + pv
-
-        stop = jnp.minimum(nk, ((i + 1) * bq - 1) // bk + 1) if causal else nk
-        init = (jnp.full((b, nkv, g, bq), -jnp.inf, wt), jnp.zeros((b, nkv, g, bq), wt),
-                jnp.zeros(qi.shape, wt))
-        m, l_, acc = lax.fori_loop(0, stop, body, init)
+    def step(carry, xs):
+        m, l_, acc, o_buf, lse_buf = carry
+        i, j, first = xs
+        m = jnp.where(first, -jnp.inf, m)                  # a new row: restart its statistics
+        l_, acc = jnp.where(first, 0, l_), jnp.where(first, 0, acc)
+        qi, kj, vj = _tile(qp, 1, i * bq, bq), _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
+        allowed = allowed_pairs(_tile(kvp, 1, j * bk, bk),
+                                _tile(_tile(fp, 1, i * bq, bq), 2, j * bk, bk), causal,
+                                bq, bk, j * bk, i * bq)
+        sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
+        m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(sc, axis=-1)))   # cancels exactly
+        m_safe = _safe(m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(sc - m_safe[..., None])
+        l_ = alpha * l_ + jnp.sum(p, axis=-1)
+        pv = _ein("bkgts,bskd->btkgd", p.astype(dt), vj)
+        acc = jnp.moveaxis(alpha, -1, 1)[..., None] * acc + pv
         pos = l_ > 0
-        o = acc / jnp.moveaxis(jnp.where(pos, l_, jnp.ones((), wt)), -1, 1)[..., None]
-        lse = jnp.where(pos, _safe(m) + jnp.log(jnp.where(pos, l_, jnp.ones((), wt))), jnp.inf)
-        return o.astype(dt), lse
+        l_pos = jnp.where(pos, l_, jnp.ones((), wt))
+        o_i = (acc / jnp.moveaxis(l_pos, -1, 1)[..., None]).astype(dt)
+        lse_i = jnp.where(pos, _safe(m_new) + jnp.log(l_pos), jnp.inf)
+        o_buf = lax.dynamic_update_slice_in_dim(o_buf, o_i, i * bq, 1)
+        lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_i, i * bq, 3)
+        return (m_new, l_, acc, o_buf, lse_buf), None
 
-    o, lse = lax.map(q_block, jnp.arange(nq))       # (nq, b, bq, ...), (nq, b, K, G, bq)
-    o = jnp.moveaxis(o, 0, 1).reshape((b, nq * bq) + q.shape[2:])[:, :t]
-    lse = jnp.moveaxis(lse, 0, -2).reshape(lse.shape[1:-1] + (nq * bq,))[..., :t]
-    return o, lse
+    init = (jnp.full((b, nkv, g, bq), -jnp.inf, wt), jnp.zeros((b, nkv, g, bq), wt),
+            jnp.zeros((b, bq) + q.shape[2:], wt), jnp.zeros(qp.shape, dt),
+            jnp.zeros((b, nkv, g, nq * bq), wt))
+    (_, _, _, o, lse), _ = lax.scan(step, init, _tile_pairs(nq, nk, bq, bk, causal, False))
+    return o[:, :t], lse[..., :t]
 
 
 def tiled_bwd(q, k, v, kvalid, full, causal, scale, block, o, lse, do):
     """The backward of :func:`tiled_fwd` (FlashAttention-2's order): for each key block ``j``,
     the query blocks that see it (from the diagonal down when causal) recompute
-    ``P = exp(S - lse)`` and add to ``dK_j``, ``dV_j`` and ``dQ_i``."""
+    ``P = exp(S - lse)`` and add to ``dK_j``, ``dV_j`` and ``dQ_i``. One ``lax.scan`` over the
+    visited tiles, column by column (reverse-differentiable, as the forward)."""
     t, s = q.shape[1], k.shape[1]
     dt, wt = q.dtype, wide(q.dtype)
     bq, bk, nq, nk, qp, kp, vp, kvp, fp = _tiles(q, k, v, kvalid, full, block)
@@ -278,37 +303,33 @@ def tiled_bwd(q, k, v, kvalid, full, causal, scale, block, o, lse, do):
     lsep = _pad_axis(lse, 3, nq * bq, jnp.inf)                         # padded rows: P = 0
     deltap = _pad_axis(delta, 3, nq * bq)
 
-    def k_block(dq, j):
+    def step(carry, xs):
+        dq, dk, dv, dk_buf, dv_buf = carry
+        i, j, first = xs
+        dk, dv = jnp.where(first, 0, dk), jnp.where(first, 0, dv)   # a new key block
         kj, vj = _tile(kp, 1, j * bk, bk), _tile(vp, 1, j * bk, bk)
-        kvj, fj = _tile(kvp, 1, j * bk, bk), _tile(fp, 2, j * bk, bk)
+        qi, doi = _tile(qp, 1, i * bq, bq), _tile(dop, 1, i * bq, bq)
+        lsei, deltai = _tile(lsep, 3, i * bq, bq), _tile(deltap, 3, i * bq, bq)
+        allowed = allowed_pairs(_tile(kvp, 1, j * bk, bk),
+                                _tile(_tile(fp, 2, j * bk, bk), 1, i * bq, bq), causal,
+                                bq, bk, j * bk, i * bq)
+        sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
+        p = jnp.exp(sc - lsei[..., None])                                # 0 where masked
+        dv = dv + _ein("bkgts,btkgd->bskd", p.astype(dt), doi)
+        dp = _ein("btkgd,bskd->bkgts", doi, vj)
+        ds = (p * (dp - deltai[..., None])).astype(dt)
+        dq_i = _tile(dq, 1, i * bq, bq) + _ein("bkgts,bskd->btkgd", ds, kj) * scale
+        dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, 1)
+        dk = dk + _ein("bkgts,btkgd->bskd", ds, qi) * scale
+        dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, dk.astype(dt), j * bk, 1)
+        dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, dv.astype(dt), j * bk, 1)
+        return (dq, dk, dv, dk_buf, dv_buf), None
 
-        def body(i, carry):
-            dq, dk, dv = carry
-            qi, doi = _tile(qp, 1, i * bq, bq), _tile(dop, 1, i * bq, bq)
-            lsei, deltai = _tile(lsep, 3, i * bq, bq), _tile(deltap, 3, i * bq, bq)
-            allowed = allowed_pairs(kvj, _tile(fj, 1, i * bq, bq), causal, bq, bk, j * bk, i * bq)
-            sc = _masked(_ein("btkgd,bskd->bkgts", qi, kj) * scale, allowed)
-            p = jnp.exp(sc - lsei[..., None])                            # 0 where masked
-            dv = dv + _ein("bkgts,btkgd->bskd", p.astype(dt), doi)
-            dp = _ein("btkgd,bskd->bkgts", doi, vj)
-            ds = (p * (dp - deltai[..., None])).astype(dt)
-            dq_i = _tile(dq, 1, i * bq, bq) + _ein("bkgts,bskd->btkgd", ds, kj) * scale
-            dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, 1)
-            dk = dk + _ein("bkgts,btkgd->bskd", ds, qi) * scale
-            return dq, dk, dv
-
-        start = (j * bk) // bq if causal else 0
-        zeros = jnp.zeros(kj.shape, wt)
-        dq, dk, dv = lax.fori_loop(start, nq, body, (dq, zeros, zeros))
-        return dq, (dk.astype(dt), dv.astype(dt))
-
-    dq, (dk, dv) = lax.scan(k_block, jnp.zeros(qp.shape, wt), jnp.arange(nk))
-
-    def unstack(a):                                  # (nk, b, bk, K, d) -> (b, s, K, d)
-        a = jnp.moveaxis(a, 0, 1)
-        return a.reshape((a.shape[0], nk * bk) + a.shape[3:])[:, :s]
-
-    return dq[:, :t].astype(dt), unstack(dk), unstack(dv)
+    zeros = jnp.zeros((k.shape[0], bk) + k.shape[2:], wt)
+    init = (jnp.zeros(qp.shape, wt), zeros, zeros, jnp.zeros(kp.shape, dt),
+            jnp.zeros(kp.shape, dt))
+    (dq, _, _, dk, dv), _ = lax.scan(step, init, _tile_pairs(nq, nk, bq, bk, causal, True))
+    return dq[:, :t].astype(dt), dk[:, :s], dv[:, :s]
 
 
 # --------------------------------------------------------------------------- cuDNN (apply, GPU)
