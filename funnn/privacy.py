@@ -521,9 +521,9 @@ def per_layer_clipped_grad_sum(model: Layer, loss, clip_norms: Mapping[str, floa
     names = sorted(thresholds)
 
     def f(params, x, y, weights, *, key=None):
+        group = _group_of_leaves(params, thresholds)
         values, grads = per_example(params, x, y, key=key)
         leaves, tdef = jax.tree_util.tree_flatten(grads)
-        group = _group_of_leaves(params, thresholds)
         b = values.shape[0]
         sq = {k: jnp.zeros((b,), values.dtype) for k in names}
         for g, k in zip(leaves, group):
