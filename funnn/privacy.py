@@ -39,7 +39,7 @@ Accountants (:func:`epsilon`, ``accountant=``), both Google's ``dp-accounting``:
 
 Calibration: :func:`noise_for` inverts either accountant (the smallest noise multiplier
 whose epsilon is at most a target). Clipping variants: a threshold per parameter group
-(``DP(clip_norm={group: C_k})``, :func:`per_layer_clipped_grad_sum`) and adaptive clipping
+(``DP(clip_norm={path: C_k})``, :func:`per_layer_clipped_grad_sum`) and adaptive clipping
 (:class:`AdaptiveClip`, :func:`make_adaptive_dp_batch_grad`: the clip follows a quantile of
 the per-example norms, Andrew et al. 2021).
 
@@ -53,7 +53,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
-from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -129,30 +128,44 @@ class DP:
     """DP-SGD settings: clip each example's gradient to ``clip_norm``, add Gaussian noise of
     standard deviation ``noise_multiplier * clip_norm`` to the sum, account at ``delta``.
 
-    ``clip_norm > 0`` and finite, or a mapping ``{parameter path: threshold}`` for per-layer
-    clipping (each group's part of an example's gradient clipped to its own threshold
-    ``C_k``; the sensitivity, and the noise's scale, is then ``sqrt(sum_k C_k^2)``:
-    :attr:`sensitivity`, :func:`per_layer_clipped_grad_sum`); ``noise_multiplier >= 0``
-    (0: clipping without privacy, epsilon infinite); ``0 < delta < 1`` (take it below
-    ``1 / num_examples``); ``sampling`` ``"poisson"`` or ``"fixed"``; ``accountant``
-    ``"rdp"`` or ``"pld"`` (module docstring). Bad values raise
-    :class:`~funnn.core.ConfigError`.
+    ``clip_norm > 0`` and finite; ``noise_multiplier >= 0`` (0: clipping without privacy,
+    epsilon infinite); ``0 < delta < 1`` (take it below ``1 / num_examples``);
+    ``sampling`` ``"poisson"`` or ``"fixed"``; ``accountant`` ``"rdp"`` or ``"pld"``
+    (module docstring). Bad values raise :class:`~funnn.core.ConfigError`.
+
+    Per-layer clipping: ``clip_norm`` a mapping ``{parameter path: C_k}`` (or ``layer_clip``
+    that mapping): each group's part of an example's gradient is clipped to its own
+    threshold (:func:`per_layer_clipped_grad_sum`). ``clip_norm`` then becomes the
+    sensitivity ``sqrt(sum_k C_k^2)``, the largest norm of one example's clipped gradient and
+    the noise's scale, and ``layer_clip`` holds the thresholds as sorted ``(path, C_k)`` pairs
+    (a dict through :attr:`layer_clips`).
     """
 
-    clip_norm: float | tuple
+    clip_norm: float
     noise_multiplier: float
     delta: float = 1e-5
     sampling: str = "poisson"
     accountant: str = "rdp"
+    layer_clip: tuple | None = None
 
     def __post_init__(self):
         layer = _layer_clip(self.clip_norm)
-        c = (math.sqrt(sum(t * t for _, t in layer)) if layer is not None
+        if layer is None and self.layer_clip is not None:
+            try:
+                layer = _layer_clip(dict(self.layer_clip))
+            except (TypeError, ValueError):
+                raise ConfigError(f"layer_clip must map parameter paths to thresholds, got "
+                                  f"{self.layer_clip!r}", ("DP",)) from None
+        total = None if layer is None else math.sqrt(sum(t * t for _, t in layer))
+        c = (total if total is not None and isinstance(self.clip_norm, Mapping)
              else _number(self.clip_norm, "clip_norm"))
         if not (c > 0 and math.isfinite(c)):
             raise ConfigError(f"clip_norm must be a positive finite number (the largest "
                               f"per-example gradient norm kept), got {self.clip_norm!r}",
                               ("DP",))
+        if total is not None and not math.isclose(c, total, rel_tol=1e-9):
+            raise ConfigError(f"with per-layer thresholds clip_norm is their root sum of "
+                              f"squares {total!r}, got {self.clip_norm!r}", ("DP",))
         s = _number(self.noise_multiplier, "noise_multiplier")
         if not (s >= 0 and math.isfinite(s)):
             raise ConfigError(f"noise_multiplier must be a finite number >= 0 (noise standard "
@@ -167,32 +180,23 @@ class DP:
                               f"{self.sampling!r}", ("DP",))
         _check_accountant(self.accountant, self.sampling)
         _check_fits_float32(c, s)
-        object.__setattr__(self, "clip_norm", c if layer is None else layer)
+        object.__setattr__(self, "clip_norm", c)
         object.__setattr__(self, "noise_multiplier", s)
         object.__setattr__(self, "delta", d)
+        object.__setattr__(self, "layer_clip", layer)
 
     @property
-    def layer_clip(self) -> dict | None:
+    def layer_clips(self) -> dict | None:
         """``{parameter path: threshold}`` for per-layer clipping, else None."""
-        return dict(self.clip_norm) if isinstance(self.clip_norm, tuple) else None
-
-    @property
-    def sensitivity(self) -> float:
-        """The largest norm of one example's clipped gradient: ``clip_norm``, or
-        ``sqrt(sum_k C_k^2)`` over per-layer thresholds. The noise is ``noise_multiplier``
-        times it."""
-        layer = self.layer_clip
-        if layer is not None:
-            return math.sqrt(sum(t * t for t in layer.values()))
-        return cast(float, self.clip_norm)
+        return None if self.layer_clip is None else dict(self.layer_clip)
 
     def config(self) -> dict:
         """The settings as a run config records them (``metrics.json``, resume checks);
-        ``dp_clip`` is the sensitivity, per-layer thresholds ride in ``dp_layer_clip``."""
-        out = {"dp_clip": self.sensitivity, "dp_noise": self.noise_multiplier,
+        per-layer thresholds ride in ``dp_layer_clip``."""
+        out = {"dp_clip": self.clip_norm, "dp_noise": self.noise_multiplier,
                "dp_delta": self.delta, "dp_sampling": self.sampling}
         if self.layer_clip is not None:
-            out["dp_layer_clip"] = self.layer_clip
+            out["dp_layer_clip"] = self.layer_clips
         if self.accountant != "rdp":
             out["dp_accountant"] = self.accountant
         return out
@@ -411,21 +415,20 @@ def make_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int)
     """``g(params, xb, yb, weights, key) -> (loss, noisy_grad)`` on rows already sampled
     (:func:`dp_sample`): each example's gradient clipped, the weighted sum noised from the
     second third of the step's ``key`` and divided by ``batch_size``; the last third keys the
-    model (dropout). ``loss`` is the weighted mean of the examples' losses. Per-layer
-    thresholds (``dp.layer_clip``) clip by :func:`per_layer_clipped_grad_sum`."""
-    if dp.layer_clip is not None:
-        clipped = per_layer_clipped_grad_sum(model, loss, dp.layer_clip, engine)
-    elif engines.get(engine).clips_by_rules:
-        clipped = manual.clipped_grad_sum(model, loss, dp.sensitivity, train=True)
+    model (dropout). ``loss`` is the weighted mean of the examples' losses."""
+    if dp.layer_clip is not None:       # per-layer thresholds: per_layer_clipped_grad_sum
+        return _layer_dp_batch_grad(model, loss, dp, engine, batch_size)
+    if engines.get(engine).clips_by_rules:
+        clipped = manual.clipped_grad_sum(model, loss, dp.clip_norm, train=True)
     else:
-        clipped = _autodiff_clipped_sum(model, loss, dp.sensitivity)
+        clipped = _autodiff_clipped_sum(model, loss, dp.clip_norm)
 
     def g(params, xb, yb, weights, key):
         _, k_noise, k_model = jax.random.split(key, 3)
         values, _, summed = clipped(params, xb, yb, weights, key=k_model)
         leaves, tdef = jax.tree_util.tree_flatten(summed)
         noise_keys = jax.random.split(k_noise, max(len(leaves), 1))
-        std = dp.noise_multiplier * dp.sensitivity
+        std = dp.noise_multiplier * dp.clip_norm
         noisy = [(v + std * jax.random.normal(k, v.shape, v.dtype)) / batch_size
                  for v, k in zip(leaves, noise_keys)]
         w = weights.astype(values.dtype)
@@ -509,12 +512,12 @@ def per_layer_clipped_grad_sum(model: Layer, loss, clip_norms: Mapping[str, floa
 
         sum_grads_k = sum_i weights_i min(1, C_k / ||g_ik||) g_ik
 
-    so an example moves the sum by at most ``sqrt(sum_k C_k^2)`` (:attr:`DP.sensitivity`,
-    the noise's scale). ``norms[:, k]`` are the unclipped group norms (groups in sorted key
-    order). Per-example gradients are materialised (the manual engine's batched rules, or
-    ``vmap(jax.grad)``): ghost clipping scales each example's output delta once, which
-    cannot give each group its own factor. A missing or unknown group raises
-    :class:`~funnn.core.ConfigError` at the first call.
+    so an example moves the sum by at most ``sqrt(sum_k C_k^2)`` (what :class:`DP` makes
+    its ``clip_norm``, the noise's scale). ``norms[:, k]`` are the unclipped group norms
+    (groups in sorted key order). Per-example gradients are materialised (the manual
+    engine's batched rules, or ``vmap(jax.grad)``): ghost clipping scales each example's
+    output delta once, which cannot give each group its own factor. A missing or unknown
+    group raises :class:`~funnn.core.ConfigError` at the first call.
     """
     thresholds = dict(_layer_clip(dict(clip_norms)) or ())
     per_example = _per_example(model, loss, engine)
@@ -537,6 +540,28 @@ def per_layer_clipped_grad_sum(model: Layer, loss, clip_norms: Mapping[str, floa
                 jax.tree_util.tree_unflatten(tdef, summed))
 
     return f
+
+
+def _layer_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int):
+    """:func:`make_dp_batch_grad` with per-layer thresholds: the same keys, noise of
+    standard deviation ``noise_multiplier * clip_norm`` (``clip_norm`` the root sum of
+    squares of the thresholds) and mean loss; the clipped sum by
+    :func:`per_layer_clipped_grad_sum`."""
+    clipped = per_layer_clipped_grad_sum(model, loss, dp.layer_clips or {}, engine)
+    std = dp.noise_multiplier * dp.clip_norm
+
+    def g(params, xb, yb, weights, key):
+        _, k_noise, k_model = jax.random.split(key, 3)
+        values, _, summed = clipped(params, xb, yb, weights, key=k_model)
+        leaves, tdef = jax.tree_util.tree_flatten(summed)
+        noise_keys = jax.random.split(k_noise, max(len(leaves), 1))
+        noisy = [(v + std * jax.random.normal(k, v.shape, v.dtype)) / batch_size
+                 for v, k in zip(leaves, noise_keys)]
+        w = weights.astype(values.dtype)
+        value = jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1)
+        return value, jax.tree_util.tree_unflatten(tdef, noisy)
+
+    return g
 
 
 # --------------------------------------------------------------------------- adaptive clipping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -303,9 +304,8 @@ def test_noise_for_inverts_the_accountant():
 
 
 @pytest.mark.slow
-def test_noise_for_inverts_pld_and_fixed_size():
+def test_noise_for_inverts_pld():
     assert _check_inverts(2.0, accountant="pld", steps=30) < _check_inverts(2.0, steps=30)
-    _check_inverts(20.0, sampling="fixed")
 
 
 @pytest.fixture(scope="module")
@@ -355,21 +355,17 @@ def test_per_layer_clipping_bounds_each_group(engine, tiny):
         assert got <= caps[k] * (1 + 1e-12)
 
 
-def test_per_layer_dp_settings_and_step(tiny):
-    model, p, x, y, ref = tiny
+def test_per_layer_dp_settings(tiny):
+    model, p, x, y, _ = tiny
     xent = losses.softmax_cross_entropy
     dp = privacy.DP({"2": 0.5, "0": 1.2}, 0.0)
-    assert dp.sensitivity == pytest.approx(1.3) and dp.layer_clip == {"0": 1.2, "2": 0.5}
+    assert dp.clip_norm == pytest.approx(1.3) and dp.layer_clips == {"0": 1.2, "2": 0.5}
     assert dp.config()["dp_clip"] == pytest.approx(1.3)
     assert dp.config()["dp_layer_clip"] == {"0": 1.2, "2": 0.5}
     assert hash(dp) == hash(privacy.DP({"0": 1.2, "2": 0.5}, 0.0))
-    # with no noise the DP step is the per-layer clipped sum over batch_size
-    _, noisy = jax.jit(privacy.make_dp_batch_grad(model, xent, dp, "manual", 4))(
-        p, x, y, jnp.ones(6), jax.random.key(0))
-    _, want = _ref_layer_clip(ref, dp.layer_clip, np.ones(6))
-    for layer in (0, 2):
-        for name in ("W", "b"):
-            np.testing.assert_allclose(noisy[layer][name], want[layer][name] / 4, rtol=1e-9)
+    assert dataclasses.replace(dp, noise_multiplier=2.0).layer_clips == dp.layer_clips
+    with pytest.raises(ConfigError, match="root sum of squares"):
+        privacy.DP(1.0, 1.0, layer_clip={"0": 1.2, "2": 0.5})
     for caps, match in [({"0": 1.0}, "no threshold for parameter '2.W'"),
                         ({"0": 1.0, "2": 1.0, "9": 1.0}, r"names \['9'\], which match no")]:
         with pytest.raises(ConfigError, match=match):
@@ -428,11 +424,47 @@ def test_adaptive_dp_step_clips_at_the_current_norm(tiny):
                                             adaptive, "manual", 6)
 
 
-def test_cli_dp_epsilon_chooses_the_noise(capsys, tmp_path):
+def test_cli_dp_epsilon_chooses_the_noise():
     args = cli._parser().parse_args(["train", "--dp-clip", "1", "--dp-epsilon", "3"])
     dp = cli._dp(args, 1437, 64, 10)
     assert dp.noise_multiplier == privacy.noise_for(3.0, **_DIGITS)
-    code = cli.main(["train", "--out", str(tmp_path / "r"), "--epochs", "1", "--dp-clip", "1",
-                     "--dp-epsilon", "3", "--dp-noise", "1"])
-    assert code == 2 and "give --dp-noise S or --dp-epsilon E, not both" in \
-        capsys.readouterr().err
+    args = cli._parser().parse_args(["train", "--dp-clip", "1", "--dp-noise", "1",
+                                     "--dp-accountant", "pld"])
+    dp = cli._dp(args, 1437, 64, 10)
+    assert dp.accountant == "pld" and cli._dp_of(dp.config()) == dp
+    args = cli._parser().parse_args(["train", "--dp-clip", "1", "--dp-noise", "1",
+                                     "--dp-epsilon", "3"])
+    with pytest.raises(ConfigError, match="give --dp-noise S or --dp-epsilon E, not both"):
+        cli._dp(args, 1437, 64, 10)
+    text = cli._describe(models.get("mlp"), {
+        "train_examples": 1437, "test_examples": 360, "data": "digits", "engine": "manual",
+        "optimizer": "sgd", "learning_rate": 1.0, "schedule": "constant", "epochs": 10,
+        "batch_size": 64, "batch_size_asked": 64, **dp.config(), "dp_epsilon_target": 3.0})
+    assert "noise 1 (chosen for epsilon 3), delta 1e-05, poisson sampling, pld accountant" \
+        in text, text
+
+
+@pytest.mark.slow
+def test_per_layer_dp_step_and_fit(tiny, tmp_path):
+    model, p, x, y, ref = tiny
+    # with no noise the DP step is the per-layer clipped sum over batch_size
+    dp0 = privacy.DP({"2": 0.5, "0": 1.2}, 0.0)
+    _, noisy = jax.jit(privacy.make_dp_batch_grad(model, losses.softmax_cross_entropy, dp0,
+                                                  "manual", 4))(
+        p, x, y, jnp.ones(6), jax.random.key(0))
+    _, want = _ref_layer_clip(ref, dp0.layer_clips, np.ones(6))
+    for layer in (0, 2):
+        for name in ("W", "b"):
+            np.testing.assert_allclose(noisy[layer][name], want[layer][name] / 4, rtol=1e-9)
+    # fit takes it as any DP setting: recorded, accounted, compared on resume
+    xs = jnp.tile(x, (8, 1))
+    ys = jnp.tile(y, (8, 1))
+    dp = privacy.DP({"0": 1.0, "2": 0.5}, 1.0)
+    kw = dict(learning_rate=0.1, batch_size=8, engine="manual", progress=False,
+              key=jax.random.key(0), checkpoint_dir=tmp_path / "ck")
+    r = train.fit(model, p, (xs, ys), "softmax_cross_entropy", "sgd", epochs=1, dp=dp, **kw)
+    assert r.config["dp_layer_clip"] == {"0": 1.0, "2": 0.5}
+    assert r.history[-1]["epsilon"] == pytest.approx(dp.epsilon(6, 8, 48))
+    with pytest.raises(ConfigError, match="dp_layer_clip"):
+        train.fit(model, p, (xs, ys), "softmax_cross_entropy", "sgd", epochs=2,
+                  dp=privacy.DP({"0": 1.0, "2": 0.7}, 1.0), resume=True, **kw)
