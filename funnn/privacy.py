@@ -546,11 +546,15 @@ def _layer_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: in
     """:func:`make_dp_batch_grad` with per-layer thresholds: the same keys, noise of
     standard deviation ``noise_multiplier * clip_norm`` (``clip_norm`` the root sum of
     squares of the thresholds) and mean loss; the clipped sum by
-    :func:`per_layer_clipped_grad_sum`."""
+    :func:`per_layer_clipped_grad_sum`. Side inputs (``side``, a dict of per-row arrays)
+    are not taken yet: a non-empty one raises :class:`~funnn.core.ConfigError`."""
     clipped = per_layer_clipped_grad_sum(model, loss, dp.layer_clips or {}, engine)
     std = dp.noise_multiplier * dp.clip_norm
 
-    def g(params, xb, yb, weights, key):
+    def g(params, xb, yb, weights, key, side=None):
+        if side:
+            raise ConfigError(f"per-layer clipping takes no side inputs yet (got "
+                              f"{sorted(side)}); give DP one clip_norm", ("DP",))
         _, k_noise, k_model = jax.random.split(key, 3)
         values, _, summed = clipped(params, xb, yb, weights, key=k_model)
         leaves, tdef = jax.tree_util.tree_flatten(summed)

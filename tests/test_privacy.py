@@ -370,6 +370,9 @@ def test_per_layer_dp_settings(tiny):
                         ({"0": 1.0, "2": 1.0, "9": 1.0}, r"names \['9'\], which match no")]:
         with pytest.raises(ConfigError, match=match):
             privacy.per_layer_clipped_grad_sum(model, xent, caps)(p, x, y, jnp.ones(6))
+    g = privacy.make_dp_batch_grad(model, xent, dp, "manual", 4)
+    with pytest.raises(ConfigError, match="per-layer clipping takes no side inputs yet"):
+        g(p, x, y, jnp.ones(6), jax.random.key(0), side={"mask": jnp.ones((6, 1))})
     for caps, match in [({}, "at least one parameter group"), ({"0": -1.0}, "positive finite")]:
         with pytest.raises(ConfigError, match=match):
             privacy.DP(caps, 1.0)
