@@ -279,6 +279,29 @@ def test_accountants_against_exact_and_hand_checked_values():
         privacy.DP(1.0, 1.0, sampling="fixed", accountant="pld")
 
 
+def _dp_accounting_pld(sigma, q, steps, delta=1e-5):
+    acc = pld.PLDAccountant(dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [
+    (2.0, 64 / 1437, 220),                                  # the docs' setting, noise 2
+    pytest.param(1.1, 256 / 60000, 60 * 234, marks=pytest.mark.slow),   # TF Privacy's MNIST
+    pytest.param(0.5, 0.1, 50, marks=pytest.mark.slow),     # little noise, large rate
+])
+def test_own_pld_equals_dp_accounting_pld(sigma, q, steps):
+    """funnn's PLD (funnn/_pld.py, numpy) against dp-accounting's PLD accountant: the same
+    pessimistic discretisation, an independent implementation."""
+    from funnn import _pld
+
+    ours = _pld.poisson_gaussian_epsilon(sigma, q, steps, 1e-5)
+    assert ours == pytest.approx(_dp_accounting_pld(sigma, q, steps), rel=3e-4)
+    # a coarser grid is more pessimistic, never less
+    assert _pld.poisson_gaussian_epsilon(sigma, q, steps, 1e-5, interval=1e-3) >= ours
+
+
 def _check_inverts(target, **kw):
     args = {**_DIGITS, **kw}
     s = privacy.noise_for(target, **args)
