@@ -52,7 +52,9 @@ _FLAGS = {
     "leave out mesh=": "leave out --devices, --model-axis, --sharding and --coordinator",
     "(a typo in the directory?)": "(a typo in --out?)",
     "noise_multiplier * clip_norm": "--dp-noise * --dp-clip", "clip_norm": "--dp-clip",
-    "noise_multiplier": "--dp-noise",
+    "noise_multiplier": "--dp-noise", "target_epsilon": "--dp-epsilon",
+    "accountant 'pld'": "--dp-accountant pld", "accountant 'rdp'": "--dp-accountant rdp",
+    "sampling 'fixed'": "--dp-sampling fixed",
     "fit: ": "", "dp= trains": "DP-SGD (--dp-clip, --dp-noise) trains", "with dp=":
     "with --dp-clip/--dp-noise", "leave out precision=": "leave out --precision ",
 }
@@ -168,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="DP-SGD: the delta epsilon is reported at (default 1e-5)")
     t.add_argument("--dp-sampling", default=None, choices=["poisson", "fixed"],
                    help="DP-SGD batch sampling (default poisson; see funnn.privacy)")
+    t.add_argument("--dp-epsilon", type=_positive_float, default=None, metavar="E",
+                   help="DP-SGD: choose the noise multiplier for epsilon E after all epochs "
+                        "(needs --dp-clip; instead of --dp-noise)")
+    t.add_argument("--dp-accountant", default=None, choices=["rdp", "pld"],
+                   help="DP-SGD accountant: rdp (default) or pld (tighter; poisson only)")
     _parallel_args(t)
 
     e = sub.add_parser("eval", help="loss and accuracy of a run's checkpoint")
@@ -240,36 +247,60 @@ def _train_config(args, recipe, train_set, x, ex) -> dict:
     chosen = train.optimizer_settings(args.optimizer, args.lr, args.schedule, recipe=(
         recipe.optimizer, recipe.learning_rate, recipe.schedule))
     asked = args.batch_size or recipe.batch_size
-    dp = _dp(args)
-    return {**({} if dp is None else dp.config()),
+    batch, epochs = min(asked, int(x.shape[0])), args.epochs or recipe.epochs
+    dp = _dp(args, int(x.shape[0]), batch, epochs)
+    target = {} if args.dp_epsilon is None else {"dp_epsilon_target": args.dp_epsilon}
+    return {**({} if dp is None else dp.config()), **target,
             "model": recipe.name, "data": args.data, "engine": args.engine,
             "precision": args.precision, **chosen,
-            "epochs": args.epochs or recipe.epochs,
-            "batch_size": min(asked, int(x.shape[0])), "batch_size_asked": asked,
+            "epochs": epochs, "batch_size": batch, "batch_size_asked": asked,
             "seed": args.seed, "standardize": recipe.standardize,
             "num_outputs": train_set.num_classes or int(train_set.y.shape[-1]),
             "input_shape": list(x.shape[1:]), "train_examples": int(x.shape[0]),
             "test_examples": int(ex.shape[0])}
 
 
-def _dp(args):
-    """The DP-SGD settings the options ask for, or None."""
+def _dp(args, num_examples: int, batch_size: int, epochs: int):
+    """The DP-SGD settings the options ask for, or None. With ``--dp-epsilon`` the noise
+    multiplier is :func:`funnn.privacy.noise_for` this run's steps (``epochs`` times
+    ``num_examples // batch_size``)."""
     from funnn import privacy
     from funnn.core import ConfigError
 
-    given = [o for o, v in (("--dp-delta", args.dp_delta), ("--dp-sampling", args.dp_sampling))
-             if v is not None]
-    if args.dp_clip is None and args.dp_noise is None:
+    given = [o for o, v in (("--dp-delta", args.dp_delta), ("--dp-sampling", args.dp_sampling),
+                            ("--dp-accountant", args.dp_accountant)) if v is not None]
+    if args.dp_epsilon is not None and args.dp_noise is not None:
+        raise ConfigError("give --dp-noise S or --dp-epsilon E, not both (--dp-epsilon "
+                          "chooses the noise)", ("--dp-epsilon",))
+    has_noise = args.dp_noise is not None or args.dp_epsilon is not None
+    if args.dp_clip is None and not has_noise:
         if given:
-            raise ConfigError(f"{given[0]} needs --dp-clip C and --dp-noise S", (given[0],))
+            raise ConfigError(f"{given[0]} needs --dp-clip C and --dp-noise S (or "
+                              f"--dp-epsilon E)", (given[0],))
         return None
-    if args.dp_clip is None or args.dp_noise is None:
+    if args.dp_clip is None or not has_noise:
         missing = "--dp-clip" if args.dp_clip is None else "--dp-noise"
-        raise ConfigError(f"DP-SGD needs both --dp-clip C and --dp-noise S; {missing} is "
-                          f"missing", (missing,))
-    return privacy.DP(args.dp_clip, args.dp_noise,
-                      1e-5 if args.dp_delta is None else args.dp_delta,
-                      args.dp_sampling or "poisson")
+        raise ConfigError(f"DP-SGD needs both --dp-clip C and --dp-noise S (or --dp-epsilon "
+                          f"E); {missing} is missing", (missing,))
+    delta = 1e-5 if args.dp_delta is None else args.dp_delta
+    sampling, accountant = args.dp_sampling or "poisson", args.dp_accountant or "rdp"
+    noise = args.dp_noise
+    if args.dp_epsilon is not None:
+        privacy.DP(args.dp_clip, 1.0, delta, sampling, accountant)     # flags checked first
+        noise = privacy.noise_for(args.dp_epsilon, batch_size, num_examples,
+                                  epochs * (num_examples // batch_size), delta, sampling,
+                                  accountant)
+    return privacy.DP(args.dp_clip, noise, delta, sampling, accountant)
+
+
+def _dp_of(config: dict):
+    """The DP-SGD settings a run config records (:meth:`funnn.privacy.DP.config`), or None."""
+    from funnn import privacy
+
+    if "dp_clip" not in config:
+        return None
+    return privacy.DP(config["dp_clip"], config["dp_noise"], config["dp_delta"],
+                      config["dp_sampling"], config.get("dp_accountant", "rdp"))
 
 
 def _describe(recipe, config: dict) -> str:
@@ -282,8 +313,12 @@ def _describe(recipe, config: dict) -> str:
             f"{'' if c.get('precision', 'f32') == 'f32' else ', precision ' + c['precision']}; "
             f"optimizer {c['optimizer']}, lr {c['learning_rate']:g}, {c['schedule']} schedule, "
             f"{c['epochs']} epochs, {batch}"
-            + (f"; DP-SGD clip {c['dp_clip']:g}, noise {c['dp_noise']:g}, delta "
-               f"{c['dp_delta']:g}, {c['dp_sampling']} sampling" if "dp_clip" in c else ""))
+            + (f"; DP-SGD clip {c['dp_clip']:g}, noise {c['dp_noise']:.4g}"
+               + (f" (chosen for epsilon {c['dp_epsilon_target']:g})"
+                  if "dp_epsilon_target" in c else "")
+               + f", delta {c['dp_delta']:g}, {c['dp_sampling']} sampling"
+               + (f", {c['dp_accountant']} accountant" if "dp_accountant" in c else "")
+               if "dp_clip" in c else ""))
 
 
 def _join(args) -> None:
@@ -362,7 +397,7 @@ def _train(args) -> int:
         config=config,
         extras={"input_mean": mean, "input_scale": scale} if recipe.standardize else None,
         check_numerics=args.check_numerics, log=print, mesh=mesh, sharding=sharding,
-        precision=args.precision, dp=_dp(args))
+        precision=args.precision, dp=_dp_of(config))
     seconds = time.perf_counter() - t0
     last = result.history[-1]
     if not parallel.is_main():

@@ -24,7 +24,7 @@ FLOORS = [
     ["control"],
     ["data", "checkpoint"],
     ["distributed", "parallel"],
-    ["privacy"],
+    ["privacy", "_pld", "_dp_clip"],
     ["rundir"],
     ["models"],
     ["train"],
