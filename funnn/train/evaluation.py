@@ -41,9 +41,11 @@ def make_evaluate(model: Layer, loss):
 def evaluate(model: Layer, loss, params, x, y, model_state=None, side=None):
     """Loss and accuracy of ``model`` on ``(x, y)`` in inference mode, as Python floats.
 
+    ``loss``: a funnn Loss (or its name), or a loss-like object with ``.value``.
     ``x``: an array or a tuple of arrays; ``side``: a dict of side inputs with the batch axis
     first (``{"mask": mask}``; ``"weights"`` weigh the loss), as in :func:`fit`'s
     ``(x, y, side)``."""
     x, y, side = inputs.split((x, y, side), "evaluation", "evaluate")
+    loss = losses.get(loss) if isinstance(loss, str) else loss
     value, acc = make_evaluate(model, loss)(params, model_state, x, y, side)
     return float(value), float(acc)
