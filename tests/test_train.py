@@ -516,38 +516,39 @@ def _close(got, want, rtol=1e-10, atol=1e-13):
 
 def test_padded_causal_lm_fit_equals_a_hand_written_masked_loop():
     """fit on (x, y, {"mask": mask}) with ignore_index targets: the same losses epoch by epoch
-    and the same parameters as the hand-written masked loop; evaluation counts valid tokens."""
-    from _padded import masked_ce, tiny_lm
+    and the same parameters as the hand-written masked loop."""
+    from _padded import tiny_lm
     model, params, x, y, mask = tiny_lm()
     ce, opt = losses.softmax_cross_entropy.with_ignore_index(), optax.sgd(0.5)
     res = train.fit(model, params, (x, y, {"mask": mask}), ce, opt, epochs=2, batch_size=2,
-                    key=3, progress=False, eval_data=(x, y, {"mask": mask}))
+                    key=3, progress=False)
     want, means, _ = _masked_loop(model, params, x, y, mask, opt, 2, 2, jax.random.key(3))
     np.testing.assert_allclose([r["train_loss"] for r in res.history], means, rtol=1e-12)
     _close(res.params, want)
-    ref = jax.jit(lambda p: (masked_ce(model, p, x, y, mask), model.apply(p, x, mask=mask)))
-    value, logits = ref(want)
-    assert res.history[-1]["eval_loss"] == pytest.approx(float(value), rel=1e-12)
-    valid = y != -100
-    hits = (np.argmax(logits, -1) == y) & valid
-    assert res.history[-1]["eval_accuracy"] == pytest.approx(hits.sum() / valid.sum())
     assert res.config["loss_ignore_index"] == -100
 
 
 @pytest.mark.slow
 def test_padded_lm_manual_engine_with_loss_weights_equals_the_masked_loop():
     """The same run by the hand-written backward, the mask given to the loss as side
-    ``weights`` instead of ignore_index targets; and make_step with the same side dict."""
-    from _padded import tiny_lm
+    ``weights`` instead of ignore_index targets; evaluation counts the valid tokens; and
+    make_step with the same side dict."""
+    from _padded import masked_ce, tiny_lm
     model, params, x, y, mask = tiny_lm()
     opt, y0 = optax.adam(0.05), np.where(mask, y, 0)
-    res = train.fit(model, params, (x, y0, {"mask": mask, "weights": mask}),
-                    losses.softmax_cross_entropy, opt, epochs=2, batch_size=2, key=3,
-                    engine="manual", progress=False)
+    side = {"mask": mask, "weights": mask}
+    res = train.fit(model, params, (x, y0, side), losses.softmax_cross_entropy, opt, epochs=2,
+                    batch_size=2, key=3, engine="manual", progress=False,
+                    eval_data=(x, y0, side))
     want, means, hand_step = _masked_loop(model, params, x, y, mask, opt, 2, 2,
                                           jax.random.key(3))
     np.testing.assert_allclose([r["train_loss"] for r in res.history], means, rtol=1e-10)
     _close(res.params, want, rtol=1e-8, atol=1e-11)
+    ref = jax.jit(lambda p: (masked_ce(model, p, x, y, mask), model.apply(p, x, mask=mask)))
+    value, logits = ref(res.params)
+    assert res.history[-1]["eval_loss"] == pytest.approx(float(value), rel=1e-12)
+    hits = (np.argmax(logits, -1) == y) & mask
+    assert res.history[-1]["eval_accuracy"] == pytest.approx(hits.sum() / mask.sum())
     step = jax.jit(train.make_step(model, losses.softmax_cross_entropy, opt, "manual"))
     got, value = step(train.TrainState(params, opt.init(params), None), x[:2], y0[:2], None,
                       {"mask": mask[:2], "weights": mask[:2]})
