@@ -248,12 +248,10 @@ def _clipped_reference(model, x, y, mask, rows):
     return ref
 
 
-@pytest.mark.parametrize("engine", ["manual", pytest.param("autodiff", marks=pytest.mark.slow)])
-def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count(engine):
+def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count():
     """With ignore_index targets each example's gradient is that of the mean over its own valid
-    tokens before clipping: the DP gradient (noise 0; ghost clipping, or the vmap(jax.grad)
-    fallback slicing the side inputs per example) equals clipping the hand-written per-example
-    masked gradients."""
+    tokens before clipping: the ghost-clipped DP gradient (noise 0) equals clipping the
+    hand-written per-example masked gradients."""
     from _padded import tiny_lm
     model, params, x, y, mask = tiny_lm()
     ce = losses.softmax_cross_entropy.with_ignore_index()
@@ -262,7 +260,7 @@ def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count(engine
     clip = float(np.median(ref(params, 1.0)[0]))      # some examples clipped, some not
     norms, want, logits = ref(params, clip)
     assert (norms > clip).sum() == 2
-    g = jax.jit(privacy.make_dp_batch_grad(model, ce, privacy.DP(clip, 0.0), engine, 4))
+    g = jax.jit(privacy.make_dp_batch_grad(model, ce, privacy.DP(clip, 0.0), "manual", 4))
     value, got = g(params, x, y, rows, jax.random.key(0), side={"mask": mask})
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
@@ -275,8 +273,9 @@ def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count(engine
 
 @pytest.mark.slow
 def test_fit_dp_takes_side_inputs_with_the_rows_it_samples():
-    """fit(dp=...) on (x, y, {"weights": ...}) (noise 0, fixed-size batches) steps exactly as a
-    hand loop over make_dp_grad, which samples the same rows of x, y and the side inputs."""
+    """fit(dp=...) on (x, y, {"weights": ...}) (noise 0, fixed-size batches) with the autodiff
+    engine (the vmap(jax.grad) fallback, slicing the side inputs per example) steps as a hand
+    loop over make_dp_grad with ghost clipping, which samples the same rows of every part."""
     model = L.serial(L.embedding(7, 3), L.dense(7))
     _, params = model.init(jax.random.key(1), (None, 5))
     rng = np.random.default_rng(1)
@@ -285,11 +284,11 @@ def test_fit_dp_takes_side_inputs_with_the_rows_it_samples():
     dp = privacy.DP(0.3, 0.0, sampling="fixed")
     ce = losses.softmax_cross_entropy
     res = train.fit(model, params, (x, y, {"weights": w}), ce, "sgd", learning_rate=0.5,
-                    epochs=1, batch_size=2, dp=dp, engine="manual", key=4, progress=False)
+                    epochs=1, batch_size=2, dp=dp, engine="autodiff", key=4, progress=False)
     grad = jax.jit(privacy.make_dp_grad(model, ce, dp, "manual", 2, 6))
     p, epoch_key = params, jax.random.fold_in(jax.random.key(4), 0)
     for i in range(3):
         _, g = grad(p, x, y, jax.random.fold_in(epoch_key, i), {"weights": w})
         p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -346,7 +346,8 @@ def test_settings_are_resolved_once_and_print_as_the_config():
                         "data_sha256": fingerprint(*xy),
                         "dtypes": "params float64, x float32"}     # conftest: x64 on
     assert repr(s) == str(s) == f"Settings({s.config!r})"
-    assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
+    assert s.plan is None and s.dp is None and held_out is None
+    assert x.x.shape == (8, 2) and x.side == {}      # the inputs: Inputs(x, side)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.epochs = 4                                # frozen
     # the optimizer it built is the one optimizer_from builds from its config (restore_run's)
