@@ -530,32 +530,26 @@ def test_padded_causal_lm_fit_equals_a_hand_written_masked_loop():
 
 
 @pytest.mark.slow
-def test_padded_lm_manual_engine_with_loss_weights_equals_the_masked_loop():
-    """The same run by the hand-written backward, the mask given to the loss as side
-    ``weights`` instead of ignore_index targets; evaluation counts the valid tokens; and
-    make_step with the same side dict."""
+def test_padded_lm_make_step_and_evaluate_take_the_side_dict():
+    """make_step (manual engine) with the mask given to the model and to the loss as side
+    ``weights`` takes the hand-written masked step; evaluate counts the valid tokens."""
     from _padded import masked_ce, tiny_lm
     model, params, x, y, mask = tiny_lm()
     opt, y0 = optax.adam(0.05), np.where(mask, y, 0)
     side = {"mask": mask, "weights": mask}
-    res = train.fit(model, params, (x, y0, side), losses.softmax_cross_entropy, opt, epochs=2,
-                    batch_size=2, key=3, engine="manual", progress=False,
-                    eval_data=(x, y0, side))
-    want, means, hand_step = _masked_loop(model, params, x, y, mask, opt, 2, 2,
-                                          jax.random.key(3))
-    np.testing.assert_allclose([r["train_loss"] for r in res.history], means, rtol=1e-10)
-    _close(res.params, want, rtol=1e-8, atol=1e-11)
-    ref = jax.jit(lambda p: (masked_ce(model, p, x, y, mask), model.apply(p, x, mask=mask)))
-    value, logits = ref(res.params)
-    assert res.history[-1]["eval_loss"] == pytest.approx(float(value), rel=1e-12)
-    hits = (np.argmax(logits, -1) == y) & mask
-    assert res.history[-1]["eval_accuracy"] == pytest.approx(hits.sum() / mask.sum())
+    _, _, hand_step = _masked_loop(model, params, x[:0], y[:0], mask[:0], opt, 0, 2,
+                                   jax.random.key(0))
     step = jax.jit(train.make_step(model, losses.softmax_cross_entropy, opt, "manual"))
     got, value = step(train.TrainState(params, opt.init(params), None), x[:2], y0[:2], None,
                       {"mask": mask[:2], "weights": mask[:2]})
     one, _, first = hand_step(params, opt.init(params), x[:2], y[:2], mask[:2])
     assert float(value) == pytest.approx(float(first), rel=1e-12)
     _close(got.params, one)
+    ref = jax.jit(lambda p: (masked_ce(model, p, x, y, mask), model.apply(p, x, mask=mask)))
+    want, logits = ref(params)
+    hits = (np.argmax(logits, -1) == y) & mask
+    assert train.evaluate(model, losses.softmax_cross_entropy, params, x, y0, side=side) == \
+        pytest.approx((float(want), float(hits.sum() / mask.sum())), rel=1e-12)
 
 
 def test_wrong_data_structures_get_one_clear_error():
