@@ -5,7 +5,16 @@
 dict of arrays with the batch axis first, passed to the model as keyword side inputs
 (``{"mask": mask}``, ``{"lengths": lengths}``), except ``"weights"``, which weigh the loss's
 terms (:func:`funnn.losses.split_side`). Every part holds the same number of examples, and
-a batch takes the same rows of every part.
+a batch takes the same rows of every part. Anything else is one
+:class:`~funnn.core.DataError` naming this form; a side input no layer reads is a
+:class:`~funnn.core.ConfigError`.
+
+The loss sees a padding mask in one of two ways: integer targets equal to the loss's
+``ignore_index`` (``losses.softmax_cross_entropy.with_ignore_index(-100)``, PyTorch's
+convention: set the padded positions' targets to -100), or ``side["weights"]`` (per example
+``(batch,)`` or per token ``(batch, time)``, e.g. the 0/1 mask). Either way a "mean" loss
+averages over the batch's valid tokens, and DP-SGD clips each example's gradient of the mean
+over its own valid tokens.
 
 Inside the training loop the model's inputs travel as one pytree, :class:`Inputs` ``(x,
 side)``, so an order, a shuffle or a mesh feed that maps over ``x`` maps over the side

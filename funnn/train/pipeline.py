@@ -57,20 +57,11 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         run_id: str | None = None, log: Callable[[str], Any] | None = None,
         mesh=None, sharding="replicated", precision=None,
         dp: privacy.DP | None = None, run_dir=None) -> FitResult:
-    """Train ``model`` on ``data = (x, y)`` or ``(x, y, side)`` (or a Dataset with ``.x``/``.y``).
-
-    ``x`` is an array or a tuple of arrays (a multi-part input: ``(x, context)`` for
-    ``cross_attention``, ``(x, mask)`` for ``lstm(masked=True)``); ``side`` a dict of arrays
-    with the batch axis first, passed to the model as keyword side inputs (``{"mask": mask}``,
-    ``{"lengths": lengths}``). Batches and shuffles take the same rows of every part. The
-    loss sees a mask in one of two ways: integer targets equal to the loss's
-    ``ignore_index`` (``losses.softmax_cross_entropy.with_ignore_index(-100)``: set the
-    padded positions' targets to -100), or ``side["weights"]`` (per example ``(batch,)`` or
-    per token ``(batch, time)``, e.g. the 0/1 padding mask), which go to the loss, not the
-    model. Either way a "mean" loss averages over the valid tokens of the batch, and DP
-    clips each example's gradient of the mean over its own valid tokens. ``eval_data``
-    takes the same form. Any other structure raises one :class:`DataError` naming this form;
-    a side input no layer reads raises :class:`ConfigError`.
+    """Train ``model`` on ``data = (x, y)`` or ``(x, y, side)`` (or a Dataset with ``.x``/``.y``):
+    ``x`` an array or a tuple of arrays, ``side`` a dict of arrays, batch axis first (``mask``,
+    ``lengths`` to the model, ``weights`` to the loss), batched with the examples; a loss
+    ``with_ignore_index(-100)`` skips targets of -100; "mean" then averages over the valid tokens
+    and DP clips each example's own mean. Same form for ``eval_data`` (:mod:`funnn.train.inputs`).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
     ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``,
