@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from funnn.core import DataError
 
-__all__ = ["Inputs", "EXPECTED", "split", "count", "in_shape", "leaves_named"]
+__all__ = ["Inputs", "EXPECTED", "split", "count", "in_shape", "leaves_named", "first"]
 
 EXPECTED = ("data as (x, y) or (x, y, side): x an array or a tuple of arrays, y an array, "
             "side a dict of arrays, each with the batch axis first")
