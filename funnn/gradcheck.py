@@ -31,8 +31,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import PyTreeDef
 
-from funnn import autodiff, manual
-from funnn.core import Layer, ShapeError
+from funnn import autodiff, losses, manual
+from funnn.core import ConfigError, Layer, ShapeError, check_context
 from funnn.summary import derived_layers
 from funnn.trees import path_str, tree_paths
 
@@ -124,9 +124,21 @@ def _to64(tree):
     return jax.tree_util.tree_map(cast, tree)
 
 
-def _scalar_loss(model, loss, x, y, key, state, train):
+def _scalar_loss(model, loss, x, y, key, state, train, context=None):
     objective = autodiff.loss_fn(model, loss, train=train)
-    return lambda p: objective(p, x, y, key, state)[0]
+    return lambda p: objective(p, x, y, key, state, context)[0]
+
+
+def _side(model: Layer, loss, side) -> tuple:
+    """``(loss with side["weights"] bound, the model's side inputs)``, in float64."""
+    if side is None:
+        return loss, {}
+    if not isinstance(side, dict):
+        raise ConfigError(f"side must be a dict of side inputs with the batch axis first, such "
+                          f"as {{'mask': mask}}, got {type(side).__name__}", ("gradcheck",))
+    loss_weights, context = losses.split_side(_to64(side))
+    check_context(model, context)
+    return losses.weighted(loss, loss_weights), context
 
 
 def _full_fd(f, params, eps):
@@ -141,18 +153,20 @@ def _full_fd(f, params, eps):
 
 def directional(model: Layer, loss, params, x, y, *, key=None, state=None, train=True,
                 grads=None, num_directions: int = 4, eps: float = 1e-6, rtol: float = 1e-6,
-                seed: int = 0) -> tuple:
+                seed: int = 0, side: dict | None = None) -> tuple:
     """Check gradients along random unit directions against central differences.
 
     ``grads`` maps a name to a gradient pytree (default: manual and autodiff). Returns
     rows ``(name, abs_err, rel_err, ok)``; the relative error compares the vector of
-    directional derivatives over all ``num_directions`` directions.
+    directional derivatives over all ``num_directions`` directions. ``side`` as in
+    :func:`compare`.
     """
     with jax.enable_x64(True):
         params, x = _to64(params), _to64(x)
-        f = jax.jit(_scalar_loss(model, loss, x, y, key, state, train))
+        loss, context = _side(model, loss, side)
+        f = jax.jit(_scalar_loss(model, loss, x, y, key, state, train, context))
         if grads is None:
-            grads = _both(model, loss, params, x, y, key, state, train)[1]
+            grads = _both(model, loss, params, x, y, key, state, train, context)[1]
         leaves, treedef = jax.tree_util.tree_flatten(params)
         fd: list[float] = []
         dots: dict[str, list[float]] = {name: [] for name in grads}
@@ -174,10 +188,10 @@ def directional(model: Layer, loss, params, x, y, *, key=None, state=None, train
         return tuple(rows)
 
 
-def _both(model, loss, params, x, y, key, state, train):
+def _both(model, loss, params, x, y, key, state, train, context=None):
     def vg(engine):
         value, g = jax.jit(lambda p: engine.value_and_grad(model, loss, train=train)(
-            p, x, y, key=key, state=state))(params)
+            p, x, y, key=key, state=state, **(context or {})))(params)
         return (value[0] if model.stateful else value), g
 
     value, g_auto = vg(autodiff)
@@ -209,10 +223,14 @@ def tree_paths_shapes(tree) -> list:
 
 def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bool = True,
             fd: str = "auto", eps: float = 1e-6, rtol_engines: float = 1e-10,
-            rtol_fd: float = 1e-6, max_fd_params: int = 5000, num_directions: int = 4) -> Report:
+            rtol_fd: float = 1e-6, max_fd_params: int = 5000, num_directions: int = 4,
+            side: dict | None = None) -> Report:
     """Compare manual, autodiff and finite-difference gradients of ``loss(model(x), y)``.
 
-    Everything runs in float64 (params and x are cast). ``fd`` is ``"full"``,
+    ``x`` is an array or a tuple of arrays; ``side`` a dict of side inputs with the batch axis
+    first, as in :func:`funnn.train.fit`'s ``(x, y, side)``: ``mask``/``lengths`` go to the
+    model, ``weights`` weigh the loss's terms (:func:`funnn.losses.weighted`).
+    Everything runs in float64 (params, x and floating side inputs are cast). ``fd`` is ``"full"``,
     ``"directional"``, ``"none"``, or ``"auto"`` (full up to ``max_fd_params``
     parameters, directional beyond). A leaf passes when manual and autodiff agree to
     ``rtol_engines`` and both agree with finite differences to ``rtol_fd``.
@@ -222,12 +240,14 @@ def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bo
                          f"'none', got {fd!r}")
     with jax.enable_x64(True):
         params, x, state = _to64(params), _to64(x), _to64(state)
-        loss_value, grads = _both(model, loss, params, x, y, key, state, train)
+        bound, context = _side(model, loss, side)
+        loss_value, grads = _both(model, bound, params, x, y, key, state, train, context)
         n_params = sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params))
         method = fd if fd != "auto" else ("full" if n_params <= max_fd_params else "directional")
         g_fd = None
         if method == "full":
-            g_fd = _full_fd(_scalar_loss(model, loss, x, y, key, state, train), params, eps)
+            g_fd = _full_fd(_scalar_loss(model, bound, x, y, key, state, train, context), params,
+                            eps)
 
         flat_a, _ = jax.tree_util.tree_flatten_with_path(grads["autodiff"])
         flat_m = jax.tree_util.tree_leaves(grads["manual"])
@@ -247,7 +267,8 @@ def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bo
         dirs = ()
         if method == "directional":
             dirs = directional(model, loss, params, x, y, key=key, state=state, train=train,
-                               grads=grads, num_directions=num_directions, eps=eps, rtol=rtol_fd)
+                               grads=grads, num_directions=num_directions, eps=eps, rtol=rtol_fd,
+                               side=side)
         return Report(tuple(rows), loss_value,
                       {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs,
                       tuple(derived_layers(model)))

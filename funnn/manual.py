@@ -8,7 +8,8 @@ per-example engines (:func:`per_example_value_and_grad`, :func:`per_example_grad
 (``Layer.per_example`` / ``Layer.per_example_norms``).
 
 Per-example semantics: the loss of example ``i`` is the loss of the batch ``x[i:i+1]``,
-i.e. ``loss.value(out[i:i+1], y[i:i+1])``. For a ``"mean"`` loss that is the mean over
+i.e. ``loss.value(out[i:i+1], y[i:i+1])`` (with a masked loss: the mean over that example's
+valid tokens). For a ``"mean"`` loss that is the mean over
 that one example's terms (its time steps for a per-example loss on ``(B, T, K)`` outputs,
 its elements for a per-element loss such as :data:`~funnn.losses.mse`), not the batch
 mean: so ``mean_i(values_i)`` is the batch loss, and ``mean_i(grads_i)`` its gradient,
@@ -122,19 +123,17 @@ def bridge(model: Layer) -> Layer:
 def per_example_loss(loss, out, y):
     """``(values (B,), deltas)``: example ``i``'s loss ``loss.value(out[i:i+1], y[i:i+1])``
     and its gradient with respect to ``out[i]``, for all ``i`` at once (``deltas`` has
-    ``out``'s shape). The reduction's ``1/N`` is that of a one-example batch."""
+    ``out``'s shape). The reduction's ``1/N`` is that of a one-example batch; a masked or
+    weighted loss (``ignore_index``, :func:`funnn.losses.weighted`) divides each example by
+    its own number of valid tokens (:meth:`funnn.losses.Loss.per_example`)."""
     out = jnp.asarray(out)
     if out.ndim < 2:
         raise ShapeError(f"per-example losses need a batch axis: the model output has shape "
                          f"{out.shape}; give x as (batch, ...)", (getattr(loss, "name", "loss"),))
-    if not (callable(getattr(loss, "f", None)) and callable(getattr(loss, "df", None))):
+    if not callable(getattr(loss, "per_example", None)):
         raise ConfigError(f"per-example gradients need a funnn Loss (with the unreduced f and "
                           f"its derivative df), got {loss!r}", ("per_example",))
-    pred, target = loss.check(loss.name, out, y)
-    scale = jnp.asarray(loss._scale((1,) + pred.shape[1:]), pred.dtype)
-    b = pred.shape[0]
-    values = jnp.sum(loss.f(pred, target).reshape(b, -1), 1) * scale
-    return values, loss.df(pred, target) * scale
+    return loss.per_example(out, y)
 
 
 def _reject_stateful(model: Layer, what: str) -> None:

@@ -43,7 +43,7 @@ def _children(layer: Layer, params) -> list:
     return pairs
 
 
-def _forward(layer: Layer, params, x, state, key, path: str):
+def _forward(layer: Layer, params, x, state, key, path: str, context=None):
     """``(y, res, new_state, bad)``: run ``layer`` keeping residuals; ``bad`` names the
     first layer whose output is non-finite (None if all are finite)."""
     if _is_serial(layer):
@@ -52,13 +52,14 @@ def _forward(layer: Layer, params, x, state, key, path: str):
         res, new = [], []
         for (label, child, p), s, k in zip(_children(layer, params), states,
                                            split_key(key, n)):
-            x, r, s, bad = _forward(child, p, x, s, k, path + label)
+            x, r, s, bad = _forward(child, p, x, s, k, path + label, context)
             if bad is not None:
                 return x, None, None, bad
             res.append(r)
             new.append(s)
         return x, tuple(res), tuple(new) if layer.stateful else None, None
-    y, r, s = run_forward(layer, params, x, state=state, key=key, train=True)
+    y, r, s = run_forward(layer, params, x, state=state, key=key, train=True,
+                          **(context or {}))
     return y, r, s, None if _ok(y) else f"{path} {layer.name}".strip()
 
 
@@ -90,8 +91,10 @@ def _backward(layer: Layer, params, res, dy, path: str):
     return dx
 
 
-def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
+def locate(model: Layer, loss, params, x, y, *, key=None, state=None, **context) -> str:
     """Say where the training step on ``(x, y)`` first becomes non-finite.
+
+    ``context``: the model's side inputs (``mask=``, ``lengths=``), as the engines take them.
 
     Returns a phrase such as ``"the output of serial[2] dense(10)"``, ``"the loss (on
     finite outputs)"``, ``"the gradient of serial[0] dense(64) (parameter W)"`` or,
@@ -104,7 +107,7 @@ def locate(model: Layer, loss, params, x, y, *, key=None, state=None) -> str:
         model, policy = inner
         params, x = policy.cast_to_compute(params), policy.cast_to_compute(x)
     root = "serial" if _is_serial(model) else ""
-    out, res, _, bad = _forward(model, params, x, state, key, root)
+    out, res, _, bad = _forward(model, params, x, state, key, root, context)
     if bad is not None:
         return f"the output of {bad}"
     if inner is not None:

@@ -52,6 +52,7 @@ every key, so a resumed DP run is bit-for-bit the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -59,7 +60,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from funnn import _pld, engines, manual
+from funnn import _pld, engines, losses, manual
 from funnn._dp_clip import (
     AdaptiveClip,
     _layer_clip,
@@ -358,21 +359,22 @@ def poisson_capacity(batch_size: int, num_examples: int) -> int:
 def _autodiff_clipped_sum(model: Layer, loss, clip_norm: float):
     """The clipped sum by ``vmap(jax.grad)`` over one-example batches (the autodiff engine's
     fallback; per-example gradients materialised). Example ``i`` draws its random masks from
-    ``fold_in(key, i)``."""
+    ``fold_in(key, i)``; ``loss_weights`` and the side inputs ``context`` are sliced per
+    example with ``x`` and ``y``."""
 
-    def f(params, x, y, weights, *, key=None):
+    def f(params, x, y, weights, *, key=None, loss_weights=None, **context):
         b = jnp.shape(jax.tree_util.tree_leaves(x)[0])[0]
         keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
             jnp.arange(b))
 
-        def one(xi, yi, ki):
+        def one(xi, yi, ki, wi, ci):
             def value(p):
-                out = model.apply(p, jax.tree_util.tree_map(lambda a: a[None], xi), key=ki,
-                                  train=True)
-                return loss.value(out, yi[None])
+                one_row = functools.partial(jax.tree_util.tree_map, lambda a: a[None])
+                out = model.apply(p, one_row(xi), key=ki, train=True, **one_row(ci))
+                return losses.weighted(loss, one_row(wi)).value(out, yi[None])
             return jax.value_and_grad(value)(params)
 
-        values, grads = jax.vmap(one)(x, y, keys)
+        values, grads = jax.vmap(one)(x, y, keys, loss_weights, context)
         sq = sum(jnp.sum(jnp.square(g).reshape(b, -1), 1)
                  for g in jax.tree_util.tree_leaves(grads))
         norms = jnp.sqrt(sq)
@@ -407,20 +409,29 @@ def dp_sample(dp: DP, batch_size: int, num_examples: int):
 
 
 def make_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int):
-    """``g(params, xb, yb, weights, key) -> (loss, noisy_grad)`` on rows already sampled
-    (:func:`dp_sample`): each example's gradient clipped, the weighted sum noised from the
-    second third of the step's ``key`` and divided by ``batch_size``; the last third keys the
-    model (dropout). ``loss`` is the weighted mean of the examples' losses."""
+    """``g(params, xb, yb, weights, key, side=None) -> (loss, noisy_grad)`` on rows already
+    sampled (:func:`dp_sample`): each example's gradient clipped, the weighted sum noised from
+    the second third of the step's ``key`` and divided by ``batch_size``; the last third keys
+    the model (dropout). ``loss`` is the weighted mean of the examples' losses. ``side``: the
+    rows' side inputs (``mask``/``lengths`` to the model; ``"weights"`` to the loss, so with
+    them or a loss ``with_ignore_index`` each example's gradient is that of the mean over its
+    own valid tokens before it is clipped)."""
     if dp.layer_clip is not None:       # per-layer thresholds: per_layer_clipped_grad_sum
         return _layer_dp_batch_grad(model, loss, dp, engine, batch_size)
-    if engines.get(engine).clips_by_rules:
-        clipped = manual.clipped_grad_sum(model, loss, dp.clip_norm, train=True)
-    else:
-        clipped = _autodiff_clipped_sum(model, loss, dp.clip_norm)
+    by_rules = engines.get(engine).clips_by_rules
+    clipped = (manual.clipped_grad_sum(model, loss, dp.clip_norm, train=True) if by_rules
+               else _autodiff_clipped_sum(model, loss, dp.clip_norm))
 
-    def g(params, xb, yb, weights, key):
+    def g(params, xb, yb, weights, key, side=None):
         _, k_noise, k_model = jax.random.split(key, 3)
-        values, _, summed = clipped(params, xb, yb, weights, key=k_model)
+        loss_weights, context = losses.split_side(side)
+        if not by_rules:
+            values, _, summed = clipped(params, xb, yb, weights, key=k_model,
+                                        loss_weights=loss_weights, **context)
+        else:
+            run = clipped if loss_weights is None else manual.clipped_grad_sum(
+                model, losses.weighted(loss, loss_weights), dp.clip_norm, train=True)
+            values, _, summed = run(params, xb, yb, weights, key=k_model, **context)
         leaves, tdef = jax.tree_util.tree_flatten(summed)
         noise_keys = jax.random.split(k_noise, max(len(leaves), 1))
         std = dp.noise_multiplier * dp.clip_norm
@@ -434,17 +445,18 @@ def make_dp_batch_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int)
 
 
 def make_dp_grad(model: Layer, loss, dp: DP, engine: str, batch_size: int, num_examples: int):
-    """``f(params, x, y, key) -> (loss, noisy_grad)``: one DP-SGD gradient from the whole
-    training set ``x, y`` (the step samples its own batch, :func:`dp_sample`) and the step's
-    ``key`` (split into sampling, noise and model keys). ``loss`` is the mean of the sampled
-    examples' losses; ``noisy_grad`` has the params' tree.
+    """``f(params, x, y, key, side=None) -> (loss, noisy_grad)``: one DP-SGD gradient from the
+    whole training set ``x, y`` (and its side inputs ``side``, a dict of arrays with the batch
+    axis first; the step samples its own batch, :func:`dp_sample`, taking the same rows of
+    every part) and the step's ``key`` (split into sampling, noise and model keys). ``loss``
+    is the mean of the sampled examples' losses; ``noisy_grad`` has the params' tree.
     """
     sample = dp_sample(dp, batch_size, num_examples)
     grad = make_dp_batch_grad(model, loss, dp, engine, batch_size)
 
-    def f(params, x, y, key):
+    def f(params, x, y, key, side=None):
         idx, weights = sample(key)
-        xb = jax.tree_util.tree_map(lambda a: a[idx], x)
-        return grad(params, xb, y[idx], weights, key)
+        xb, sb = jax.tree_util.tree_map(lambda a: a[idx], (x, side or {}))
+        return grad(params, xb, y[idx], weights, key, side=sb)
 
     return f

@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 
-from funnn import data, parallel, train
+from funnn import data, losses, parallel, train
 from funnn import layers as L
 from funnn.core import FunnnError
 
@@ -104,6 +104,18 @@ def main(out_path: str) -> None:
     b = run(noisy, p2, xy, "float32", "manual", mesh=8)
     report["dropout+batch_norm"] = {"params": rel(b.params, a.params),
                                     "state": rel(b.model_state, a.model_state)}
+
+    # side inputs: a padded causal LM, its key-padding mask split over data with the batch
+    from _padded import tiny_lm
+    lm, p3, ids, targets, mask = tiny_lm()
+    lm_data = (np.tile(ids, (4, 1)), np.tile(targets, (4, 1)), {"mask": np.tile(mask, (4, 1))})
+    ce = losses.softmax_cross_entropy.with_ignore_index()
+    kw = dict(epochs=2, batch_size=8, key=3, progress=False, eval_data=lm_data)
+    a = train.fit(lm, p3, lm_data, ce, "sgd", **kw)
+    b = train.fit(lm, p3, lm_data, ce, "sgd", mesh=8, **kw)
+    report["padded_lm"] = {"params": rel(b.params, a.params),
+                           "loss": abs(b.history[-1]["train_loss"] - a.history[-1]["train_loss"]),
+                           "eval": abs(b.history[-1]["eval_loss"] - a.history[-1]["eval_loss"])}
 
     n = report["compiles_before_errors"] = len(compiles)
     report["errors"] = {

@@ -94,3 +94,30 @@ def test_gradcheck_stateful_network_with_a_zero_gradient_leaf():
     assert float(jnp.max(jnp.abs(ga[0]["b"]))) < 1e-12
     report = gradcheck.compare(model, loss, params, x, y, key=key, state=state)
     assert report.ok, str(report)
+
+
+@pytest.mark.slow
+def test_side_inputs_and_loss_weights_reach_the_model_and_the_loss():
+    """compare(..., side={"mask": ..., "weights": ...}) on a padded causal LM with ignore_index
+    targets: the mask goes to attention, the per-example weights to the loss; three ways agree,
+    the reported loss is the hand-written masked one, and a wrong side is named."""
+    from _padded import tiny_lm
+    model, params, x, y, mask = tiny_lm()
+    ce = losses.softmax_cross_entropy.with_ignore_index()
+    w = np.array([1.0, 0.0, 2.0, 0.5])          # per example, times each valid token
+    report = gradcheck.compare(model, ce, params, x, y, side={"mask": mask, "weights": w},
+                               fd="full")
+    assert report.ok, str(report)
+
+    @jax.jit
+    def ref(p):
+        tok = w[:, None] * (y != -100)
+        logp = jax.nn.log_softmax(model.apply(p, x, mask=mask))
+        nll = -jnp.take_along_axis(logp, jnp.where(y < 0, 0, y)[..., None], -1)[..., 0]
+        return (tok * nll).sum() / tok.sum()
+
+    assert report.loss == pytest.approx(float(ref(params)), rel=1e-12)
+    with pytest.raises(core.ConfigError, match="gradcheck: side must be a dict"):
+        gradcheck.compare(model, ce, params, x, y, side=[mask])
+    with pytest.raises(core.ConfigError, match="got lengths_=, but"):
+        gradcheck.compare(model, ce, params, x, y, side={"lengths_": mask.sum(1)})

@@ -270,3 +270,112 @@ def test_accuracy():
     assert losses.accuracy(z.reshape(2, 2, 3), y.reshape(2, 2)) == 0.5
     with pytest.raises(ShapeError, match="accuracy"):
         losses.accuracy(z, y[:3])
+
+
+# --------------------------------------------------------------------------- masks and weights
+
+
+def _reference_terms(loss, pred, t):
+    """Each loss's unreduced terms written again, independently of funnn (for autodiff)."""
+    if loss.name == "softmax_cross_entropy":
+        logp = jax.nn.log_softmax(pred)
+        if t.ndim < pred.ndim:
+            return -jnp.take_along_axis(logp, t[..., None], -1)[..., 0]
+        return -jnp.sum(t * logp, -1)
+    if loss.name == "binary_cross_entropy":
+        return -t * jax.nn.log_sigmoid(pred) - (1 - t) * jax.nn.log_sigmoid(-pred)
+    if loss.name == "mse":
+        return (pred - t) ** 2
+    return 0.5 * jnp.sum((pred - t) ** 2, -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _weighted_reference(loss, mean, pred, t, wt):
+    """The batch value and gradient of ``sum(wt f) / sum(wt)`` (or ``sum(wt f)``) and each
+    example's alone (divided by its own weights), by jax.grad of the reference terms."""
+    def one(p, t, w):
+        den = jnp.sum(w) if mean else 1.0
+        return jnp.sum(w * _reference_terms(loss, p, t)) / jnp.where(den == 0, 1.0, den)
+    batch = jax.value_and_grad(one)(pred, t, wt)
+    return batch, jax.vmap(jax.value_and_grad(one))(pred, t, wt)
+
+
+@pytest.mark.parametrize("loss,reduction", [
+    (losses.softmax_cross_entropy, "mean"), (losses.mse, "sum"),   # per example, per element
+    *(pytest.param(l, r, marks=pytest.mark.slow) for l, r in CASES
+      if (l.name, r) not in (("softmax_cross_entropy", "mean"), ("mse", "sum")))],
+    ids=lambda v: getattr(v, "name", v))
+def test_weighted_losses_hand_written_grad_equals_autodiff(loss, reduction):
+    """value = sum(w f) / sum(w) ("mean") or sum(w f) ("sum"), for per-example (B,) and per-token
+    (B, T) weights (and per-element (B, T, K) for element losses); the hand-written grad and
+    per-example rows against jax.grad of an independent float64 reference."""
+    rng = np.random.default_rng(1)
+    loss = loss.with_reduction(reduction)
+    pred, t = make_pair(loss, (3, 4), 5, 1, "labels")
+    pred, t = jnp.asarray(pred), jnp.asarray(t)
+    terms = pred.shape if loss.per == "element" else pred.shape[:-1]
+    for shape in sorted({(3,), (3, 4), terms}):
+        w = jnp.asarray(rng.uniform(0, 2, shape) * (rng.uniform(size=shape) > 0.3))
+        wt = jnp.broadcast_to(w.reshape(shape + (1,) * (len(terms) - len(shape))), terms)
+        (value, grad), (values, deltas) = _weighted_reference(loss, reduction == "mean",
+                                                              pred, t, wt)
+        np.testing.assert_allclose(loss.value(pred, t, weights=w), value, rtol=1e-12)
+        np.testing.assert_allclose(loss.grad(pred, t, weights=w), grad, rtol=1e-10, atol=1e-15)
+        got_values, got_deltas = loss.per_example(pred, t, weights=w)
+        np.testing.assert_allclose(got_values, values, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got_deltas, deltas, rtol=1e-10, atol=1e-15)
+    # unit weights change nothing
+    np.testing.assert_allclose(loss.value(pred, t, weights=jnp.ones(3)), loss.value(pred, t),
+                               rtol=1e-14)
+
+
+def test_ignore_index_averages_over_valid_tokens_only():
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.normal(size=(3, 4, 5)))
+    y = rng.integers(0, 5, (3, 4))
+    y[0, 3], y[2, 1:] = -100, -100               # 3 + 4 + 1 = 8 valid tokens
+    valid = y != -100
+    ce = losses.softmax_cross_entropy.with_ignore_index()
+    assert ce.ignore_index == -100 and "ignore_index=-100" in repr(ce)
+
+    @jax.value_and_grad
+    def ref(z):   # PyTorch's CrossEntropyLoss(ignore_index=-100): mean over valid tokens
+        logp = jax.nn.log_softmax(z)
+        picked = jnp.take_along_axis(logp, jnp.where(valid, y, 0)[..., None], -1)[..., 0]
+        return -jnp.sum(jnp.where(valid, picked, 0)) / 8
+
+    value, grad = jax.jit(ref)(z)
+    np.testing.assert_allclose(ce.value(z, y), value, rtol=1e-13)
+    g = ce.grad(z, y)
+    np.testing.assert_allclose(g, grad, rtol=1e-10, atol=1e-16)
+    assert not np.any(np.asarray(g)[~valid])                  # ignored rows: exactly 0
+    # the same as 0/1 weights; per example: each divided by its own valid count
+    np.testing.assert_allclose(losses.softmax_cross_entropy.value(
+        z, np.where(valid, y, 0), weights=valid), value, rtol=1e-14)
+    values, _ = ce.per_example(z, y)
+    np.testing.assert_allclose(values[2], -jax.nn.log_softmax(z[2, 0])[y[2, 0]], rtol=1e-13)
+    # nothing valid: loss 0, gradient 0
+    none = jnp.full((3, 4), -100)
+    assert float(ce.value(z, none)) == 0.0 and not np.any(np.asarray(ce.grad(z, none)))
+    # accuracy over the valid tokens only
+    hits = (np.argmax(np.asarray(z), -1) == y) & valid
+    assert float(losses.accuracy(z, y, ignore_index=-100)) == pytest.approx(hits.sum() / 8)
+
+
+def test_mask_and_weight_errors():
+    z, y = jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), int)
+    ce = losses.softmax_cross_entropy
+    with pytest.raises(ShapeError, match=r"weights of shape \(3,\).*terms' shape \(2, 3\)"):
+        ce.value(z, y, weights=jnp.ones(3))
+    with pytest.raises(DataError, match="weights must be >= 0"):
+        ce.grad(z, y, weights=-jnp.ones((2, 3)))
+    with pytest.raises(ConfigError, match="mse: ignore_index needs integer class labels"):
+        losses.mse.with_ignore_index(-100)
+    with pytest.raises(ConfigError, match="ignore_index must be an int"):
+        ce.with_ignore_index(0.5)
+    with pytest.raises(ConfigError, match="need a funnn Loss"):
+        losses.weighted(lambda p, t: 0.0, jnp.ones(2))
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 4\)"):
+        ce.value(z, y - 100)            # -100 is a bad label unless the loss ignores it
+    assert ce.with_ignore_index(None) == ce and ce.with_ignore_index().with_ignore_index(None) == ce
+    assert losses.split_side({"mask": 1, "weights": 2}) == (2, {"mask": 1})

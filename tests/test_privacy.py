@@ -494,3 +494,70 @@ def test_per_layer_dp_step_and_fit(tiny, tmp_path):
     with pytest.raises(ConfigError, match="dp_layer_clip"):
         train.fit(model, p, (xs, ys), "softmax_cross_entropy", "sgd", epochs=2,
                   dp=privacy.DP({"0": 1.0, "2": 0.7}, 1.0), resume=True, **kw)
+
+
+# --------------------------------------------------------------------------- masked DP
+
+
+def _clipped_reference(model, x, y, mask, rows):
+    """``ref(params, C) -> (norms, sum_i rows_i clip(g_i, C) / B, logits)`` with g_i = jax.grad
+    of example i's hand-written masked loss (the mean over *its own* valid tokens)."""
+    from _padded import masked_ce
+
+    @jax.jit
+    def ref(p, clip):
+        g = jax.vmap(lambda xi, yi, mi: jax.grad(lambda p: masked_ce(
+            model, p, xi[None], yi[None], mi[None]))(p))(x, y, mask)
+        sq = sum(jax.numpy.sum(a.reshape(len(x), -1) ** 2, 1) for a in jax.tree.leaves(g))
+        norms = jax.numpy.sqrt(sq)
+        f = rows * jax.numpy.minimum(1.0, clip / norms)
+        return norms, jax.tree.map(lambda a: jax.numpy.tensordot(f, a, 1) / len(x), g), \
+            model.apply(p, x, mask=mask)
+
+    return ref
+
+
+def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count():
+    """With ignore_index targets each example's gradient is that of the mean over its own valid
+    tokens before clipping: the ghost-clipped DP gradient (noise 0) equals clipping the
+    hand-written per-example masked gradients."""
+    from _padded import tiny_lm
+    model, params, x, y, mask = tiny_lm()
+    ce = losses.softmax_cross_entropy.with_ignore_index()
+    rows = np.array([1.0, 1.0, 0.0, 1.0])             # a padded Poisson row sits out
+    ref = _clipped_reference(model, x, y, mask, rows)
+    clip = float(np.median(ref(params, 1.0)[0]))      # some examples clipped, some not
+    norms, want, logits = ref(params, clip)
+    assert (norms > clip).sum() == 2
+    g = jax.jit(privacy.make_dp_batch_grad(model, ce, privacy.DP(clip, 0.0), "manual", 4))
+    value, got = g(params, x, y, rows, jax.random.key(0), side={"mask": mask})
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    # the loss: the mean over kept examples of each one's own mean over its valid tokens
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    nll = -np.take_along_axis(logp, np.where(mask, y, 0)[..., None], -1)[..., 0]
+    own = (nll * mask).sum(1) / mask.sum(1)            # example 3: 2 valid tokens, not 5
+    assert float(value) == pytest.approx(own[rows > 0].mean(), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_fit_dp_takes_side_inputs_with_the_rows_it_samples():
+    """fit(dp=...) on (x, y, {"weights": ...}) (noise 0, fixed-size batches) with the autodiff
+    engine (the vmap(jax.grad) fallback, slicing the side inputs per example) steps as a hand
+    loop over make_dp_grad with ghost clipping, which samples the same rows of every part."""
+    model = L.serial(L.embedding(7, 3), L.dense(7))
+    _, params = model.init(jax.random.key(1), (None, 5))
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 7, (6, 5)), rng.integers(0, 7, (6, 5))
+    w = (np.arange(5)[None] < np.array([5, 1, 3, 2, 4, 5])[:, None]).astype(float)
+    dp = privacy.DP(0.3, 0.0, sampling="fixed")
+    ce = losses.softmax_cross_entropy
+    res = train.fit(model, params, (x, y, {"weights": w}), ce, "sgd", learning_rate=0.5,
+                    epochs=1, batch_size=2, dp=dp, engine="autodiff", key=4, progress=False)
+    grad = jax.jit(privacy.make_dp_grad(model, ce, dp, "manual", 2, 6))
+    p, epoch_key = params, jax.random.fold_in(jax.random.key(4), 0)
+    for i in range(3):
+        _, g = grad(p, x, y, jax.random.fold_in(epoch_key, i), {"weights": w})
+        p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)

@@ -346,7 +346,8 @@ def test_settings_are_resolved_once_and_print_as_the_config():
                         "data_sha256": fingerprint(*xy),
                         "dtypes": "params float64, x float32"}     # conftest: x64 on
     assert repr(s) == str(s) == f"Settings({s.config!r})"
-    assert s.plan is None and s.dp is None and held_out is None and x.shape == (8, 2)
+    assert s.plan is None and s.dp is None and held_out is None
+    assert x.x.shape == (8, 2) and x.side == {}      # the inputs: Inputs(x, side)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.epochs = 4                                # frozen
     # the optimizer it built is the one optimizer_from builds from its config (restore_run's)
@@ -481,3 +482,140 @@ def test_integer_params_are_refused():
     bad = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(np.int32), params)
     with pytest.raises(ConfigError, match="is int32; training needs floating-point"):
         train.fit(model, bad, xy, "mse", "sgd", epochs=1, batch_size=4, progress=False)
+
+
+# --------------------------------------------------------------------------- side inputs
+
+
+def _masked_loop(model, params, x, y, mask, opt, epochs, batch_size, key):
+    """The hand-written masked training loop: fit's order (data.epoch_order of fold_in(key,
+    e)), optax on jax.grad of the hand-written masked loss; ``(params, mean loss per epoch,
+    the jitted step)``."""
+    from _padded import masked_ce
+
+    @jax.jit
+    def step(p, s, xb, yb, mb):
+        value, g = jax.value_and_grad(lambda p: masked_ce(model, p, xb, yb, mb))(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    p, s, means = params, opt.init(params), []
+    for e in range(epochs):
+        idx = np.asarray(data.epoch_order(jax.random.fold_in(key, e), len(x), batch_size))
+        values = []
+        for b in idx:
+            p, s, v = step(p, s, x[b], y[b], mask[b])
+            values.append(float(v))
+        means.append(np.mean(values))
+    return p, means, step
+
+
+def _close(got, want, rtol=1e-10, atol=1e-13):
+    for a, b in zip(leaves(got), leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_padded_causal_lm_fit_equals_a_hand_written_masked_loop():
+    """fit on (x, y, {"mask": mask}) with ignore_index targets: the same losses epoch by epoch
+    and the same parameters as the hand-written masked loop."""
+    from _padded import tiny_lm
+    model, params, x, y, mask = tiny_lm()
+    ce, opt = losses.softmax_cross_entropy.with_ignore_index(), optax.sgd(0.5)
+    res = train.fit(model, params, (x, y, {"mask": mask}), ce, opt, epochs=2, batch_size=2,
+                    key=3, progress=False)
+    want, means, _ = _masked_loop(model, params, x, y, mask, opt, 2, 2, jax.random.key(3))
+    np.testing.assert_allclose([r["train_loss"] for r in res.history], means, rtol=1e-12)
+    _close(res.params, want)
+    assert res.config["loss_ignore_index"] == -100
+
+
+@pytest.mark.slow
+def test_padded_lm_make_step_and_evaluate_take_the_side_dict():
+    """make_step (manual engine) with the mask given to the model and to the loss as side
+    ``weights`` takes the hand-written masked step; evaluate counts the valid tokens."""
+    from _padded import masked_ce, tiny_lm
+    model, params, x, y, mask = tiny_lm()
+    opt, y0 = optax.adam(0.05), np.where(mask, y, 0)
+    side = {"mask": mask, "weights": mask}
+    _, _, hand_step = _masked_loop(model, params, x[:0], y[:0], mask[:0], opt, 0, 2,
+                                   jax.random.key(0))
+    step = jax.jit(train.make_step(model, losses.softmax_cross_entropy, opt, "manual"))
+    got, value = step(train.TrainState(params, opt.init(params), None), x[:2], y0[:2], None,
+                      {"mask": mask[:2], "weights": mask[:2]})
+    one, _, first = hand_step(params, opt.init(params), x[:2], y[:2], mask[:2])
+    assert float(value) == pytest.approx(float(first), rel=1e-12)
+    _close(got.params, one)
+    ref = jax.jit(lambda p: (masked_ce(model, p, x, y, mask), model.apply(p, x, mask=mask)))
+    want, logits = ref(params)
+    hits = (np.argmax(logits, -1) == y) & mask
+    assert train.evaluate(model, losses.softmax_cross_entropy, params, x, y0, side=side) == \
+        pytest.approx((float(want), float(hits.sum() / mask.sum())), rel=1e-12)
+
+
+def test_wrong_data_structures_get_one_clear_error():
+    """What fit (and evaluate, make_step) expect is named, before anything compiles."""
+    from _padded import tiny_lm
+    model, params, x, y, mask = tiny_lm()
+    ce = losses.softmax_cross_entropy.with_ignore_index()
+    form = r"fit expected data as \(x, y\) or \(x, y, side\)"
+    for bad, match in [
+            ((x, y, {"mask": mask}, 1), "training data is a tuple of 4.*" + form),
+            ((x,), "training data is a tuple of 1"),
+            (x, "training data is an array of shape"),
+            ((x, y, [mask]), r"side is a list of 1.*expected a dict of named arrays"),
+            (({"ids": x}, y), r"x is a dict with keys \['ids'\]; " + form),
+            (((x, mask[:2]), y), r"every part needs the same number of examples.*x\[0\] has 4, "
+                                 r"x\[1\] has 2, y has 4"),
+            ((x, y, {"mask": mask[:3]}), r"side\['mask'\] has 3"),
+            ((x, y[:2]), "x has 4, y has 2"),
+            ((x, y, {"mask": 1.0}), r"side\['mask'\] is a scalar")]:
+        with pytest.raises(DataError, match=match):
+            train.fit(model, params, bad, ce, epochs=1, batch_size=2, progress=False)
+    with pytest.raises(DataError, match=r"evaluation data: every part.*side\[.mask.\] has 2"):
+        train.fit(model, params, (x, y), ce, epochs=1, batch_size=2, progress=False,
+                  eval_data=(x, y, {"mask": mask[:2]}))
+    with pytest.raises(ConfigError, match=r"got lenghts=, but this model reads only mask=, "
+                                          r"lengths="):
+        train.fit(model, params, (x, y, {"lenghts": mask.sum(1)}), ce, epochs=1,
+                  batch_size=2, progress=False)
+    with pytest.raises(ConfigError, match="need a funnn Loss"):
+        train.fit(model, params, (x, y, {"weights": mask}), lambda p, t: p.sum(), epochs=1,
+                  batch_size=2, progress=False)
+    with pytest.raises(DataError, match=r"evaluate expected data as \(x, y\) or"):
+        train.evaluate(model, ce, params, x, y, side=[mask])
+    step = train.make_step(model, ce, optax.sgd(0.1))
+    with pytest.raises(DataError, match="make_step: side must be a dict"):
+        step(train.TrainState(params, (), None), x, y, None, mask)
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 7\) \(or equal ignore_index "
+                                        r"-100\)"):
+        train.fit(model, params, (x, y - 1), ce, epochs=1, batch_size=2, progress=False)
+
+
+@pytest.mark.slow
+def test_tuple_inputs_and_lengths_are_batched_with_the_same_rows():
+    """fit(model, params, ((x, context), y, {"lengths": lengths})) for cross-attention: every
+    part of the pair and the side input take the same rows, as in a hand-written loop."""
+    model = L.serial(L.cross_attention(1, implementation="materialized"), L.dense(2))
+    _, params = model.init(jax.random.key(0), ((None, 3, 2), (None, 4, 3)))
+    rng = np.random.default_rng(0)
+    q, c, y = rng.normal(size=(4, 3, 2)), rng.normal(size=(4, 4, 3)), rng.normal(size=(4, 3, 2))
+    lengths = np.array([4, 1, 3, 2])
+    res = train.fit(model, params, ((q, c), y, {"lengths": lengths}), "mse", "sgd",
+                    learning_rate=0.3, epochs=2, batch_size=2, key=5, progress=False,
+                    eval_data=((q, c), y, {"lengths": lengths}))
+
+    @jax.jit
+    def step(p, qb, cb, yb, lb):
+        value, g = jax.value_and_grad(
+            lambda p: jnp.mean((model.apply(p, (qb, cb), lengths=lb) - yb) ** 2))(p)
+        return jax.tree_util.tree_map(lambda a, b: a - 0.3 * b, p, g), value
+
+    p = params
+    for e in range(2):
+        for b in np.asarray(data.epoch_order(jax.random.fold_in(jax.random.key(5), e), 4, 2)):
+            p, _ = step(p, q[b], c[b], y[b], lengths[b])
+    _close(res.params, p)
+    want = float(step(p, q, c, y, lengths)[1])
+    assert res.history[-1]["eval_loss"] == pytest.approx(want, rel=1e-12)
+    assert train.evaluate(model, "mse", p, (q, c), y, side={"lengths": lengths})[0] == \
+        pytest.approx(want, rel=1e-12)

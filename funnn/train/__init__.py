@@ -16,6 +16,7 @@ uninterrupted run does.
 The pieces, each replaceable alone (``fit`` composes them):
 
 * :mod:`~funnn.train.settings`: every argument resolved and checked once (``Settings``);
+* :mod:`~funnn.train.inputs`: the data form ``(x, y)`` or ``(x, y, side)``, checked once;
 * :mod:`~funnn.train.optim`: optimizers by name, ``optimizer_from(config)``;
 * :mod:`~funnn.train.step`: ``TrainState``, gradient functions, the update, ``make_step``;
 * :mod:`~funnn.train.epoch`: orders (shuffle, DP sampling) and the one epoch maker;

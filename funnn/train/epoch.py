@@ -60,6 +60,8 @@ def _rows(tree, b):
 def epoch_fn(update, order: Order | None, *, constrain=None):
     """``epoch(ts, x, y, key) -> (ts, batch_losses)``: ``update`` scanned over one epoch.
 
+    ``x`` is a pytree of inputs (an :class:`~funnn.train.inputs.Inputs` ``(x, side)`` in
+    ``fit``): every leaf is batched alike, so side inputs and tuple parts keep their rows.
     With an ``order``, ``x``/``y`` are the whole training set and step ``i`` takes the rows
     ``order.draw(key)`` gives it. Without one, ``x``/``y`` arrive as the epoch's batches
     stacked ``(num_batches, batch, ...)`` (a mesh feeds them so) and step ``i`` takes batch
@@ -72,8 +74,9 @@ def epoch_fn(update, order: Order | None, *, constrain=None):
 
     def epoch(ts, x, y, key):
         if order is None:
+            n = jax.tree_util.tree_leaves(x)[0].shape[0]
             return jax.lax.scan(lambda t, s: step(t, s[0], s[1], None, key, s[2]), ts,
-                                (x, y, jnp.arange(x.shape[0])))
+                                (x, y, jnp.arange(n)))
         idx, w = order.draw(key)
 
         def body(t, i):
@@ -160,7 +163,8 @@ def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_s
     """:func:`make_epoch` on a mesh: ``epoch(ts, xb, yb, key_data) -> (ts, batch_losses)``.
 
     ``xb``/``yb`` are the epoch's batches stacked ``(num_batches, batch, ...)`` and split
-    over the mesh's ``data`` axis (``plan.feed``); ``ts`` lives on ``state_shardings`` in
+    over the mesh's ``data`` axis (``plan.feed``; ``xb`` may be a pytree of inputs, every
+    leaf split alike); ``ts`` lives on ``state_shardings`` in
     and out, and is donated. ``key_data`` is a typed key's data for ``key_impl`` (None: a
     raw uint32 key). The same step and per-step keys as :func:`make_epoch`.
     """
@@ -170,8 +174,8 @@ def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_s
 
 def sharded_epoch(update, plan, state_shardings, key_impl):
     """:func:`epoch_fn` over stacked, mesh-fed batches, jitted with the plan's shardings."""
-    epoch = epoch_fn(update, None,
-                     constrain=lambda a: jax.lax.with_sharding_constraint(a, plan.rows))
+    epoch = epoch_fn(update, None, constrain=lambda tree: jax.tree_util.tree_map(
+        lambda a: jax.lax.with_sharding_constraint(a, plan.rows), tree))
 
     def run(ts: TrainState, xb, yb, key_data):
         key = key_data if key_impl is None else jax.random.wrap_key_data(key_data,

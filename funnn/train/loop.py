@@ -14,9 +14,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from funnn import numerics
+from funnn import losses, numerics
 from funnn.core import FunnnError
 from funnn.train.epoch import NonFinite
+from funnn.train.inputs import Inputs
 
 __all__ = ["TrainingDiverged", "train_epochs"]
 
@@ -47,8 +48,10 @@ def _step_diverged(s, bad: NonFinite, e: int, history: list, last_path) -> Train
     """The error of a checked epoch's non-finite step, naming the first bad place."""
     nb = s.num_examples // s.batch_size
     step = e * nb + bad.batch + 1
-    where = numerics.locate(s.model, s.loss, bad.ts.params, bad.x, bad.y, key=bad.key,
-                            state=bad.ts.model_state)
+    x, side = bad.x if isinstance(bad.x, Inputs) else (bad.x, {})
+    loss_weights, context = losses.split_side(side)
+    where = numerics.locate(s.model, losses.weighted(s.loss, loss_weights), bad.ts.params, x,
+                            bad.y, key=bad.key, state=bad.ts.model_state, **context)
     history.append({"epoch": e + 1, "train_loss": float("nan")})
     return TrainingDiverged(
         f"step {step} (epoch {e + 1}, batch {bad.batch + 1}): {where} became non-finite; "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from funnn import __version__, privacy, rundir
 from funnn.core import FunnnError, Layer
+from funnn.train import inputs
 from funnn.train.evaluation import make_evaluate
 from funnn.train.loop import TrainingDiverged, train_epochs
 from funnn.train.placement import placement
@@ -56,7 +57,11 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
         run_id: str | None = None, log: Callable[[str], Any] | None = None,
         mesh=None, sharding="replicated", precision=None,
         dp: privacy.DP | None = None, run_dir=None) -> FitResult:
-    """Train ``model`` on ``data = (x, y)`` (or a Dataset with ``.x``/``.y``).
+    """Train ``model`` on ``data = (x, y)`` or ``(x, y, side)`` (or a Dataset with ``.x``/``.y``):
+    ``x`` an array or a tuple of arrays, ``side`` a dict of arrays, batch axis first (``mask``,
+    ``lengths`` to the model, ``weights`` to the loss), batched with the examples; a loss
+    ``with_ignore_index(-100)`` skips targets of -100; "mean" then averages over the valid tokens
+    and DP clips each example's own mean. Same form for ``eval_data`` (:mod:`funnn.train.inputs`).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
     ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``,
@@ -179,7 +184,7 @@ def _stopped(run, run_id, config: dict, history: list, err: BaseException) -> No
 def _first_state(s: Settings, params, model_state, start_from, x) -> TrainState:
     """The state a fresh run starts from: given or checkpointed params, a fresh optimizer."""
     if s.model.init_state is not None and model_state is None:     # model.stateful
-        model_state = s.model.init_state((None,) + tuple(x.shape[1:]))
+        model_state = s.model.init_state(inputs.in_shape(x.x))
     if start_from is not None:
         ck = rundir.read_start(start_from, {"params": params, "model_state": model_state})
         params, model_state = ck.params, ck.model_state
@@ -230,7 +235,7 @@ def _evaluator(s: Settings, place, held_out):
         return None
     ex, ey = place.place_eval(*held_out)
     run = make_evaluate(s.model, s.loss)
-    return lambda ts: run(ts.params, ts.model_state, ex, ey)
+    return lambda ts: run(ts.params, ts.model_state, ex.x, ey, ex.side)
 
 
 def _saver(run, place, s: Settings, key, keep, extras, run_id):

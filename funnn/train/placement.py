@@ -68,8 +68,9 @@ class OnMesh:
 
     def place_eval(self, ex, ey):
         p = self.plan       # split over data when it divides the split, else replicated
-        split = p.rows if int(ex.shape[0]) % p.data_size == 0 else p.replicated
-        return p.place(ex, split), p.place(ey, split)
+        n = int(jax.tree_util.tree_leaves(ex)[0].shape[0])
+        split = p.rows if n % p.data_size == 0 else p.replicated
+        return jax.tree_util.tree_map(lambda a: p.place(a, split), (ex, ey))
 
     def feed(self, update, order: Order, ts: TrainState, key, *, checked: bool = False):
         """``run(ts, x, y, epoch_key)``: the epoch's order drawn on the host (the same as on
@@ -82,11 +83,12 @@ class OnMesh:
         host: dict = {}
 
         def run(ts, x, y, k):
-            if not host:
-                host.update(x=np.asarray(x), y=np.asarray(y))
+            if not host:        # x: a pytree of inputs (side inputs, tuple parts) fed alike
+                host.update(x=jax.tree_util.tree_map(np.asarray, x), y=np.asarray(y))
             idx = np.asarray(draw(k))
             kd = self.plan.place(jax.random.key_data(k) if typed else k, self.plan.replicated)
-            return epoch(ts, self.plan.feed(host["x"], idx), self.plan.feed(host["y"], idx), kd)
+            xb = jax.tree_util.tree_map(lambda a: self.plan.feed(a, idx), host["x"])
+            return epoch(ts, xb, self.plan.feed(host["y"], idx), kd)
 
         return run
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from funnn import engines, privacy, rundir
-from funnn.core import ConfigError, DataError, Layer
+from funnn import engines, losses, privacy, rundir
+from funnn.core import ConfigError, DataError, Layer, check_context
 from funnn.precision import Policy, apply_policy, get_policy
+from funnn.train import inputs
 from funnn.train.epoch import Order, dp_sampled, shuffled
 from funnn.train.optim import optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
@@ -70,25 +71,14 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
             batch_size, engine, schedule, eval_data, check_numerics, mesh, sharding,
             precision, dp, config, resume, overwrite, from_checkpoint, run_dir=None,
             checkpoint_dir=None, keep=3):
-    """``(settings, (x, y), eval (x, y) or None)``; every bad argument is raised here."""
+    """``(settings, (inputs, y), eval (inputs, y) or None)``, the inputs an
+    :class:`~funnn.train.inputs.Inputs` ``(x, side)``; every bad argument is raised here."""
     epochs, batch_size = _positive("epochs", epochs), _positive("batch_size", batch_size)
     engines.get(engine)
     loss = as_loss(loss, engine)
-    x, y = _xy(data)
-    num = int(x.shape[0])
-    if num == 0:
-        raise DataError(f"the training data is empty (x has shape {tuple(x.shape)})", ("fit",))
-    _check_labels(model, x, y, "training")
-    held_out = _xy(eval_data) if eval_data is not None else None
-    if held_out is not None:
-        if int(held_out[0].shape[0]) == 0:
-            raise DataError(f"the evaluation data is empty (x has shape "
-                            f"{tuple(held_out[0].shape)})", ("fit",))
-        _check_labels(model, held_out[0], held_out[1], "evaluation")
-    for what, a in (("training x", x), ("training y", y), *(
-            (("evaluation x", held_out[0]), ("evaluation y", held_out[1]))
-            if held_out is not None else ())):
-        _check_finite(what, a)
+    train_xy = _data(model, loss, data, "training")
+    num = inputs.count(*train_xy)
+    held_out = _data(model, loss, eval_data, "evaluation") if eval_data is not None else None
     _check_float_params(params)
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
@@ -109,11 +99,13 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
         raise ConfigError(f"dp= trains in float32: the per-example rules do not run under a "
                           f"mixed-precision policy yet; leave out precision={policy.name!r}",
                           ("fit",))
+    if getattr(loss, "ignore_index", None) is not None:
+        settings.update(loss_ignore_index=loss.ignore_index)
     settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
                     batch_size=batch_size, epochs=epochs, num_examples=num,
                     precision=policy.name,
-                    data_sha256=fingerprint(x, y, *(held_out if held_out is not None else ())),
-                    dtypes=_dtypes(params, x))
+                    data_sha256=fingerprint(*_arrays(train_xy), *_arrays(held_out)),
+                    dtypes=_dtypes(params, inputs.first(train_xy[0])))
     if plan is not None:
         settings.update(mesh=dict(plan.mesh.shape), sharding=str(sharding))
     if dp is not None:
@@ -125,7 +117,30 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     opt = optimizer_from(run_config, optimizer if custom else None, policy)
     s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
                  batch_size, num, bool(check_numerics), run_config)
-    return s, (x, y), held_out
+    return s, train_xy, held_out
+
+
+def _arrays(xy) -> list:
+    """Every array of ``(inputs, y)`` in the order ``x`` (its parts), side inputs, ``y``:
+    for plain ``(x, y)`` data the fingerprint is that of ``x, y``, as before side inputs."""
+    return [] if xy is None else [a for _, a in inputs.leaves_named(*xy)]
+
+
+def _data(model: Layer, loss, data, what: str) -> tuple:
+    """``(Inputs(x, side), y)`` of ``data`` in the pinned form, checked: non-empty, finite,
+    labels in range, side inputs the model (or the loss: ``"weights"``) reads."""
+    x, y, side = inputs.split(data, what)
+    xs = inputs.Inputs(x, side)
+    if inputs.count(xs, y, what) == 0:
+        raise DataError(f"the {what} data is empty (x has shape "
+                        f"{tuple(inputs.first(x).shape)})", ("fit",))
+    loss_weights, context = losses.split_side(side)
+    check_context(model, context)
+    losses.weighted(loss, loss_weights)         # weights need a funnn Loss
+    for name, a in inputs.leaves_named(xs, y):
+        _check_finite(f"{what} {name}", a)
+    _check_labels(model, x, y, what, getattr(loss, "ignore_index", None))
+    return xs, y
 
 
 def fingerprint(*arrays) -> str:
@@ -249,26 +264,21 @@ def _check_float_params(params) -> None:
                               f"floating-point parameters (cast it, e.g. to float32)", ("fit",))
 
 
-def _check_labels(model: Layer, x, y, what: str) -> None:
-    """Integer labels must lie in [0, classes): inside the jitted epoch nobody could check.
+def _check_labels(model: Layer, x, y, what: str, ignore_index=None) -> None:
+    """Integer labels must lie in [0, classes) (or equal the loss's ``ignore_index``):
+    inside the jitted epoch nobody could check.
 
     Checked once, eagerly, against the model's output width (from its shapes alone).
     """
-    if x.shape[:1] != y.shape[:1]:
-        raise DataError(f"{what} data: x has {x.shape[0]} examples, y has {y.shape[0]}",
-                        ("fit",))
     if not jnp.issubdtype(y.dtype, jnp.integer):
         return
     from funnn.layers.combinators import out_shape
-    classes = out_shape(model, (None,) + tuple(x.shape[1:]))[-1]
-    lo, hi = int(jnp.min(y)), int(jnp.max(y))
-    if classes is not None and (lo < 0 or hi >= classes):
-        raise DataError(f"{what} labels must lie in [0, {classes}) for a model with {classes} "
-                        f"outputs; got min {lo}, max {hi}", ("fit",))
-
-
-def _xy(data):
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return jnp.asarray(data.x), jnp.asarray(data.y)
-    x, y = data
-    return jnp.asarray(x), jnp.asarray(y)
+    classes = out_shape(model, inputs.in_shape(x))[-1]
+    kept = y if ignore_index is None else y[y != ignore_index]
+    if classes is None or kept.size == 0:
+        return
+    lo, hi = int(jnp.min(kept)), int(jnp.max(kept))
+    if lo < 0 or hi >= classes:
+        also = "" if ignore_index is None else f" (or equal ignore_index {ignore_index})"
+        raise DataError(f"{what} labels must lie in [0, {classes}){also} for a model with "
+                        f"{classes} outputs; got min {lo}, max {hi}", ("fit",))

@@ -4,7 +4,10 @@ A *gradient function* ``grad(ts, x, y, weights, key) -> (loss, grads, model_stat
 an engine's (:func:`engine_grad`) or DP-SGD's (:func:`dp_grad`); :func:`make_update`
 turns one into ``update(ts, x, y, weights, key) -> (ts, loss)``, adding dynamic loss
 scaling under a :func:`funnn.precision.loss_scaled` optimizer. ``weights`` are per-row
-weights of the batch (DP's Poisson padding) or None.
+weights of the batch (DP's Poisson padding) or None. ``x`` is the batch's
+:class:`~funnn.train.inputs.Inputs` ``(x, side)`` (a bare array or tuple is taken as ``x``
+without side inputs): the side inputs go to the model as keywords, their ``"weights"`` to
+the loss (:func:`funnn.losses.weighted`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import jmp
 import optax
 
 from funnn import engines, losses, privacy
-from funnn.core import ConfigError, Layer
+from funnn.core import ConfigError, DataError, Layer
 from funnn.precision import LossScaled, scaled_loss
+from funnn.train.inputs import Inputs
 
 __all__ = ["TrainState", "make_step", "engine_grad", "dp_grad", "make_update", "as_loss",
            "get_engine", "ENGINES"]
@@ -39,6 +43,13 @@ class TrainState(NamedTuple):
     model_state: Any
 
 
+def _unpack(x) -> tuple:
+    """``(x, loss weights, model side inputs)`` of a batch's inputs."""
+    x, side = x if isinstance(x, Inputs) else (x, {})
+    loss_weights, context = losses.split_side(side)
+    return x, loss_weights, context
+
+
 def engine_grad(model: Layer, loss, engine: str):
     """``grad(ts, x, y, weights, key, scale=None)`` by an engine; ``weights`` must be None.
 
@@ -48,11 +59,15 @@ def engine_grad(model: Layer, loss, engine: str):
     plain = vg_of(model, loss, train=True)
 
     def grad(ts: TrainState, x, y, weights, key, scale=None):
-        vg = plain if scale is None else vg_of(model, scaled_loss(loss, scale), train=True)
+        x, loss_weights, context = _unpack(x)
+        used = losses.weighted(loss, loss_weights)
+        used = used if scale is None else scaled_loss(used, scale)
+        vg = plain if used is loss else vg_of(model, used, train=True)
         if model.stateful:
-            (value, state), grads = vg(ts.params, x, y, key=key, state=ts.model_state)
+            (value, state), grads = vg(ts.params, x, y, key=key, state=ts.model_state,
+                                       **context)
             return value, grads, state
-        value, grads = vg(ts.params, x, y, key=key)
+        value, grads = vg(ts.params, x, y, key=key, **context)
         return value, grads, ts.model_state
 
     return grad
@@ -63,7 +78,8 @@ def dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
     g = privacy.make_dp_batch_grad(model, loss, dp, engine, batch_size)
 
     def grad(ts: TrainState, x, y, weights, key):
-        value, grads = g(ts.params, x, y, weights, key)
+        x, side = x if isinstance(x, Inputs) else (x, {})
+        value, grads = g(ts.params, x, y, weights, key, side=side)
         return value, grads, ts.model_state
 
     return grad
@@ -97,7 +113,12 @@ def make_update(grad, optimizer: optax.GradientTransformation):
 
 def make_step(model: Layer, loss, optimizer: optax.GradientTransformation,
               engine: str = "autodiff"):
-    """``step(ts, x, y, key) -> (ts, loss)``: one optimizer update, pure and jit-able.
+    """``step(ts, x, y, key, side=None) -> (ts, loss)``: one optimizer update, pure and jit-able.
+
+    ``x`` is an array or a tuple of arrays (a multi-part input); ``side`` a dict of side
+    inputs with the batch axis first, as in :func:`~funnn.train.fit`'s ``(x, y, side)``:
+    ``mask``/``lengths`` go to the model, ``weights`` weigh the loss's terms (a masked loss
+    averages over the valid tokens; or use a loss ``with_ignore_index``).
 
     Jit it with :func:`funnn.jit` (``funnn.jit(step, donate_argnums=0)``) to get the XLA
     options funnn tunes per backend (:func:`funnn.core.compiler_options`), as :func:`fit` does.
@@ -108,8 +129,11 @@ def make_step(model: Layer, loss, optimizer: optax.GradientTransformation,
     """
     update = make_update(engine_grad(model, loss, engine), optimizer)
 
-    def step(ts: TrainState, x, y, key):
-        return update(ts, x, y, None, key)
+    def step(ts: TrainState, x, y, key, side=None):
+        if side is not None and not isinstance(side, dict):
+            raise DataError(f"side must be a dict of side inputs such as {{'mask': mask}}, got "
+                            f"{type(side).__name__}", ("make_step",))
+        return update(ts, Inputs(x, dict(side or {})), y, None, key)
 
     return step
 
