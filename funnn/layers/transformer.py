@@ -42,7 +42,8 @@ def _masks(mask, lengths) -> dict:
 
 def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
                       dropout: float = 0.0, num_kv_heads: int | None = None,
-                      implementation: str = "auto", eps: float = 1e-5) -> Layer:
+                      implementation: str = "auto", eps: float = 1e-5,
+                      rotary: bool = False) -> Layer:
     """A pre-norm transformer block on ``x (batch, T, F) -> (batch, T, F)``::
 
         h = x + drop(attention(layer_norm(x)))                 # mask=/lengths= reach attention
@@ -53,13 +54,16 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
     ``residual(serial(...))``, built for ``F`` at first use; the attention half is written out
     here so that ``mask=``/``lengths=`` reach the attention.
     ``dropout`` applies to the attention weights and to both residual branches (training only,
-    ``key=`` required). Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
+    ``key=`` required). ``rotary=True`` gives the attention rotary position embeddings (see
+    :func:`~funnn.layers.multi_head_attention`).
+    Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
     """
     if isinstance(mlp_dim, bool) or not isinstance(mlp_dim, (int, np.integer)) or mlp_dim < 1:
         raise ConfigError(f"mlp_dim must be a positive int, got {mlp_dim!r}",
                           ("transformer_block",))
     attn = multi_head_attention(num_heads, causal=causal, dropout=dropout,
-                                implementation=implementation, num_kv_heads=num_kv_heads)
+                                implementation=implementation, num_kv_heads=num_kv_heads,
+                                rotary=rotary)
     ln = layer_norm(eps)
     drop = dropout_layer(dropout)
     name = f"transformer_block({attn.name.split('(', 1)[1][:-1]}, mlp_dim={int(mlp_dim)})"
