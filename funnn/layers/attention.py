@@ -84,6 +84,7 @@ from funnn.core import (
 )
 from funnn.dtypes import matmul_wide, wide
 from funnn.layers import _attention_kernels as kernels
+from funnn.layers._decode import Decoder
 from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
 from funnn.layers.dense import INITIALIZERS
 
@@ -496,6 +497,40 @@ def _per_example_norms(cfg: _Config, params, res, dy):
     return sq, dx
 
 
+# --------------------------------------------------------------------------- KV cache
+
+
+def _decoder(cfg: _Config) -> Decoder:
+    """Causal self-attention a few positions at a time against a cache of keys and values
+    ``{"k", "v": (batch, max_len, Hkv, D)}`` (rotated keys when ``rotary``): the new
+    positions' keys and values are written at ``pos..pos+n-1``; query ``pos + t`` attends to
+    cached keys ``0..pos+t`` (the materialized kernel over the whole cache, the rest masked)."""
+
+    def init(params, batch, max_len):
+        hk = cfg.kv_heads
+        d = params["W_k"].shape[1] // hk
+        z = jnp.zeros((batch, max_len, hk, d), params["W_k"].dtype)
+        return {"k": z, "v": z}
+
+    def step(params, x, cache, pos):
+        d = _check(cfg, params, x, x)
+        b, n, hk = x.shape[0], x.shape[1], cfg.kv_heads
+        q = _proj(cfg, params, x, "W_q", "b_q").reshape(b, n, hk, cfg.groups, d)
+        k = _proj(cfg, params, x, "W_k", "b_k").reshape(b, n, hk, d)
+        v = _proj(cfg, params, x, "W_v", "b_v").reshape(b, n, hk, d)
+        if cfg.rotary:
+            q, k = _rope(cfg, q, k, offset=pos)
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
+        s = ck.shape[1]
+        allowed = (jnp.arange(s)[None, :] <= pos + jnp.arange(n)[:, None])[None, None, None]
+        o, _ = kernels.materialized_fwd(q, ck.astype(q.dtype), cv.astype(q.dtype), allowed,
+                                        None, 1.0 / math.sqrt(d))
+        return _out(cfg, params, o, b, n), {"k": ck, "v": cv}
+
+    return Decoder(init, step)
+
+
 def _make(cfg: _Config) -> Layer:
     """The layer: its functions over the checked settings ``cfg``."""
 
@@ -509,7 +544,8 @@ def _make(cfg: _Config) -> Layer:
                  forward=forward, backward=functools.partial(_backward, cfg),
                  context=("mask", "lengths"),
                  per_example=functools.partial(_per_example, cfg),
-                 per_example_norms=functools.partial(_per_example_norms, cfg), kind=cfg.kind)
+                 per_example_norms=functools.partial(_per_example_norms, cfg), kind=cfg.kind,
+                 decoder=_decoder(cfg) if cfg.causal and not cfg.cross else None)
 
 
 def multi_head_attention(num_heads: int, *, head_dim: int | None = None,

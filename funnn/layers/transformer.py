@@ -23,6 +23,7 @@ from funnn.core import (
     run_forward,
     split_key,
 )
+from funnn.layers._decode import Decoder
 from funnn.layers._per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
 from funnn.layers.combinators import residual, serial
@@ -134,9 +135,21 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
         (s_ln, s_attn, _, s_mlp), dx = _walk(params, res, dy, "per_example_norms")
         return s_ln + s_attn + s_mlp, dx
 
+    def decode_init(params, batch, max_len):
+        return attn.decoder.init(params["attn"][1], batch, max_len)
+
+    def decode_step(params, x, cache, pos):
+        """The attention half against its KV cache, the MLP half on the new positions."""
+        (p_ln, p_attn) = params["attn"]
+        with layer_scope(name):
+            a, cache = attn.decoder.step(p_attn, ln.apply(p_ln, x), cache, pos)
+            with layer_scope(m_label):
+                return mlp_half(x.shape[-1]).apply(params["mlp"], x + a), cache
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=attn.context, per_example=per_example,
-                 per_example_norms=per_example_norms, kind="transformer_block")
+                 per_example_norms=per_example_norms, kind="transformer_block",
+                 decoder=Decoder(decode_init, decode_step) if causal else None)
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
