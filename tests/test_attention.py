@@ -250,6 +250,26 @@ def test_dropout_on_attention_weights():
             assert set(np.unique(np.asarray(res.drop))) == {0.0, 2.0}
 
 
+def test_key_bias_changes_nothing_and_gets_a_zero_gradient():
+    """q . b_k is the same for every key of a query row: softmax ignores it (kept on by default
+    for PyTorch parity, documented and noted by summary)."""
+    layer = L.multi_head_attention(H, causal=True, implementation="materialized")
+    p, x, dy = _params(layer), _x(), _x(seed=2)
+
+    @jax.jit
+    def run(p):
+        shifted = dict(p, b_k=p["b_k"] + 5.0)
+        y, res = layer.forward(p, x)
+        return y, layer.apply(shifted, x), layer.backward(p, res, dy)[0], jax.vjp(
+            layer.apply, p, x)[1](dy)[0]
+
+    y, y_shifted, g, g_auto = run(p)
+    np.testing.assert_allclose(y_shifted, y, rtol=1e-12, atol=1e-12)
+    scale = float(jnp.abs(g["b_q"]).max())
+    assert scale > 1e-2
+    assert float(jnp.abs(g["b_k"]).max()) < 1e-12 * scale
+    assert float(jnp.abs(g_auto["b_k"]).max()) < 1e-12 * scale
+
 # --------------------------------------------------------------------------- rotary positions
 
 

@@ -49,6 +49,13 @@ so the scores ``q'_t . k'_s`` depend on the offset ``t - s`` alone. The rotation
 the projections and the kernel; it is orthogonal, so its backward rotates the kernel's
 ``dQ, dK`` back by the opposite angles. ``D`` must be even.
 
+The key bias ``b_k`` gets an exactly-zero gradient, and its value changes nothing: it adds
+``q . b_k`` to every score of a query row alike, and the softmax over keys ignores a shift
+shared by the whole row (``dK`` sums to zero over the keys of each row). It is kept, on by
+default, for parity with PyTorch's ``in_proj_bias`` (so its weights load unchanged and the
+parameter counts agree); ``use_bias=False`` drops all four biases, and :func:`funnn.core.summary`
+says so in a footnote.
+
 From PyTorch ``nn.MultiheadAttention(E, num_heads, batch_first=True)`` (``kdim == vdim == E``)::
 
     W_q = in_proj_weight[:E].T      b_q = in_proj_bias[:E]
@@ -558,7 +565,8 @@ def multi_head_attention(num_heads: int, *, head_dim: int | None = None,
 
     Shapes: ``x (batch, T, F) -> y (batch, T, out_features or F)``.
     Params: ``W_q (F, H*D)``, ``W_k, W_v (F, Hkv*D)``, ``W_o (H*D, out)`` (glorot uniform) and
-    ``b_q, b_k, b_v, b_o`` (zeros; none when ``use_bias=False``); ``H = num_heads``,
+    ``b_q, b_k, b_v, b_o`` (zeros; none when ``use_bias=False``; ``b_k``'s gradient is exactly
+    zero, see the module docstring); ``H = num_heads``,
     ``Hkv = num_kv_heads or H`` (must divide ``H``), ``D = head_dim or F // H``.
     ``apply``/``forward`` take ``mask=`` (boolean ``(batch, T)`` key padding or
     ``(batch, T, T)``, ``True`` = attend) or ``lengths=`` (integer ``(batch,)``).
