@@ -14,7 +14,12 @@ from funnn.layers.embedding import embedding
 from funnn.layers.norm import batch_norm, layer_norm, rms_norm
 from funnn.layers.pool import avg_pool, global_avg_pool, max_pool
 from funnn.layers.recurrent import gru, lstm, rnn
-from funnn.layers.transformer import positional_embedding, tied_embedding, transformer_block
+from funnn.layers.transformer import (
+    positional_embedding,
+    tied_embedding,
+    transformer_block,
+    transformer_encoder_layer,
+)
 
 __all__ = [
     "serial", "parallel", "residual", "out_shape",
@@ -22,5 +27,5 @@ __all__ = [
     "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool",
     "dropout", "layer_norm", "rms_norm", "batch_norm", "embedding", "rnn", "lstm", "gru",
     "multi_head_attention", "cross_attention", "transformer_block", "positional_embedding",
-    "tied_embedding",
+    "tied_embedding", "transformer_encoder_layer",
 ]
