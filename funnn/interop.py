@@ -59,7 +59,7 @@ from funnn.core import ConfigError, FunnnError, Layer
 __all__ = [
     "StateDictError", "load", "dense", "conv", "layer_norm", "batch_norm", "embedding",
     "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS", "transformer_encoder_layer",
-    "transformer_block",
+    "transformer_block", "bidirectional",
 ]
 
 
@@ -422,3 +422,31 @@ def transformer_block(sd: Mapping[str, Any], prefix: str = "", *, like=None) -> 
     GELU): ``{"attn": (norm1, self_attn), "mlp": (norm2, linear1, {}, linear2, {})}``."""
     attn, lin1, lin2, n1, n2 = _encoder_parts(sd, prefix)
     return _fit_tree({"attn": (n1, attn), "mlp": (n2, lin1, {}, lin2, {})}, like, prefix)
+
+
+# --------------------------------------------------------------------------- bidirectional RNNs
+
+
+def bidirectional(sd: Mapping[str, Any], prefix: str = "", *, kind: str = "lstm",
+                  layer: int = 0, like=None) -> tuple:
+    """``nn.RNN/LSTM/GRU(bidirectional=True)`` to :func:`funnn.layers.bidirectional` params
+    ``(p_fwd, p_bwd)``: the forward direction from ``weight_ih_l{layer}`` & co., the backward
+    one from the ``..._reverse`` keys, each converted as ``kind`` (``"rnn"``, ``"lstm"``,
+    ``"gru"``) converts one direction. ``like`` (init's params) checks the shapes and casts.
+    """
+    if kind not in ("rnn", "lstm", "gru"):
+        raise ConfigError(f"kind must be 'rnn', 'lstm' or 'gru', got {kind!r}",
+                          ("interop.bidirectional",))
+    convert = {"rnn": rnn, "lstm": lstm, "gru": gru}[kind]
+    fwd = convert(sd, prefix, layer=layer)
+    suffix = f"_l{layer}_reverse"
+    rev = {k[: -len("_reverse")]: v for k, v in sd.items()
+           if k.startswith(_key(prefix, "")) and k.endswith(suffix)}
+    if not rev:
+        raise StateDictError(f"state_dict has no key ending in {suffix!r} under "
+                             f"{(prefix or '<root>')!r}: is the module bidirectional=True?")
+    try:
+        bwd = convert(rev, prefix, layer=layer)
+    except StateDictError as err:
+        raise StateDictError(f"{err} (the reverse direction's '{suffix}' keys)") from None
+    return _fit_tree((fwd, bwd), like, prefix)

@@ -365,3 +365,37 @@ def test_pre_norm_gelu_encoder_layer_and_transformer_block_match_pytorch():
     block = L.transformer_block(2, 16)
     p = interop.transformer_block(_sd(enc), like=_init(block, (None, 5, 8)))
     _torch_encoder_check(torch, enc, block, p, [4, 5])
+
+
+@pytest.mark.slow   # ~4 CPU-s: two bidirectional recurrent layers compiled, plus torch
+def test_bidirectional_lstm_and_gru_match_pytorch_with_packed_sequences():
+    """Converted nn.LSTM/nn.GRU(bidirectional=True): outputs of every step and the input
+    gradient match PyTorch on packed variable-length sequences (lengths=)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    pack = torch.nn.utils.rnn
+    lengths = np.array([6, 3, 5])
+    x = _r(3, 6, 4)
+    for kind, cls in (("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU)):
+        mod = cls(4, 5, batch_first=True, bidirectional=True).double()
+        layer = L.bidirectional(getattr(L, kind)(5))
+        p = interop.bidirectional(_sd(mod), kind=kind, like=_init(layer, (None, 6, 4)))
+        xt = torch.tensor(x, requires_grad=True)
+        packed = pack.pack_padded_sequence(xt, torch.tensor(lengths), batch_first=True,
+                                           enforce_sorted=False)
+        yt = pack.pad_packed_sequence(mod(packed)[0], batch_first=True, total_length=6)[0]
+        dy = _r(*yt.shape)
+        yt.backward(torch.tensor(dy))
+        kw = {"lengths": jnp.asarray(lengths)}
+        y, res = jax.jit(lambda p, x: layer.forward(p, x, **kw))(p, jnp.asarray(x))
+        _, dx = jax.jit(layer.backward)(p, res, jnp.asarray(dy))
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
+    whole = torch.nn.GRU(4, 5, batch_first=True, bidirectional=True).double()
+    layer = L.bidirectional(L.gru(5))
+    p = interop.bidirectional(_sd(whole), kind="gru")
+    np.testing.assert_allclose(jax.jit(layer.apply)(p, jnp.asarray(x)),
+                               whole(torch.tensor(x))[0].detach().numpy(), rtol=1e-9,
+                               atol=1e-12)
+    with pytest.raises(interop.StateDictError, match="is the module bidirectional=True"):
+        interop.bidirectional(_sd(torch.nn.LSTM(4, 5)), kind="lstm")
