@@ -59,7 +59,7 @@ from funnn.core import ConfigError, FunnnError, Layer
 __all__ = [
     "StateDictError", "load", "dense", "conv", "layer_norm", "batch_norm", "embedding",
     "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS", "transformer_encoder_layer",
-    "transformer_block", "bidirectional",
+    "transformer_block", "transformer_decoder_layer", "bidirectional",
 ]
 
 
@@ -423,6 +423,21 @@ def transformer_block(sd: Mapping[str, Any], prefix: str = "", *, like=None) -> 
     attn, lin1, lin2, n1, n2 = _encoder_parts(sd, prefix)
     return _fit_tree({"attn": (n1, attn), "mlp": (n2, lin1, {}, lin2, {})}, like, prefix)
 
+
+def transformer_decoder_layer(sd: Mapping[str, Any], prefix: str = "", *, like=None) -> dict:
+    """``nn.TransformerDecoderLayer`` (``batch_first=True``, either ``norm_first``) to the params
+    of :func:`funnn.layers.transformer_decoder_layer`: ``{"self_attn", "norm1", "cross_attn"
+    (from multihead_attn), "norm2", "ff": (linear1, {}, {}, linear2, {}), "norm3"}``."""
+    def sub(name):
+        return _key(prefix, name)
+
+    new = {"self_attn": multi_head_attention(sd, sub("self_attn")),
+           "norm1": layer_norm(sd, sub("norm1")),
+           "cross_attn": multi_head_attention(sd, sub("multihead_attn")),
+           "norm2": layer_norm(sd, sub("norm2")),
+           "ff": (dense(sd, sub("linear1")), {}, {}, dense(sd, sub("linear2")), {}),
+           "norm3": layer_norm(sd, sub("norm3"))}
+    return _fit_tree(new, like, prefix)
 
 # --------------------------------------------------------------------------- bidirectional RNNs
 

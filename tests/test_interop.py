@@ -357,12 +357,13 @@ def test_pre_norm_gelu_encoder_layer_and_transformer_block_match_pytorch():
     with torch.no_grad():
         enc.self_attn.in_proj_bias.uniform_(-1, 1)
         enc.norm2.bias.uniform_(-1, 1)
-    layer = L.transformer_encoder_layer(8, 2, 16, activation="gelu", norm_first=True)
+    layer = L.transformer_encoder_layer(8, 2, 16, activation="gelu", norm_first=True,
+                                        implementation="materialized")
     p = interop.transformer_encoder_layer(_sd(enc), norm_first=True,
                                           like=_init(layer, (None, 5, 8)))
     _torch_encoder_check(torch, enc, layer, p, [5, 2])
     enc.zero_grad()
-    block = L.transformer_block(2, 16)
+    block = L.transformer_block(2, 16, implementation="materialized")
     p = interop.transformer_block(_sd(enc), like=_init(block, (None, 5, 8)))
     _torch_encoder_check(torch, enc, block, p, [4, 5])
 
@@ -399,3 +400,47 @@ def test_bidirectional_lstm_and_gru_match_pytorch_with_packed_sequences():
                                atol=1e-12)
     with pytest.raises(interop.StateDictError, match="is the module bidirectional=True"):
         interop.bidirectional(_sd(torch.nn.LSTM(4, 5)), kind="lstm")
+
+
+@pytest.mark.slow   # ~4 CPU-s: two decoder layers compiled, plus torch
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_decoder_layer_matches_pytorch(norm_first):
+    """Causal self-attention, memory key padding: outputs, dx and dmemory against PyTorch."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    act = "gelu" if norm_first else "relu"
+    dec = torch.nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, activation=act,
+                                           norm_first=norm_first, batch_first=True).double()
+    with torch.no_grad():
+        for n in (dec.norm1, dec.norm2, dec.norm3):
+            n.weight.uniform_(0.5, 2)
+            n.bias.uniform_(-1, 1)
+        dec.multihead_attn.in_proj_bias.uniform_(-1, 1)
+    layer = L.transformer_decoder_layer(8, 2, 16, activation=act, norm_first=norm_first,
+                                        implementation="materialized")
+    p = interop.transformer_decoder_layer(_sd(dec),
+                                          like=_init(layer, ((None, 5, 8), (None, 4, 8))))
+    x, mem, mem_len = _r(2, 5, 8), _r(2, 4, 8), np.array([4, 2])
+    xt, mt = torch.tensor(x, requires_grad=True), torch.tensor(mem, requires_grad=True)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    pad = torch.tensor(np.arange(4)[None] >= mem_len[:, None])
+    yt = dec(xt, mt, tgt_mask=causal, memory_key_padding_mask=pad)
+    dy = _r(*yt.shape)
+    yt.backward(torch.tensor(dy))
+    kw = {"memory_lengths": jnp.asarray(mem_len)}
+    pair = (jnp.asarray(x), jnp.asarray(mem))
+    y, res = jax.jit(lambda p, xm: layer.forward(p, xm, **kw))(p, pair)
+    g, (dx, dmem) = jax.jit(layer.backward)(p, res, jnp.asarray(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dmem, mt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    want = {("ff", 0, "W"): dec.linear1.weight.grad.numpy().T,
+            ("norm1", "gamma"): dec.norm1.weight.grad.numpy(),
+            ("self_attn", "W_v"): dec.self_attn.in_proj_weight.grad.numpy()[16:].T,
+            ("cross_attn", "W_q"): dec.multihead_attn.in_proj_weight.grad.numpy()[:8].T,
+            ("cross_attn", "b_o"): dec.multihead_attn.out_proj.bias.grad.numpy()}
+    for path, w in want.items():
+        got = g
+        for k in path:
+            got = got[k]
+        np.testing.assert_allclose(got, w, rtol=1e-9, atol=1e-12, err_msg=str(path))

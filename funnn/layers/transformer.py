@@ -4,7 +4,6 @@ the output projection; each with its hand-written backward, composed from funnn 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -35,8 +34,7 @@ from funnn.layers.embedding import embedding
 from funnn.layers.norm import layer_norm
 from funnn.layers.walk import Child, walk_back
 
-__all__ = ["transformer_block", "transformer_encoder_layer", "positional_embedding",
-           "tied_embedding"]
+__all__ = ["transformer_block", "positional_embedding", "tied_embedding"]
 
 
 def _masks(mask, lengths) -> dict:
@@ -152,46 +150,6 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
                  context=attn.context, per_example=per_example,
                  per_example_norms=per_example_norms, kind="transformer_block",
                  decoder=Decoder(decode_init, decode_step) if causal else None)
-
-
-def transformer_encoder_layer(d_model: int, num_heads: int, dim_feedforward: int = 2048, *,
-                              dropout: float = 0.0, activation="relu", eps: float = 1e-5,
-                              norm_first: bool = False, causal: bool = False,
-                              implementation: str = "auto") -> Layer:
-    """PyTorch's ``nn.TransformerEncoderLayer`` (same arguments, ``batch_first=True``), built
-    from funnn layers, so its backward is theirs, hand-written::
-
-        norm_first=False (PyTorch's default, post-norm):
-            h = layer_norm(x + drop(attention(x)));  y = layer_norm(h + ff(h))
-        norm_first=True (pre-norm, as transformer_block):
-            h = x + drop(attention(layer_norm(x)));  y = h + ff(layer_norm(h))
-        ff(h) = drop(dense(d_model)(drop(act(dense(dim_feedforward)(h)))))
-
-    ``activation``: ``"relu"`` (PyTorch's default) or ``"gelu"`` (exact, PyTorch's) or any
-    funnn activation. ``dropout`` acts where PyTorch's does (the attention weights and the
-    three dropout layers); ``mask=``/``lengths=`` reach the attention. Params (post-norm):
-    ``((attention, {}), layer_norm, (dense, {}, {}, dense, {}), layer_norm)``; pre-norm:
-    ``((layer_norm, attention, {}), (layer_norm, dense, {}, {}, dense, {}))``;
-    :func:`funnn.interop.transformer_encoder_layer` converts PyTorch's weights to them.
-    """
-    for what, v in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ConfigError(f"{what} must be a positive int, got {v!r}",
-                              ("transformer_encoder_layer",))
-    attn = multi_head_attention(num_heads, causal=causal, dropout=dropout,
-                                implementation=implementation)
-    ff = [dense(int(dim_feedforward)), activation_layer(activation), dropout_layer(dropout),
-          dense(int(d_model)), dropout_layer(dropout)]
-    if norm_first:
-        body = serial(residual(serial(layer_norm(eps), attn, dropout_layer(dropout))),
-                      residual(serial(layer_norm(eps), *ff)))
-    else:
-        body = serial(residual(serial(attn, dropout_layer(dropout))), layer_norm(eps),
-                      residual(serial(*ff)), layer_norm(eps))
-    opts = ", norm_first" if norm_first else ""
-    name = (f"transformer_encoder_layer({int(d_model)}, {attn.name.split('(', 1)[1][:-1]}, "
-            f"dim_feedforward={int(dim_feedforward)}{opts})")
-    return dataclasses.replace(body, name=name, kind="transformer_encoder_layer")
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
