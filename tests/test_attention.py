@@ -290,15 +290,19 @@ def test_rotary_scores_depend_on_the_offset_only():
     """Shifting every position by 3 leaves rotated dot products unchanged; rotate back inverts."""
     from funnn.layers.attention import rotary_angles, rotate
     a, b = _x((2, 4, 6), seed=5), _x((2, 4, 6), seed=6)
-    pos = jnp.arange(4)
 
-    def dots(shift):
-        c, s = rotary_angles(pos + shift, 6)
-        return jnp.einsum("btd,bsd->bts", rotate(a, c, s), rotate(b, c, s))
+    @jax.jit
+    def run(a, b):
+        def dots(shift):
+            c, s = rotary_angles(jnp.arange(4) + shift, 6)
+            return jnp.einsum("btd,bsd->bts", rotate(a, c, s), rotate(b, c, s))
 
-    np.testing.assert_allclose(dots(3), dots(0), rtol=1e-10, atol=1e-12)
-    c, s = rotary_angles(pos, 6)
-    np.testing.assert_allclose(rotate(rotate(a, c, s), c, s, inverse=True), a, atol=1e-14)
+        c, s = rotary_angles(jnp.arange(4), 6)
+        return dots(3), dots(0), rotate(rotate(a, c, s), c, s, inverse=True)
+
+    shifted, plain, back = run(a, b)
+    np.testing.assert_allclose(shifted, plain, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(back, a, atol=1e-14)
     with pytest.raises(core.ShapeError, match=r"rotary.*even head_dim, got 3"):
         odd = L.multi_head_attention(2, head_dim=3, rotary=True)
         odd.apply(_params(odd), _x())

@@ -181,9 +181,8 @@ def _rms_manual(p, x, dy):
     return rms_norm().backward(p, rms_norm().forward(p, x)[1], dy)
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 5)])
-def test_rms_norm_matches_numpy_and_gradients_three_ways(shape):
-    layer, rng = rms_norm(), np.random.default_rng(11)
+def test_rms_norm_matches_numpy_and_gradients_three_ways():
+    layer, rng, shape = rms_norm(), np.random.default_rng(11), (2, 3, 5)
     x, g = _normal(rng, shape) * 2 + 0.5, _normal(rng, (shape[-1],)) + 1.0
     p = {"gamma": g}
     xn = np.asarray(x)
@@ -219,6 +218,7 @@ def test_rms_norm_per_example_rules_equal_vmap_of_autodiff():
     np.testing.assert_allclose(sq, np.sum(np.asarray(auto[0]["gamma"]) ** 2, -1), rtol=1e-10)
 
 
+@pytest.mark.slow   # ~2 s, most of it importing torch
 def test_rms_norm_matches_torch():
     torch = pytest.importorskip("torch")
     if not hasattr(torch.nn, "RMSNorm"):
