@@ -59,7 +59,7 @@ from funnn.core import ConfigError, FunnnError, Layer
 __all__ = [
     "StateDictError", "load", "dense", "conv", "layer_norm", "batch_norm", "embedding",
     "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS", "transformer_encoder_layer",
-    "transformer_block", "transformer_decoder_layer", "bidirectional",
+    "transformer_block", "transformer_decoder_layer", "bidirectional", "rms_norm",
 ]
 
 
@@ -361,6 +361,18 @@ def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[s
                                                      kind))
     return params if state is None else (params, state)
 
+
+# --------------------------------------------------------------------------- rms norm
+
+
+def rms_norm(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.RMSNorm`` over the last axis: ``{"gamma": weight}`` (give funnn's ``rms_norm`` the
+    module's ``eps``; PyTorch's default ``eps=None`` is the dtype's machine epsilon)."""
+    return {"gamma": _get(sd, prefix, "weight", 1, "RMSNorm weight (F,)")}
+
+
+CONVERTERS["rms_norm"] = rms_norm
+_SOURCES["rms_norm"] = {"gamma": "weight"}
 
 # --------------------------------------------------------------------------- transformer blocks
 

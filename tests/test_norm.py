@@ -232,7 +232,11 @@ def test_rms_norm_matches_torch():
     yt = ref(xt)
     dy = rng.normal(size=yt.shape)
     yt.backward(torch.from_numpy(dy))
-    layer, p = rms_norm(), {"gamma": jnp.asarray(g)}
+    layer = rms_norm()
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    from funnn import interop
+    p = interop.load(layer, {"gamma": jnp.ones(6)}, sd, {"": ""})
+    np.testing.assert_array_equal(p["gamma"], g)
     y, res = layer.forward(p, jnp.asarray(x))
     dp, dx = layer.backward(p, res, jnp.asarray(dy))
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-14)
