@@ -119,6 +119,12 @@ class Layer:
     ``per_example_norms`` need not materialise the per-example gradients (``||x_i^T d_i||^2 =
     ||x_i||^2 ||d_i||^2`` for a dense layer); see :mod:`funnn.layers._per_example`.
 
+    ``decoder`` (optional) is the layer's incremental-decoding rule for autoregressive
+    generation with a KV cache, a :class:`funnn.layers._decode.Decoder` (``init`` makes the
+    cache, ``step`` runs new positions against it); ``None`` for layers that
+    :func:`funnn.layers._decode.decoder_of` decodes by kind (position-wise layers and the
+    combinators) or cannot decode. Attention and transformer blocks set it.
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, ``state=`` given to a stateless layer
@@ -139,6 +145,7 @@ class Layer:
     per_example: Callable | None = None
     per_example_norms: Callable | None = None
     kind: str = "custom"
+    decoder: Any = None
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two

@@ -61,12 +61,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.tree_util import PyTreeDef
 
 from funnn.core import ConfigError, FunnnError, Layer
 
 __all__ = [
     "StateDictError", "load", "dense", "conv", "layer_norm", "batch_norm", "embedding",
-    "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS",
+    "rnn", "lstm", "gru", "multi_head_attention", "CONVERTERS", "transformer_encoder_layer",
+    "transformer_block", "transformer_decoder_layer", "bidirectional", "rms_norm",
 ]
 
 
@@ -538,3 +540,120 @@ def load(model: Layer, params, state_dict: Mapping[str, Any], mapping: Mapping[s
                              f"{unused[:8]}{more}; map their modules to layers, or pass "
                              f"allow_unused=True to load part of the state dict")
     return params if state is None else (params, state)
+
+
+# --------------------------------------------------------------------------- rms norm
+
+
+def rms_norm(sd: Mapping[str, Any], prefix: str = "") -> dict:
+    """``nn.RMSNorm`` over the last axis: ``{"gamma": weight}`` (give funnn's ``rms_norm`` the
+    module's ``eps``; PyTorch's default ``eps=None`` is the dtype's machine epsilon)."""
+    return {"gamma": _get(sd, prefix, "weight", 1, "RMSNorm weight (F,)")}
+
+
+CONVERTERS["rms_norm"] = rms_norm
+_SOURCES["rms_norm"] = {"gamma": "weight"}
+
+# --------------------------------------------------------------------------- transformer blocks
+
+
+def _fit_tree(new, like, prefix: str):
+    """``new`` (numpy leaves) checked against ``like`` (init's params): the same tree and
+    shapes, cast to ``like``'s dtypes; ``like=None`` returns ``new`` as it is."""
+    if like is None:
+        return new
+    t_new: PyTreeDef = jax.tree_util.tree_structure(new)
+    t_like: PyTreeDef = jax.tree_util.tree_structure(like)
+    if t_new != t_like:
+        raise StateDictError(f"PyTorch module {prefix!r} gives params of structure {t_new}, "
+                             f"the layer's are {t_like} (norm_first or bias setting differs?)")
+    paths = jax.tree_util.tree_flatten_with_path(like)[0]
+    out = []
+    for (path, ref), a in zip(paths, jax.tree_util.tree_leaves(new)):
+        if np.shape(a) != np.shape(ref):
+            raise StateDictError(f"PyTorch module {prefix!r} gives "
+                                 f"{jax.tree_util.keystr(path)} of shape {np.shape(a)}, the "
+                                 f"layer's is {np.shape(ref)}; is this the right module?")
+        out.append(jax.numpy.asarray(a, dtype=jax.numpy.result_type(ref)))
+    return jax.tree_util.tree_unflatten(t_like, out)
+
+
+def _encoder_parts(sd: Mapping[str, Any], prefix: str):
+    """The pieces of an ``nn.TransformerEncoderLayer``: attention, two linears, two norms."""
+    def sub(name):
+        return _key(prefix, name)
+
+    attn = multi_head_attention(sd, sub("self_attn"))
+    return (attn, dense(sd, sub("linear1")), dense(sd, sub("linear2")),
+            layer_norm(sd, sub("norm1")), layer_norm(sd, sub("norm2")))
+
+
+def transformer_encoder_layer(sd: Mapping[str, Any], prefix: str = "", *,
+                              norm_first: bool = False, like=None):
+    """``nn.TransformerEncoderLayer`` (``batch_first=True``) to the params of
+    :func:`funnn.layers.transformer_encoder_layer` with the same ``norm_first``.
+
+    Keys under ``prefix``: ``self_attn.{in_proj_weight, in_proj_bias, out_proj.*}``,
+    ``linear1.*``, ``linear2.*``, ``norm1.*``, ``norm2.*`` (each converted as its layer's
+    converter does). Post-norm: ``((attention, {}), norm1, (linear1, {}, {}, linear2, {}),
+    norm2)``; pre-norm: ``((norm1, attention, {}), (norm2, linear1, {}, {}, linear2, {}))``.
+    ``like`` (the layer's ``init`` params) checks the tree and the shapes and casts to its
+    dtypes, naming the first leaf that differs.
+    """
+    attn, lin1, lin2, n1, n2 = _encoder_parts(sd, prefix)
+    if norm_first:
+        new: Any = ((n1, attn, {}), (n2, lin1, {}, {}, lin2, {}))
+    else:
+        new = ((attn, {}), n1, (lin1, {}, {}, lin2, {}), n2)
+    return _fit_tree(new, like, prefix)
+
+
+def transformer_block(sd: Mapping[str, Any], prefix: str = "", *, like=None) -> dict:
+    """``nn.TransformerEncoderLayer(norm_first=True, activation="gelu", batch_first=True)``
+    to :func:`funnn.layers.transformer_block` params (the same pre-norm block with exact
+    GELU): ``{"attn": (norm1, self_attn), "mlp": (norm2, linear1, {}, linear2, {})}``."""
+    attn, lin1, lin2, n1, n2 = _encoder_parts(sd, prefix)
+    return _fit_tree({"attn": (n1, attn), "mlp": (n2, lin1, {}, lin2, {})}, like, prefix)
+
+
+def transformer_decoder_layer(sd: Mapping[str, Any], prefix: str = "", *, like=None) -> dict:
+    """``nn.TransformerDecoderLayer`` (``batch_first=True``, either ``norm_first``) to the params
+    of :func:`funnn.layers.transformer_decoder_layer`: ``{"self_attn", "norm1", "cross_attn"
+    (from multihead_attn), "norm2", "ff": (linear1, {}, {}, linear2, {}), "norm3"}``."""
+    def sub(name):
+        return _key(prefix, name)
+
+    new = {"self_attn": multi_head_attention(sd, sub("self_attn")),
+           "norm1": layer_norm(sd, sub("norm1")),
+           "cross_attn": multi_head_attention(sd, sub("multihead_attn")),
+           "norm2": layer_norm(sd, sub("norm2")),
+           "ff": (dense(sd, sub("linear1")), {}, {}, dense(sd, sub("linear2")), {}),
+           "norm3": layer_norm(sd, sub("norm3"))}
+    return _fit_tree(new, like, prefix)
+
+# --------------------------------------------------------------------------- bidirectional RNNs
+
+
+def bidirectional(sd: Mapping[str, Any], prefix: str = "", *, kind: str = "lstm",
+                  layer: int = 0, like=None) -> tuple:
+    """``nn.RNN/LSTM/GRU(bidirectional=True)`` to :func:`funnn.layers.bidirectional` params
+    ``(p_fwd, p_bwd)``: the forward direction from ``weight_ih_l{layer}`` & co., the backward
+    one from the ``..._reverse`` keys, each converted as ``kind`` (``"rnn"``, ``"lstm"``,
+    ``"gru"``) converts one direction. ``like`` (init's params) checks the shapes and casts.
+    """
+    if kind not in ("rnn", "lstm", "gru"):
+        raise ConfigError(f"kind must be 'rnn', 'lstm' or 'gru', got {kind!r}",
+                          ("interop.bidirectional",))
+    convert = {"rnn": rnn, "lstm": lstm, "gru": gru}[kind]
+    fwd = convert(sd, prefix, layer=layer)
+    suffix = f"_l{layer}_reverse"
+    rev = {k[: -len("_reverse")]: v for k, v in sd.items()
+           if k.startswith(_key(prefix, "")) and k.endswith(suffix)}
+    if not rev:
+        raise StateDictError(f"state_dict has no key ending in {suffix!r} under "
+                             f"{(prefix or '<root>')!r}: is the module bidirectional=True?")
+    try:
+        bwd = convert(rev, prefix, layer=layer)
+    except StateDictError as err:
+        raise StateDictError(f"{err} (the reverse direction's '{suffix}' keys)") from None
+    return _fit_tree((fwd, bwd), like, prefix)

@@ -15,6 +15,14 @@ Specs (``fit(..., sharding=...)``; text for them: :func:`parse_sharding`):
   along its largest axis that the data degree divides; others stay replicated.
 - ``"tensor"``: each parameter's last (output) axis is split over ``model``
   where the model degree divides it (dense ``W`` by columns and its ``b``).
+- ``"megatron"``: Megatron-LM's pairing (Shoeybi et al. 2019) over ``model``: attention's
+  ``W_q, W_k, W_v`` (and their biases) by columns, ``W_o`` by rows; in a stack, each dense
+  layer followed by another one with only parameter-free layers between (an MLP:
+  ``dense, activation, dense``, as in a transformer block) splits the first by columns
+  (``W`` and ``b``) and the second by rows, so the hidden activations stay split between
+  the two and one all-reduce joins the output. Biases added after a row split (``b_o``, the
+  second ``b``), norms, embeddings and unpaired dense layers stay replicated, and so does a
+  pair whose shared axis the model degree does not divide.
 - rules: ``{"0.W": (None, "model"), "2.*": "fsdp", "*": "replicated"}`` (or a
   list of ``(pattern, spec)`` pairs): a glob over parameter paths as
   ``funnn.core.summary`` and ``tree_paths`` name them; the first matching rule
@@ -62,7 +70,7 @@ __all__ = ["DATA", "MODEL", "SPECS", "initialize", "make_mesh", "as_mesh", "desc
            "parse_sharding", "simulate_cpu_devices"]
 
 DATA, MODEL = "data", "model"
-SPECS = ("replicated", "fsdp", "tensor")
+SPECS = ("replicated", "fsdp", "tensor", "megatron")
 _WHERE = ("parallel",)
 
 
@@ -184,6 +192,9 @@ def _policy(name: str, shape: tuple, mesh: Mesh, where: str) -> P:
             return P()
         best = max(fits, key=lambda i: (shape[i], -i))
         return P(*([None] * best + [DATA]))
+    if name == "megatron":
+        raise ConfigError(f"sharding 'megatron' pairs layers across the whole model; give it "
+                          f"as sharding='megatron', not as a rule for {where}", _WHERE)
     if name == "tensor":
         if MODEL not in mesh.axis_names:
             raise ConfigError(f"sharding 'tensor' needs a mesh axis {MODEL!r}; build one with "
@@ -195,6 +206,65 @@ def _policy(name: str, shape: tuple, mesh: Mesh, where: str) -> P:
         return P(*([None] * (len(shape) - 1) + [MODEL]))
     raise ConfigError(f"unknown sharding {name!r} for {where}; valid: {', '.join(SPECS)}, or "
                       f"rules {{'layer.path': spec}}", _WHERE)
+
+
+_ATTN_COLUMNS = frozenset({"W_q", "W_k", "W_v", "b_q", "b_k", "b_v"})
+
+
+def _is_dense(node) -> bool:
+    return (isinstance(node, Mapping) and "W" in node and set(node) <= {"W", "b"}
+            and np.ndim(node["W"]) == 2)
+
+
+def _megatron_roles(tree, prefix: tuple = ()) -> dict[str, str]:
+    """``{path: "col" | "row"}`` for the ``"megatron"`` preset (module docstring); paths as
+    :func:`~funnn.trees.path_str` writes them. Attention dicts are known by their keys; in a
+    tuple (a ``serial``'s params), dense dicts separated only by leafless entries pair up."""
+    def join(*keys) -> str:
+        return ".".join(prefix + keys)
+
+    roles: dict[str, str] = {}
+    if isinstance(tree, Mapping):
+        if {"W_q", "W_k", "W_v", "W_o"} <= set(tree):
+            roles.update({join(k): "col" for k in tree if k in _ATTN_COLUMNS})
+            roles[join("W_o")] = "row"
+            return roles
+        for k, v in tree.items():
+            roles.update(_megatron_roles(v, prefix + (str(k),)))
+        return roles
+    if not isinstance(tree, (tuple, list)):
+        return roles
+    items, paired = list(tree), set()
+    dense = [i for i, v in enumerate(items) if _is_dense(v)]
+    for i, j in itertools.pairwise(dense):
+        if i in paired or any(jax.tree_util.tree_leaves(items[m]) for m in range(i + 1, j)):
+            continue
+        roles.update({join(str(i), k): "col" for k in items[i]})
+        roles[join(str(j), "W")] = "row"
+        paired |= {i, j}
+    for i, v in enumerate(items):
+        if i not in paired:
+            roles.update(_megatron_roles(v, prefix + (str(i),)))
+    return roles
+
+
+def _megatron(params, mesh: Mesh) -> list[P]:
+    """The ``"megatron"`` preset's spec for every leaf, in ``tree_flatten`` order."""
+    if MODEL not in mesh.axis_names:
+        raise ConfigError(f"sharding 'megatron' needs a mesh axis {MODEL!r}; build one with "
+                          f"parallel.make_mesh(n, model=k)", _WHERE)
+    n = mesh.shape[MODEL]
+    roles = _megatron_roles(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = []
+    for path, a in flat:
+        role, shape = roles.get(path_str(path)), tuple(np.shape(a))
+        axis = len(shape) - 1 if role == "col" else 0
+        if role is None or n == 1 or not shape or shape[axis] % n:
+            out.append(P())
+        else:
+            out.append(P(*([None] * axis + [MODEL])))
+    return out
 
 
 def _explicit(spec, shape: tuple, mesh: Mesh, where: str) -> P:
@@ -228,6 +298,8 @@ def _specs(params, sharding, mesh: Mesh) -> list[P]:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = [path_str(p) for p, _ in flat]
     shapes = [tuple(np.shape(a)) for _, a in flat]
+    if sharding == "megatron":
+        return _megatron(params, mesh)
     if isinstance(sharding, str):
         return [_policy(sharding, s, mesh, p) for p, s in zip(paths, shapes)]
     if isinstance(sharding, Mapping):

@@ -90,7 +90,8 @@ def summary(model: Layer, params, in_shape=None) -> str:
     """A printable table: layer path, layer, parameter shapes, parameter count, and a total.
 
     A layer whose backward is derived by ``jax.vjp`` (:func:`layer_from_apply`) is marked
-    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's.
+    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's. A model with
+    attention's key bias ``b_k`` gets a footnote that its gradient is exactly zero.
 
     The params must match the model: a combinator needs one entry per child and each layer
     the params tree its ``init`` makes; with ``in_shape`` (what ``model.init`` was given) the
@@ -115,7 +116,24 @@ def summary(model: Layer, params, in_shape=None) -> str:
     lines = [fmt(head), sep] + [fmt(r) for r in body[:-1]] + [sep, fmt(body[-1])]
     if derived_layers(model):
         lines.append("[derived]: backward derived by jax.vjp (layer_from_apply), not hand-written")
+    if _has_key_bias(model, params):
+        lines.append(KEY_BIAS_NOTE)
     return "\n".join(lines)
+
+
+KEY_BIAS_NOTE = ("b_k: attention's key bias gets an exactly-zero gradient: q . b_k shifts every "
+                 "key's score\n     alike and softmax ignores it; kept for PyTorch parity "
+                 "(in_proj_bias), use_bias=False drops it")
+
+_ATTENTION_KINDS = frozenset({"multi_head_attention", "cross_attention", "transformer_block"})
+
+
+def _has_key_bias(model: Layer, params) -> bool:
+    """Whether an attention layer (or a transformer block) of ``model`` holds a key bias."""
+    if model.kind in _ATTENTION_KINDS:
+        return any(path.endswith("b_k") for path, _ in tree_paths(params))
+    pairs = children_params(model, params) if model.children else None
+    return any(_has_key_bias(child, p) for _, child, p in pairs or ())
 
 
 def derived_layers(model: Layer, path: str = "") -> list[str]:

@@ -1,7 +1,7 @@
 """Run by tests/test_parallel.py in a fresh process with 8 simulated CPU devices.
 
 ``python tests/_parallel_worker.py OUT.json`` trains tiny models with ``fit`` on one
-device and on meshes of 8 (replicated, fsdp, tensor-parallel, per-path rules), in
+device and on meshes of 8 (replicated, fsdp, tensor-parallel, per-path rules, megatron), in
 float32 and float64 with both engines, checks the bad-input cases, and writes what
 it saw as JSON for the test to assert on. XLA_FLAGS must be set before JAX starts,
 which is why this is a separate process.
@@ -74,7 +74,8 @@ def main(out_path: str) -> None:
         for engine in ("autodiff", "manual"):
             one = run(model, params, xy, dtype, engine, "adam", evaluate=True)
             rows = {}
-            layouts = [("replicated", 8), ("fsdp", 8), ("tensor", tp), (rules, tp)]
+            layouts = [("replicated", 8), ("fsdp", 8), ("tensor", tp), (rules, tp),
+                       ("megatron", tp)]
             if dtype == "float64":      # float32 checks the layouts; float64 the precision
                 layouts = layouts[:1]
             elif engine == "manual":    # the rules mix tensor-parallel and fsdp leaves

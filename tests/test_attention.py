@@ -30,12 +30,24 @@ def _params(layer, in_shape=(None, T, F), seed=0):
     return jax.tree.map(lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape)), p)
 
 
-def _np_attention(p, x, c, heads, kv_heads, causal=False, valid=None, full=None):
+def _np_rope(a, d, base=10000.0):
+    """Rotary embedding by complex numbers: feature pair (a_i, a_{i+d/2}) of each head, as
+    a_i + 1j a_{i+d/2}, times exp(1j t base^(-2i/d)) at position t."""
+    a = a.reshape(a.shape[:2] + (-1, d))
+    z = a[..., :d // 2] + 1j * a[..., d // 2:]
+    theta = base ** (-np.arange(d // 2) * 2.0 / d)
+    z = z * np.exp(1j * np.arange(a.shape[1])[:, None, None] * theta)
+    return np.concatenate([z.real, z.imag], -1).reshape(a.shape[:2] + (-1,))
+
+
+def _np_attention(p, x, c, heads, kv_heads, causal=False, valid=None, full=None, rope=False):
     """Plain numpy: per example and head, softmax(q k^T / sqrt(d)) v; no valid key -> 0."""
     p = {k: np.asarray(v) for k, v in p.items()}
     x, c = np.asarray(x), np.asarray(c)
     q, k, v = x @ p["W_q"] + p["b_q"], c @ p["W_k"] + p["b_k"], c @ p["W_v"] + p["b_v"]
     d = q.shape[-1] // heads
+    if rope:
+        q, k = _np_rope(q, d), _np_rope(k, d)
     o = np.zeros(q.shape)
     for b in range(x.shape[0]):
         for h in range(heads):
@@ -237,6 +249,78 @@ def test_dropout_on_attention_weights():
         if impl == "materialized":                         # inverted scaling 1 / (1 - rate)
             assert set(np.unique(np.asarray(res.drop))) == {0.0, 2.0}
 
+
+def test_key_bias_changes_nothing_and_gets_a_zero_gradient():
+    """q . b_k is the same for every key of a query row: softmax ignores it (kept on by default
+    for PyTorch parity, documented and noted by summary)."""
+    layer = L.multi_head_attention(H, causal=True, implementation="materialized")
+    p, x, dy = _params(layer), _x(), _x(seed=2)
+
+    @jax.jit
+    def run(p):
+        shifted = dict(p, b_k=p["b_k"] + 5.0)
+        y, res = layer.forward(p, x)
+        return y, layer.apply(shifted, x), layer.backward(p, res, dy)[0], jax.vjp(
+            layer.apply, p, x)[1](dy)[0]
+
+    y, y_shifted, g, g_auto = run(p)
+    np.testing.assert_allclose(y_shifted, y, rtol=1e-12, atol=1e-12)
+    scale = float(jnp.abs(g["b_q"]).max())
+    assert scale > 1e-2
+    assert float(jnp.abs(g["b_k"]).max()) < 1e-12 * scale
+    assert float(jnp.abs(g_auto["b_k"]).max()) < 1e-12 * scale
+
+# --------------------------------------------------------------------------- rotary positions
+
+
+def test_rotary_values_oracle_and_manual_equals_autodiff_materialized():
+    layer = L.multi_head_attention(H, causal=True, implementation="materialized", rotary=True,
+                                   num_kv_heads=1)
+    assert layer.name == "multi_head_attention(2, num_kv_heads=1, causal, materialized, rotary)"
+    p, x = _params(layer), _x()
+    y, _, _ = _vjp_check(layer, p, x, _x(seed=2), lengths=jnp.asarray(LENGTHS))
+    valid = np.arange(T)[None, :] < LENGTHS[:, None]
+    np.testing.assert_allclose(y, _np_attention(p, x, x, H, 1, True, valid, rope=True),
+                               rtol=1e-10, atol=1e-12)
+    plain = L.multi_head_attention(H, causal=True, implementation="materialized", num_kv_heads=1)
+    assert not np.allclose(y, jax.jit(plain.apply)(p, x, lengths=jnp.asarray(LENGTHS)))
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    """Shifting every position by 3 leaves rotated dot products unchanged; rotate back inverts."""
+    from funnn.layers.attention import rotary_angles, rotate
+    a, b = _x((2, 4, 6), seed=5), _x((2, 4, 6), seed=6)
+
+    @jax.jit
+    def run(a, b):
+        def dots(shift):
+            c, s = rotary_angles(jnp.arange(4) + shift, 6)
+            return jnp.einsum("btd,bsd->bts", rotate(a, c, s), rotate(b, c, s))
+
+        c, s = rotary_angles(jnp.arange(4), 6)
+        return dots(3), dots(0), rotate(rotate(a, c, s), c, s, inverse=True)
+
+    shifted, plain, back = run(a, b)
+    np.testing.assert_allclose(shifted, plain, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(back, a, atol=1e-14)
+    with pytest.raises(core.ShapeError, match=r"rotary.*even head_dim, got 3"):
+        odd = L.multi_head_attention(2, head_dim=3, rotary=True)
+        odd.apply(_params(odd), _x())
+    for bad in ({"rotary": 1}, {"rotary": True, "rotary_base": 1.0}):
+        with pytest.raises(core.ConfigError, match="rotary"):
+            L.multi_head_attention(2, **bad)
+
+
+@pytest.mark.slow   # ~3 CPU-s: the tiled kernels (manual) and the scan (apply) in a block
+def test_rotary_block_chunked_tiled_equals_autodiff():
+    """The default implementation: the manual path's tiled kernels, apply's key-block scan."""
+    x, dy, lengths = _x(), _x(seed=2), jnp.asarray(LENGTHS)
+    block = L.transformer_block(H, 16, causal=True, rotary=True, num_kv_heads=1)
+    assert "rotary" in block.name
+    p = _params(block)
+    y, _, _ = _vjp_check(block, p, x, dy, lengths=lengths)
+    plain = L.transformer_block(H, 16, causal=True, num_kv_heads=1)
+    assert not np.allclose(y, jax.jit(plain.apply)(p, x, lengths=lengths))
 
 @pytest.mark.slow
 def test_pytorch_multihead_attention_oracle():

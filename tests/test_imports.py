@@ -22,6 +22,7 @@ FLOORS = [
     ["curvature"],
     ["gradcheck", "numerics"],
     ["control"],
+    ["generate"],
     ["data", "checkpoint"],
     ["distributed", "parallel"],
     ["privacy", "_pld", "_dp_clip"],

@@ -403,3 +403,145 @@ def test_nested_paths_and_converter_options():
     second = np_recurrent("lstm", {k.replace("_l1", "_l0"): v for k, v in two.items()
                                    if k.endswith("_l1")}, first)
     np.testing.assert_allclose(stack.apply(p, x), second, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- transformer layers
+
+
+def _torch_encoder_check(torch, enc, model, params, lengths, rtol=1e-9):
+    """Outputs at the valid positions, the input gradient and two weight gradients of a
+    PyTorch encoder layer (train mode, dropout 0: no fast path) against funnn's manual path."""
+    x = _r(2, 5, 8)
+    pad = np.arange(5)[None, :] >= np.asarray(lengths)[:, None]
+    xt = torch.tensor(x, requires_grad=True)
+    yt = enc(xt, src_key_padding_mask=torch.tensor(pad))
+    dy = _r(*yt.shape) * ~pad[..., None]                 # no loss on the padded queries
+    yt.backward(torch.tensor(dy))
+    kw = {"lengths": jnp.asarray(lengths)}
+    y, res = jax.jit(lambda p, x: model.forward(p, x, **kw))(params, jnp.asarray(x))
+    grads, dx = jax.jit(model.backward)(params, res, jnp.asarray(dy))
+    valid = ~pad
+    np.testing.assert_allclose(np.asarray(y)[valid], yt.detach().numpy()[valid], rtol=rtol,
+                               atol=rtol)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=rtol, atol=rtol)
+    return grads
+
+
+@pytest.mark.slow   # ~2.5 CPU-s besides importing torch
+def test_transformer_encoder_layer_matches_pytorch():
+    """Acceptance: a converted nn.TransformerEncoderLayer (post-norm, relu: PyTorch's default)
+    matches PyTorch to 1e-5 (here 1e-9 in float64), outputs and gradients, with key padding."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    with torch.no_grad():
+        for n in (enc.norm1, enc.norm2):
+            n.weight.uniform_(0.5, 2)
+            n.bias.uniform_(-1, 1)
+        enc.self_attn.in_proj_bias.uniform_(-1, 1)
+    model = L.transformer_encoder_layer(8, 2, 16, implementation="materialized")
+    assert model.kind == "transformer_encoder_layer"
+    like = _init(model, (None, 5, 8))
+    params = interop.transformer_encoder_layer(_sd(enc), like=like)
+    grads = _torch_encoder_check(torch, enc, model, params, [5, 3])
+    np.testing.assert_allclose(grads[2][0]["W"], enc.linear1.weight.grad.numpy().T, rtol=1e-5,
+                               atol=1e-8)
+    q_grad = enc.self_attn.in_proj_weight.grad.numpy()[:8].T
+    np.testing.assert_allclose(grads[0][0]["W_q"], q_grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(interop.StateDictError, match="norm_first or bias setting differs"):
+        interop.transformer_encoder_layer(_sd(enc), norm_first=True, like=like)
+    bad = {k: (v[:, :4] if k == "linear2.weight" else v) for k, v in _sd(enc).items()}
+    with pytest.raises(interop.StateDictError, match=r"gives \[2\]\[3\]\['W'\] of shape"):
+        interop.transformer_encoder_layer(bad, like=like)
+
+
+@pytest.mark.slow   # ~3 CPU-s: two pre-norm layers compiled
+def test_pre_norm_gelu_encoder_layer_and_transformer_block_match_pytorch():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu",
+                                           norm_first=True, batch_first=True).double()
+    with torch.no_grad():
+        enc.self_attn.in_proj_bias.uniform_(-1, 1)
+        enc.norm2.bias.uniform_(-1, 1)
+    layer = L.transformer_encoder_layer(8, 2, 16, activation="gelu", norm_first=True,
+                                        implementation="materialized")
+    p = interop.transformer_encoder_layer(_sd(enc), norm_first=True,
+                                          like=_init(layer, (None, 5, 8)))
+    _torch_encoder_check(torch, enc, layer, p, [5, 2])
+    enc.zero_grad()
+    block = L.transformer_block(2, 16, implementation="materialized")
+    p = interop.transformer_block(_sd(enc), like=_init(block, (None, 5, 8)))
+    _torch_encoder_check(torch, enc, block, p, [4, 5])
+
+
+@pytest.mark.slow   # ~4 CPU-s: two bidirectional recurrent layers compiled, plus torch
+def test_bidirectional_lstm_and_gru_match_pytorch_with_packed_sequences():
+    """Converted nn.LSTM/nn.GRU(bidirectional=True): outputs of every step and the input
+    gradient match PyTorch on packed variable-length sequences (lengths=)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(2)
+    pack = torch.nn.utils.rnn
+    lengths = np.array([6, 3, 5])
+    x = _r(3, 6, 4)
+    for kind, cls in (("lstm", torch.nn.LSTM), ("gru", torch.nn.GRU)):
+        mod = cls(4, 5, batch_first=True, bidirectional=True).double()
+        layer = L.bidirectional(getattr(L, kind)(5))
+        p = interop.bidirectional(_sd(mod), kind=kind, like=_init(layer, (None, 6, 4)))
+        xt = torch.tensor(x, requires_grad=True)
+        packed = pack.pack_padded_sequence(xt, torch.tensor(lengths), batch_first=True,
+                                           enforce_sorted=False)
+        yt = pack.pad_packed_sequence(mod(packed)[0], batch_first=True, total_length=6)[0]
+        dy = _r(*yt.shape)
+        yt.backward(torch.tensor(dy))
+        kw = {"lengths": jnp.asarray(lengths)}
+        y, res = jax.jit(lambda p, x: layer.forward(p, x, **kw))(p, jnp.asarray(x))
+        _, dx = jax.jit(layer.backward)(p, res, jnp.asarray(dy))
+        np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
+    with pytest.raises(interop.StateDictError, match="is the module bidirectional=True"):
+        interop.bidirectional(_sd(torch.nn.LSTM(4, 5)), kind="lstm")
+
+
+@pytest.mark.slow   # ~4 CPU-s: two decoder layers compiled, plus torch
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_decoder_layer_matches_pytorch(norm_first):
+    """Causal self-attention, memory key padding: outputs, dx and dmemory against PyTorch."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    act = "gelu" if norm_first else "relu"
+    dec = torch.nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, activation=act,
+                                           norm_first=norm_first, batch_first=True).double()
+    with torch.no_grad():
+        for n in (dec.norm1, dec.norm2, dec.norm3):
+            n.weight.uniform_(0.5, 2)
+            n.bias.uniform_(-1, 1)
+        dec.multihead_attn.in_proj_bias.uniform_(-1, 1)
+    layer = L.transformer_decoder_layer(8, 2, 16, activation=act, norm_first=norm_first,
+                                        implementation="materialized")
+    p = interop.transformer_decoder_layer(_sd(dec),
+                                          like=_init(layer, ((None, 5, 8), (None, 4, 8))))
+    x, mem, mem_len = _r(2, 5, 8), _r(2, 4, 8), np.array([4, 2])
+    xt, mt = torch.tensor(x, requires_grad=True), torch.tensor(mem, requires_grad=True)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    pad = torch.tensor(np.arange(4)[None] >= mem_len[:, None])
+    yt = dec(xt, mt, tgt_mask=causal, memory_key_padding_mask=pad)
+    dy = _r(*yt.shape)
+    yt.backward(torch.tensor(dy))
+    kw = {"memory_lengths": jnp.asarray(mem_len)}
+    pair = (jnp.asarray(x), jnp.asarray(mem))
+    y, res = jax.jit(lambda p, xm: layer.forward(p, xm, **kw))(p, pair)
+    g, (dx, dmem) = jax.jit(layer.backward)(p, res, jnp.asarray(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dmem, mt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    want = {("ff", 0, "W"): dec.linear1.weight.grad.numpy().T,
+            ("norm1", "gamma"): dec.norm1.weight.grad.numpy(),
+            ("self_attn", "W_v"): dec.self_attn.in_proj_weight.grad.numpy()[16:].T,
+            ("cross_attn", "W_q"): dec.multihead_attn.in_proj_weight.grad.numpy()[:8].T,
+            ("cross_attn", "b_o"): dec.multihead_attn.out_proj.bias.grad.numpy()}
+    for path, w in want.items():
+        got = g
+        for k in path:
+            got = got[k]
+        np.testing.assert_allclose(got, w, rtol=1e-9, atol=1e-12, err_msg=str(path))

@@ -1,4 +1,4 @@
-"""layer_norm and batch_norm: numpy references, running statistics, three-way gradients."""
+"""layer_norm, rms_norm and batch_norm: numpy references, running statistics, gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from funnn.core import ConfigError, DTypeError, ShapeError, StateError
-from funnn.layers.norm import batch_norm, layer_norm
+from funnn.layers.norm import batch_norm, layer_norm, rms_norm
 
 KEY = jax.random.key(0)
 EPS = 1e-5
@@ -172,6 +172,95 @@ def test_layer_norm_property(shape, seed):
     x, p = _normal(rng, shape) * 2, _random_params(rng, shape[-1])
     y = _grads_three_ways(layer.apply, _ln_manual, p, x, seed=seed)
     np.testing.assert_allclose(y, _ln_ref(x, p["gamma"], p["beta"]), rtol=1e-10, atol=1e-12)
+
+
+# =========================================================================== rms_norm
+
+
+def _rms_manual(p, x, dy):
+    return rms_norm().backward(p, rms_norm().forward(p, x)[1], dy)
+
+
+def test_rms_norm_matches_numpy_and_gradients_three_ways():
+    layer, rng, shape = rms_norm(), np.random.default_rng(11), (2, 3, 5)
+    x, g = _normal(rng, shape) * 2 + 0.5, _normal(rng, (shape[-1],)) + 1.0
+    p = {"gamma": g}
+    xn = np.asarray(x)
+    want = xn / np.sqrt((xn * xn).mean(-1, keepdims=True) + 1e-6) * np.asarray(g)
+    y = _grads_three_ways(layer.apply, _rms_manual, p, x)
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+    np.testing.assert_array_equal(layer.forward(p, x)[0], layer.apply(p, x))
+    # the closed form of the docstring, by hand in numpy
+    dy = _normal(rng, shape)
+    dp, dx = _rms_manual(p, x, dy)
+    r = 1 / np.sqrt((xn * xn).mean(-1, keepdims=True) + 1e-6)
+    xhat, dxhat = xn * r, np.asarray(dy) * np.asarray(g)
+    np.testing.assert_allclose(dx, r * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdims=True)),
+                               rtol=1e-10)
+    np.testing.assert_allclose(dp["gamma"], (np.asarray(dy) * xhat).reshape(-1, shape[-1]).sum(0),
+                               rtol=1e-10)
+
+
+def test_rms_norm_per_example_rules_equal_vmap_of_autodiff():
+    layer, rng = rms_norm(), np.random.default_rng(12)
+    x, dy = _normal(rng, (3, 2, 4)), _normal(rng, (3, 2, 4))
+    p = {"gamma": _normal(rng, (4,)) + 1.0}
+
+    @jax.jit
+    def run(p, x, dy):
+        res = layer.forward(p, x)[1]
+        auto = jax.vmap(lambda xi, di: jax.vjp(layer.apply, p, xi)[1](di))(x, dy)
+        return layer.per_example(p, res, dy), layer.per_example_norms(p, res, dy)[0], auto
+
+    (g, dx), sq, auto = run(p, x, dy)
+    np.testing.assert_allclose(g["gamma"], auto[0]["gamma"], rtol=1e-10)
+    np.testing.assert_allclose(dx, auto[1], rtol=1e-10)
+    np.testing.assert_allclose(sq, np.sum(np.asarray(auto[0]["gamma"]) ** 2, -1), rtol=1e-10)
+
+
+@pytest.mark.slow   # ~2 s, most of it importing torch
+def test_rms_norm_matches_torch():
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch.nn, "RMSNorm"):
+        pytest.skip("torch.nn.RMSNorm needs torch >= 2.4")
+    rng = np.random.default_rng(13)
+    x, g = rng.normal(size=(2, 3, 6)), rng.normal(size=6) + 1.0
+    ref = torch.nn.RMSNorm(6, eps=1e-6).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(g))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = ref(xt)
+    dy = rng.normal(size=yt.shape)
+    yt.backward(torch.from_numpy(dy))
+    layer = rms_norm()
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    from funnn import interop
+    p = interop.load(layer, {"gamma": jnp.ones(6)}, sd, {"": ""})
+    np.testing.assert_array_equal(p["gamma"], g)
+    y, res = layer.forward(p, jnp.asarray(x))
+    dp, dx = layer.backward(p, res, jnp.asarray(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(dp["gamma"], ref.weight.grad.numpy(), rtol=1e-10)
+
+
+def test_rms_norm_init_names_and_errors():
+    out, p = rms_norm().init(KEY, (None, 3, 5))
+    assert out == (None, 3, 5) and set(p) == {"gamma"}
+    np.testing.assert_array_equal(p["gamma"], np.ones(5))
+    assert rms_norm().name == "rms_norm" and rms_norm(1e-5).name == "rms_norm(eps=1e-05)"
+    with pytest.raises(ShapeError, match=r"rms_norm: expected input features 5, got 3"):
+        rms_norm().apply(p, jnp.ones((2, 3)))
+    with pytest.raises(DTypeError, match="rms_norm"):
+        rms_norm().apply(p, jnp.ones((2, 5), jnp.int32))
+    for eps in (0.0, -1.0, "1e-6"):
+        with pytest.raises(ConfigError, match="eps"):
+            rms_norm(eps)
+    # bfloat16 in, bfloat16 out (the mean square in float32), gradients in their dtypes
+    xb = jnp.ones((2, 5), jnp.bfloat16)
+    y, res = rms_norm().forward(p, xb)
+    dp, dx = rms_norm().backward(p, res, y)
+    assert (y.dtype, dx.dtype, dp["gamma"].dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float64)
 
 
 # =========================================================================== batch_norm

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _procs import _env, _free_port, _rel
 
-from funnn import cli, data, distributed, parallel, train
+from funnn import cli, core, data, distributed, parallel, train
 from funnn import layers as L
 from funnn.core import ConfigError
 
@@ -61,6 +61,9 @@ def test_eight_devices_train_like_one_on_every_layout(tmp_path):
     assert rows["tensor"]["mesh"] == {"data": 4, "model": 2}
     assert rows["tensor"]["param_specs"] == ["P(None, 'model')", "P('model',)",
                                              "P(None, 'model')", "P('model',)", "P()", "P()"]
+    # megatron: dense 0 by columns (W, b) paired with dense 2 by rows, its b and dense 4 whole
+    assert rows["megatron"]["param_specs"] == ["P(None, 'model')", "P('model',)",
+                                               "P('model',)", "P()", "P()", "P()"]
     rules = next(v for k, v in rows.items() if k.startswith("{"))
     assert rules["param_specs"] == ["P(None, 'model')", "P()", "P('data',)", "P('data',)",
                                     "P('data', None)", "P()"]
@@ -173,7 +176,7 @@ def test_plans_check_specs_against_the_mesh_and_the_shapes():
             ({"0.W": ("data", "data")}, "used twice"),
             ({"0.W": 3}, "a spec is a PartitionSpec"),
             ("zero3", "unknown sharding 'zero3'"),
-            (42, "sharding must be one of replicated, fsdp, tensor")]:
+            (42, "sharding must be one of replicated, fsdp, tensor, megatron")]:
         with pytest.raises(ConfigError, match=match):
             parallel.plan(mesh, params, spec)
     with pytest.raises(ConfigError, match=r"the model axis \(3\) must divide"):
@@ -185,6 +188,41 @@ def test_plans_check_specs_against_the_mesh_and_the_shapes():
                   batch_size=4, sharding="fsdp", progress=False)
     assert parallel.parse_sharding('[["0.W", [null, "model"]]]') == [("0.W", [None, "model"])]
     assert parallel.parse_coordinator("[::1]:8476") == ("::1", 8476)
+
+
+def test_megatron_pairs_columns_then_rows_in_attention_and_mlp_blocks():
+    """Shapes only (an abstract data=4 x model=2 mesh): a block's W_q/W_k/W_v and the MLP's
+    first dense by columns, W_o and the second dense by rows; the rest whole."""
+    model = L.serial(L.embedding(11, 8), L.transformer_block(2, 16, num_kv_heads=1),
+                     L.transformer_encoder_layer(8, 2, 16), L.dense(6), L.dense(11))
+    params = jax.eval_shape(lambda k: model.init(k, (None, 5))[1], jax.random.key(0))
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    got = {core.path_str(p): s for (p, _), s in zip(flat, parallel._specs(params, "megatron",
+                                                                          mesh))}
+    spec, col, row = jax.sharding.PartitionSpec, ("col",), ("row",)
+    want = {"1.attn.1.W_q": col, "1.attn.1.W_k": col, "1.attn.1.W_v": col, "1.attn.1.b_q": col,
+            "1.attn.1.b_k": col, "1.attn.1.b_v": col, "1.attn.1.W_o": row,
+            "1.mlp.1.W": col, "1.mlp.1.b": col, "1.mlp.3.W": row,
+            "2.0.0.W_q": col, "2.0.0.W_k": col, "2.0.0.W_v": col, "2.0.0.b_q": col,
+            "2.0.0.b_k": col, "2.0.0.b_v": col, "2.0.0.W_o": row,
+            "2.2.0.W": col, "2.2.0.b": col, "2.2.3.W": row,
+            "3.W": col, "3.b": col, "4.W": row}        # two dense layers in a row pair up too
+    for path, s in got.items():
+        leaf = dict((core.path_str(p), a) for p, a in flat)[path]
+        if path not in want:
+            assert s == spec(), path
+        elif want[path] == col:
+            assert s == spec(*([None] * (leaf.ndim - 1)), "model"), path
+        else:
+            assert s == spec("model"), path
+    odd = L.serial(L.dense(3), L.activation("relu"), L.dense(2))   # 3 hidden: 2 cannot split
+    p_odd = jax.eval_shape(lambda k: odd.init(k, (None, 4))[1], jax.random.key(0))
+    assert parallel._specs(p_odd, "megatron", mesh) == [spec()] * 4
+    with pytest.raises(ConfigError, match="sharding 'megatron' needs a mesh axis 'model'"):
+        parallel.plan(jax.sharding.Mesh(np.array(jax.devices()), ("data",)), p_odd, "megatron")
+    with pytest.raises(ConfigError, match="give it as sharding='megatron', not as a rule"):
+        parallel.plan(parallel.make_mesh(1), p_odd, {"0.W": "megatron"})
 
 
 def test_info_shows_processes_and_the_mesh(capsys):

@@ -3,6 +3,7 @@ masks, per-example vmap, shapes and errors. All in float64 (conftest enables x64
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from funnn import layers as L
 from funnn.core import ConfigError, DTypeError, ShapeError
 from funnn.layers.recurrent import gru, lstm, rnn
 
@@ -432,3 +434,44 @@ def test_init_shape_needs_the_feature_size(kind):
             layer.init(jax.random.key(0), shape)
     with pytest.raises(ShapeError, match="no size on axis 2"):
         CELLS[kind](H, masked=True).init(jax.random.key(0), ((None, T, None), (None, T)))
+
+
+def test_bidirectional_time_reversal_within_lengths():
+    from funnn.layers.recurrent import _reverse_time
+
+    a = jnp.arange(2 * 4 * 1.0).reshape(2, 4, 1)
+    np.testing.assert_array_equal(_reverse_time(a, jnp.array([4, 2]))[..., 0],
+                                  [[3, 2, 1, 0], [5, 4, 6, 7]])
+    np.testing.assert_array_equal(_reverse_time(a, None)[..., 0], [[3, 2, 1, 0], [7, 6, 5, 4]])
+    layer = L.bidirectional(L.gru(3, return_sequences=False))
+    assert layer.init(jax.random.key(0), (None, 4, 2))[0] == (None, 6)
+    assert layer.name == "bidirectional(gru(3, return_sequences=False))"
+    with pytest.raises(ConfigError, match="bidirectional needs a Layer"):
+        L.bidirectional("lstm")
+
+
+@pytest.mark.slow   # ~1.5 CPU-s: one compile of both directions and both engines
+def test_bidirectional_reverses_within_lengths_and_manual_equals_autodiff():
+    """The backward direction of example b sees its first lengths[b] steps reversed (a
+    numpy loop as the reference); manual == autodiff in float64; per-example rules too."""
+    layer = L.bidirectional(L.rnn(3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 2)))
+    lengths = jnp.array([4, 2])
+    _, p = layer.init(jax.random.key(0), (None, 4, 2))
+    dy = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 6)))
+
+    @_jit
+    def run(p, x, dy):
+        y, res = layer.forward(p, x, lengths=lengths)
+        auto = jax.vjp(lambda p, x: layer.apply(p, x, lengths=lengths), p, x)[1](dy)
+        return y, layer.backward(p, res, dy), auto, layer.per_example(p, res, dy)
+
+    y, manual, auto, (per, _) = run(p, x, dy)
+    chex.assert_trees_all_close(manual, auto, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(jax.tree.map(lambda g: g.sum(0), per), manual[0], rtol=1e-10)
+    inner = _jit(lambda p, x: L.rnn(3).apply(p, x))
+    for b, n in enumerate([4, 2]):
+        back = inner(p[1], x[b:b + 1, :n][:, ::-1])[0, ::-1]
+        np.testing.assert_allclose(y[b, :n, 3:], back, rtol=1e-12)
+        np.testing.assert_allclose(y[b, :n, :3], inner(p[0], x[b:b + 1, :n])[0], rtol=1e-12)
+        np.testing.assert_array_equal(y[b, n:], 0.0)

@@ -31,6 +31,18 @@ def test_summary_and_count():
 
 
 
+def test_summary_notes_the_gradient_free_key_bias():
+    from funnn.summary import KEY_BIAS_NOTE
+    lm = L.serial(L.embedding(7, 4), L.residual(L.multi_head_attention(2)), L.dense(7))
+    params = jax.eval_shape(lambda k: lm.init(k, (None, 3))[1], KEY)
+    assert core.summary(lm, params).endswith(KEY_BIAS_NOTE)
+    assert all(len(line) <= 100 for line in KEY_BIAS_NOTE.splitlines())
+    no_bias = L.serial(L.embedding(7, 4), L.multi_head_attention(2, use_bias=False))
+    plain = [no_bias, _stack()]
+    for model, shape in zip(plain, [(None, 3), (None, 4)]):
+        p = jax.eval_shape(lambda k, m=model, s=shape: m.init(k, s)[1], KEY)
+        assert "b_k" not in core.summary(model, p)
+
 @pytest.mark.slow
 def test_summary_rejects_another_models_params():
     model = L.serial(L.dense(30), L.activation("tanh"), L.dense(10))

@@ -11,16 +11,17 @@ from funnn.layers.dense import INITIALIZERS, dense
 from funnn.layers.dropout import dropout
 from funnn.layers.elementwise import activation, flatten, prelu
 from funnn.layers.embedding import embedding
-from funnn.layers.norm import batch_norm, layer_norm
+from funnn.layers.encoder_decoder import transformer_decoder_layer, transformer_encoder_layer
+from funnn.layers.norm import batch_norm, layer_norm, rms_norm
 from funnn.layers.pool import avg_pool, global_avg_pool, max_pool
-from funnn.layers.recurrent import gru, lstm, rnn
+from funnn.layers.recurrent import bidirectional, gru, lstm, rnn
 from funnn.layers.transformer import positional_embedding, tied_embedding, transformer_block
 
 __all__ = [
     "serial", "parallel", "residual", "out_shape",
     "dense", "INITIALIZERS", "activation", "prelu", "flatten",
     "conv1d", "conv2d", "max_pool", "avg_pool", "global_avg_pool",
-    "dropout", "layer_norm", "batch_norm", "embedding", "rnn", "lstm", "gru",
+    "dropout", "layer_norm", "rms_norm", "batch_norm", "embedding", "rnn", "lstm", "gru",
     "multi_head_attention", "cross_attention", "transformer_block", "positional_embedding",
-    "tied_embedding",
+    "tied_embedding", "transformer_encoder_layer", "transformer_decoder_layer", "bidirectional",
 ]

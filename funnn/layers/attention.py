@@ -41,6 +41,21 @@ Dropout (``dropout > 0``, ``train=True``, explicit ``key=``): inverted dropout o
 ``Z`` per key block from ``fold_in(key, block)`` and redraws it in the backward, so its
 masks differ from the materialized variant's for the same key.
 
+Rotary position embeddings (``rotary=True``, self-attention; Su et al. 2021, RoFormer): the
+queries and keys of position ``t`` are rotated, pair of features by pair, by the angles
+``t * base^(-2i/D)`` (``i < D/2``; the two halves of each head, as GPT-NeoX and the
+Hugging Face LLaMA do: ``q' = q * cos + rotate_half(q) * sin``, ``rotate_half(q) = (-q2, q1)``),
+so the scores ``q'_t . k'_s`` depend on the offset ``t - s`` alone. The rotation sits between
+the projections and the kernel; it is orthogonal, so its backward rotates the kernel's
+``dQ, dK`` back by the opposite angles. ``D`` must be even.
+
+The key bias ``b_k`` gets an exactly-zero gradient, and its value changes nothing: it adds
+``q . b_k`` to every score of a query row alike, and the softmax over keys ignores a shift
+shared by the whole row (``dK`` sums to zero over the keys of each row). It is kept, on by
+default, for parity with PyTorch's ``in_proj_bias`` (so its weights load unchanged and the
+parameter counts agree); ``use_bias=False`` drops all four biases, and :func:`funnn.core.summary`
+says so in a footnote.
+
 From PyTorch ``nn.MultiheadAttention(E, num_heads, batch_first=True)`` (``kdim == vdim == E``)::
 
     W_q = in_proj_weight[:E].T      b_q = in_proj_bias[:E]
@@ -76,10 +91,11 @@ from funnn.core import (
 )
 from funnn.dtypes import matmul_wide, wide
 from funnn.layers import _attention_kernels as kernels
+from funnn.layers._decode import Decoder
 from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
 from funnn.layers.dense import INITIALIZERS
 
-__all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS"]
+__all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS", "rotary_angles", "rotate"]
 
 IMPLEMENTATIONS = ("auto", "materialized", "chunked")
 # keys per block of the chunked strategy when block_size is None, by backend
@@ -184,6 +200,8 @@ class _Config:
     causal: bool                     # self-attention only
     use_bias: bool
     cross: bool
+    rotary: bool = False             # rotary position embeddings on queries and keys
+    rotary_base: float = 10000.0
 
     @property
     def groups(self) -> int:
@@ -199,7 +217,8 @@ class _Config:
 
 
 def _config(num_heads, head_dim, out_features, causal, use_bias, dropout, implementation,
-            num_kv_heads, block_size, cross: bool) -> _Config:
+            num_kv_heads, block_size, cross: bool, rotary=False,
+            rotary_base=10000.0) -> _Config:
     kind = "cross_attention" if cross else "multi_head_attention"
     h = _positive(num_heads, "num_heads", kind)
     assert h is not None
@@ -222,11 +241,65 @@ def _config(num_heads, head_dim, out_features, causal, use_bias, dropout, implem
     if cross and causal:
         raise ConfigError("causal masking is for self-attention; give cross_attention a "
                           "mask= of shape (batch, queries, keys) instead", (kind,))
+    base = _rotary_base(rotary, rotary_base, kind)
     opts = ([f"num_kv_heads={hk}"] if hk != h else []) + (["causal"] if causal else []) + (
         [f"dropout={rate:g}"] if rate else []) + (
-        [implementation] if implementation != "auto" else [])
+        [implementation] if implementation != "auto" else []) + (
+        (["rotary"] if base == 10000.0 else [f"rotary={base:g}"]) if rotary else [])
     return _Config(f"{kind}({', '.join([str(h)] + opts)})", kind, h, hk, d_fixed, out_fixed,
-                   block_fixed, implementation, rate, bool(causal), bool(use_bias), cross)
+                   block_fixed, implementation, rate, bool(causal), bool(use_bias), cross,
+                   bool(rotary), base)
+
+
+def _rotary_base(rotary, rotary_base, kind: str) -> float:
+    if not isinstance(rotary, (bool, np.bool_)):
+        raise ConfigError(f"rotary must be True or False, got {rotary!r}", (kind,))
+    ok = not isinstance(rotary_base, bool) and isinstance(rotary_base, (int, float, np.integer,
+                                                                        np.floating))
+    base = float(rotary_base) if ok else math.nan
+    if not base > 1.0 or math.isinf(base):
+        raise ConfigError(f"rotary_base must be a finite number > 1 (the wavelength base of "
+                          f"the rotation angles), got {rotary_base!r}", (kind,))
+    return base
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rotary_angles(positions, d: int, base: float = 10000.0, dtype=None):
+    """``(cos, sin)`` of the angles ``positions[..., None] * base^(-2i/d)``, ``i < d/2``:
+    ``positions (...,)`` -> two arrays ``(..., d/2)`` in ``dtype`` (computed in float32 or
+    wider)."""
+    pos = jnp.asarray(positions)
+    wide_dt = wide(dtype if dtype is not None else jnp.zeros(()).dtype)
+    inv = jnp.asarray(base ** (-np.arange(0, d, 2) / d), wide_dt)
+    ang = pos.astype(wide_dt)[..., None] * inv
+    dt = dtype if dtype is not None else wide_dt
+    return jnp.cos(ang).astype(dt), jnp.sin(ang).astype(dt)
+
+
+def rotate(a, cos, sin, inverse: bool = False):
+    """Rotate the two halves ``(a1, a2)`` of ``a``'s last axis by the angles of ``cos, sin``
+    (broadcast against ``a[..., :d/2]``): ``(a1 cos - a2 sin, a2 cos + a1 sin)``;
+    ``inverse=True`` rotates back (``sin -> -sin``), the transpose: the backward."""
+    h = a.shape[-1] // 2
+    a1, a2 = a[..., :h], a[..., h:]
+    if inverse:
+        sin = -sin
+    return jnp.concatenate([a1 * cos - a2 * sin, a2 * cos + a1 * sin], axis=-1)
+
+
+def _rope(cfg: _Config, q, k, inverse: bool = False, offset=0):
+    """Rotate ``q (b, t, K, G, d)`` and ``k (b, s, K, d)`` at positions ``offset + 0..``."""
+    d = q.shape[-1]
+    if d % 2:
+        raise ShapeError(f"rotary position embeddings need an even head_dim, got {d}",
+                         (cfg.name,))
+    cq, sq = rotary_angles(offset + jnp.arange(q.shape[1]), d, cfg.rotary_base, q.dtype)
+    ck, sk = rotary_angles(offset + jnp.arange(k.shape[1]), d, cfg.rotary_base, k.dtype)
+    q = rotate(q, cq[:, None, None], sq[:, None, None], inverse)
+    k = rotate(k, ck[:, None], sk[:, None], inverse)
+    return q, k
 
 
 # --------------------------------------------------------------------------- init and checks
@@ -347,6 +420,8 @@ def _run(cfg: _Config, params, xin, key, train, mask, lengths, keep_res: bool):
     q = _proj(cfg, params, x, "W_q", "b_q").reshape(b, t, hk, cfg.groups, d)
     k = _proj(cfg, params, c, "W_k", "b_k").reshape(b, s, hk, d)
     v = _proj(cfg, params, c, "W_v", "b_v").reshape(b, s, hk, d)
+    if cfg.rotary:
+        q, k = _rope(cfg, q, k)
     if (not keep_res and not dropping and cfg.implementation == "auto"
             and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and full is None and (mask is None or lengths is not None)):
@@ -380,6 +455,8 @@ def _deltas(cfg: _Config, params, res, dy):
     b, t, s = q.shape[0], q.shape[1], k.shape[1]
     do = (dy @ params["W_o"].T).reshape(q.shape)                # dO = dy W_o^T
     dq, dk, dv = _core_bwd(cfg, res, do)
+    if cfg.rotary:                                              # the rotation's transpose
+        dq, dk = _rope(cfg, dq, dk, inverse=True)
     dq, dk, dv = dq.reshape(b, t, -1), dk.reshape(b, s, -1), dv.reshape(b, s, -1)
     pairs = [("o", o.reshape(b, t, -1), dy), ("q", x, dq), ("k", c, dk), ("v", c, dv)]
     dx = dq @ params["W_q"].T
@@ -427,6 +504,40 @@ def _per_example_norms(cfg: _Config, params, res, dy):
     return sq, dx
 
 
+# --------------------------------------------------------------------------- KV cache
+
+
+def _decoder(cfg: _Config) -> Decoder:
+    """Causal self-attention a few positions at a time against a cache of keys and values
+    ``{"k", "v": (batch, max_len, Hkv, D)}`` (rotated keys when ``rotary``): the new
+    positions' keys and values are written at ``pos..pos+n-1``; query ``pos + t`` attends to
+    cached keys ``0..pos+t`` (the materialized kernel over the whole cache, the rest masked)."""
+
+    def init(params, batch, max_len):
+        hk = cfg.kv_heads
+        d = params["W_k"].shape[1] // hk
+        z = jnp.zeros((batch, max_len, hk, d), params["W_k"].dtype)
+        return {"k": z, "v": z}
+
+    def step(params, x, cache, pos):
+        d = _check(cfg, params, x, x)
+        b, n, hk = x.shape[0], x.shape[1], cfg.kv_heads
+        q = _proj(cfg, params, x, "W_q", "b_q").reshape(b, n, hk, cfg.groups, d)
+        k = _proj(cfg, params, x, "W_k", "b_k").reshape(b, n, hk, d)
+        v = _proj(cfg, params, x, "W_v", "b_v").reshape(b, n, hk, d)
+        if cfg.rotary:
+            q, k = _rope(cfg, q, k, offset=pos)
+        ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
+        s = ck.shape[1]
+        allowed = (jnp.arange(s)[None, :] <= pos + jnp.arange(n)[:, None])[None, None, None]
+        o, _ = kernels.materialized_fwd(q, ck.astype(q.dtype), cv.astype(q.dtype), allowed,
+                                        None, 1.0 / math.sqrt(d))
+        return _out(cfg, params, o, b, n), {"k": ck, "v": cv}
+
+    return Decoder(init, step)
+
+
 def _make(cfg: _Config) -> Layer:
     """The layer: its functions over the checked settings ``cfg``."""
 
@@ -440,27 +551,33 @@ def _make(cfg: _Config) -> Layer:
                  forward=forward, backward=functools.partial(_backward, cfg),
                  context=("mask", "lengths"),
                  per_example=functools.partial(_per_example, cfg),
-                 per_example_norms=functools.partial(_per_example_norms, cfg), kind=cfg.kind)
+                 per_example_norms=functools.partial(_per_example_norms, cfg), kind=cfg.kind,
+                 decoder=_decoder(cfg) if cfg.causal and not cfg.cross else None)
 
 
 def multi_head_attention(num_heads: int, *, head_dim: int | None = None,
                          out_features: int | None = None, causal: bool = False,
                          use_bias: bool = True, dropout: float = 0.0,
                          implementation: str = "auto", num_kv_heads: int | None = None,
-                         block_size: int | None = None) -> Layer:
+                         block_size: int | None = None, rotary: bool = False,
+                         rotary_base: float = 10000.0) -> Layer:
     """Multi-head self-attention ``y = softmax(Q K^T / sqrt(D) + mask) V W_o + b_o``.
 
     Shapes: ``x (batch, T, F) -> y (batch, T, out_features or F)``.
     Params: ``W_q (F, H*D)``, ``W_k, W_v (F, Hkv*D)``, ``W_o (H*D, out)`` (glorot uniform) and
-    ``b_q, b_k, b_v, b_o`` (zeros; none when ``use_bias=False``); ``H = num_heads``,
+    ``b_q, b_k, b_v, b_o`` (zeros; none when ``use_bias=False``; ``b_k``'s gradient is exactly
+    zero, see the module docstring); ``H = num_heads``,
     ``Hkv = num_kv_heads or H`` (must divide ``H``), ``D = head_dim or F // H``.
     ``apply``/``forward`` take ``mask=`` (boolean ``(batch, T)`` key padding or
     ``(batch, T, T)``, ``True`` = attend) or ``lengths=`` (integer ``(batch,)``).
     ``implementation``: ``"materialized"``, ``"chunked"`` (``block_size`` keys per block) or
     ``"auto"``; residuals and the derivative: see the module docstring.
+    ``rotary=True`` rotates queries and keys by their positions (rotary position embeddings,
+    wavelength base ``rotary_base``; even ``D``); its backward rotates ``dQ, dK`` back.
     """
     return _make(_config(num_heads, head_dim, out_features, causal, use_bias, dropout,
-                         implementation, num_kv_heads, block_size, cross=False))
+                         implementation, num_kv_heads, block_size, cross=False,
+                         rotary=rotary, rotary_base=rotary_base))
 
 
 def cross_attention(num_heads: int, *, head_dim: int | None = None,

@@ -1,6 +1,7 @@
-"""Normalisation layers: layer norm and batch norm, each with its hand-written backward.
+"""Normalisation layers: layer norm, RMS norm and batch norm, each with its hand-written backward.
 
-``layer_norm`` normalises every example over its last axis and is stateless.
+``layer_norm`` normalises every example over its last axis and is stateless; ``rms_norm``
+(Zhang & Sennrich 2019) divides by the root mean square alone, with no centring and no offset.
 ``batch_norm`` normalises each channel over the batch (and spatial) axes and is the
 stateful layer: its running mean and variance travel as an explicit state pytree
 ``{"mean": (C,), "var": (C,)}`` into ``apply``/``forward`` and back out; nothing is
@@ -30,7 +31,7 @@ from funnn.core import (
 )
 from funnn.layers._per_example import batch_sum, sq_norms
 
-__all__ = ["layer_norm", "batch_norm"]
+__all__ = ["layer_norm", "rms_norm", "batch_norm"]
 
 
 def _check_number(value, what: str, layer: str, lo: float, hi: float, lo_open: bool) -> float:
@@ -114,6 +115,70 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm")
+
+
+# --------------------------------------------------------------------------- rms norm
+
+
+def rms_norm(eps: float = 1e-6, *, dtype=None) -> Layer:
+    """Root-mean-square normalisation over the last axis, with a learned scale (no offset).
+
+    ``r = 1 / sqrt(mean(x^2) + eps)`` over the last axis of each example, ``xhat = x r``,
+    ``y = gamma * xhat`` (Zhang & Sennrich 2019; LLaMA's and T5's norm). PyTorch's
+    ``nn.RMSNorm(F, eps=eps)`` is the same layer with ``weight = gamma``; its default ``eps``
+    is the dtype's machine epsilon, funnn's ``1e-6``.
+    Shapes: ``x (..., F) -> y (..., F)``. Params: ``{"gamma": (F,) ones}``.
+    Residuals: ``(xhat, r)`` with ``r`` of shape ``(..., 1)``.
+    Gradients come back in the dtypes of their params and of ``x``, as autodiff's do.
+    Derivative (``dxhat = dy * gamma``): ``dx = r * (dxhat - xhat * mean(dxhat xhat))``,
+    ``dgamma = sum(dy xhat)`` (summed over every leading axis).
+    """
+    eps = _check_number(eps, "eps", "rms_norm", 0.0, math.inf, lo_open=True)
+    name = "rms_norm" if eps == 1e-6 else f"rms_norm(eps={eps:g})"
+
+    def init(key, in_shape):
+        shape = check_in_shape(name, in_shape, min_rank=1, allow_none=True)
+        f = shape[-1]
+        if f is None:
+            raise ShapeError(f"init shape {tuple(in_shape)} has no feature size on its last "
+                             f"axis; give e.g. (None, features)", (name,))
+        return shape, {"gamma": jnp.ones((f,), _default_dtype(dtype))}
+
+    def forward(params, x, *, key=None, train=False):
+        check_floating(name, x)
+        check_rank(name, x, 1, what="(..., features)")
+        check_features(name, x, params["gamma"].shape[0])
+        xw = upcast(x)                        # bfloat16/float16: the mean square in float32
+        r = lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + eps)
+        xhat = xw * r
+        y = (xhat * upcast(params["gamma"])).astype(x.dtype)
+        return y, (xhat.astype(x.dtype), r)
+
+    def apply(params, x, *, key=None, train=False):
+        return forward(params, x)[0]
+
+    def backward(params, res, dy):
+        xhat, r = res
+        x_dt = xhat.dtype
+        f = dy.shape[-1]
+        xhat, dy = upcast(xhat), upcast(dy)
+        dxhat = dy * upcast(params["gamma"])
+        dx = r * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+        dgamma = (dy * xhat).reshape(-1, f).sum(0).astype(params["gamma"].dtype)
+        return {"gamma": dgamma}, dx.astype(x_dt)
+
+    def per_example(params, res, dy):
+        """dgamma_i = sum_t dy_it xhat_it: ``(B, F)``, materialised (as small as a row)."""
+        xhat, _ = res
+        grads = {"gamma": batch_sum(upcast(dy) * upcast(xhat)).astype(params["gamma"].dtype)}
+        return grads, backward(params, res, dy)[1]
+
+    def per_example_norms(params, res, dy):
+        g, dx = per_example(params, res, dy)
+        return sq_norms(g, dy.shape[0], dy.dtype), dx
+
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 per_example=per_example, per_example_norms=per_example_norms, kind="rms_norm")
 
 
 # --------------------------------------------------------------------------- batch norm

@@ -72,7 +72,7 @@ from funnn.core import (
 )
 from funnn.layers._per_example import outer_sq_norm
 
-__all__ = ["rnn", "lstm", "gru"]
+__all__ = ["rnn", "lstm", "gru", "bidirectional"]
 
 _sigmoid = jax.nn.sigmoid
 
@@ -531,3 +531,116 @@ def gru(hidden: int, *, return_sequences: bool = True, masked: bool = False,
     through ``n``: ``d(hW_hn + b_hn) = dn (1 - n^2) r``, ``dr = dn (1 - n^2) (h W_hn + b_hn)``.
     """
     return _layer(_GRU, hidden, return_sequences, masked, dtype, unroll)
+
+
+# --------------------------------------------------------------------------- bidirectional
+
+
+def _reverse_time(a, lengths):
+    """Reverse ``a (batch, time, ...)`` in time within each example's first ``lengths[b]``
+    steps (the padding after them stays in place); all steps when ``lengths`` is ``None``.
+    A permutation that is its own inverse, so its backward is itself."""
+    if lengths is None:
+        return a[:, ::-1]
+    t = jnp.arange(a.shape[1])[None, :]
+    n = jnp.asarray(lengths)[:, None]
+    idx = jnp.where(t < n, n - 1 - t, t)
+    idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, jnp.broadcast_to(idx, a.shape[:2] + (1,) * (a.ndim - 2)),
+                               axis=1)
+
+
+def _bi_lengths(name: str, x, mask, lengths):
+    """The valid lengths from ``lengths=`` or a prefix ``mask=`` (padding at the end only)."""
+    if mask is not None and lengths is not None:
+        raise ConfigError("got both mask= and lengths=; pass one", (name,))
+    if mask is None:
+        return lengths
+    if jnp.shape(mask) != tuple(jnp.shape(x))[:2]:
+        raise ShapeError(f"expected mask of shape (batch, time) = {tuple(jnp.shape(x))[:2]}, got "
+                         f"{jnp.shape(mask)}", (name,))
+    return jnp.sum(jnp.asarray(mask).astype(jnp.int32), axis=1)
+
+
+def bidirectional(layer: Layer) -> Layer:
+    """A bidirectional recurrent layer: ``layer`` run forward in time and, with its own
+    params, backward in time; features concatenated (PyTorch's ``bidirectional=True``)::
+
+        y = concat(layer(p_fwd, x), rev(layer(p_bwd, rev(x))))     # rev: reverse time
+
+    With ``lengths=`` (or a ``mask=`` whose valid steps come first, as packed sequences),
+    ``rev`` reverses each example's first ``lengths[b]`` steps only, so the backward
+    direction starts at each sequence's last real step. With ``return_sequences=False`` the
+    output is ``concat(h_fwd_final, h_bwd_final)`` (PyTorch's ``h_n`` of both directions), not
+    reversed. Shapes: ``x (batch, time, in) -> (batch, time, 2H)`` or ``(batch, 2H)``.
+    Params: ``(p_fwd, p_bwd)``, each ``layer``'s. Backward: ``rev`` is a permutation and its
+    own inverse: ``dx = dx_fwd + rev(backward_bwd(rev(dy_bwd)))``; per-example rules alike.
+    ``layer`` takes ``x (batch, time, in)`` (not ``masked=True``'s pair).
+    """
+    if not isinstance(layer, Layer):
+        raise ConfigError(f"bidirectional needs a Layer, got {type(layer).__name__}",
+                          ("bidirectional",))
+    name = f"bidirectional({layer.name})"
+    reads = "lengths" in layer.context
+
+    def init(key, in_shape):
+        k1, k2 = jax.random.split(key)
+        out, p_f = layer.init(k1, in_shape)
+        _, p_b = layer.init(k2, in_shape)
+        return tuple(out)[:-1] + (2 * out[-1],), (p_f, p_b)
+
+    def _ctx(n):
+        return {"lengths": n} if reads and n is not None else {}
+
+    def _run(params, x, mask, lengths, fwd: bool):
+        if isinstance(x, (tuple, list)) or jnp.ndim(x) != 3:
+            raise ShapeError(f"expected input of shape (batch, time, features), got "
+                             f"{jnp.shape(x) if not isinstance(x, (tuple, list)) else 'a pair'}"
+                             f"; build the inner layer without masked=True and pass lengths=",
+                             (name,))
+        n = _bi_lengths(name, x, mask, lengths)
+        if n is not None and not reads:
+            raise ConfigError(f"{layer.name} reads no lengths=; cannot mask it", (name,))
+        p_f, p_b = params
+        call = layer.forward if fwd else (lambda p, a, **kw: (layer.apply(p, a, **kw), None))
+        y_f, r_f = call(p_f, x, **_ctx(n))
+        y_b, r_b = call(p_b, _reverse_time(x, n), **_ctx(n))
+        seq = y_b.ndim == 3
+        y = jnp.concatenate([y_f, _reverse_time(y_b, n) if seq else y_b], axis=-1)
+        return y, (r_f, r_b, n)
+
+    def apply(params, x, *, key=None, train=False, mask=None, lengths=None):
+        return _run(params, x, mask, lengths, False)[0]
+
+    def forward(params, x, *, key=None, train=False, mask=None, lengths=None):
+        return _run(params, x, mask, lengths, True)
+
+    def _walk(params, res, dy, how):
+        r_f, r_b, n = res
+        h = dy.shape[-1] // 2                    # both directions are the same layer
+        rule = getattr(layer, how)
+        if rule is None:
+            raise ConfigError(f"{layer.name} has no {how} rule", (name,))
+        seq = dy.ndim == 3
+        dy_b = dy[..., h:]
+        g_f, dx_f = rule(params[0], r_f, dy[..., :h])
+        g_b, dx_b = rule(params[1], r_b, _reverse_time(dy_b, n) if seq else dy_b)
+        return (g_f, g_b), dx_f + _reverse_time(dx_b, n)
+
+    def backward(params, res, dy):
+        return _walk(params, res, dy, "backward")
+
+    def per_example(params, res, dy):
+        return _walk(params, res, dy, "per_example")
+
+    def per_example_norms(params, res, dy):
+        (s_f, s_b), dx = _walk(params, res, dy, "per_example_norms")
+        return s_f + s_b, dx
+
+    has_rules = layer.per_example is not None and layer.per_example_norms is not None
+    return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
+                 children=(("[0]", layer), ("[1]", layer)),
+                 context=("mask", "lengths") if reads else (),
+                 per_example=per_example if has_rules else None,
+                 per_example_norms=per_example_norms if has_rules else None,
+                 kind="bidirectional")

@@ -23,12 +23,13 @@ from funnn.core import (
     run_forward,
     split_key,
 )
+from funnn.layers._decode import Decoder
 from funnn.layers._per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
 from funnn.layers.combinators import residual, serial
 from funnn.layers.dense import dense
 from funnn.layers.dropout import dropout as dropout_layer
-from funnn.layers.elementwise import activation
+from funnn.layers.elementwise import activation as activation_layer
 from funnn.layers.embedding import embedding
 from funnn.layers.norm import layer_norm
 from funnn.layers.walk import Child, walk_back
@@ -42,7 +43,8 @@ def _masks(mask, lengths) -> dict:
 
 def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
                       dropout: float = 0.0, num_kv_heads: int | None = None,
-                      implementation: str = "auto", eps: float = 1e-5) -> Layer:
+                      implementation: str = "auto", eps: float = 1e-5,
+                      rotary: bool = False) -> Layer:
     """A pre-norm transformer block on ``x (batch, T, F) -> (batch, T, F)``::
 
         h = x + drop(attention(layer_norm(x)))                 # mask=/lengths= reach attention
@@ -53,13 +55,16 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
     ``residual(serial(...))``, built for ``F`` at first use; the attention half is written out
     here so that ``mask=``/``lengths=`` reach the attention.
     ``dropout`` applies to the attention weights and to both residual branches (training only,
-    ``key=`` required). Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
+    ``key=`` required). ``rotary=True`` gives the attention rotary position embeddings (see
+    :func:`~funnn.layers.multi_head_attention`).
+    Backward: the children's, in reverse; ``dx = dh + dx_attention_half``.
     """
     if isinstance(mlp_dim, bool) or not isinstance(mlp_dim, (int, np.integer)) or mlp_dim < 1:
         raise ConfigError(f"mlp_dim must be a positive int, got {mlp_dim!r}",
                           ("transformer_block",))
     attn = multi_head_attention(num_heads, causal=causal, dropout=dropout,
-                                implementation=implementation, num_kv_heads=num_kv_heads)
+                                implementation=implementation, num_kv_heads=num_kv_heads,
+                                rotary=rotary)
     ln = layer_norm(eps)
     drop = dropout_layer(dropout)
     name = f"transformer_block({attn.name.split('(', 1)[1][:-1]}, mlp_dim={int(mlp_dim)})"
@@ -67,7 +72,7 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
 
     @functools.cache
     def mlp_half(f: int) -> Layer:
-        return residual(serial(layer_norm(eps), dense(int(mlp_dim)), activation("gelu"),
+        return residual(serial(layer_norm(eps), dense(int(mlp_dim)), activation_layer("gelu"),
                                dense(f), dropout_layer(dropout)))
 
     def init(key, in_shape):
@@ -130,9 +135,21 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
         (s_ln, s_attn, _, s_mlp), dx = _walk(params, res, dy, "per_example_norms")
         return s_ln + s_attn + s_mlp, dx
 
+    def decode_init(params, batch, max_len):
+        return attn.decoder.init(params["attn"][1], batch, max_len)
+
+    def decode_step(params, x, cache, pos):
+        """The attention half against its KV cache, the MLP half on the new positions."""
+        (p_ln, p_attn) = params["attn"]
+        with layer_scope(name):
+            a, cache = attn.decoder.step(p_attn, ln.apply(p_ln, x), cache, pos)
+            with layer_scope(m_label):
+                return mlp_half(x.shape[-1]).apply(params["mlp"], x + a), cache
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=attn.context, per_example=per_example,
-                 per_example_norms=per_example_norms, kind="transformer_block")
+                 per_example_norms=per_example_norms, kind="transformer_block",
+                 decoder=Decoder(decode_init, decode_step) if causal else None)
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
