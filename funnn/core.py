@@ -119,6 +119,18 @@ class Layer:
     ``per_example_norms`` need not materialise the per-example gradients (``||x_i^T d_i||^2 =
     ||x_i||^2 ||d_i||^2`` for a dense layer); see :mod:`funnn.layers._per_example`.
 
+    Forward mode (optional; ``None`` where a layer has none): the hand-written tangent rule,
+    on the residuals of ``forward`` as ``backward`` is, for tangents ``dparams`` (the params'
+    tree) and ``dx`` (the input's shape; ``None`` for integer inputs such as embedding ids)::
+
+        jvp(params, res, dparams, dx) -> dy        # the tangent of the output, y's shape
+
+    ``walk`` (composites only; ``None`` for leaves) runs a per-leaf rule through the children
+    on the way back, as ``backward`` does, for the curvature quantities of
+    :mod:`funnn.curvature`: ``walk(params, res, dy, how) -> (outs, dx)`` with
+    ``how(child, dy) -> (out, dx)`` the step of :func:`funnn.layers.walk.walk_back` and
+    ``outs`` laid out like the params (one entry per child).
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
@@ -137,6 +149,8 @@ class Layer:
     per_example: Callable | None = None
     per_example_norms: Callable | None = None
     kind: str = "custom"
+    jvp: Callable | None = None
+    walk: Callable | None = None
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
@@ -145,7 +159,8 @@ class Layer:
         # while tracing only.
         stateful = self.init_state is not None
         object.__setattr__(self, "context", tuple(self.context))
-        for field in ("apply", "forward", "backward", "per_example", "per_example_norms"):
+        for field in ("apply", "forward", "backward", "per_example", "per_example_norms",
+                      "jvp"):
             fn = getattr(self, field)
             if fn is None:
                 continue

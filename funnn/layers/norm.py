@@ -112,8 +112,21 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         g, dx = per_example(params, res, dy)
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dxhat = inv (dx - mean(dx) - xhat mean(xhat dx))`` (the Jacobian of xhat
+        is symmetric, so this is the backward's formula), ``dy = gamma dxhat + dgamma xhat +
+        dbeta``."""
+        xhat, inv = res
+        xw, dxw = upcast(xhat), upcast(dx)
+        dxhat = inv * (dxw - jnp.mean(dxw, axis=-1, keepdims=True)
+                       - xw * jnp.mean(dxw * xw, axis=-1, keepdims=True))
+        dy = (dxhat * upcast(params["gamma"]) + xw * upcast(dparams["gamma"])
+              + upcast(dparams["beta"]))
+        return dy.astype(xhat.dtype)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm")
+                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm",
+                 jvp=jvp)
 
 
 # --------------------------------------------------------------------------- batch norm
