@@ -131,6 +131,12 @@ class Layer:
     ``how(child, dy) -> (out, dx)`` the step of :func:`funnn.layers.walk.walk_back` and
     ``outs`` laid out like the params (one entry per child).
 
+    ``factors`` (dense and ungrouped convolutions; ``None`` elsewhere): the two factors of the
+    weight gradient, ``factors(params, res, dy) -> (a (B, T, m), d (B, T, n))`` with ``dW =
+    sum_{i,t} a_it^T d_it`` reshaped to ``W``'s shape and ``db = sum_{i,t} d_it``: the layer's
+    input rows (dense) or patches (convolution) and its output deltas, over ``T`` positions.
+    :mod:`funnn.curvature` builds gradient statistics and Kronecker factors from them.
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, and ``state=`` given to a stateless layer
@@ -151,6 +157,7 @@ class Layer:
     kind: str = "custom"
     jvp: Callable | None = None
     walk: Callable | None = None
+    factors: Callable | None = None
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
@@ -160,7 +167,7 @@ class Layer:
         stateful = self.init_state is not None
         object.__setattr__(self, "context", tuple(self.context))
         for field in ("apply", "forward", "backward", "per_example", "per_example_norms",
-                      "jvp"):
+                      "jvp", "factors"):
             fn = getattr(self, field)
             if fn is None:
                 continue

@@ -156,7 +156,8 @@ def bridge(model: Layer) -> Layer:
                  init_state=model.init_state, children=model.children,
                  context=model.context, derived=model.derived,
                  per_example=model.per_example, per_example_norms=model.per_example_norms,
-                 kind="bridge", jvp=model.jvp, walk=model.walk)
+                 kind="bridge", jvp=model.jvp, walk=model.walk,
+                 factors=model.factors)
 
 
 # --------------------------------------------------------------------------- per example

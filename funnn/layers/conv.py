@@ -449,9 +449,15 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         dy = lin(dx, params["W"]) + lin(x, dparams["W"])
         return dy + dparams["b"] if use_bias else dy
 
+    def factors(params, x, dy):
+        """``dW = sum_{i,t} P_it^T dy_it``: the patches ``(B, T, K C_in)`` (columns in the order
+        of ``W.reshape(K C_in, C_out)``) and the deltas ``(B, T, C_out)``."""
+        pt, dl = _pe_factors(geo, params, x, dy)
+        return pt.reshape(pt.shape[:2] + (-1,)), dl.reshape(dl.shape[:2] + (-1,))
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms,
-                 kind=f"conv{nd}d", jvp=jvp)
+                 kind=f"conv{nd}d", jvp=jvp, factors=factors if groups == 1 else None)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

@@ -20,7 +20,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
-from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
+from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm, rows
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -156,4 +156,4 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms, kind="dense",
-                 jvp=jvp)
+                 jvp=jvp, factors=lambda params, x, dy: (rows(x, name), rows(dy, name)))
