@@ -118,7 +118,7 @@ _LOSSES = {
 
 
 def _loss_curv(loss) -> _LossCurv:
-    curv = _LOSSES.get(getattr(loss, "name", None))
+    curv = _LOSSES.get(str(getattr(loss, "name", "")))
     if curv is None:
         raise ConfigError(f"no closed-form Hessian for the loss {loss!r}; curvature supports "
                           f"{', '.join(_LOSSES)}", ("curvature",))
@@ -239,7 +239,9 @@ def _sq_leaf(layer, params, res, dy, path):
 
 
 def _split(tree):
-    is_pair = lambda v: isinstance(v, _Pair)      # noqa: E731
+    def is_pair(v):
+        return isinstance(v, _Pair)
+
     first = jax.tree_util.tree_map(lambda p: p.total, tree, is_leaf=is_pair)
     second = jax.tree_util.tree_map(lambda p: p.sq, tree, is_leaf=is_pair)
     return first, second

@@ -296,7 +296,7 @@ def compare_jvp(model: Layer, params, x, *, key=None, train: bool = False, eps: 
             return jax.tree_util.tree_map(lambda a, b: a + s * b, p, dp)
 
         def three(dp, dx):
-            _, man = manual.jvp(model, train=train)(params, x, dp, dx, key=key, **context)
+            y, man = manual.jvp(model, train=train)(params, x, dp, dx, key=key, **context)
             if floating:
                 _, auto = jax.jvp(f, (params, x), (dp, dx))
                 fd = (f(plus(params, dp, eps), x + eps * dx)
@@ -304,27 +304,31 @@ def compare_jvp(model: Layer, params, x, *, key=None, train: bool = False, eps: 
             else:
                 _, auto = jax.jvp(lambda p: f(p, x), (params,), (dp,))
                 fd = (f(plus(params, dp, eps), x) - f(plus(params, dp, -eps), x)) / (2 * eps)
-            return man, auto, fd
+            return y, (man, auto, fd)
 
-        run = jax.jit(three)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        dx0 = jnp.zeros_like(x) if floating else None
-        flat, treedef = jax.tree_util.tree_flatten_with_path(zeros)
-        keys = jax.random.split(jax.random.key(seed), len(flat) + 1)
+        # a check, compiled once and run a few times: XLA's backend optimisations cost more
+        # than they save here; the directions are numpy draws (no compile per shape)
+        run = jax.jit(three, compiler_options={"xla_backend_optimization_level": 0})
+        rng = np.random.default_rng(seed)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        zeros = [np.zeros(np.shape(l), jnp.result_type(l)) for _, l in flat]
+        dx0 = np.zeros(np.shape(x), np.float64) if floating else None
         out: dict = {"manual": [], "autodiff": [], "fd": []}
         directions = []
-        for i, (path, z) in enumerate(flat):
-            leaves = [l for _, l in flat]
-            leaves[i] = jax.random.normal(keys[i], z.shape, z.dtype)
-            dp = jax.tree_util.tree_unflatten(treedef, leaves)
-            for name, t in zip(out, run(dp, dx0)):
+        y = None
+        for i, (path, leaf) in enumerate(flat):
+            leaves = list(zeros)
+            leaves[i] = rng.normal(size=np.shape(leaf)).astype(jnp.result_type(leaf))
+            y, ts = run(jax.tree_util.tree_unflatten(treedef, leaves), dx0)
+            for name, t in zip(out, ts):
                 out[name].append(t)
-            directions.append((path_str(path), tuple(z.shape)))
+            directions.append((path_str(path), tuple(np.shape(leaf))))
         if floating:
-            for name, t in zip(out, run(zeros, jax.random.normal(keys[-1], x.shape, x.dtype))):
+            y, ts = run(jax.tree_util.tree_unflatten(treedef, zeros),
+                        rng.normal(size=np.shape(x)))
+            for name, t in zip(out, ts):
                 out[name].append(t)
-            directions.append(("<input>", tuple(x.shape)))
-        y = f(params, x)
+            directions.append(("<input>", tuple(np.shape(x))))
         return Report(_jvp_rows(out, directions, rtol_engines, rtol_fd), _largest(y),
                       {"engines": rtol_engines, "finite differences": rtol_fd}, "full", (),
                       tuple(derived_layers(model)), what="max |y|")

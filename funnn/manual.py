@@ -36,8 +36,8 @@ from funnn.core import (
 )
 from funnn.layers.walk import rule, tangent
 
-__all__ = ["value_and_grad", "jvp", "bridge", "per_example_value_and_grad", "per_example_grad_norms",
-           "clipped_value_and_grad", "per_example_loss", "jit_reusing"]
+__all__ = ["value_and_grad", "jvp", "bridge", "per_example_value_and_grad",
+           "per_example_grad_norms", "clipped_value_and_grad", "per_example_loss", "jit_reusing"]
 
 
 def value_and_grad(model: Layer, loss, *, train: bool = True):

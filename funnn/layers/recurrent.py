@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -511,6 +511,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         input side ``dx W_x + x dW_x + db`` projected for all steps first; masked steps carry
         the tangent forward as the forward carries the state."""
         x_tm, m_tm, h_prev, cres = res
+        tan = cast(Callable, cell.tangent)
         dx = dx[0] if masked else dx
         dt = h_prev.dtype
         dxw = (_project(jnp.swapaxes(dx, 0, 1).astype(dt), params[cell.wx])
@@ -519,7 +520,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
         def f(dcarry, inp):
             dxw_t, m_t, h_t, r = inp
-            dnew = _blend(m_t, cell.tangent(params, dparams, dcarry, dxw_t, h_t, r), dcarry)
+            dnew = _blend(m_t, tan(params, dparams, dcarry, dxw_t, h_t, r), dcarry)
             return dnew, (dnew[0] if seq else None)
 
         last, dhs = lax.scan(f, (zero,) * cell.n_carry, (dxw, m_tm, h_prev, cres),
@@ -538,7 +539,8 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
-                 per_example_norms=per_example_norms, kind=kind, jvp=jvp)
+                 per_example_norms=per_example_norms, kind=kind,
+                 jvp=jvp if cell.tangent is not None else None)
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,
