@@ -20,6 +20,7 @@ def __getattr__(name):
     # The tools on top (data, training, checkpoints, control flow, CLI) load on first use,
     # so `import funnn` stays light.
     if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench", "parallel",
-                "rundir", "numerics", "interop", "precision", "privacy", "distributed", "summary"):
+                "rundir", "numerics", "interop", "precision", "privacy", "distributed", "summary",
+                "curvature"):
         return importlib.import_module(f"funnn.{name}")
     raise AttributeError(f"module 'funnn' has no attribute {name!r}")

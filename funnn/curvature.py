@@ -18,18 +18,15 @@ output deltas, what BackPACK computes by extending PyTorch's backward:
   second moment, with the bias column) and ``G`` (output delta second moment).
 
 The GGN is that of the batch loss (the loss's reduction included: ``"mean"`` divides by the
-number of terms). Loss Hessians (per term; ``p = softmax(z)``, ``s = sigmoid(z)``):
+number of terms). Loss Hessians per term, and their factors ``S`` with ``H = S S^T``
+(``p = softmax(z)``, ``s = sigmoid(z)``, ``m = sum_k t_k``, 1 for labels and distributions):
 
-========================  ========================  =====================================
-loss                      Hessian per term          factor ``S`` (``H = S S^T``)
-========================  ========================  =====================================
-``squared_error``         ``I``                     ``I``
-``mse``                   ``2`` per element         ``sqrt 2``
-``softmax_cross_entropy`` ``m (diag p - p p^T)``    columns ``sqrt(m p_c) (e_c - p)``
-``binary_cross_entropy``  ``s (1 - s)`` per element ``sqrt(s (1 - s))``
-========================  ========================  =====================================
+* ``squared_error``: ``H = I``, ``S = I``;
+* ``mse``: ``H = 2`` per element, ``S = sqrt 2``;
+* ``softmax_cross_entropy``: ``H = m (diag p - p p^T)``, columns ``S_c = sqrt(m p_c) (e_c - p)``;
+* ``binary_cross_entropy``: ``H = s (1 - s)`` per element, ``S = sqrt(s (1 - s))``.
 
-(``m = sum_k t_k``: 1 for labels and distributions.) Sampled targets (K-FAC, MC, Fisher) draw
+Sampled targets (K-FAC, MC, Fisher) draw
 the pseudo-gradient ``d`` with ``E[d d^T] = H``: ``p - onehot(y)`` with ``y ~ Cat(p)``; ``o -
 y`` with ``y ~ N(o, I)``; ``s - y`` with ``y ~ Bernoulli(s)``.
 
@@ -48,6 +45,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from funnn import manual
 from funnn.core import ConfigError, Layer, ShapeError, StateError, check_context
@@ -57,6 +55,10 @@ __all__ = ["BatchStats", "batch_stats", "ggn_vp", "fisher_vp", "hvp", "diag_ggn"
            "diag_ggn_mc", "kfac_factors", "CONVENTIONS"]
 
 CONVENTIONS = ("kfac", "kflr")
+
+# Per-example weight gradients held at once (elements) by the sums of squares over positions:
+# past it they are formed a chunk of examples at a time and squared into one accumulator.
+_SQ_BUDGET = 1 << 22
 
 
 # --------------------------------------------------------------------------- loss curvature
@@ -216,17 +218,41 @@ def _per_example_rule(layer: Layer):
     return layer.per_example
 
 
+def sum_sq_outer(a, d):
+    """``sum_i (sum_t a_it^T d_it)^2`` elementwise: ``a (B, T, m)``, ``d (B, T, n)`` ->
+    ``(m, n)``.
+
+    Without positions (``T = 1``) no per-example gradient is formed: ``(a^2)^T (d^2)``. With
+    positions each example's ``dW_i`` is needed; up to ``_SQ_BUDGET`` elements they are one
+    einsum over the batch, past it a ``lax.scan`` over chunks of examples squares each chunk's
+    into one ``(m, n)`` accumulator, so memory stays at a chunk whatever the batch.
+    """
+    b, t, m = a.shape
+    n = d.shape[-1]
+    if t == 1:
+        return jnp.square(a[:, 0]).T @ jnp.square(d[:, 0])
+    chunk = max(1, min(b, _SQ_BUDGET // (m * n)))
+    if chunk >= b:
+        return jnp.sum(jnp.square(jnp.einsum("btm,btn->bmn", a, d)), 0)
+    pad = (-b) % chunk                      # zero examples add nothing
+    a = jnp.pad(a, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, t, m)
+    d = jnp.pad(d, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, t, n)
+
+    def body(acc, ad):
+        g = jnp.einsum("ctm,ctn->cmn", *ad)
+        return acc + jnp.sum(g * g, 0), None
+
+    acc, _ = lax.scan(body, jnp.zeros((m, n), jnp.result_type(a, d)), (a, d))
+    return acc
+
+
 def _sq_leaf(layer, params, res, dy, path):
     """``(sum_i g_i, sum_i g_i^2)`` per param leaf, and dx. Dense/conv: from the factors
-    (``(a^2)^T (d^2)`` without positions, else per example inside one einsum); others: the
-    per-example rule."""
+    (:func:`sum_sq_outer`); others: the per-example rule."""
     if layer.factors is not None:
         a, d = layer.factors(params, res, dy)
         w = params["W"]
-        if a.shape[1] == 1:
-            sq_w = jnp.square(a[:, 0]).T @ jnp.square(d[:, 0])
-        else:
-            sq_w = jnp.sum(jnp.square(jnp.einsum("btm,btn->bmn", a, d)), 0)
+        sq_w = sum_sq_outer(a, d)
         out = {"W": _Pair(jnp.einsum("btm,btn->mn", a, d).reshape(w.shape).astype(w.dtype),
                           sq_w.reshape(w.shape).astype(w.dtype))}
         if "b" in params:
@@ -268,8 +294,9 @@ def batch_stats(model: Layer, loss, *, train: bool = False):
 
     Dense layers without positions never form ``g_i``: ``sum_i (x_i^T d_i)^2 = (x^2)^T
     (d^2)`` elementwise; dense layers over positions and convolutions form ``dW_i = sum_t
-    a_it^T d_it`` inside one einsum (BackPACK does the same); other layers use their
-    per-example rules. ``variance = sum_sq / B - mean^2``.
+    a_it^T d_it`` from their factors (patches for a convolution) a bounded chunk of examples
+    at a time (:func:`sum_sq_outer`); other layers use their per-example rules. ``variance =
+    sum_sq / B - mean^2``.
     """
     _check_model(model, "batch_stats")
 

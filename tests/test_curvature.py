@@ -253,9 +253,11 @@ def test_small_mlp_every_quantity_against_its_definition():
 @pytest.mark.parametrize("loss", [losses.mse, losses.binary_cross_entropy,
                                   XENT.with_reduction("sum")],
                          ids=lambda l: f"{l.name}-{l.reduction}")
-def test_every_loss_on_a_sequence_model(loss):
+def test_every_loss_on_a_sequence_model(loss, monkeypatch):
     """Outputs with positions (B, T, K): per-position terms must not mix in the exact diagonal;
-    dense layers over positions take the materialised per-example route in batch_stats."""
+    dense layers over positions form their per-example gradients in chunks (a budget of 7
+    elements: one example at a time)."""
+    monkeypatch.setattr(C, "_SQ_BUDGET", 7)
     model = L.serial(L.dense(3), L.activation("tanh"), L.dense(2))
     params, x, y = _setup(model, (None, 3, 2), (2, 3, 2), (2, 3, 2), loss)
 
@@ -279,6 +281,17 @@ def test_every_loss_on_a_sequence_model(loss):
     _close(_flat(diag), np.diag(ggn), 1e-9, "diag_ggn")
     _close(_flat(stats.sum_sq), (np.asarray(per_ex) ** 2).sum(0), 1e-10, "sum of squares")
     _close(_flat(stats.variance), np.asarray(per_ex).var(0), 1e-10, "variance")
+
+
+def test_sums_of_squares_in_chunks_with_a_padded_last_chunk(monkeypatch):
+    monkeypatch.setattr(C, "_SQ_BUDGET", 12)      # m n = 6: 2 examples a chunk, 5 -> 3 chunks
+    rng = np.random.default_rng(3)
+    a, d = rng.normal(size=(5, 3, 2)), rng.normal(size=(5, 3, 3))
+    want = (np.einsum("btm,btn->bmn", a, d) ** 2).sum(0)
+    got, one = _jit(lambda a, d: (C.sum_sq_outer(a, d), C.sum_sq_outer(a[:, :1], d[:, :1])))(
+        a, d)
+    _close(got, want, 1e-12, "chunked")
+    _close(one, (np.einsum("bm,bn->bmn", a[:, 0], d[:, 0]) ** 2).sum(0), 1e-12, "T = 1")
 
 
 def test_clear_errors():
