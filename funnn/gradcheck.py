@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, manual
-from funnn.core import Layer, ShapeError
+from funnn.core import Layer, ShapeError, run_apply
 from funnn.summary import derived_layers
 from funnn.trees import path_str, tree_paths
 
@@ -273,9 +273,9 @@ def _jvp_rows(tangents, directions, rtol_engines, rtol_fd) -> tuple:
     return tuple(rows)
 
 
-def compare_jvp(model: Layer, params, x, *, key=None, train: bool = False, eps: float = 1e-6,
-                rtol_engines: float = 1e-10, rtol_fd: float = 1e-6, seed: int = 0,
-                **context) -> Report:
+def compare_jvp(model: Layer, params, x, *, key=None, state=None, train: bool = False,
+                eps: float = 1e-6, rtol_engines: float = 1e-10, rtol_fd: float = 1e-6,
+                seed: int = 0, **context) -> Report:
     """Compare the hand-written forward mode with ``jax.jvp`` and central differences.
 
     For every parameter leaf (rows named by tree path) and for the input (``<input>``, when it
@@ -283,20 +283,24 @@ def compare_jvp(model: Layer, params, x, *, key=None, train: bool = False, eps: 
     ``J v`` by :func:`funnn.manual.jvp`, by ``jax.jvp`` of ``model.apply`` and by
     ``(apply(p + eps v) - apply(p - eps v)) / (2 eps)``, in float64. A row passes when manual
     and autodiff agree to ``rtol_engines`` and both agree with finite differences to
-    ``rtol_fd`` (relative errors as in :func:`compare`). ``context`` holds side inputs.
+    ``rtol_fd`` (relative errors as in :func:`compare`). ``context`` holds side inputs;
+    ``state`` the running statistics of a stateful model (the output is compared, not the
+    new state).
     """
     with jax.enable_x64(True):
-        params, x = _to64(params), _to64(x)
+        params, x, state = _to64(params), _to64(x), _to64(state)
         floating = jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
         def f(p, xx):
-            return model.apply(p, xx, key=key, train=train, **context)
+            return run_apply(model, p, xx, state=state, key=key, train=train, **context)[0]
 
         def plus(p, dp, s):
             return jax.tree_util.tree_map(lambda a, b: a + s * b, p, dp)
 
         def three(dp, dx):
-            y, man = manual.jvp(model, train=train)(params, x, dp, dx, key=key, **context)
+            y, man = manual.jvp(model, train=train)(params, x, dp, dx, key=key, state=state,
+                                                     **context)
+            y = y[0] if model.stateful else y
             if floating:
                 _, auto = jax.jvp(f, (params, x), (dp, dx))
                 fd = (f(plus(params, dp, eps), x + eps * dx)

@@ -85,21 +85,21 @@ def jvp(model: Layer, *, train: bool = False):
     ``train=True`` and a ``key`` the tangent uses the forward's mask). Side inputs (``mask=``,
     ``lengths=``) pass to the layers that read them. A layer without a tangent rule raises
     :class:`~funnn.core.ConfigError` naming it (no fallback to ``jax.jvp``: the result is
-    always the hand-written one); stateful models (batch-norm) raise
-    :class:`~funnn.core.StateError`.
+    always the hand-written one). Stateful models (batch-norm) take ``state=`` and return
+    ``((y, new_state), dy)``, as :func:`value_and_grad` returns ``((loss, new_state),
+    grads)``; the state gets no tangent (in training the tangent flows through the batch
+    statistics, as the backward's gradient does).
     """
-    if model.stateful:
-        raise StateError("the hand-written forward mode has no rule for stateful layers "
-                         "(batch_norm); use layer_norm, or jax.jvp of model.apply",
-                         (model.name,))
     rule_ = tangent(model)
 
-    def f(params, x, dparams, dx, *, key=None, **context):
+    def f(params, x, dparams, dx, *, key=None, state=None, **context):
         check_context(model, context)
-        y, res = model.forward(params, x, key=key, train=train, **context)
+        y, res, new_state = run_forward(model, params, x, state=state, key=key, train=train,
+                                        **context)
         dp = _zero_tangent(params) if dparams is None else dparams
         d = _zero_tangent(x) if dx is None else dx
-        return y, rule_(params, res, dp, d)
+        dy = rule_(params, res, dp, d)
+        return ((y, new_state) if model.stateful else y), dy
 
     return f
 

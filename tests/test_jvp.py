@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from test_properties import cases, materialise
 
 from funnn import gradcheck, manual
 from funnn import layers as L
-from funnn.core import ConfigError, StateError
+from funnn.core import ConfigError, run_apply, run_forward
 from funnn.layers.derived import layer_from_apply
 
 # test programs compile once and run once: XLA's backend optimisations cost more than they save
@@ -140,17 +140,27 @@ def test_layers_without_a_tangent_rule_are_named():
     params = _params(model, (None, 2))
     with pytest.raises(ConfigError, match=r"serial\[1\].*scaled has no hand-written tangent"):
         jax.eval_shape(lambda: manual.jvp(model)(params, _normal((2, 2)), None, None))
-    with pytest.raises(StateError, match="stateful"):
-        manual.jvp(L.serial(L.dense(2), L.batch_norm()))
+    with pytest.raises(ConfigError, match=r"scaled has no hand-written tangent"):
+        manual.jvp(derived)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [True, False], ids=["batch-statistics", "running"])
+def test_batch_norm_tangent_in_both_modes(train):
+    model = L.serial(L.conv2d(2, (2, 2)), L.batch_norm(), L.activation("tanh"), L.flatten(),
+                     L.dense(2), L.batch_norm())
+    params = _params(model, (None, 3, 3, 1))
+    state = jax.tree.map(lambda a: a + 0.3, model.init_state((None, 3, 3, 1)))
+    report = gradcheck.compare_jvp(model, params, _normal((3, 3, 3, 1)), state=state,
+                                   train=train)
+    assert report.ok, str(report)
 
 
 @pytest.mark.slow      # a new network and compile per example
 @settings(max_examples=2, database=None)
 @given(case=cases(max_depth=2))
 def test_jvp_matches_autodiff_and_transposes_the_backward_on_random_networks(case):
-    code = repr(case.model)
-    assume("batch_norm" not in code)
-    model, _, params, _, x, _, key = materialise(case)
+    model, _, params, state, x, _, key = materialise(case)
     masked = isinstance(x, tuple)
     xf = x[0] if masked else x
     floating = jnp.issubdtype(xf.dtype, jnp.floating)
@@ -161,15 +171,17 @@ def test_jvp_matches_autodiff_and_transposes_the_backward_on_random_networks(cas
     @_jit
     def run(params, dp, dx):
         arg = (dx, None) if masked else dx
-        y, jv = manual.jvp(model, train=case.train)(params, x, dp, arg, key=key)
+        y, jv = manual.jvp(model, train=case.train)(params, x, dp, arg, key=key, state=state)
+        y = y[0] if model.stateful else y
 
         def f(p, v):
-            return model.apply(p, (v, x[1]) if masked else v, key=key, train=case.train)
+            return run_apply(model, p, (v, x[1]) if masked else v, key=key, state=state,
+                             train=case.train)[0]
 
         want = (jax.jvp(f, (params, xf), (dp, dx)) if floating else
                 jax.jvp(lambda p: f(p, xf), (params,), (dp,)))[1]
         u = jnp.cos(jnp.arange(y.size).reshape(y.shape))
-        _, res = model.forward(params, x, key=key, train=case.train)
+        _, res, _ = run_forward(model, params, x, key=key, state=state, train=case.train)
         g, gx = model.backward(params, res, u)
         rhs = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(g)))
         if floating:
