@@ -52,7 +52,7 @@ from funnn.core import ConfigError, Layer, ShapeError, StateError, check_context
 from funnn.layers.walk import tangent
 
 __all__ = ["BatchStats", "batch_stats", "ggn_vp", "fisher_vp", "hvp", "diag_ggn",
-           "diag_ggn_mc", "kfac_factors", "CONVENTIONS"]
+           "diag_ggn_mc", "kfac_factors", "factor_conventions", "CONVENTIONS"]
 
 CONVENTIONS = ("kfac", "kflr")
 
@@ -458,7 +458,8 @@ def kfac_factors(model: Layer, loss, *, convention: str = "kflr", samples: int =
     Martens 2016, spatial homogeneity). Then ``kron(A, G)`` approximates the GGN block of the
     layer's ``[W; b]`` (``W`` flattened row-major as ``(in, out)``, ``b`` as its last row),
     exactly for a single example without positions. Layers with params but no factors
-    (layer_norm, embedding, ...) are left out.
+    (layer_norm, embedding, ...) are left out; :func:`factor_conventions` lists the layers
+    and names each one's convention.
     """
     _check_model(model, "kfac_factors")
     _loss_curv(loss)
@@ -475,3 +476,28 @@ def kfac_factors(model: Layer, loss, *, convention: str = "kflr", samples: int =
         return {p: {"A": v["A"][0], "G": jnp.sum(v["G"], 0)} for p, v in outs.items()}
 
     return f
+
+
+def factor_conventions(model: Layer, convention: str = "kflr") -> dict:
+    """``{path: name}``: the layers :func:`kfac_factors` returns factors for, each with the
+    convention its factors follow: ``"kflr"`` or ``"kfac"`` for dense layers (Martens and
+    Grosse 2015; over positions ``G`` is divided by their number, as for convolutions), and
+    ``"kflr/kfc"`` or ``"kfac/kfc"`` for convolutions (Grosse and Martens 2016). Read from the
+    model alone (no params, nothing traced)."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"convention must be one of {', '.join(map(repr, CONVENTIONS))}, got "
+                          f"{convention!r}", ("factor_conventions",))
+    found: dict = {}
+
+    def visit(layer, prefix):
+        if layer.walk is None:
+            if layer.factors is not None:
+                conv = layer.kind.startswith("conv")
+                found[prefix.rstrip(".") or "<root>"] = convention + ("/kfc" if conv else "")
+            return
+        for label, child in layer.children:
+            visit(child, prefix + (label.strip("[]") + "." if label.startswith("[") else ""))
+
+    visit(model, "")
+    return found
+
