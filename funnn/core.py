@@ -125,6 +125,24 @@ class Layer:
     :func:`funnn.layers._decode.decoder_of` decodes by kind (position-wise layers and the
     combinators) or cannot decode. Attention and transformer blocks set it.
 
+    Forward mode (optional; ``None`` where a layer has none): the hand-written tangent rule,
+    on the residuals of ``forward`` as ``backward`` is, for tangents ``dparams`` (the params'
+    tree) and ``dx`` (the input's shape; ``None`` for integer inputs such as embedding ids)::
+
+        jvp(params, res, dparams, dx) -> dy        # the tangent of the output, y's shape
+
+    ``walk`` (composites only; ``None`` for leaves) runs a per-leaf rule through the children
+    on the way back, as ``backward`` does, for the curvature quantities of
+    :mod:`funnn.curvature`: ``walk(params, res, dy, how) -> (outs, dx)`` with
+    ``how(child, dy) -> (out, dx)`` the step of :func:`funnn.layers.walk.walk_back` and
+    ``outs`` laid out like the params (one entry per child).
+
+    ``factors`` (dense and ungrouped convolutions; ``None`` elsewhere): the two factors of the
+    weight gradient, ``factors(params, res, dy) -> (a (B, T, m), d (B, T, n))`` with ``dW =
+    sum_{i,t} a_it^T d_it`` reshaped to ``W``'s shape and ``db = sum_{i,t} d_it``: the layer's
+    input rows (dense) or patches (convolution) and its output deltas, over ``T`` positions.
+    :mod:`funnn.curvature` builds gradient statistics and Kronecker factors from them.
+
     ``apply``, ``forward`` and ``backward`` are wrapped once, when the layer is made: a
     params dict without a key the layer reads raises :class:`ShapeError` (``params missing
     key 'b'``) rather than a bare ``KeyError``, ``state=`` given to a stateless layer
@@ -146,6 +164,9 @@ class Layer:
     per_example_norms: Callable | None = None
     kind: str = "custom"
     decoder: Any = None
+    jvp: Callable | None = None
+    walk: Callable | None = None
+    factors: Callable | None = None
 
     def __post_init__(self):
         # Guard the functions once, here, so every layer (custom ones included) turns the two
@@ -154,7 +175,8 @@ class Layer:
         # while tracing only.
         stateful = self.init_state is not None
         object.__setattr__(self, "context", tuple(self.context))
-        for field in ("apply", "forward", "backward", "per_example", "per_example_norms"):
+        for field in ("apply", "forward", "backward", "per_example", "per_example_norms",
+                      "jvp", "factors"):
             fn = getattr(self, field)
             if fn is None:
                 continue

@@ -14,6 +14,10 @@ between engines, ``1e-3`` against finite differences, whose absolute error is ab
 ``1e-10`` of the loss): a leaf whose true gradient is zero (a conv bias just before a
 batch-norm) is then judged by its absolute error, not by the ratio of two roundings.
 
+``compare_jvp`` does the same for the hand-written forward mode (``Layer.jvp``): per parameter
+leaf (and the input), the output tangent along a random direction in that leaf alone, by
+:func:`funnn.manual.jvp`, by ``jax.jvp`` of ``apply`` and by central differences of ``apply``.
+
 Full finite differences cost two loss evaluations per parameter; past
 ``max_fd_params`` parameters ``compare`` switches to random directions: for a
 random unit direction ``v`` it checks ``<grad, v>`` against
@@ -32,11 +36,11 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, losses, manual
-from funnn.core import ConfigError, Layer, ShapeError, check_context
+from funnn.core import ConfigError, Layer, ShapeError, check_context, run_apply
 from funnn.summary import derived_layers
 from funnn.trees import path_str, tree_paths
 
-__all__ = ["compare", "directional", "Report", "LeafCheck"]
+__all__ = ["compare", "compare_jvp", "directional", "Report", "LeafCheck"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Report:
     method: str            # "full" finite differences, "directional", or "none"
     directional: tuple = ()  # (pair, abs_err, rel_err, ok) rows for directional checks
     derived: tuple = ()    # layers whose backward is jax.vjp's (layer_from_apply), by path
+    what: str = "loss"     # what ``loss`` holds: the loss, or "max |y|" for compare_jvp
 
     @property
     def ok(self) -> bool:
@@ -93,8 +98,8 @@ class Report:
         tol = ", ".join(f"{k} {v:g}" for k, v in self.rtol.items())
         out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
         verdict = "all leaves agree" if self.ok else f"{len(self.failures())} disagree"
-        out.append(f"loss {self.loss:.6g}; finite differences: {self.method}; rtol: {tol}; "
-                   f"{verdict}")
+        out.append(f"{self.what} {self.loss:.6g}; finite differences: {self.method}; rtol: "
+                   f"{tol}; {verdict}")
         if self.derived:
             out.append("not hand-written: the 'manual' gradient of " + ", ".join(self.derived)
                        + " is derived by jax.vjp (layer_from_apply), so manual~autodiff "
@@ -272,3 +277,83 @@ def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bo
         return Report(tuple(rows), loss_value,
                       {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs,
                       tuple(derived_layers(model)))
+
+
+def _jvp_rows(tangents, directions, rtol_engines, rtol_fd) -> tuple:
+    """One :class:`LeafCheck` per direction from ``tangents[name] -> [dy per direction]``."""
+    big = max((_largest(t) for t in tangents["autodiff"]), default=0.0)
+    rows = []
+    for i, (path, shape) in enumerate(directions):
+        m, a, f = (tangents[k][i] for k in ("manual", "autodiff", "fd"))
+        errs = {"manual~autodiff": _rel(m, a, 1e-4 * big), "manual~fd": _rel(m, f, 1e-3 * big),
+                "autodiff~fd": _rel(a, f, 1e-3 * big)}
+        ok = all(r <= (rtol_engines if k == "manual~autodiff" else rtol_fd)
+                 for k, (_, r) in errs.items())
+        rows.append(LeafCheck(path, shape, {k: v[0] for k, v in errs.items()},
+                              {k: v[1] for k, v in errs.items()}, ok))
+    return tuple(rows)
+
+
+def compare_jvp(model: Layer, params, x, *, key=None, state=None, train: bool = False,
+                eps: float = 1e-6, rtol_engines: float = 1e-10, rtol_fd: float = 1e-6,
+                seed: int = 0, **context) -> Report:
+    """Compare the hand-written forward mode with ``jax.jvp`` and central differences.
+
+    For every parameter leaf (rows named by tree path) and for the input (``<input>``, when it
+    is floating), a random direction in that leaf alone, the others zero: the output tangent
+    ``J v`` by :func:`funnn.manual.jvp`, by ``jax.jvp`` of ``model.apply`` and by
+    ``(apply(p + eps v) - apply(p - eps v)) / (2 eps)``, in float64. A row passes when manual
+    and autodiff agree to ``rtol_engines`` and both agree with finite differences to
+    ``rtol_fd`` (relative errors as in :func:`compare`). ``context`` holds side inputs;
+    ``state`` the running statistics of a stateful model (the output is compared, not the
+    new state).
+    """
+    with jax.enable_x64(True):
+        params, x, state = _to64(params), _to64(x), _to64(state)
+        floating = jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+        def f(p, xx):
+            return run_apply(model, p, xx, state=state, key=key, train=train, **context)[0]
+
+        def plus(p, dp, s):
+            return jax.tree_util.tree_map(lambda a, b: a + s * b, p, dp)
+
+        def three(dp, dx):
+            y, man = manual.jvp(model, train=train)(params, x, dp, dx, key=key, state=state,
+                                                     **context)
+            y = y[0] if model.stateful else y
+            if floating:
+                _, auto = jax.jvp(f, (params, x), (dp, dx))
+                fd = (f(plus(params, dp, eps), x + eps * dx)
+                      - f(plus(params, dp, -eps), x - eps * dx)) / (2 * eps)
+            else:
+                _, auto = jax.jvp(lambda p: f(p, x), (params,), (dp,))
+                fd = (f(plus(params, dp, eps), x) - f(plus(params, dp, -eps), x)) / (2 * eps)
+            return y, (man, auto, fd)
+
+        # a check, compiled once and run a few times: XLA's backend optimisations cost more
+        # than they save here; the directions are numpy draws (no compile per shape)
+        run = jax.jit(three, compiler_options={"xla_backend_optimization_level": 0})
+        rng = np.random.default_rng(seed)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        zeros = [np.zeros(np.shape(l), jnp.result_type(l)) for _, l in flat]
+        dx0 = np.zeros(np.shape(x), np.float64) if floating else None
+        out: dict = {"manual": [], "autodiff": [], "fd": []}
+        directions = []
+        y = None
+        for i, (path, leaf) in enumerate(flat):
+            leaves = list(zeros)
+            leaves[i] = rng.normal(size=np.shape(leaf)).astype(jnp.result_type(leaf))
+            y, ts = run(jax.tree_util.tree_unflatten(treedef, leaves), dx0)
+            for name, t in zip(out, ts):
+                out[name].append(t)
+            directions.append((path_str(path), tuple(np.shape(leaf))))
+        if floating:
+            y, ts = run(jax.tree_util.tree_unflatten(treedef, zeros),
+                        rng.normal(size=np.shape(x)))
+            for name, t in zip(out, ts):
+                out[name].append(t)
+            directions.append(("<input>", tuple(np.shape(x))))
+        return Report(_jvp_rows(out, directions, rtol_engines, rtol_fd), _largest(y),
+                      {"engines": rtol_engines, "finite differences": rtol_fd}, "full", (),
+                      tuple(derived_layers(model)), what="max |y|")

@@ -1,6 +1,9 @@
 """The manual gradient engine: the model's ``forward``, the loss's hand-written
 gradient, and the model's hand-written ``backward`` — the delta rule, no autodiff.
 
+Forward mode: :func:`jvp` runs every layer's hand-written tangent rule (``Layer.jvp``) on the
+residuals of one ``forward``, Pearlmutter's R-operator written out layer by layer.
+
 Also :func:`bridge`, which wraps a layer's hand-written backward as a
 ``jax.custom_vjp`` rule so autodiff can use it inside larger programs, and the
 per-example engines (:func:`per_example_value_and_grad`, :func:`per_example_grad_norms`,
@@ -32,10 +35,10 @@ from funnn.core import (
     input_spec,
     run_forward,
 )
-from funnn.layers.walk import rule
+from funnn.layers.walk import rule, tangent
 
-__all__ = ["value_and_grad", "bridge", "per_example_value_and_grad", "per_example_grad_norms",
-           "clipped_value_and_grad", "per_example_loss", "jit_reusing"]
+__all__ = ["value_and_grad", "jvp", "bridge", "per_example_value_and_grad",
+           "per_example_grad_norms", "clipped_value_and_grad", "per_example_loss", "jit_reusing"]
 
 
 def value_and_grad(model: Layer, loss, *, train: bool = True):
@@ -58,6 +61,46 @@ def value_and_grad(model: Layer, loss, *, train: bool = True):
         grads, dx = model.backward(params, res, loss.grad(out, y))
         check_backward(model.name, params, grads, input_spec(x), dx)
         return ((value, new_state) if model.stateful else value), grads
+
+    return f
+
+
+def _zero_tangent(v):
+    """A zero tangent like ``v`` (``None`` for integer inputs, which have none)."""
+    def zero(a):
+        a = jnp.asarray(a)
+        return jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else None
+    return jax.tree_util.tree_map(zero, v)
+
+
+def jvp(model: Layer, *, train: bool = False):
+    """``f(params, x, dparams, dx, *, key=None, **context) -> (y, dy)`` by the hand-written
+    tangent rules: the Jacobian-vector product of ``model.apply`` at ``(params, x)`` along
+    ``(dparams, dx)``, with no autodiff.
+
+    One ``forward`` keeps the residuals, then ``model.jvp`` (``Layer.jvp``; combinators chain,
+    fan out and add their children's) pushes the tangents through: ``dy = J_params dparams +
+    J_x dx``. ``dparams`` has the params' tree, ``dx`` the input's shape; either may be
+    ``None`` (zero; integer inputs such as embedding ids have no tangent). ``train`` is fixed
+    here, as in :func:`value_and_grad` (default ``False``: dropout is the identity; with
+    ``train=True`` and a ``key`` the tangent uses the forward's mask). Side inputs (``mask=``,
+    ``lengths=``) pass to the layers that read them. A layer without a tangent rule raises
+    :class:`~funnn.core.ConfigError` naming it (no fallback to ``jax.jvp``: the result is
+    always the hand-written one). Stateful models (batch-norm) take ``state=`` and return
+    ``((y, new_state), dy)``, as :func:`value_and_grad` returns ``((loss, new_state),
+    grads)``; the state gets no tangent (in training the tangent flows through the batch
+    statistics, as the backward's gradient does).
+    """
+    rule_ = tangent(model)
+
+    def f(params, x, dparams, dx, *, key=None, state=None, **context):
+        check_context(model, context)
+        y, res, new_state = run_forward(model, params, x, state=state, key=key, train=train,
+                                        **context)
+        dp = _zero_tangent(params) if dparams is None else dparams
+        d = _zero_tangent(x) if dx is None else dx
+        dy = rule_(params, res, dp, d)
+        return ((y, new_state) if model.stateful else y), dy
 
     return f
 
@@ -114,7 +157,8 @@ def bridge(model: Layer) -> Layer:
                  init_state=model.init_state, children=model.children,
                  context=model.context, derived=model.derived,
                  per_example=model.per_example, per_example_norms=model.per_example_norms,
-                 kind="bridge")
+                 kind="bridge", jvp=model.jvp, walk=model.walk,
+                 factors=model.factors)
 
 
 # --------------------------------------------------------------------------- per example

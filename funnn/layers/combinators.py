@@ -37,7 +37,7 @@ from funnn.core import (
     run_forward,
     split_key,
 )
-from funnn.layers.walk import Child, rule, sum_norms, walk_back
+from funnn.layers.walk import Child, rule, sum_norms, tangent, walk_back
 
 __all__ = ["serial", "parallel", "residual", "out_shape", "rule"]
 
@@ -160,13 +160,26 @@ def serial(*layers: Layer) -> Layer:
         sqs, dx = walk_back(_children(params, res), dy, "per_example_norms")
         return sum_norms(sqs), dx
 
+    def jvp(params, res, dparams, dx):
+        """The children's tangent rules first to last: ``dx_{i+1} = jvp_i(dp_i, dx_i)``."""
+        dparams = _params(name, layers, dparams)
+        for c, dp in zip(_children(params, res), dparams):
+            with layer_scope(c.scope):
+                dx = tangent(c.layer)(c.params, c.res, dp, dx)
+        return dx
+
+    def walk(params, res, dy, how):
+        outs, dx = walk_back(_children(params, res), dy, how)
+        return tuple(outs), dx
+
     return _assemble(name, init, _run, _run_forward, backward, stateful, init_state,
                      tuple(zip([f"[{i}]" for i in range(n)], layers)), merged_context(layers),
-                     per_example, per_example_norms, kind="serial")
+                     per_example, per_example_norms, kind="serial", jvp=jvp, walk=walk)
 
 
 def _assemble(name, init, run, run_forward_, backward, stateful, init_state, children,
-              context, per_example=None, per_example_norms=None, *, kind: str) -> Layer:
+              context, per_example=None, per_example_norms=None, *, kind: str, jvp=None,
+              walk=None) -> Layer:
     """Turn uniform ``run``/``run_forward`` functions into a Layer of the right kind.
 
     ``context`` (the side inputs some child reads, such as ``mask``) arrives as keyword
@@ -192,7 +205,7 @@ def _assemble(name, init, run, run_forward_, backward, stateful, init_state, chi
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  init_state=init_state if stateful else None, children=children,
                  context=context, per_example=per_example,
-                 per_example_norms=per_example_norms, kind=kind)
+                 per_example_norms=per_example_norms, kind=kind, jvp=jvp, walk=walk)
 
 
 def parallel(*branches: Layer, combine: str = "concat") -> Layer:
@@ -277,9 +290,23 @@ def parallel(*branches: Layer, combine: str = "concat") -> Layer:
         sqs, dx = _walk(params, res, dy, "per_example_norms")
         return sum_norms(sqs), dx
 
+    def jvp(params, res, dparams, dx):
+        """Every branch's tangent of the same ``dx``, merged as the outputs are."""
+        params, dparams = _params(name, branches, params), _params(name, branches, dparams)
+        dys = []
+        for i, (b, p, dp) in enumerate(zip(branches, params, dparams)):
+            with layer_scope(labels[i]):
+                dys.append(tangent(b)(p, res[0][i], dp, dx))
+        return merge(dys)
+
+    def walk(params, res, dy, how):
+        outs, dx = _walk(params, res, dy, how)
+        return tuple(outs), dx
+
     return _assemble(name, init, run, run_fwd, backward, stateful, init_state,
                      tuple(zip([f"[{i}]" for i in range(n)], branches)),
-                     merged_context(branches), per_example, per_example_norms, kind="parallel")
+                     merged_context(branches), per_example, per_example_norms, kind="parallel",
+                     jvp=jvp, walk=walk)
 
 
 def residual(body: Layer) -> Layer:
@@ -323,6 +350,11 @@ def residual(body: Layer) -> Layer:
     def per_example_norms(params, res, dy):
         return _walk(params, res, dy, "per_example_norms")
 
+    def jvp(params, res, dparams, dx):
+        """``dy = dx + jvp_f(dparams, dx)``."""
+        with layer_scope(label):
+            return dx + tangent(body)(params, res, dparams, dx)
+
     return _assemble(name, init, run, run_fwd, backward, body.stateful, body.init_state,
                      (("/residual", body),), body.context, per_example, per_example_norms,
-                     kind="residual")
+                     kind="residual", jvp=jvp, walk=_walk)

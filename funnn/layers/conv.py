@@ -435,9 +435,29 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
             sq = sq + jnp.sum(jnp.square(dl.sum(1)), (1, 2))
         return sq, _pe_dx(params, x, dy)
 
+    def jvp(params, x, dparams, dx):
+        """Tangent: ``dy = conv(dx, W) + conv(x, dW) + db`` (the layer is bilinear in x and W),
+        two native convolutions whatever the lowering."""
+        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
+        dt = jnp.result_type(x, params["W"], dx, dparams["W"])
+
+        def lin(a, w):
+            return lax.conv_general_dilated(a.astype(dt), w.astype(dt), s, pads,
+                                            rhs_dilation=d, dimension_numbers=dn,
+                                            feature_group_count=groups)
+
+        dy = lin(dx, params["W"]) + lin(x, dparams["W"])
+        return dy + dparams["b"] if use_bias else dy
+
+    def factors(params, x, dy):
+        """``dW = sum_{i,t} P_it^T dy_it``: the patches ``(B, T, K C_in)`` (columns in the order
+        of ``W.reshape(K C_in, C_out)``) and the deltas ``(B, T, C_out)``."""
+        pt, dl = _pe_factors(geo, params, x, dy)
+        return pt.reshape(pt.shape[:2] + (-1,)), dl.reshape(dl.shape[:2] + (-1,))
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms,
-                 kind=f"conv{nd}d")
+                 kind=f"conv{nd}d", jvp=jvp, factors=factors if groups == 1 else None)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

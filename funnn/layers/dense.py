@@ -20,7 +20,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
-from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
+from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm, rows
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -149,5 +149,11 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
             sq = sq + jnp.sum(jnp.square(batch_sum(dy)), -1)
         return sq, (dy @ params["W"].T).astype(x.dtype)
 
+    def jvp(params, x, dparams, dx):
+        """Tangent: ``dy = dx @ W + x @ dW + db`` (the layer is bilinear in x and W)."""
+        dy = dx @ params["W"] + x @ dparams["W"]
+        return dy + dparams["b"] if use_bias else dy
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms, kind="dense")
+                 per_example=per_example, per_example_norms=per_example_norms, kind="dense",
+                 jvp=jvp, factors=lambda params, x, dy: (rows(x, name), rows(dy, name)))

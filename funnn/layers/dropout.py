@@ -74,5 +74,9 @@ def dropout(rate: float) -> Layer:
     def backward(params, res, dy):
         return {}, dy if res is None else dy * res
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dx * m`` with the forward's mask (``dx`` at inference)."""
+        return dx if res is None else dx * res
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward), kind="dropout")
+                 **paramless(backward), kind="dropout", jvp=jvp)

@@ -69,7 +69,14 @@ def activation(act) -> Layer:
     def backward(params, res, dy):
         return {}, act.backprop(res, dy)
 
-    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="activation")
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dx * f'(x)`` elementwise; ``J dx`` with the Jacobian ``df`` (softmax)."""
+        if act.elementwise:
+            return dx * act.df(res)
+        return jnp.einsum("...ij,...j->...i", act.df(res), dx)
+
+    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="activation",
+                 jvp=jvp)
 
 
 # --------------------------------------------------------------------------- prelu
@@ -127,8 +134,12 @@ def prelu(init_alpha: float = 0.25) -> Layer:
         g, dx = per_example(params, res, dy)
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dx`` where x > 0, else ``alpha dx + dalpha x``."""
+        return jnp.where(res > 0, dx, params["alpha"] * dx + dparams["alpha"] * res)
+
     return Layer(name, init, apply, forward, backward, per_example=per_example,
-                 per_example_norms=per_example_norms, kind="prelu")
+                 per_example_norms=per_example_norms, kind="prelu", jvp=jvp)
 
 
 # --------------------------------------------------------------------------- flatten
@@ -158,4 +169,9 @@ def flatten() -> Layer:
     def backward(params, res, dy):
         return {}, dy.reshape(res.shape)
 
-    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="flatten")
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dx`` flattened like x."""
+        return dx.reshape(dx.shape[0], -1)
+
+    return Layer(name, init, apply, forward, backward, **paramless(backward), kind="flatten",
+                 jvp=jvp)

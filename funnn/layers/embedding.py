@@ -116,5 +116,11 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
         g, _ = per_example(params, res, dy)
         return jnp.sum(jnp.square(g["table"]), (1, 2)), None
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: the rows of ``dtable`` at the ids (integer ids have no tangent: ``dx`` is
+        ignored); out-of-range ids give NaN, as the forward does."""
+        return jnp.take(dparams["table"], res, axis=0, mode="fill", fill_value=jnp.nan)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms, kind="embedding")
+                 per_example=per_example, per_example_norms=per_example_norms, kind="embedding",
+                 jvp=jvp)

@@ -113,8 +113,21 @@ def layer_norm(eps: float = 1e-5, *, dtype=None) -> Layer:
         g, dx = per_example(params, res, dy)
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dxhat = inv (dx - mean(dx) - xhat mean(xhat dx))`` (the Jacobian of xhat
+        is symmetric, so this is the backward's formula), ``dy = gamma dxhat + dgamma xhat +
+        dbeta``."""
+        xhat, inv = res
+        xw, dxw = upcast(xhat), upcast(dx)
+        dxhat = inv * (dxw - jnp.mean(dxw, axis=-1, keepdims=True)
+                       - xw * jnp.mean(dxw * xw, axis=-1, keepdims=True))
+        dy = (dxhat * upcast(params["gamma"]) + xw * upcast(dparams["gamma"])
+              + upcast(dparams["beta"]))
+        return dy.astype(xhat.dtype)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm")
+                 per_example=per_example, per_example_norms=per_example_norms, kind="layer_norm",
+                 jvp=jvp)
 
 
 # --------------------------------------------------------------------------- rms norm
@@ -342,5 +355,23 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
             dx = dx.astype(x_dt)
         return {"gamma": dgamma, "beta": dbeta}, dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dxhat = dx inv`` (inference) or ``inv (dx - mean(dx) - xhat mean(xhat
+        dx))`` over each channel's positions (training: through the batch statistics; the
+        Jacobian of xhat is symmetric, so this is the backward's formula); ``dy = gamma dxhat
+        + dgamma xhat + dbeta``."""
+        _, red, bshape = _axes(dx.ndim, dx.shape)
+        xhat, inv = upcast(res[0]), res[1].reshape(bshape)
+        d = upcast(dx)
+        if isinstance(res, _InferRes):
+            dxhat = d * inv
+        else:
+            dxhat = inv * (d - jnp.mean(d, axis=red, keepdims=True)
+                           - xhat * jnp.mean(d * xhat, axis=red, keepdims=True))
+        dy = (dxhat * upcast(params["gamma"]).reshape(bshape)
+              + xhat * upcast(dparams["gamma"]).reshape(bshape)
+              + upcast(dparams["beta"]).reshape(bshape))
+        return dy.astype(res[0].dtype)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 init_state=init_state, kind="batch_norm")
+                 init_state=init_state, kind="batch_norm", jvp=jvp)

@@ -161,10 +161,11 @@ class _MaxPoolResiduals:
     dtype: np.dtype
 
 
-def _window_views(x, k, s, pads, m) -> list:
+def _window_views(x, k, s, pads, m, fill=-np.inf) -> list:
     """``xpad[:, off + o s, :]`` for each window offset ``off`` in row-major order, each
-    ``(N, *m, C)``: one strided slice of the ``-inf``-padded input per offset."""
-    xp = lax.pad(x, np.array(-np.inf, x.dtype), _pad_config(pads))
+    ``(N, *m, C)``: one strided slice of the ``fill``-padded (default ``-inf``) input per
+    offset."""
+    xp = lax.pad(x, np.array(fill, x.dtype), _pad_config(pads))
     n_b, n_c = x.shape[0], x.shape[-1]
     views = []
     for off in itertools.product(*(range(ki) for ki in k)):
@@ -229,8 +230,13 @@ def max_pool(window, stride=None, padding="VALID", *, ndim: int | None = None) -
         dxp = functools.reduce(lax.add, parts)
         return {}, _crop(dxp, pads, res.shape[1:-1]).astype(res.dtype)
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: each window's ``dx`` at its first arg-max (the forward's offsets)."""
+        k, s, pads, m = geometry(res.shape)
+        return lax.select_n(res.first, *_window_views(dx, k, s, pads, m, 0))
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward), kind="max_pool")
+                 **paramless(backward), kind="max_pool", jvp=jvp)
 
 
 def _counts(sizes, k, s, pads, m) -> np.ndarray:
@@ -282,8 +288,12 @@ def avg_pool(window, stride=None, padding="VALID", count_include_pad: bool = Fal
                                 "VALID")
         return {}, _crop(dxp, pads, x.shape[1:-1]).astype(x.dtype)
 
+    def jvp(params, x, dparams, dx):
+        """Tangent: the same average of ``dx`` (the layer is linear)."""
+        return apply(params, dx)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward), kind="avg_pool")
+                 **paramless(backward), kind="avg_pool", jvp=jvp)
 
 
 def global_avg_pool() -> Layer:
@@ -313,5 +323,9 @@ def global_avg_pool() -> Layer:
         spatial = (dy.shape[0],) + (1,) * (x.ndim - 2) + (dy.shape[-1],)
         return {}, jnp.broadcast_to((dy / n).reshape(spatial), x.shape).astype(x.dtype)
 
+    def jvp(params, x, dparams, dx):
+        """Tangent: the mean of ``dx`` over the spatial axes (the layer is linear)."""
+        return apply(params, dx)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 **paramless(backward), kind="global_avg_pool")
+                 **paramless(backward), kind="global_avg_pool", jvp=jvp)

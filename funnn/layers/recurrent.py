@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +152,9 @@ class _Cell(NamedTuple):
     matrix product each over all (time, batch) rows.
 
     Each step projects its own input, ``x_t W_x`` (see the module's speed notes).
+
+    ``tangent(p, dp, dcarry, dxw_t, h_{t-1}, res_t) -> dcarry'`` is the forward-mode step
+    (``Layer.jvp``): ``dxw_t = dx_t W_x + x_t dW_x + db_x`` comes precomputed for all steps.
     """
 
     kind: str
@@ -163,6 +166,8 @@ class _Cell(NamedTuple):
     finish: Callable
     prepare: Callable | None = None   # params -> what ``step`` reads, once before the loop
     x_batch_major: bool = False       # ``step`` gets ``x_t`` as ``(B, in)``, not ``(in, B)``
+    tangent: Callable | None = None   # the forward-mode step (see above)
+    bx: str = "b"                     # the bias added to the input projection
 
 
 # --------------------------------------------------------------------------- Elman RNN
@@ -191,7 +196,13 @@ def _rnn_finish(p, x_tm, h_prev, da, contract=None, total=None):
              "b": total(da)}, _project(da, p["W_xh"].T))
 
 
-_RNN = _Cell("rnn", "W_xh", 1, _rnn_init, _rnn_step, _rnn_back, _rnn_finish)
+def _rnn_tangent(p, dp, dcarry, dxw, h_prev, dtanh):
+    """``dh_t = (1 - h_t^2) (dxw_t + dh_{t-1} W_hh + h_{t-1} dW_hh)``."""
+    return (dtanh * (dxw + dcarry[0] @ p["W_hh"] + h_prev @ dp["W_hh"]),)
+
+
+_RNN = _Cell("rnn", "W_xh", 1, _rnn_init, _rnn_step, _rnn_back, _rnn_finish,
+             tangent=_rnn_tangent)
 
 
 # --------------------------------------------------------------------------- LSTM
@@ -247,8 +258,18 @@ def _lstm_finish(p, x_tm, h_prev, dz, contract=None, total=None):
              "b": total(dz)}, _project(dz, p["W_x"].T))
 
 
+def _lstm_tangent(p, dp, dcarry, dxw, h_prev, res):
+    """``dz = dxw_t + dh W_h + h dW_h``; with the kept factors ``P`` and ``q``: ``dc_t = f dc +
+    sum_{i,f,g} P dz``, ``dh_t = P_o dz_o + q dc_t``."""
+    dh, dc = dcarry
+    pz, q, f = res
+    a_i, a_f, a_g, a_o = _split(pz * (dxw + dh @ p["W_h"] + h_prev @ dp["W_h"]), 4)
+    dc_new = a_i + a_f + a_g + f * dc
+    return (a_o + q * dc_new, dc_new)
+
+
 _LSTM = _Cell("lstm", "W_x", 2, _lstm_init, _lstm_step, _lstm_back, _lstm_finish,
-              prepare=_lstm_prepare, x_batch_major=True)
+              prepare=_lstm_prepare, x_batch_major=True, tangent=_lstm_tangent)
 
 
 # --------------------------------------------------------------------------- GRU
@@ -289,7 +310,19 @@ def _gru_finish(p, x_tm, h_prev, dpre, contract=None, total=None):
              "b_x": total(dxw), "b_h": total(dhw)}, _project(dxw, p["W_x"].T))
 
 
-_GRU = _Cell("gru", "W_x", 1, _gru_init, _gru_step, _gru_back, _gru_finish)
+def _gru_tangent(p, dp, dcarry, dxw, h, res):
+    """``dr = r(1-r)(dxw_r + dhw_r)``, ``dz`` likewise, ``dn = (1-n^2)(dxw_n + dr hn + r
+    dhw_n)``, ``dh_t = (1-z) dn + dz (h - n) + z dh`` with ``dhw = dh W_h + h dW_h + db_h``."""
+    dh, (r, z, n, hn) = dcarry[0], res
+    xr, xz, xn = _split(dxw, 3)
+    hr, hz, hn_ = _split(dh @ p["W_h"] + h @ dp["W_h"] + dp["b_h"], 3)
+    dr, dz = r * (1 - r) * (xr + hr), z * (1 - z) * (xz + hz)
+    dn = (1 - n * n) * (xn + dr * hn + r * hn_)
+    return ((1 - z) * dn + dz * (h - n) + z * dh,)
+
+
+_GRU = _Cell("gru", "W_x", 1, _gru_init, _gru_step, _gru_back, _gru_finish,
+             tangent=_gru_tangent, bx="b_x")
 
 
 # --------------------------------------------------------------------------- the layer
@@ -473,6 +506,29 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         sqs, dx_tm = cell.finish(params, x_tm, h_prev, dpre, _contract_sq, _total_sq)
         return sum(sqs.values()), _dx(x_tm, dx_tm)
 
+    def jvp(params, res, dparams, dx):
+        """The forward tangent scan: each step's ``cell.tangent`` on the kept residuals, the
+        input side ``dx W_x + x dW_x + db`` projected for all steps first; masked steps carry
+        the tangent forward as the forward carries the state."""
+        x_tm, m_tm, h_prev, cres = res
+        tan = cast(Callable, cell.tangent)
+        dx = dx[0] if masked else dx
+        dt = h_prev.dtype
+        dxw = (_project(jnp.swapaxes(dx, 0, 1).astype(dt), params[cell.wx])
+               + _project(x_tm.astype(dt), dparams[cell.wx]) + dparams[cell.bx])
+        zero = jnp.zeros(h_prev.shape[1:], dt)
+
+        def f(dcarry, inp):
+            dxw_t, m_t, h_t, r = inp
+            dnew = _blend(m_t, tan(params, dparams, dcarry, dxw_t, h_t, r), dcarry)
+            return dnew, (dnew[0] if seq else None)
+
+        last, dhs = lax.scan(f, (zero,) * cell.n_carry, (dxw, m_tm, h_prev, cres),
+                             unroll=unroll)
+        if not seq:
+            return last[0]
+        return jnp.swapaxes(dhs if m_tm is None else m_tm * dhs, 0, 1)
+
     def backward(params, res, dy):
         x_tm, h_prev, dpre = _bptt(params, res, dy)
         dparams, dx_tm = cell.finish(params, x_tm, h_prev, dpre)
@@ -483,7 +539,8 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
-                 per_example_norms=per_example_norms, kind=kind)
+                 per_example_norms=per_example_norms, kind=kind,
+                 jvp=jvp if cell.tangent is not None else None)
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,

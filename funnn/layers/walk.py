@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from funnn.core import InputSpec, Layer, check_backward
 from funnn.errors import ConfigError, layer_scope
 
-__all__ = ["rule", "Child", "walk_back", "sum_norms"]
+__all__ = ["rule", "tangent", "Child", "walk_back", "sum_norms"]
 
 
 def rule(layer: Layer, field: str) -> Callable:
@@ -25,6 +25,19 @@ def rule(layer: Layer, field: str) -> Callable:
                           f"per-example gradients, norms and clipping need one in every "
                           f"layer", (layer.name,))
     return fn
+
+
+def tangent(layer: Layer) -> Callable:
+    """``layer.jvp``, or a clear error naming the layer when it has no tangent rule."""
+    if layer.jvp is None:
+        why = (" (its backward was derived by jax.vjp: use jax.jvp of its apply)"
+               if layer.derived else
+               " (a stateful layer: its training-mode output mixes the examples of a batch)"
+               if layer.stateful else "")
+        raise ConfigError(f"layer {layer.name} has no hand-written tangent (jvp) rule{why}; "
+                          f"forward mode (funnn.manual.jvp) and the curvature products of "
+                          f"funnn.curvature need one in every layer", (layer.name,))
+    return layer.jvp
 
 
 class Child(NamedTuple):
