@@ -4,6 +4,23 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One XLA compilation cache for the whole run, shared by the xdist workers and by every
+# process a test starts (the docs pages, `funnn train`, the examples, two-process jobs): the
+# same program compiled twice in one run (the README run twice, a CLI run resumed, a fixture
+# compiled on both workers) is compiled once. The controller makes the folder before the
+# workers start, so they inherit it; it is removed when the run ends. A user's own
+# JAX_COMPILATION_CACHE_DIR wins. The cache changes no result: XLA keys it on the program,
+# the compile options and the device, and JAX retraces as before.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="funnn-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
