@@ -24,7 +24,7 @@ FLOORS = [
     ["control"],
     ["generate"],
     ["data", "checkpoint"],
-    ["distributed", "parallel"],
+    ["_rendezvous", "distributed", "parallel"],
     ["privacy", "_pld", "_dp_clip"],
     ["rundir"],
     ["models"],

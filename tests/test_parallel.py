@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _procs import _env, _free_port, _rel
 
-from funnn import cli, core, data, distributed, parallel, train
+from funnn import _rendezvous, cli, core, data, distributed, parallel, train
 from funnn import layers as L
 from funnn.core import ConfigError
 
@@ -117,7 +117,7 @@ def test_library_errors_name_python_arguments_and_the_cli_names_its_flags(capsys
             (lambda: parallel.initialize("127.0.0.1", 2, 0), "initialize(coordinator=): "),
             (lambda: parallel.initialize("127.0.0.1:1234", 0, 0),
              "initialize(num_processes=): num_processes must be at least 1"),
-            (lambda: distributed._wait_for("127.0.0.1", _free_port(), 0.2),
+            (lambda: _rendezvous._connect("127.0.0.1", _free_port(), 0.2),
              "initialize(coordinator=): cannot reach the coordinator")]:
         with pytest.raises(ConfigError) as info:
             call()
