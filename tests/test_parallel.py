@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _procs import _env, _free_port, _rel
 
-from funnn import _rendezvous, cli, core, data, distributed, parallel, train
+from funnn import _rendezvous, cli, core, data, parallel, train
 from funnn import layers as L
 from funnn.core import ConfigError
 
