@@ -166,3 +166,15 @@ def test_hook_renders_sphinx_roles_as_code():
     assert hook.on_page_content(html) == (
         "<p>see <code>fit</code>, <code>Layer</code>, <code>funnn.precision</code> and "
         "<code>a.b</code>; <code>x</code> <code>y</code> <code>ShapeError</code></p>")
+
+
+def test_curriculum_index_points_only_at_what_the_repository_has():
+    """Every link of ``docs/curriculum/index.md`` is a page beside it, and every path it
+    names in backticks (``docs/...``, ``examples/...``) is in the repository."""
+    index = DOCS / "curriculum" / "index.md"
+    text = index.read_text()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (index.parent / target).exists(), f"curriculum/index.md links to {target}"
+    paths = re.findall(r"`((?:[\w.-]+/)+(?:[\w-]+\.\w+)?)`", text)   # folder/ or folder/file.ext
+    for path in paths:
+        assert (ROOT / path).exists(), f"curriculum/index.md names {path}, not in the repository"
