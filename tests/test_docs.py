@@ -154,7 +154,8 @@ def test_layers_page_lists_every_constructor():
 def test_hook_renders_sphinx_roles_as_code():
     """Docstrings' ``:func:`x``` reach the page as ``:func:<code>x</code>`` (Markdown makes
     the backticks code); the hook drops the role, and with ``~`` the module path, as Sphinx
-    does. A literal in double backticks needs nothing: Markdown reads it as code too."""
+    does. A literal in double backticks needs nothing: Markdown reads it as code too. A
+    paragraph ending ``::`` before a code block shows one colon."""
     pytest.importorskip("mkdocs")
     import importlib.util
     spec = importlib.util.spec_from_file_location("funnn_docs", DOCS / "hooks" / "funnn_docs.py")
@@ -166,6 +167,12 @@ def test_hook_renders_sphinx_roles_as_code():
     assert hook.on_page_content(html) == (
         "<p>see <code>fit</code>, <code>Layer</code>, <code>funnn.precision</code> and "
         "<code>a.b</code>; <code>x</code> <code>y</code> <code>ShapeError</code></p>")
+    block = '\n<div class="highlight"><pre><code>init(key, shape)\n</code></pre></div>'
+    assert hook.on_page_content(f"<p>Stateless layers::</p>{block}") == (
+        f"<p>Stateless layers:</p>{block}")                      # reST's literal-block marker
+    assert hook.on_page_content(f"<p>::</p>{block}") == block
+    kept = "<p>a::</p><p>b</p><pre><code>x::</code></pre>"     # no block after; a listing
+    assert hook.on_page_content(kept) == kept
 
 
 def test_curriculum_index_points_only_at_what_the_repository_has():
