@@ -109,10 +109,12 @@ def _columns(text):
     return rows
 
 
+LONG = "a_custom_layer_with_a_rather_long_descriptive_name(alpha=0.5, beta=2.0)"
+
+
 def _wide_model():
-    long_name = "a_custom_layer_with_a_rather_long_descriptive_name(alpha=0.5, beta=2.0)"
     custom = core.layer_from_apply(lambda k, s: (s, {"scale_of_everything": jnp.ones(s[-1:])}),
-                                lambda p, x, **_: x * p["scale_of_everything"], name=long_name)
+                                lambda p, x, **_: x * p["scale_of_everything"], name=LONG)
     block = L.transformer_block(num_heads=2, mlp_dim=8)
     return L.serial(L.dense(4), block, L.residual(L.serial(custom, L.dense(4))), L.dense(3))
 
@@ -136,6 +138,7 @@ def test_summary_wraps_long_rows_to_width_and_loses_nothing(width):
         return s.replace(" ", "")
 
     assert [[squeeze(c) for c in r] for r in got] == [[squeeze(c) for c in r] for r in want]
+    assert [squeeze(c) for c in got[2][:2]] == ["[2]/residual[0]", squeeze(f"{LONG}[derived]")]
     per_layer = [params[0], params[1], params[2][0], params[2][1], params[3]]
     for row, p in zip(got, per_layer):
         for path, leaf in core.tree_paths(p):
