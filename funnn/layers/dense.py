@@ -1,7 +1,9 @@
 """Dense (fully connected) layer: ``y = x @ W + b``, with its hand-written backward.
 
-Row-vector convention: ``W`` has shape ``(in, out)``. The seed notes that write
-``y = W x + b`` with ``W`` of shape ``(out, in)`` use the transpose.
+Row-vector convention: ``x`` is ``(..., in)`` and ``W`` has shape ``(in, out)``, a column per
+unit. Texts that write ``y = W x + b`` for a column vector ``x`` (seed notes 001 and 003)
+use ``W`` of shape ``(out, in)``, a row per unit: the same layer, with their ``W`` the
+transpose of funnn's (``W_funnn = W_text.T``).
 """
 
 from __future__ import annotations
