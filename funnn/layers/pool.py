@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
-from funnn.layers._per_example import paramless
+from funnn.layers.per_example import paramless
 from funnn.layers.conv import (
     _SPATIAL,
     _fmt,

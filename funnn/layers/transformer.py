@@ -24,7 +24,7 @@ from funnn.core import (
     split_key,
 )
 from funnn.layers._decode import Decoder
-from funnn.layers._per_example import batch_outer, outer_sq_norm
+from funnn.layers.per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
 from funnn.layers.combinators import residual, serial
 from funnn.layers.dense import dense
