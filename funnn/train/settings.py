@@ -95,10 +95,6 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     settings = optimizer_settings(optimizer, learning_rate, schedule)
     _check_rate_fits(settings["learning_rate"], params)
     policy = get_policy(precision)
-    if dp is not None and policy.name != "f32":
-        raise ConfigError(f"dp= trains in float32: the per-example rules do not run under a "
-                          f"mixed-precision policy yet; leave out precision={policy.name!r}",
-                          ("fit",))
     if getattr(loss, "ignore_index", None) is not None:
         settings.update(loss_ignore_index=loss.ignore_index)
     settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
