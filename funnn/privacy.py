@@ -386,14 +386,16 @@ def _autodiff_clipped_sum(model: Layer, loss, clip_norm: float):
     return f
 
 
-def dp_sample(dp: DP, batch_size: int, num_examples: int):
+def dp_sample(dp: DP, batch_size: int, num_examples: int, multiple: int = 1):
     """``sample(key) -> (idx, weights)``: the rows one DP-SGD step trains on.
 
     ``key`` is the step's key; its first third (``split(key, 3)[0]``) draws the batch:
     Poisson (``cap`` rows, :func:`poisson_capacity`, weights 1 for the chosen rows and 0
-    for the padding) or fixed-size (``batch_size`` distinct rows, weights 1).
+    for the padding) or fixed-size (``batch_size`` distinct rows, weights 1). ``multiple``
+    rounds ``cap`` up to a multiple of it (a mesh's data degree, so the rows split evenly):
+    more zero-weight padding, the same chosen rows, the same privacy.
     """
-    cap = poisson_capacity(batch_size, num_examples)
+    cap = -(-poisson_capacity(batch_size, num_examples) // multiple) * multiple
     q = batch_size / num_examples
 
     def sample(key):

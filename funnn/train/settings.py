@@ -61,9 +61,11 @@ class Settings:
         return make_update(grad, self.optimizer)
 
     def order(self) -> Order:
-        """The rows each step trains on: DP sampling with ``dp``, else a shuffle."""
+        """The rows each step trains on: DP sampling with ``dp`` (Poisson batches padded to a
+        multiple of the mesh's data degree), else a shuffle."""
         if self.dp is not None:
-            return dp_sampled(self.dp, self.batch_size, self.num_examples)
+            data = 1 if self.plan is None else self.plan.data_size
+            return dp_sampled(self.dp, self.batch_size, self.num_examples, data)
         return shuffled(self.num_examples, self.batch_size)
 
 
@@ -83,7 +85,7 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
-    _check_dp(dp, model, mesh, check_numerics)
+    _check_dp(dp, model, check_numerics)
     plan = _plan(mesh, sharding, params, batch_size, check_numerics)
     rundir.check_mode(resume, overwrite)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -201,7 +203,7 @@ def _check_rate_fits(learning_rate, params) -> None:
                           f"{float(jnp.finfo(dtype).max):.3g})", ("fit",))
 
 
-def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
+def _check_dp(dp, model: Layer, check_numerics: bool) -> None:
     """fit's ``dp=`` checked before anything compiles."""
     if dp is None:
         return
@@ -213,9 +215,6 @@ def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
                           "stateful model: batch_norm normalises each example by statistics of "
                           "the whole batch, so one example's gradient depends on the others; "
                           "use layer_norm instead", ("fit",))
-    if mesh is not None:
-        raise ConfigError("dp= trains on one device; leave out mesh= (DP-SGD on a mesh is not "
-                          "implemented)", ("fit",))
     if check_numerics:
         raise ConfigError("check_numerics runs plain steps one at a time; leave it out with "
                           "dp=", ("fit",))
