@@ -214,8 +214,9 @@ def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
     :func:`~funnn.core.layer_from_apply`'s) falls back to ``vmap`` of its own backward over
     its residuals, in the same pass (:mod:`funnn.layers._vmap_rule`; its per-example
     gradients are materialised; :func:`funnn.summary.summary` marks it ``[vmap]``). Stateful
-    models (batch-norm) raise :class:`~funnn.core.StateError`. Other keyword arguments (side inputs such as
-    ``mask=``/``lengths=``) go to ``model.forward``, as in :func:`value_and_grad`.
+    models (batch-norm) raise :class:`~funnn.core.StateError`. Other keyword arguments (side
+    inputs such as ``mask=``/``lengths=``) go to ``model.forward``, as in
+    :func:`value_and_grad`.
     """
     per_ex = _rules(model, "per_example", "a per-example gradient")
 

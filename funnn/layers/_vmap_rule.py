@@ -33,9 +33,10 @@ __all__ = ["vmap_rule", "batch_axes"]
 
 def _structs(spec: InputSpec, batch: int):
     """ShapeDtypeStructs of an input like ``spec`` with ``batch`` examples."""
+    shape = spec.shape or ()
     if spec.is_tuple:
-        return tuple(None if s.shape is None else _structs(s, batch) for s in spec.shape)
-    return jax.ShapeDtypeStruct((batch,) + tuple(spec.shape[1:]), spec.dtype)
+        return tuple(None if s.shape is None else _structs(s, batch) for s in shape)
+    return jax.ShapeDtypeStruct((batch,) + tuple(shape[1:]), spec.dtype)
 
 
 def _abstract(tree):
@@ -53,7 +54,7 @@ def _bigger_residuals(layer: Layer, params, spec: InputSpec, batch: int, n_leave
             return run_forward(layer, pp, xx, key=key, train=train)[1]
         try:
             leaves = jax.tree_util.tree_leaves(jax.eval_shape(res, p, x))
-        except Exception:       # noqa: BLE001 - a mode the layer refuses: try the other
+        except Exception:
             continue
         if len(leaves) == n_leaves:
             return leaves
@@ -67,7 +68,7 @@ def batch_axes(layer: Layer, params, res, spec: InputSpec) -> list:
     leaves = jax.tree_util.tree_leaves(res)
     batch = _batch_of(spec)
     bigger = _bigger_residuals(layer, params, spec, batch + 1, len(leaves))
-    axes = []
+    axes: list[int | None] = []
     for i, (a, b) in enumerate(zip(leaves, bigger)):
         s, t = tuple(jnp.shape(a)), tuple(b.shape)
         moved = [k for k in range(len(s)) if len(s) == len(t) and s[k] != t[k]]
@@ -85,9 +86,10 @@ def batch_axes(layer: Layer, params, res, spec: InputSpec) -> list:
 
 
 def _batch_of(spec: InputSpec) -> int:
+    shape = spec.shape or ()
     if spec.is_tuple:
-        return next(_batch_of(s) for s in spec.shape if s is not None and s.shape is not None)
-    return int(spec.shape[0])
+        return next(_batch_of(s) for s in shape if s is not None and s.shape is not None)
+    return int(shape[0])
 
 
 def _sliceable(layer: Layer, params, res, spec: InputSpec | None):

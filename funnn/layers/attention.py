@@ -92,8 +92,8 @@ from funnn.core import (
 from funnn.dtypes import matmul_wide, wide
 from funnn.layers import _attention_kernels as kernels
 from funnn.layers._decode import Decoder
-from funnn.layers.per_example import batch_outer, batch_sum, outer_sq_norm
 from funnn.layers.dense import INITIALIZERS
+from funnn.layers.per_example import batch_outer, batch_sum, outer_sq_norm
 
 __all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS", "rotary_angles", "rotate"]
 

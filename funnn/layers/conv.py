@@ -82,8 +82,8 @@ from funnn.core import (
     upcast,
     wide,
 )
-from funnn.layers.per_example import gram_cheaper
 from funnn.layers.dense import get_initializer
+from funnn.layers.per_example import gram_cheaper
 
 __all__ = ["conv1d", "conv2d"]
 

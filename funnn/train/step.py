@@ -91,6 +91,7 @@ def dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
 
 def _adaptive_dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
     """``grad(ts, xb, yb, weights, key) -> (loss, grads, model_state, next_clip)``."""
+    assert dp.adaptive is not None
     g = privacy.make_adaptive_dp_batch_grad(model, loss, dp, dp.adaptive, engine, batch_size)
 
     def grad(ts: TrainState, x, y, weights, key):
