@@ -117,7 +117,9 @@ class Layer:
         per_example_norms(params, res, dy) -> (squared norms (B,) of each example's dparams, dx)
 
     ``per_example_norms`` need not materialise the per-example gradients (``||x_i^T d_i||^2 =
-    ||x_i||^2 ||d_i||^2`` for a dense layer); see :mod:`funnn.layers.per_example`.
+    ||x_i||^2 ||d_i||^2`` for a dense layer); :mod:`funnn.layers.per_example` holds the helpers
+    to write them with. A stateless layer without them still works in the per-example engines,
+    which take ``vmap`` of its ``backward`` instead (:mod:`funnn.layers._vmap_rule`).
 
     ``decoder`` (optional) is the layer's incremental-decoding rule for autoregressive
     generation with a KV cache, a :class:`funnn.layers._decode.Decoder` (``init`` makes the
