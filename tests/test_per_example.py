@@ -249,15 +249,24 @@ def _no_rule_layers():
     return bare, scale, swish
 
 
+@pytest.mark.slow
 def test_layers_without_rules_fall_back_to_vmap_of_their_own_backward():
-    """A model mixing ruled and unruled layers: per-example grads, norms and clipping equal
-    vmap(jax.grad) (float64); summary and vmapped_layers name the fallback layers."""
+    """A model mixing ruled and unruled layers (sliced and masked fallbacks): per-example
+    grads, norms and clipping equal vmap(jax.grad) (float64). The fast tier checks the sliced
+    fallback through gradcheck.compare_per_example (test_gradcheck.py)."""
+    bare, scale, swish = _no_rule_layers()
+    model = L.serial(L.dense(3), swish, scale, L.activation("tanh"), bare)
+    check(model, (None, 2, 4), _normal((5, 2, 4)), _labels((5, 2), 2))
+
+
+def test_summary_names_the_fallback_layers_and_which_way_they_run():
+    """summary and vmapped_layers name the layers without rules; the hand-written one is
+    sliced per example, the one whose residual folds the batch into rows is masked."""
     from funnn import summary
     from funnn.core import input_spec
     from funnn.layers import _vmap_rule
     bare, scale, swish = _no_rule_layers()
     model = L.serial(L.dense(3), swish, scale, L.activation("tanh"), bare)
-    check(model, (None, 2, 4), _normal((5, 2, 4)), _labels((5, 2), 2))
     _, params = model.init(jax.random.key(0), (None, 2, 4))
     assert summary.vmapped_layers(model) == ["[1] learned_swish", "[2] rows_scale",
                                              "[4] custom"]

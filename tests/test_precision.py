@@ -296,12 +296,33 @@ def test_check_numerics_names_the_layer_inside_a_mixed_precision_model(digits):
 # --------------------------------------------------------------------------- per example, DP
 
 
+def test_norm_rules_accumulate_bf16_in_float32():
+    """The norm helpers take bfloat16 rows and accumulate in float32: exactly the float32
+    sums (bfloat16 accumulation would be off by ~1e-2), in both of outer_sq_norm's forms."""
+    from funnn.layers.per_example import outer_sq_norm, sq_norms
+    a = _cast(jax.random.normal(jax.random.key(2), (4, 3, 64)), BF16)
+    d = _cast(jax.random.normal(jax.random.key(3), (4, 3, 64)), BF16)
+
+    @jax.jit                      # one compile: got and want for each form
+    def both(a, d):
+        a32, d32 = a.astype(F32), d.astype(F32)
+        out = []
+        for t in (1, 3):          # no positions: ||a_i||^2 ||d_i||^2; three: the Gram form
+            w = jnp.einsum("btm,btn->bmn", a32[:, :t], d32[:, :t])
+            out.append((outer_sq_norm(a[:, :t], d[:, :t]), jnp.sum(w * w, (1, 2))))
+        return out + [(sq_norms({"g": d}, 4, BF16), jnp.sum(d32 ** 2, (1, 2)))]
+
+    for got, want in both(a, d):
+        assert got.dtype == F32
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_bf16_keeps_per_example_rules_and_clips_by_float32_norms():
     """Under bf16 the wrapper keeps the layers' per-example rules: per-example gradients and
     norms equal the float32 vmap(jax.grad) reference to bfloat16's tolerance, the norms come
-    back (and are accumulated) in float32, and the clipped sum is the reference's."""
+    back in float32, and the clipped sum is the reference's."""
     from funnn import manual
-    from funnn.layers.per_example import outer_sq_norm
     base = L.serial(L.conv1d(4, 3, padding="SAME"), L.activation("tanh"), L.flatten(),
                     L.dense(3))
     model = precision.apply_policy(base, "bf16")
@@ -333,13 +354,6 @@ def test_bf16_keeps_per_example_rules_and_clips_by_float32_norms():
     for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(ref)):
         want = jnp.tensordot(factor, b, axes=1)
         assert float(jnp.max(jnp.abs(a - want))) <= 0.03 * float(jnp.max(jnp.abs(want)))
-    # the norm rule accumulates bfloat16 inputs in float32: exactly the float32 sum
-    a, d = _cast(jax.random.normal(jax.random.key(2), (4, 64)), BF16), \
-        _cast(jax.random.normal(jax.random.key(3), (4, 3, 64)), BF16)
-    got = outer_sq_norm(a[:, None], d[:, :1])
-    assert got.dtype == F32
-    want = jnp.sum(a.astype(F32) ** 2, 1) * jnp.sum(d[:, 0].astype(F32) ** 2, 1)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 @pytest.mark.slow
