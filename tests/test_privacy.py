@@ -430,6 +430,7 @@ def test_adaptive_clip_tracks_the_target_quantile():
         privacy.AdaptiveClip(target_quantile=1.0)
 
 
+@pytest.mark.slow   # ~2 CPU-s; the quantile tracking itself stays fast
 def test_adaptive_dp_step_clips_at_the_current_norm(tiny):
     model, p, x, y, ref = tiny
     xent = losses.softmax_cross_entropy
@@ -517,6 +518,7 @@ def _clipped_reference(model, x, y, mask, rows):
     return ref
 
 
+@pytest.mark.slow   # ~5 CPU-s: a padded LM per-example engine and its reference
 def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count():
     """With ignore_index targets each example's gradient is that of the mean over its own valid
     tokens before clipping: the ghost-clipped DP gradient (noise 0) equals clipping the
