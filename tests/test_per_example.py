@@ -323,3 +323,18 @@ def test_jit_reusing_writes_into_the_previous_result():
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(first))
+
+
+@pytest.mark.slow
+def test_library_layer_without_rules_transformer_decoder_layer():
+    """transformer_decoder_layer has no per-example rule; its residuals hold static shapes of
+    the batch (its feed-forward serial's), so the fallback masks: still vmap(jax.grad)'s."""
+    from funnn import gradcheck
+    dec = L.transformer_decoder_layer(4, 2, 8)
+    model = L.serial(dec, L.dense(3))
+    x, mem = _normal((3, 4, 4)), _normal((3, 5, 4), 5)
+    _, params = model.init(jax.random.key(0), ((None, 4, 4), (None, 5, 4)))
+    report = gradcheck.compare_per_example(model, XENT, params, (x, mem), _labels((3, 4), 3),
+                                           train=False)
+    assert report.ok, str(report)
+    assert report.vmapped == (f"[0] {dec.name}",)

@@ -10,8 +10,9 @@ that layer's per-example gradients are materialised, ``B`` copies of its params.
   is the batch? ``jax.eval_shape`` of the layer's forward at batch ``B + 1`` says: a leaf
   whose size changes on one axis, from ``B`` to ``B + 1``, is sliced there; a leaf that does
   not change (a weight the backward needs) is shared. Costs one batch backward.
-* **masked** (a derived backward, whose ``jax.vjp`` pullback is fixed to the batch's shapes,
-  or residuals that mix the batch with another axis, such as rows reshaped to ``(B T, f)``):
+* **masked** (a derived backward, whose ``jax.vjp`` pullback is fixed to the batch's shapes;
+  residuals that mix the batch with another axis, such as rows reshaped to ``(B T, f)``; or
+  residuals holding static batch-sized shapes, as a composite's ``InputSpec`` records):
   example ``i``'s gradient is the backward of the whole batch with every other example's
   ``dy`` zeroed (the backward is linear in ``dy`` and examples do not interact). Costs ``B``
   batch backwards: give such a layer rules where it matters.
@@ -44,30 +45,33 @@ def _abstract(tree):
                                                                  jnp.result_type(a)), tree)
 
 
-def _bigger_residuals(layer: Layer, params, spec: InputSpec, batch: int, n_leaves: int):
-    """The residual leaves' shapes of ``layer.forward`` at ``batch`` examples (tried in
-    training mode with a key, then in inference mode: the one with ``n_leaves`` leaves)."""
+def _bigger_residuals(layer: Layer, params, spec: InputSpec, batch: int, tdef):
+    """The residual leaves' shapes of ``layer.forward`` at ``batch`` examples, from the mode
+    (training with a key, or inference) whose residuals have the tree ``tdef`` of the actual
+    ones. A tree with static data that depends on the batch (an ``InputSpec`` of a composite
+    inside) never matches: its examples cannot be sliced."""
     x = _structs(spec, batch)
     p = _abstract(params)
     for train, key in ((True, jax.random.key(0)), (False, None)):
         def res(pp, xx, train=train, key=key):
             return run_forward(layer, pp, xx, key=key, train=train)[1]
         try:
-            leaves = jax.tree_util.tree_leaves(jax.eval_shape(res, p, x))
-        except Exception:
+            leaves, got = jax.tree_util.tree_flatten(jax.eval_shape(res, p, x))
+        except Exception:       # a mode the layer refuses (no key, ...): try the other
             continue
-        if len(leaves) == n_leaves:
+        if got == tdef:
             return leaves
-    raise ConfigError(f"layer {layer.name} has no per-example rule, and its forward could not "
-                      f"be replayed to find the batch axis of its residuals; give it "
-                      f"per_example and per_example_norms rules", (layer.name,))
+    raise ConfigError(f"layer {layer.name} has no per-example rule, and replaying its forward "
+                      f"at another batch size gives residuals of another structure; its "
+                      f"examples cannot be sliced", (layer.name,))
 
 
 def batch_axes(layer: Layer, params, res, spec: InputSpec) -> list:
-    """The batch axis (or ``None``: shared) of each leaf of ``res`` (module docstring)."""
-    leaves = jax.tree_util.tree_leaves(res)
+    """The batch axis (or ``None``: shared) of each leaf of ``res`` (module docstring);
+    :class:`~funnn.core.ConfigError` naming the layer where the examples cannot be sliced."""
+    leaves, tdef = jax.tree_util.tree_flatten(res)
     batch = _batch_of(spec)
-    bigger = _bigger_residuals(layer, params, spec, batch + 1, len(leaves))
+    bigger = _bigger_residuals(layer, params, spec, batch + 1, tdef)
     axes: list[int | None] = []
     for i, (a, b) in enumerate(zip(leaves, bigger)):
         s, t = tuple(jnp.shape(a)), tuple(b.shape)
@@ -79,9 +83,8 @@ def batch_axes(layer: Layer, params, res, spec: InputSpec) -> list:
         else:
             raise ConfigError(f"layer {layer.name} has no per-example rule, and its residual "
                               f"leaf {i} of shape {s} does not keep the batch ({batch}) on an "
-                              f"axis of its own, so vmap of its backward cannot take one "
-                              f"example's slice; give the layer per_example and "
-                              f"per_example_norms rules", (layer.name,))
+                              f"axis of its own, so its examples cannot be sliced",
+                              (layer.name,))
     return axes
 
 
