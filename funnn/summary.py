@@ -1,5 +1,7 @@
-"""The printed model table: :func:`summary` (layer paths, parameter shapes and counts) and
-:func:`derived_layers` (the layers whose backward is autodiff's, marked in the table)."""
+"""The printed model table: :func:`summary` (layer paths, parameter shapes and counts),
+:func:`derived_layers` (the layers whose backward is autodiff's) and :func:`vmapped_layers`
+(the layers without a per-example rule, whose per-example gradients come from ``vmap`` of
+their backward), both marked in the table."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from funnn.core import Layer, children_params
 from funnn.errors import ConfigError, ShapeError
 from funnn.trees import leaf_shapes, param_count, tree_paths
 
-__all__ = ["summary", "derived_layers"]
+__all__ = ["summary", "derived_layers", "vmapped_layers"]
 
 
 _PROBE_SHAPES = ((None, 8), (None, 8, 8), (None, 8, 8, 8), (None, 8, 8, 8, 8))
@@ -83,7 +85,8 @@ def _summary_rows(layer: Layer, params, path: str, rows: list, want, where: tupl
                         (*where, layer.name))
     leaves = tree_paths(params)
     shapes = ", ".join(f"{k}{tuple(jnp.shape(v))}" for k, v in leaves) if leaves else "-"
-    shown = f"{layer.name} [derived]" if layer.derived else layer.name
+    shown = layer.name + (" [derived]" if layer.derived else "") + (
+        " [vmap]" if _vmapped(layer) else "")
     rows.append((path or "<root>", shown, shapes, param_count(params)))
 
 
@@ -91,7 +94,10 @@ def summary(model: Layer, params, in_shape=None, width: int | None = 100) -> str
     """A printable table: layer path, layer, parameter shapes, parameter count, and a total.
 
     A layer whose backward is derived by ``jax.vjp`` (:func:`layer_from_apply`) is marked
-    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's. A model with
+    ``[derived]``, and a footnote says so: its "manual" gradient is autodiff's. A layer without
+    a per-example rule is marked ``[vmap]``: the per-example engines (and DP) use ``vmap`` of
+    its own backward (:mod:`funnn.layers._vmap_rule`), materialising its per-example
+    gradients. A model with
     attention's key bias ``b_k`` gets a footnote that its gradient is exactly zero.
 
     No line is longer than ``width`` characters (``None``: no limit). A table too wide for it
@@ -116,6 +122,8 @@ def summary(model: Layer, params, in_shape=None, width: int | None = 100) -> str
                    ("", "total", "", f"{param_count(params):,}"), width)
     if derived_layers(model):
         lines += _fit_note(DERIVED_NOTE, width)
+    if vmapped_layers(model):
+        lines += _fit_note(VMAP_NOTE, width)
     if _has_key_bias(model, params):
         lines += _fit_note(KEY_BIAS_NOTE, width)
     return "\n".join(lines)
@@ -197,6 +205,8 @@ def _fit_note(note: str, width: int | None) -> list[str]:
     return textwrap.wrap(" ".join(line.strip() for line in lines), width,
                          subsequent_indent=" " * 5, break_on_hyphens=False)
 
+VMAP_NOTE = ("[vmap]: no per-example rule: per-example gradients, norms and DP clipping use "
+             "vmap of its own\n        backward (its per-example gradients materialised)")
 
 KEY_BIAS_NOTE = ("b_k: attention's key bias gets an exactly-zero gradient: q . b_k shifts every "
                  "key's score\n     alike and softmax ignores it; kept for PyTorch parity "
@@ -219,3 +229,16 @@ def derived_layers(model: Layer, path: str = "") -> list[str]:
     if model.derived:
         return [f"{path or '<root>'} {model.name}"]
     return [p for label, child in model.children for p in derived_layers(child, path + label)]
+
+
+def _vmapped(layer: Layer) -> bool:
+    return layer.per_example is None and not layer.stateful
+
+
+def vmapped_layers(model: Layer, path: str = "") -> list[str]:
+    """Paths (as in :func:`summary`) of the layers in ``model`` without a per-example rule,
+    whose per-example gradients the engines take by ``vmap`` of their own backward; empty
+    when every layer has rules. A stateful layer (batch-norm) has neither and is not listed."""
+    if model.per_example is None or not model.children:
+        return [f"{path or '<root>'} {model.name}"] if _vmapped(model) else []
+    return [p for label, child in model.children for p in vmapped_layers(child, path + label)]

@@ -22,7 +22,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
-from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm, rows
+from funnn.layers.per_example import batch_outer, batch_sum, outer_sq_norm, rows
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -145,7 +145,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
 
     def per_example_norms(params, x, dy):
         """||dW_i||^2 = ||x_i||^2 ||dy_i||^2 without positions, else the cheaper of the Gram
-        form and materialising (:mod:`funnn.layers._per_example`); plus ||db_i||^2."""
+        form and materialising (:mod:`funnn.layers.per_example`); plus ||db_i||^2."""
         sq = outer_sq_norm(x, dy)
         if use_bias:
             sq = sq + jnp.sum(jnp.square(batch_sum(dy)), -1)
