@@ -205,20 +205,32 @@ def _batches(n: int, batch_size: int):
     return [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
 
 
+@functools.lru_cache(maxsize=32)
+def _batch_curvature(model: Layer, loss, structure: str, paths: tuple):
+    """A jitted ``f(params, x, y) -> (curvature by path, summed NLL)`` for one batch (``A``
+    weighted by the batch's size); cached, so refits and equal batches reuse one compile."""
+    if structure == "diag":
+        rule = curvature.diag_ggn(model, loss)
+    else:
+        rule = curvature.kfac_factors(model, loss, convention="kflr")
+
+    def f(params, x, y):
+        c = rule(params, x, y)
+        c = {p: _at(c, p) for p in paths} if structure == "diag" else \
+            {p: {"A": c[p]["A"] * x.shape[0], "G": c[p]["G"]} for p in paths}
+        return c, loss.value(model.apply(params, x), y)
+
+    return jax.jit(f)
+
+
 def _accumulate(model, loss, params, x, y, structure, paths, batch_size):
     """``(curvature by path, summed NLL)`` over the data, a batch at a time."""
-    nll_of = jax.jit(lambda p, xb, yb: loss.value(model.apply(p, xb), yb))
-    if structure == "diag":
-        step = jax.jit(curvature.diag_ggn(model, loss))
-    else:
-        step = jax.jit(curvature.kfac_factors(model, loss, convention="kflr"))
+    step = _batch_curvature(model, loss, structure, paths)
     total, nll = None, 0.0
     for lo, hi in _batches(x.shape[0], batch_size):
-        c = step(params, x[lo:hi], y[lo:hi])
-        c = {p: _at(c, p) for p in paths} if structure == "diag" else \
-            {p: {"A": c[p]["A"] * (hi - lo), "G": c[p]["G"]} for p in paths}
+        c, value = step(params, x[lo:hi], y[lo:hi])
         total = c if total is None else jax.tree.map(jnp.add, total, c)
-        nll = nll + nll_of(params, x[lo:hi], y[lo:hi])
+        nll = nll + value
     if structure == "kfac":
         total = {p: _eig(v["A"] / x.shape[0], v["G"]) for p, v in total.items()}
     return total, nll
@@ -361,11 +373,13 @@ def logit_moments(post: Posterior, x, *, batch_size: int = 256):
     return tuple(jnp.concatenate(v, 0) for v in zip(*parts))
 
 
+@jax.jit
 def _probit(mean, cov):
     var = jnp.diagonal(cov, axis1=-2, axis2=-1)
     return jax.nn.softmax(mean / jnp.sqrt(1.0 + jnp.pi / 8.0 * var), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames="samples")
 def _sampled(mean, cov, key, samples):
     vals, vecs = jnp.linalg.eigh(cov)
     root = vecs * jnp.sqrt(jnp.maximum(vals, 0.0))[..., None, :]        # cov = root root^T
@@ -398,6 +412,13 @@ def sample(post: Posterior, key, samples: int):
     """``samples`` params drawn from the posterior, stacked on a leading axis (the layers
     outside ``paths`` repeat ``theta*``): diag ``theta* + eps / sqrt(h + delta)``; kfac
     ``[W; b] + Q_A (eps / sqrt(a g^T + delta)) Q_G^T``."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ConfigError(f"samples must be a positive int, got {samples!r}", ("laplace",))
+    return _sample(post, key, samples)
+
+
+@functools.partial(jax.jit, static_argnames="samples")
+def _sample(post: Posterior, key, samples: int):
     keys = jax.random.split(key, len(post.paths))
     out = jax.tree.map(lambda v: jnp.broadcast_to(v, (samples,) + v.shape), post.params)
     delta = post.prior_precision
