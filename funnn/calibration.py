@@ -28,12 +28,12 @@ __all__ = ["Reliability", "reliability", "expected_calibration_error", "nll"]
 
 class Reliability(NamedTuple):
     """Per confidence bin (``bins`` of them, equal width on ``[0, 1]``): ``edges`` (bins + 1,),
-    ``confidence`` (mean confidence, NaN when empty), ``accuracy`` (NaN when empty), ``count``."""
+    ``confidence`` (mean confidence, NaN when empty), ``accuracy`` (NaN when empty), ``counts``."""
 
     edges: np.ndarray
     confidence: np.ndarray
     accuracy: np.ndarray
-    count: np.ndarray
+    counts: np.ndarray
 
 
 def _check(probs, labels, bins=None):
@@ -68,9 +68,9 @@ def reliability(probs, labels, bins: int = 15) -> Reliability:
 def expected_calibration_error(probs, labels, bins: int = 15) -> float:
     """``sum_k |B_k| / N |acc(B_k) - conf(B_k)|`` over ``bins`` equal-width confidence bins."""
     r = reliability(probs, labels, bins)
-    full = r.count > 0
-    return float(np.sum(r.count[full] * np.abs(r.accuracy[full] - r.confidence[full]))
-                 / max(1, int(r.count.sum())))
+    full = r.counts > 0
+    return float(np.sum(r.counts[full] * np.abs(r.accuracy[full] - r.confidence[full]))
+                 / max(1, int(r.counts.sum())))
 
 
 def nll(probs, labels, eps: float = 1e-12) -> float:

@@ -226,7 +226,8 @@ def _batch_curvature(model: Layer, loss, structure: str, paths: tuple):
 def _accumulate(model, loss, params, x, y, structure, paths, batch_size):
     """``(curvature by path, summed NLL)`` over the data, a batch at a time."""
     step = _batch_curvature(model, loss, structure, paths)
-    total, nll = None, 0.0
+    total: Any = None
+    nll: Any = 0.0
     for lo, hi in _batches(x.shape[0], batch_size):
         c, value = step(params, x[lo:hi], y[lo:hi])
         total = c if total is None else jax.tree.map(jnp.add, total, c)
@@ -345,7 +346,7 @@ def _jacobians(model, params, x, paths):
 def _logit_cov(post: Posterior, jac):
     """``J Sigma J^T`` per example: ``(B, C, C)``."""
     delta = post.prior_precision
-    cov = 0.0
+    cov: Any = 0.0
     for p in post.paths:
         c = post.curvature[p]
         if post.structure == "diag":
@@ -431,9 +432,13 @@ def _sample(post: Posterior, key, samples: int):
                      / jnp.sqrt(h + delta) for kk, m, h in zip(ks, leaves, jax.tree.leaves(c))]
             layer = jax.tree.unflatten(tree, drawn)
         else:
-            wb = _wb(mean)
-            eps = jax.random.normal(k, (samples,) + wb.shape, wb.dtype)
-            eps = eps / jnp.sqrt(jnp.outer(c.a, c.g) + delta)
-            layer = jax.vmap(lambda d: _unwb(mean, wb + c.qa @ d @ c.qg.T))(eps)
+            layer = _draw_kron(mean, c, delta, k, samples)
         out = _replace_at(out, p, layer)
     return out
+
+
+def _draw_kron(mean, c: KronEig, delta, key, samples: int):
+    wb = _wb(mean)
+    eps = jax.random.normal(key, (samples,) + wb.shape, wb.dtype)
+    eps = eps / jnp.sqrt(jnp.outer(c.a, c.g) + delta)
+    return jax.vmap(lambda d: _unwb(mean, wb + c.qa @ d @ c.qg.T))(eps)

@@ -122,7 +122,7 @@ def test_kfac_posterior_holds_the_summed_kronecker_factors(posteriors, dense):
 
 @pytest.mark.parametrize("structure", LA.STRUCTURES)
 def test_evidence_and_its_optimum_against_a_grid(setup, posteriors, dense, structure):
-    params, x, y = setup
+    params = setup[0]
     post = posteriors[("last_layer", structure)]
     idx, h = _dense_precision(post, params, dense)
     flat = np.asarray(ravel_pytree(params)[0])[idx]
@@ -142,7 +142,7 @@ def test_evidence_and_its_optimum_against_a_grid(setup, posteriors, dense, struc
 
 @pytest.mark.parametrize("structure", LA.STRUCTURES)
 def test_logit_covariance_against_the_dense_posterior(setup, posteriors, dense, structure):
-    params, x, y = setup
+    params, x, _ = setup
     post = posteriors[("all", structure)]
     idx, h = _dense_precision(post, params, dense)
     jac = dense[1]
@@ -154,7 +154,7 @@ def test_logit_covariance_against_the_dense_posterior(setup, posteriors, dense, 
 
 
 def test_probit_and_sampled_predictives_agree(setup, posteriors, dense):
-    params, x, y = setup
+    params, x, _ = setup
     post = posteriors[("last_layer", "kfac")]
     probit = post.predictive(x)
     mc = post.predictive(x, method="samples", key=jax.random.key(0), samples=20000)
@@ -182,7 +182,7 @@ def test_ece_and_nll_by_hand():
     labels = np.array([0, 1, 1, 1, 0])
     # 2 bins, (0, .5] and (.5, 1]: confidences .9 .8 .7 .55 | .5; right 1 0 1 0 | 1 (argmax 0)
     r = calibration.reliability(probs, labels, bins=2)
-    np.testing.assert_array_equal(r.count, [1, 4])
+    np.testing.assert_array_equal(r.counts, [1, 4])
     np.testing.assert_allclose(r.confidence, [0.5, (0.9 + 0.8 + 0.7 + 0.55) / 4])
     np.testing.assert_allclose(r.accuracy, [1.0, 0.5])
     want = 1 / 5 * 0.5 + 4 / 5 * abs(0.5 - 0.7375)
