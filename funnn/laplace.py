@@ -206,9 +206,10 @@ def _batches(n: int, batch_size: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _batch_curvature(model: Layer, loss, structure: str, paths: tuple):
-    """A jitted ``f(params, x, y) -> (curvature by path, summed NLL)`` for one batch (``A``
-    weighted by the batch's size); cached, so refits and equal batches reuse one compile."""
+def _batch_curvature(model: Layer, loss, structure: str):
+    """A jitted ``f(params, x, y) -> (curvature, summed NLL)`` for one batch: the diagonal
+    GGN as the params, or ``{path: {"A": A * batch, "G": G}}``; cached per model, so refits,
+    other subsets and equal batches reuse one compile."""
     if structure == "diag":
         rule = curvature.diag_ggn(model, loss)
     else:
@@ -216,8 +217,8 @@ def _batch_curvature(model: Layer, loss, structure: str, paths: tuple):
 
     def f(params, x, y):
         c = rule(params, x, y)
-        c = {p: _at(c, p) for p in paths} if structure == "diag" else \
-            {p: {"A": c[p]["A"] * x.shape[0], "G": c[p]["G"]} for p in paths}
+        if structure == "kfac":
+            c = {p: {"A": v["A"] * x.shape[0], "G": v["G"]} for p, v in c.items()}
         return c, loss.value(model.apply(params, x), y)
 
     return jax.jit(f)
@@ -225,11 +226,12 @@ def _batch_curvature(model: Layer, loss, structure: str, paths: tuple):
 
 def _accumulate(model, loss, params, x, y, structure, paths, batch_size):
     """``(curvature by path, summed NLL)`` over the data, a batch at a time."""
-    step = _batch_curvature(model, loss, structure, paths)
+    step = _batch_curvature(model, loss, structure)
     total: Any = None
     nll: Any = 0.0
     for lo, hi in _batches(x.shape[0], batch_size):
         c, value = step(params, x[lo:hi], y[lo:hi])
+        c = {p: _at(c, p) if structure == "diag" else c[p] for p in paths}
         total = c if total is None else jax.tree.map(jnp.add, total, c)
         nll = nll + value
     if structure == "kfac":
