@@ -54,7 +54,7 @@ def _layer_block(params, path, flat_index):
     """Flat-params indices of a layer's ``[W; b]`` rows, row-major ``(in + 1, out)``."""
     layer = LA._at(params, path)
     w, b = np.asarray(flat_index(path, "W")), np.asarray(flat_index(path, "b"))
-    return np.concatenate([w.reshape(layer["W"].shape), b[None]], 0).ravel()
+    return np.concatenate([w.reshape(-1, layer["W"].shape[-1]), b[None]], 0).ravel()
 
 
 def _indexer(params):
@@ -151,6 +151,35 @@ def test_logit_covariance_against_the_dense_posterior(setup, posteriors, dense, 
     np.testing.assert_allclose(mean, MODEL.apply(params, x), rtol=1e-12)
     np.testing.assert_allclose(cov, jac[:, :, idx] @ sigma @ jac[:, :, idx].transpose(0, 2, 1),
                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow          # ~2.3 CPU-s of compiles; the dense layers' case stays fast
+def test_kfac_logit_covariance_of_a_convolution():
+    """A convolution's ``[W; b]`` is ``W`` reshaped to ``(kh kw c_in, c_out)`` with ``b`` last,
+    in the order of its patches: ``J Sigma J^T`` against the dense block-diagonal posterior
+    built from :func:`funnn.curvature.kfac_factors`."""
+    model = L.serial(L.conv2d(2, (2, 2)), L.activation("tanh"), L.flatten(), L.dense(C))
+    _, params = model.init(jax.random.key(0), (None, 3, 3, 1))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 3, 3, 1)))
+    y = jnp.asarray(rng.integers(0, C, size=4))
+    post = LA.laplace(model, XENT, params, (x, y), subset="all", structure="kfac",
+                      prior_precision=0.5)
+    factors = jax.jit(curvature.kfac_factors(model, XENT.with_reduction("sum")))(params, x, y)
+    at = _indexer(params)
+    idx = np.concatenate([_layer_block(params, p, at) for p in post.paths])
+    h = np.zeros((idx.size, idx.size))
+    o = 0
+    for p in post.paths:
+        blk = np.kron(factors[p]["A"], factors[p]["G"])
+        h[o:o + len(blk), o:o + len(blk)] = blk
+        o += len(blk)
+    sigma = np.linalg.inv(h + 0.5 * np.eye(len(h)))
+    flat, unravel = ravel_pytree(params)
+    jac = np.asarray(jax.jit(jax.jacobian(lambda f: model.apply(unravel(f), x)))(flat))[:, :, idx]
+    _, cov = LA.logit_moments(post, x)
+    np.testing.assert_allclose(cov, jac @ sigma @ jac.transpose(0, 2, 1), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_probit_and_sampled_predictives_agree(setup, posteriors):
