@@ -239,6 +239,17 @@ def _accumulate(model, loss, params, x, y, structure, paths, batch_size):
     return total, nll
 
 
+def _positive(value) -> float:
+    try:
+        ok = not isinstance(value, bool) and float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"prior_precision must be a positive number or None, got {value!r}",
+                          ("laplace",))
+    return float(value)
+
+
 def _eig(a, g):
     la, qa = jnp.linalg.eigh(a)
     lg, qg = jnp.linalg.eigh(g)
@@ -262,17 +273,12 @@ def laplace(model: Layer, loss, params, data, *, subset: str = "last_layer",
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"data must be (x, y) with the same, non-zero number of examples; "
                           f"got {x.shape[0]} and {y.shape[0]}", ("laplace",))
+    given = None if prior_precision is None else _positive(prior_precision)
     paths = _paths(model, params, subset, structure)
     curv, nll = _accumulate(model, loss, params, x, y, structure, paths, batch_size)
     post = Posterior(params, curv, jnp.asarray(1.0, nll.dtype), nll, model, subset, structure,
                      paths, int(x.shape[0]))
-    if prior_precision is None:
-        delta = optimal_prior_precision(post)
-    else:
-        if isinstance(prior_precision, bool) or not float(prior_precision) > 0:
-            raise ConfigError(f"prior_precision must be a positive number or None, got "
-                              f"{prior_precision!r}", ("laplace",))
-        delta = jnp.asarray(float(prior_precision), nll.dtype)
+    delta = optimal_prior_precision(post) if given is None else jnp.asarray(given, nll.dtype)
     return dataclasses.replace(post, prior_precision=delta)
 
 

@@ -238,8 +238,9 @@ def test_bad_input_is_named(setup, posteriors):
         LA.laplace(MODEL, XENT, params, (x, y), subset="first")
     with pytest.raises(ConfigError, match="structure"):
         LA.laplace(MODEL, XENT, params, (x, y), structure="full")
-    with pytest.raises(ConfigError, match="prior_precision"):
-        LA.laplace(MODEL, XENT, params, (x, y), prior_precision=-1.0)
+    for bad in (-1.0, 0, float("inf"), "big", True):
+        with pytest.raises(ConfigError, match="prior_precision"):
+            LA.laplace(MODEL, XENT, params, (x, y), prior_precision=bad)
     norm = L.serial(L.dense(3), L.layer_norm())
     _, pn = norm.init(jax.random.key(0), (None, D))
     with pytest.raises(ConfigError, match="kfac"):
