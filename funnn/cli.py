@@ -485,7 +485,7 @@ def _eval_calibration(args, config, recipe, model, ck, stats, x, y) -> dict:
 
     if getattr(recipe.loss, "name", None) != "softmax_cross_entropy" or model.stateful:
         if args.laplace:
-            raise ConfigError(f"--laplace needs a classifier trained with the softmax "
+            raise ConfigError(f"needs a classifier trained with the softmax "
                               f"cross-entropy and no batch statistics; model {recipe.name} "
                               f"has {recipe.loss!r}", ("--laplace",))
         return {}
