@@ -20,6 +20,7 @@ FLOORS = [
     ["autodiff", "manual"],
     ["engines"],
     ["curvature"],
+    ["optimizers"],
     ["gradcheck", "numerics"],
     ["control"],
     ["generate"],

@@ -25,7 +25,7 @@ from funnn.core import ConfigError, DataError, Layer, check_context
 from funnn.precision import Policy, apply_policy, get_policy
 from funnn.train import inputs
 from funnn.train.epoch import Order, dp_sampled, shuffled
-from funnn.train.optim import optimizer_from, optimizer_settings
+from funnn.train.optim import CURVATURE, optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
 from funnn.trees import tree_paths
 
@@ -114,9 +114,12 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     if from_checkpoint is not None and not resume:
         run_config["from_checkpoint"] = os.fspath(from_checkpoint)
     custom = isinstance(optimizer, optax.GradientTransformation)
-    opt = optimizer_from(run_config, optimizer if custom else None, policy)
-    s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
-                 batch_size, num, bool(check_numerics), run_config)
+    _check_curvature_dp(settings["optimizer"], dp)
+    used = apply_policy(model, policy)
+    opt = optimizer_from(run_config, optimizer if custom else None, policy, model=used,
+                         loss=loss)
+    s = Settings(used, loss, engine, opt, policy, dp, plan, epochs, batch_size, num,
+                 bool(check_numerics), run_config)
     return s, train_xy, held_out
 
 
@@ -223,6 +226,14 @@ def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
     if check_numerics:
         raise ConfigError("check_numerics runs plain steps one at a time; leave it out with "
                           "dp=", ("fit",))
+
+
+def _check_curvature_dp(name, dp) -> None:
+    """A curvature optimizer reads the batch's inputs directly: no privacy guarantee holds."""
+    if dp is not None and name in CURVATURE:
+        raise ConfigError(f"optimizer {name!r} computes curvature from the raw batch, which "
+                          f"DP-SGD's guarantee does not cover; use a first-order optimizer "
+                          f"with dp=", ("fit",))
 
 
 def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):
