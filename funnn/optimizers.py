@@ -301,7 +301,7 @@ def scale_by_diag_ggn(model: Layer, loss, *, damping: float = 1e-3, decay: float
     damping = _positive("damping", damping, what)
     _check(what, decay=decay)
     exact = samples is None
-    diag_of = curvature.diag_ggn(model, loss) if exact else \
+    diag_of = curvature.diag_ggn(model, loss) if samples is None else \
         curvature.diag_ggn_mc(model, loss, samples=samples)
 
     def init(params):
