@@ -140,7 +140,22 @@ def _ggn(params, x, y):
     return jac.T @ h @ jac
 
 
-def test_diag_ggn_preconditioner_and_quadratic_model_by_definition(x64):
+def test_diag_ggn_preconditioner_is_grad_over_the_damped_diagonal(x64):
+    params, x, y = _problem()
+    pre = optimizers.scale_by_diag_ggn(MODEL, XENT, damping=0.05)
+
+    @_jit
+    def run(params):
+        g = _grad(params, x, y)
+        return g, pre.update(g, pre.init(params), params, x=x, y=y)[0], _ggn(params, x, y)
+
+    g, p, ggn = run(params)
+    flat = lambda t: np.asarray(ravel_pytree(t)[0])
+    np.testing.assert_allclose(flat(p), flat(g) / (np.diag(ggn) + 0.05), rtol=1e-10)
+
+
+@pytest.mark.slow       # two adapted steps and two explicit GGNs: one larger compile
+def test_quadratic_model_step_is_the_2x2_solve_on_the_explicit_ggn(x64):
     params, x, y = _problem()
     x2, y2 = _problem(b=4, seed=7)[1:]
     pre = optimizers.scale_by_diag_ggn(MODEL, XENT, damping=0.05)
@@ -150,8 +165,7 @@ def test_diag_ggn_preconditioner_and_quadratic_model_by_definition(x64):
     def run(params):
         g = _grad(params, x, y)
         p = pre.update(g, pre.init(params), params, x=x, y=y)[0]
-        s0 = adapted.init(params)
-        step1, s1 = adapted.update(g, s0, params, x=x, y=y)
+        step1, s1 = adapted.update(g, adapted.init(params), params, x=x, y=y)
         moved = optax.apply_updates(params, step1)
         g2 = _grad(moved, x2, y2)
         step2, s2 = adapted.update(g2, s1, moved, x=x2, y=y2)
@@ -160,7 +174,6 @@ def test_diag_ggn_preconditioner_and_quadratic_model_by_definition(x64):
 
     g, p, ggn, step1, s1, g2, ggn2, step2, s2, p2 = run(params)
     flat = lambda t: np.asarray(ravel_pytree(t)[0])
-    np.testing.assert_allclose(flat(p), flat(g) / (np.diag(ggn) + 0.05), rtol=1e-10)
     # step 1: no previous step, alpha = -g.D / D^T C D with D = -P g, C = G + 0.05 I
     c = ggn + 0.05 * np.eye(len(ggn))
     d = -flat(p)
@@ -176,6 +189,7 @@ def test_diag_ggn_preconditioner_and_quadratic_model_by_definition(x64):
     np.testing.assert_allclose(flat(step2), am[0] * d2 + am[1] * prev, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.slow       # fit compiles an epoch of K-FAC steps with the adapted step
 def test_fit_by_name_trains_and_the_step_passes_the_batch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 6)), jnp.float32)
@@ -187,6 +201,9 @@ def test_fit_by_name_trains_and_the_step_passes_the_batch():
     assert losses_[-1] < 0.7 * losses_[0], losses_
     assert r.config["optimizer"] == "kfac" and r.config["learning_rate"] == 1.0
     assert int(r.opt_state[0].inner.count) == 12           # 3 epochs x 4 batches
+    from funnn.privacy import DP
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        train.fit(model, params, (x, y), XENT, "kfac", batch_size=16, dp=DP(1.0, 1.0))
 
 
 def test_bad_input_is_named():
@@ -198,10 +215,10 @@ def test_bad_input_is_named():
     opt = optimizers.scale_by_kfac(ln, XENT, fallback="gradient")
     x, y = jnp.ones((3, 2)), jnp.zeros(3, jnp.int32)
     g = jax.tree.map(jnp.ones_like, params)
-    out = opt.update(g, opt.init(params), params, x=x, y=y)[0]
+    out = _jit(lambda g, p: opt.update(g, opt.init(p), p, x=x, y=y)[0])(g, params)
     assert all(np.all(np.asarray(v) == 1) for v in jax.tree.leaves(out[1]))
     with pytest.raises(ConfigError, match="needs the batch"):
-        opt.update(g, opt.init(params), params)
+        opt.update(g, None, params)
     with pytest.raises(StateError):
         optimizers.kfac(L.serial(L.dense(2), L.batch_norm()), XENT)
     for kw, match in [({"damping": 0}, "damping"), ({"decay": 1.0}, "decay"),
@@ -214,8 +231,3 @@ def test_bad_input_is_named():
         optimizers.diag_ggn(MODEL, lambda p, y: jnp.sum(p))
     with pytest.raises(ConfigError, match="pass model= and loss="):
         train.get_optimizer("kfac", 0.1)
-    from funnn.privacy import DP
-    with pytest.raises(ConfigError, match="DP-SGD"):
-        train.fit(MODEL, MODEL.init(jax.random.key(0), (None, 2))[1],
-                  (jnp.ones((8, 2)), jnp.zeros(8, jnp.int32)), XENT, "kfac", batch_size=4,
-                  dp=DP(1.0, 1.0))
