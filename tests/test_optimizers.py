@@ -231,3 +231,36 @@ def test_bad_input_is_named():
         optimizers.diag_ggn(MODEL, lambda p, y: jnp.sum(p))
     with pytest.raises(ConfigError, match="pass model= and loss="):
         train.get_optimizer("kfac", 0.1)
+
+
+@pytest.mark.slow       # two models, two compiles
+def test_conv_and_single_layer_models_precondition_by_their_factors(x64):
+    """Convolutions (``W (kh, kw, cin, cout)`` as ``(kh kw cin, cout)``, the patches' order)
+    and a model that is one layer (``<root>``), against the Kronecker solve on the factors of
+    :func:`funnn.curvature.kfac_factors` (checked against their definitions there)."""
+    conv = L.serial(L.conv2d(3, (2, 2)), L.activation("tanh"), L.flatten(), L.dense(4))
+    rng = np.random.default_rng(0)
+    for model, shape, get in [(conv, (None, 3, 3, 2), lambda t: t[0]),
+                              (L.dense(4), (None, 3), lambda t: t)]:
+        _, params = model.init(jax.random.key(0), shape)
+        x = jnp.asarray(rng.normal(size=(3,) + shape[1:]))
+        y = jnp.asarray(rng.integers(0, 4, size=3))
+        opt = optimizers.scale_by_kfac(model, XENT, convention="kflr", damping=0.01,
+                                       pi_damping=False)
+
+        @_jit
+        def run(params, x, y, model=model, opt=opt):
+            g = jax.grad(lambda p: XENT.value(model.apply(p, x), y))(params)
+            return (g, opt.update(g, opt.init(params), params, x=x, y=y)[0],
+                    curvature.kfac_factors(model, XENT)(params, x, y))
+
+        g, got, factors = run(params, x, y)
+        a, gm = (np.asarray(m) for m in factors["0" if model is conv else "<root>"].values())
+        w = np.asarray(get(g)["W"])
+        v = np.vstack([w.reshape(-1, w.shape[-1]), np.asarray(get(g)["b"])[None]])
+        want = np.linalg.solve(np.kron(a + 0.1 * np.eye(len(a)), gm + 0.1 * np.eye(len(gm))),
+                               v.reshape(-1))
+        u = get(got)
+        np.testing.assert_allclose(
+            np.vstack([np.asarray(u["W"]).reshape(-1, w.shape[-1]), np.asarray(u["b"])[None]])
+            .reshape(-1), want, rtol=1e-9, atol=1e-13)
