@@ -297,3 +297,21 @@ def test_eval_reports_calibration_with_and_without_laplace(xor_run, capsys):
     code, _, err = main(["eval", str(xor_run), "--laplace", "kfac", "--prior-precision", "0"],
                         capsys)
     assert code == 2 and "--prior-precision" in err
+
+
+def test_train_with_kfac_records_it_and_resumes(tmp_path, capsys):
+    """``--optimizer kfac``: the curvature optimizer by name, its state checkpointed and
+    resumed (the factors, inverses and adapted step travel in the optimizer state)."""
+    d = tmp_path / "K"
+    code, out, err = main(["train", *XOR, "--epochs", "1", "--optimizer", "kfac", "--out",
+                           str(d)], capsys)
+    assert code == 0, err
+    assert "optimizer kfac, lr 1, constant schedule" in out
+    code, out, err = main(["train", *XOR, "--epochs", "2", "--optimizer", "kfac", "--out",
+                           str(d), "--resume"], capsys)
+    assert code == 0, err
+    config = json.loads((d / "metrics.json").read_text())["config"]
+    assert config["optimizer"] == "kfac" and config["epochs"] == 2
+    from funnn import models, train
+    ck = train.restore_run(d, models.get("mlp").build(config["num_outputs"]))
+    assert int(ck.opt_state[0].inner.count) == 2             # XOR: one step an epoch

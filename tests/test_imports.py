@@ -20,7 +20,7 @@ FLOORS = [
     ["autodiff", "manual"],
     ["engines"],
     ["curvature"],
-    ["calibration", "laplace"],
+    ["calibration", "laplace", "optimizers"],
     ["gradcheck", "numerics"],
     ["control"],
     ["generate"],

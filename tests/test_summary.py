@@ -139,7 +139,8 @@ def test_summary_wraps_long_rows_to_width_and_loses_nothing(width):
         return s.replace(" ", "")
 
     assert [[squeeze(c) for c in r] for r in got] == [[squeeze(c) for c in r] for r in want]
-    assert [squeeze(c) for c in got[2][:2]] == ["[2]/residual[0]", squeeze(f"{LONG}[derived][vmap]")]
+    assert [squeeze(c) for c in got[2][:2]] == ["[2]/residual[0]",
+                                               squeeze(f"{LONG}[derived][vmap]")]
     per_layer = [params[0], params[1], params[2][0], params[2][1], params[3]]
     for row, p in zip(got, per_layer):
         for path, leaf in core.tree_paths(p):

@@ -64,10 +64,10 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     and DP clips each example's own mean. Same form for ``eval_data`` (:mod:`funnn.train.inputs`).
 
     ``loss``: a funnn Loss, a loss name, or (autodiff and bridge engines) a plain
-    ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``,
-    ``nesterov``, ``adam``, ``adamw``, ``rmsprop``), with ``learning_rate``
-    (default per optimizer: ``DEFAULT_LR``, 0.1 for sgd, 1e-3 for adam) and ``schedule``
-    (``constant`` default, or ``cosine``: decay to 0 over the run), or an optax
+    ``loss(pred, y)`` callable. ``optimizer`` is a name (``sgd``, ``momentum``, ``nesterov``,
+    ``adam``, ``adamw``, ``rmsprop``; ``kfac``, ``diag_ggn``: :mod:`funnn.optimizers`), with
+    ``learning_rate`` (default per optimizer: ``DEFAULT_LR``, 0.1 for sgd, 1e-3 for adam)
+    and ``schedule`` (``constant`` default, or ``cosine``: decay to 0 over the run), or an optax
     transformation, which carries its own rate and schedule: passing ``learning_rate`` or
     ``schedule`` with one is a ConfigError.
     ``progress`` shows a tqdm bar (``None``: only when stderr is a terminal).

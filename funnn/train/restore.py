@@ -9,7 +9,7 @@ import jax
 from funnn import checkpoint as ckpt
 from funnn import rundir
 from funnn.core import CheckpointError, Layer
-from funnn.train.optim import OPTIMIZERS, optimizer_from
+from funnn.train.optim import CURVATURE, OPTIMIZERS, optimizer_from
 
 __all__ = ["restore_run"]
 
@@ -21,7 +21,9 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
     ``checkpoint`` picks a file (default: the newest). The optimizer state comes back
     in optax's own classes, ready for ``optimizer.update``: ``optimizer`` is a name
     or optax transformation, by default the named optimizer the run's config
-    records (built by :func:`~funnn.train.optim.optimizer_from`, as ``fit`` built it).
+    records (built by :func:`~funnn.train.optim.optimizer_from`, as ``fit`` built it; a
+    curvature optimizer, ``kfac`` or ``diag_ggn``, only with ``model``: without it the
+    optimizer state comes back as plain dicts and tuples).
     With ``model`` (and an ``input_shape`` in the config, as the CLI records) the params
     are checked against the model's own shapes. A run trained under a mixed-precision
     policy records it (``config["precision"]``); predict with
@@ -41,8 +43,10 @@ def restore_run(directory, model: Layer | None = None, optimizer=None, *, checkp
     if model is not None and config.get("input_shape") is not None:
         in_shape = (None,) + tuple(config["input_shape"])
         like["params"] = jax.eval_shape(lambda k: model.init(k, in_shape)[1], jax.random.key(0))
-    if optimizer is None and config.get("optimizer") in OPTIMIZERS:
+    if optimizer is None and config.get("optimizer") in OPTIMIZERS and (
+            model is not None or config["optimizer"] not in CURVATURE):
         optimizer = config["optimizer"]
     if optimizer is not None:
-        like["opt_state"] = jax.eval_shape(optimizer_from(config, optimizer).init, plain.params)
+        opt = optimizer_from(config, optimizer, model=model)
+        like["opt_state"] = jax.eval_shape(opt.init, plain.params)
     return ckpt.restore(path, like=like)

@@ -25,7 +25,7 @@ from funnn.core import ConfigError, DataError, Layer, check_context
 from funnn.precision import Policy, apply_policy, get_policy
 from funnn.train import inputs
 from funnn.train.epoch import Order, dp_sampled, shuffled
-from funnn.train.optim import optimizer_from, optimizer_settings
+from funnn.train.optim import CURVATURE, optimizer_from, optimizer_settings
 from funnn.train.step import as_loss, dp_grad, engine_grad, make_update
 from funnn.trees import tree_paths
 
@@ -112,11 +112,14 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     if from_checkpoint is not None and not resume:
         run_config["from_checkpoint"] = os.fspath(from_checkpoint)
     custom = isinstance(optimizer, optax.GradientTransformation)
-    opt = optimizer_from(run_config, optimizer if custom else None, policy)
+    _check_curvature_dp(settings["optimizer"], dp)
+    used = apply_policy(model, policy)
+    opt = optimizer_from(run_config, optimizer if custom else None, policy, model=used,
+                         loss=loss)
     if dp is not None and dp.adaptive is not None:
         opt = privacy.adaptive_clipped(opt, dp.clip_norm)
-    s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
-                 batch_size, num, bool(check_numerics), run_config)
+    s = Settings(used, loss, engine, opt, policy, dp, plan, epochs, batch_size, num,
+                 bool(check_numerics), run_config)
     return s, train_xy, held_out
 
 
@@ -226,6 +229,14 @@ def _check_dp(dp, model: Layer, check_numerics: bool, batch_size: int, policy: P
                           f"leave out precision={policy.name!r} or use 'bf16'", ("fit",))
     if dp.adaptive is not None:       # the count's noise must leave the gradient some privacy
         privacy.adaptive_noise(dp.noise_multiplier, dp.adaptive.sigma_b(batch_size))
+
+
+def _check_curvature_dp(name, dp) -> None:
+    """A curvature optimizer reads the batch's inputs directly: no privacy guarantee holds."""
+    if dp is not None and name in CURVATURE:
+        raise ConfigError(f"optimizer {name!r} computes curvature from the raw batch, which "
+                          f"DP-SGD's guarantee does not cover; use a first-order optimizer "
+                          f"with dp=", ("fit",))
 
 
 def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):

@@ -24,8 +24,8 @@ from funnn.core import ConfigError, DataError, Layer
 from funnn.precision import LossScaled, scaled_loss
 from funnn.train.inputs import Inputs
 
-__all__ = ["TrainState", "make_step", "engine_grad", "dp_grad", "make_update", "as_loss",
-           "get_engine", "ENGINES"]
+__all__ = ["TrainState", "make_step", "engine_grad", "dp_grad", "make_update", "batch_args",
+           "as_loss", "get_engine", "ENGINES"]
 
 ENGINES = engines.names()
 
@@ -105,8 +105,20 @@ def _adaptive_dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: priv
     return grad
 
 
+def batch_args(optimizer, x, y) -> dict:
+    """The extra args an optimizer's update gets beside the gradients: for an optax
+    ``GradientTransformationExtraArgs`` the batch, ``x`` (the model's input), ``y`` and
+    ``context`` (the model's side inputs), which curvature optimizers
+    (:mod:`funnn.optimizers`) need and others ignore; nothing for a plain transformation."""
+    if not isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        return {}
+    x, _, context = _unpack(x)
+    return {"x": x, "y": y, "context": context}
+
+
 def make_update(grad, optimizer: optax.GradientTransformation):
-    """``update(ts, x, y, weights, key) -> (ts, loss)``: a gradient, then one optimizer step.
+    """``update(ts, x, y, weights, key) -> (ts, loss)``: a gradient, then one optimizer step
+    (given the batch as extra args: :func:`batch_args`).
 
     Under a loss-scaled optimizer the loss is multiplied by the scale in the optimizer
     state before the backward pass, the gradients are divided by it, and a step with
@@ -116,7 +128,8 @@ def make_update(grad, optimizer: optax.GradientTransformation):
     """
     def update(ts: TrainState, x, y, weights, key):
         value, grads, state = grad(ts, x, y, weights, key)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params,
+                                              **batch_args(optimizer, x, y))
         return TrainState(optax.apply_updates(ts.params, updates), opt_state, state), value
 
     def scaled_update(ts: TrainState, x, y, weights, key):
