@@ -299,6 +299,7 @@ def test_eval_reports_calibration_with_and_without_laplace(xor_run, capsys):
     assert code == 2 and "--prior-precision" in err
 
 
+@pytest.mark.slow
 def test_train_with_kfac_records_it_and_resumes(tmp_path, capsys):
     """``--optimizer kfac``: the curvature optimizer by name, its state checkpointed and
     resumed (the factors, inverses and adapted step travel in the optimizer state)."""
