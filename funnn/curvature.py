@@ -316,9 +316,22 @@ def batch_stats(model: Layer, loss, *, train: bool = False):
 # --------------------------------------------------------------------------- products
 
 
+# first layers whose tangent rule takes dx=None as "no input tangent" and skips that term
+_NO_DX = ("dense", "conv1d", "conv2d", "embedding")
+
+
+def _input_tangent(model: Layer, x):
+    """The input's tangent for ``J v`` (params only): ``None`` when the first layer (through
+    ``serial``'s first children) skips a ``None`` term, saving a product with zeros that XLA
+    does not fold (a convolution of zeros); zeros like ``x`` otherwise."""
+    first = model
+    while first.kind == "serial" and first.children:
+        first = first.children[0][1]
+    return None if first.kind in _NO_DX else manual._zero_tangent(x)
+
+
 def _jv(model, params, res, v, x):
-    dx = manual._zero_tangent(x)
-    return tangent(model)(params, res, v, dx)
+    return tangent(model)(params, res, v, _input_tangent(model, x))
 
 
 def _backward(model, params, res, dy):
