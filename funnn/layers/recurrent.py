@@ -697,8 +697,9 @@ def bidirectional(layer: Layer) -> Layer:
     def jvp(params, res, dparams, dx):
         """Tangent: ``concat(jvp_fwd(dx), rev(jvp_bwd(rev(dx))))`` (the final states unreversed)."""
         r_f, r_b, n = res
-        dy_f = layer.jvp(params[0], r_f, dparams[0], dx)
-        dy_b = layer.jvp(params[1], r_b, dparams[1], _reverse_time(dx, n))
+        tan = cast(Callable, layer.jvp)
+        dy_f = tan(params[0], r_f, dparams[0], dx)
+        dy_b = tan(params[1], r_b, dparams[1], _reverse_time(dx, n))
         return jnp.concatenate([dy_f, _reverse_time(dy_b, n) if dy_b.ndim == 3 else dy_b], -1)
 
     has_rules = layer.per_example is not None and layer.per_example_norms is not None
