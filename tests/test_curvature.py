@@ -252,6 +252,7 @@ def test_small_mlp_every_quantity_against_its_definition():
     assert C.factor_conventions(model, "kfac") == {"0": "kfac", "2": "kfac"}
 
 
+@pytest.mark.slow          # ~4 CPU s; the block's tangent is in test_jvp's fast tier
 def test_ggn_vp_and_diagonal_through_a_transformer_block():
     """The attention and block tangent rules (``J v``) and the block's walk (the diagonal),
     against ``J^T H_L J`` by autodiff; a causal block with rotary positions and key lengths."""
