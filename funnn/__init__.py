@@ -21,6 +21,6 @@ def __getattr__(name):
     # so `import funnn` stays light.
     if name in ("control", "data", "train", "checkpoint", "models", "cli", "bench", "parallel",
                 "rundir", "numerics", "interop", "precision", "privacy", "distributed", "summary",
-                "generate", "curvature"):
+                "generate", "curvature", "laplace", "calibration"):
         return importlib.import_module(f"funnn.{name}")
     raise AttributeError(f"module 'funnn' has no attribute {name!r}")

@@ -16,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from funnn import engines, manual, trees
 from funnn.core import ConfigError, Layer
 
 __all__ = ["per_layer_clipped_grad_sum", "AdaptiveClip", "adaptive_noise",
-           "adaptive_clip_update", "make_adaptive_dp_batch_grad"]
+           "adaptive_clip_update", "make_adaptive_dp_batch_grad", "AdaptiveClipState",
+           "AdaptiveClipped", "adaptive_clipped"]
 
 
 def _number(value, what: str) -> float:
@@ -211,6 +214,12 @@ class AdaptiveClip:
         """The count's noise standard deviation at this expected batch size."""
         return batch_size / 20 if self.count_noise is None else float(self.count_noise)
 
+    def config(self) -> dict:
+        """The settings as a run config records them (``dp_adaptive``)."""
+        return {"target_quantile": float(self.target_quantile),
+                "learning_rate": float(self.learning_rate),
+                "count_noise": None if self.count_noise is None else float(self.count_noise)}
+
 
 def adaptive_noise(noise_multiplier: float, count_noise: float) -> float:
     """The gradient's noise multiplier ``z_grad`` when the count of unclipped examples is
@@ -283,3 +292,37 @@ def make_adaptive_dp_batch_grad(model: Layer, loss, dp, adaptive: AdaptiveClip,
         return value, jax.tree_util.tree_unflatten(tdef, noisy), nxt
 
     return g
+
+
+# --------------------------------------------------------------------------- the clip in fit
+
+
+class AdaptiveClipState(NamedTuple):
+    """The optimizer state of :func:`adaptive_clipped`: the inner optimizer's and the current
+    clip norm (a float32 scalar, so checkpoints and resume carry it)."""
+
+    inner: Any
+    clip: jax.Array
+
+
+class AdaptiveClipped(NamedTuple):
+    """An optax-style transformation (``init``, ``update``) whose state carries the adaptive
+    clip norm; ``fit``'s step sees the type, clips at ``state.clip`` and stores the next one
+    (:func:`funnn.train.step.make_update`)."""
+
+    init: Any
+    update: Any
+
+
+def adaptive_clipped(optimizer: optax.GradientTransformation, clip_norm: float):
+    """``optimizer`` with the adaptive clip norm in its state, starting at ``clip_norm``;
+    ``update`` is the inner optimizer's (the step alone knows the per-example norms)."""
+
+    def init(params):
+        return AdaptiveClipState(optimizer.init(params), jnp.asarray(clip_norm, jnp.float32))
+
+    def update(grads, state, params=None):
+        updates, inner = optimizer.update(grads, state.inner, params)
+        return updates, state._replace(inner=inner)
+
+    return AdaptiveClipped(init, update)

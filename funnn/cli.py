@@ -185,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="dataset to evaluate on (default: the run's own); its test split")
     e.add_argument("--json", action="store_true",
                    help="print one JSON object (loss, accuracy, ...) as the last line")
+    e.add_argument("--laplace", default=None, choices=["diag", "kfac"],
+                   help="also fit a Laplace posterior (diagonal or K-FAC GGN) on the run's "
+                        "training split and report its predictive's calibration")
+    e.add_argument("--subset", default="last-layer", choices=["last-layer", "all"],
+                   help="with --laplace: the params the posterior covers (default last-layer)")
+    e.add_argument("--prior-precision", type=_positive_float, default=None, metavar="P",
+                   help="with --laplace: the prior precision (default: maximise the marginal "
+                        "likelihood)")
+    e.add_argument("--predictive", default="probit", choices=["probit", "samples"],
+                   help="with --laplace: probit approximation (default) or 100 sampled logits")
 
     g = sub.add_parser("gradcheck", help="manual vs autodiff vs finite differences, per leaf")
     g.add_argument("--model", default="mlp", choices=list(models.RECIPES))
@@ -456,12 +466,53 @@ def _eval(args) -> int:
     loss, acc = train.evaluate(model, recipe.loss, ck.params, x, y, ck.model_state)
     print(f"{path} (epoch {ck.step}): {name} test split, {x.shape[0]} examples: loss "
           f"{loss:.4f}, accuracy {_pct(acc)}")
+    report = {"loss": loss, "accuracy": acc, "checkpoint": path, "epoch": ck.step, "data": name,
+              "examples": int(x.shape[0]), "run_id": ck.run}
+    report.update(_eval_calibration(args, config, recipe, model, ck, stats, x, y))
     if args.json:
         from funnn import _files
-        print(_files.strict_json({"loss": loss, "accuracy": acc, "checkpoint": path,
-                                  "epoch": ck.step, "data": name, "examples": int(x.shape[0]),
-                                  "run_id": ck.run}))
+        print(_files.strict_json(report))
     return 0
+
+
+def _eval_calibration(args, config, recipe, model, ck, stats, x, y) -> dict:
+    """ECE and NLL of the softmax, and with ``--laplace`` of a Laplace posterior's predictive
+    fitted on the run's own training split; printed, and returned for ``--json``."""
+    import jax
+
+    from funnn import calibration, data, laplace, models
+    from funnn.core import ConfigError
+
+    if getattr(recipe.loss, "name", None) != "softmax_cross_entropy" or model.stateful:
+        if args.laplace:
+            raise ConfigError(f"needs a classifier trained with the softmax "
+                              f"cross-entropy and no batch statistics; model {recipe.name} "
+                              f"has {recipe.loss!r}", ("--laplace",))
+        return {}
+    labels = jax.device_get(y)
+    probs = jax.nn.softmax(model.apply(ck.params, x), -1)
+    out = {"ece": calibration.expected_calibration_error(probs, labels),
+           "nll": calibration.nll(probs, labels)}
+    print(f"calibration (softmax): ECE {out['ece']:.4f} (15 bins), NLL {out['nll']:.4f}")
+    if not args.laplace:
+        return out
+    train_set, _ = data.load(config["data"])
+    tx, ty = models.prepare(recipe, train_set, stats)
+    post = laplace.laplace(model, recipe.loss, ck.params, (tx, ty),
+                           subset=args.subset.replace("-", "_"), structure=args.laplace,
+                           prior_precision=args.prior_precision)
+    probs = post.predictive(x, method=args.predictive, key=jax.random.key(0))
+    delta = float(post.prior_precision)
+    lap = {"structure": args.laplace, "subset": args.subset, "predictive": args.predictive,
+           "prior_precision": delta, "log_marginal": float(post.log_marginal),
+           "ece": calibration.expected_calibration_error(probs, labels),
+           "nll": calibration.nll(probs, labels),
+           "accuracy": float((probs.argmax(-1) == y).mean())}
+    how = "given" if args.prior_precision is not None else "by marginal likelihood"
+    print(f"calibration (laplace {args.laplace}, {args.subset}, {args.predictive}; prior "
+          f"precision {delta:.4g} {how}, fitted on {tx.shape[0]} training examples): ECE "
+          f"{lap['ece']:.4f}, NLL {lap['nll']:.4f}, accuracy {_pct(lap['accuracy'])}")
+    return {**out, "laplace": lap}
 
 
 def _eval_load(path: str, run_dir: str):

@@ -117,7 +117,9 @@ class Layer:
         per_example_norms(params, res, dy) -> (squared norms (B,) of each example's dparams, dx)
 
     ``per_example_norms`` need not materialise the per-example gradients (``||x_i^T d_i||^2 =
-    ||x_i||^2 ||d_i||^2`` for a dense layer); see :mod:`funnn.layers._per_example`.
+    ||x_i||^2 ||d_i||^2`` for a dense layer); :mod:`funnn.layers.per_example` holds the helpers
+    to write them with. A stateless layer without them still works in the per-example engines,
+    which take ``vmap`` of its ``backward`` instead (:mod:`funnn.layers._vmap_rule`).
 
     ``decoder`` (optional) is the layer's incremental-decoding rule for autoregressive
     generation with a KV cache, a :class:`funnn.layers._decode.Decoder` (``init`` makes the
@@ -341,11 +343,12 @@ class InputSpec:
     costs nothing under ``jit``, ``vmap`` and ``custom_vjp``).
 
     ``shape`` is the array's shape, or for a tuple input a tuple of specs (``None`` where an
-    entry is not an array).
+    entry is not an array); ``dtype`` the array's dtype (``None`` for a tuple or a non-array).
     """
 
     shape: tuple | None
     is_tuple: bool = False
+    dtype: Any = None
 
 
 def input_spec(x) -> InputSpec:
@@ -353,7 +356,7 @@ def input_spec(x) -> InputSpec:
     if isinstance(x, (tuple, list)):
         return InputSpec(tuple(input_spec(e) for e in x), True)
     try:
-        return InputSpec(tuple(jnp.shape(x)))
+        return InputSpec(tuple(jnp.shape(x)), dtype=jnp.result_type(x))
     except TypeError:
         return InputSpec(None)
 

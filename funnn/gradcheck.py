@@ -14,6 +14,10 @@ between engines, ``1e-3`` against finite differences, whose absolute error is ab
 ``1e-10`` of the loss): a leaf whose true gradient is zero (a conv bias just before a
 batch-norm) is then judged by its absolute error, not by the ratio of two roundings.
 
+``compare_per_example`` checks the per-example engine (each layer's per-example rule, or
+``vmap`` of its own backward where it has none, which the report names) against autodiff's
+per-example gradients, and the per-example norms against theirs.
+
 ``compare_jvp`` does the same for the hand-written forward mode (``Layer.jvp``): per parameter
 leaf (and the input), the output tangent along a random direction in that leaf alone, by
 :func:`funnn.manual.jvp`, by ``jax.jvp`` of ``apply`` and by central differences of ``apply``.
@@ -37,10 +41,11 @@ from jax.tree_util import PyTreeDef
 
 from funnn import autodiff, losses, manual
 from funnn.core import ConfigError, Layer, ShapeError, check_context, run_apply
-from funnn.summary import derived_layers
+from funnn.summary import derived_layers, vmapped_layers
 from funnn.trees import path_str, tree_paths
 
-__all__ = ["compare", "compare_jvp", "directional", "Report", "LeafCheck"]
+__all__ = ["compare", "compare_per_example", "compare_jvp", "directional", "Report",
+           "LeafCheck"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Report:
     directional: tuple = ()  # (pair, abs_err, rel_err, ok) rows for directional checks
     derived: tuple = ()    # layers whose backward is jax.vjp's (layer_from_apply), by path
     what: str = "loss"     # what ``loss`` holds: the loss, or "max |y|" for compare_jvp
+    vmapped: tuple = ()    # compare_per_example: layers without a per-example rule, by path
 
     @property
     def ok(self) -> bool:
@@ -82,7 +88,7 @@ class Report:
                         "rel_err": l.rel_err, "ok": l.ok} for l in self.leaves],
             "directional": [{"pair": d[0], "abs_err": d[1], "rel_err": d[2], "ok": d[3]}
                             for d in self.directional],
-            "derived": list(self.derived),
+            "derived": list(self.derived), "vmapped": list(self.vmapped),
         }
 
     def __str__(self) -> str:
@@ -104,6 +110,9 @@ class Report:
             out.append("not hand-written: the 'manual' gradient of " + ", ".join(self.derived)
                        + " is derived by jax.vjp (layer_from_apply), so manual~autodiff "
                        "checks nothing there")
+        if self.vmapped:
+            out.append("no per-example rule: " + ", ".join(self.vmapped) + " use vmap of "
+                       "their own backward (per-example gradients materialised)")
         return "\n".join(out)
 
 
@@ -277,6 +286,50 @@ def compare(model: Layer, loss, params, x, y, *, key=None, state=None, train: bo
         return Report(tuple(rows), loss_value,
                       {"engines": rtol_engines, "finite differences": rtol_fd}, method, dirs,
                       tuple(derived_layers(model)))
+
+
+def compare_per_example(model: Layer, loss, params, x, y, *, key=None, train: bool = True,
+                        rtol: float = 1e-10, side: dict | None = None) -> Report:
+    """Per-example gradients and norms by :func:`funnn.manual.per_example_value_and_grad` and
+    :func:`~funnn.manual.per_example_grad_norms` against autodiff, in float64: ``jax.jacrev``
+    of the vector of per-example losses of ``model.apply`` on the batch (the same random masks
+    for ``key``), i.e. ``vmap`` of ``jax.grad`` of each example's loss. One row per parameter
+    leaf (``rules~autodiff``, all examples) and one ``<norms>`` row; ``Report.vmapped`` names
+    the layers without a per-example rule, whose gradients come from ``vmap`` of their own
+    backward. ``side`` holds the model's side inputs (``mask``/``lengths``)."""
+    with jax.enable_x64(True):
+        params, x, y = _to64(params), _to64(x), y
+        _, context = _side(model, loss, side)
+
+        def values(p):
+            out = model.apply(p, x, key=key, train=train, **context)
+            return manual.per_example_loss(loss, out, y)[0]
+
+        @jax.jit
+        def both(p):
+            got = manual.per_example_value_and_grad(model, loss, train=train)(
+                p, x, y, key=key, **context)[1]
+            norms = manual.per_example_grad_norms(model, loss, train=train)(
+                p, x, y, key=key, **context)[1]
+            return values(p), got, norms, jax.jacrev(values)(p)
+
+        vals, got, norms, ref = both(params)
+        b = vals.shape[0]
+        ref_norms = jnp.sqrt(sum(jnp.sum(jnp.square(g).reshape(b, -1), 1)
+                                 for g in jax.tree_util.tree_leaves(ref)))
+        big = _largest(ref)
+        rows = []
+        for (path, r), g in zip(jax.tree_util.tree_flatten_with_path(ref)[0],
+                                jax.tree_util.tree_leaves(got)):
+            a, e = _rel(g, r, 1e-4 * big)
+            rows.append(LeafCheck(path_str(path), tuple(np.shape(r)), {"rules~autodiff": a},
+                                  {"rules~autodiff": e}, e <= rtol))
+        a, e = _rel(norms, ref_norms)
+        rows.append(LeafCheck("<norms>", (b,), {"rules~autodiff": a}, {"rules~autodiff": e},
+                              e <= rtol))
+        return Report(tuple(rows), float(jnp.mean(vals)), {"per example": rtol}, "none",
+                      derived=tuple(derived_layers(model)),
+                      vmapped=tuple(vmapped_layers(model)))
 
 
 def _jvp_rows(tangents, directions, rtol_engines, rtol_fd) -> tuple:

@@ -8,7 +8,8 @@ Also :func:`bridge`, which wraps a layer's hand-written backward as a
 ``jax.custom_vjp`` rule so autodiff can use it inside larger programs, and the
 per-example engines (:func:`per_example_value_and_grad`, :func:`per_example_grad_norms`,
 :func:`clipped_value_and_grad`) built on every layer's batched per-example rules
-(``Layer.per_example`` / ``Layer.per_example_norms``).
+(``Layer.per_example`` / ``Layer.per_example_norms``), or, for a layer without them, ``vmap``
+of its own backward (:mod:`funnn.layers._vmap_rule`).
 
 Per-example semantics: the loss of example ``i`` is the loss of the batch ``x[i:i+1]``,
 i.e. ``loss.value(out[i:i+1], y[i:i+1])`` (with a masked loss: the mean over that example's
@@ -190,8 +191,9 @@ def _reject_stateful(model: Layer, what: str) -> None:
 
 
 def _rules(model: Layer, field: str, what: str):
+    """``of(x) -> rule``: the model's rule, or vmap of its backward for ``x``'s shape."""
     _reject_stateful(model, what)
-    return rule(model, field)
+    return lambda x: rule(model, field, input_spec(x))
 
 
 def _forward_deltas(model: Layer, loss, train: bool, params, x, y, key, context):
@@ -208,16 +210,19 @@ def per_example_value_and_grad(model: Layer, loss, *, train: bool = True):
 
     One forward, each example's own output delta (:func:`per_example_loss`) and the
     layers' batched per-example rules (``dW_i = sum_t x_it^T delta_it`` as one einsum over
-    the batch), never ``vmap`` over single examples. Stateful models (batch-norm) raise
-    :class:`~funnn.core.StateError`; a layer without a rule raises
-    :class:`~funnn.core.ConfigError` naming it. Other keyword arguments (side inputs such as
-    ``mask=``/``lengths=``) go to ``model.forward``, as in :func:`value_and_grad`.
+    the batch), never ``vmap`` over single examples. A layer without a rule (a custom layer,
+    :func:`~funnn.core.layer_from_apply`'s) falls back to ``vmap`` of its own backward over
+    its residuals, in the same pass (:mod:`funnn.layers._vmap_rule`; its per-example
+    gradients are materialised; :func:`funnn.summary.summary` marks it ``[vmap]``). Stateful
+    models (batch-norm) raise :class:`~funnn.core.StateError`. Other keyword arguments (side
+    inputs such as ``mask=``/``lengths=``) go to ``model.forward``, as in
+    :func:`value_and_grad`.
     """
     per_ex = _rules(model, "per_example", "a per-example gradient")
 
     def f(params, x, y, *, key=None, **context):
         values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
-        grads, _ = per_ex(params, res, delta)
+        grads, _ = per_ex(x)(params, res, delta)
         return values, grads
 
     return f
@@ -227,12 +232,12 @@ def per_example_grad_norms(model: Layer, loss, *, train: bool = True):
     """``f(params, x, y, *, key=None) -> (values (B,), norms (B,))``: the L2 norm of each
     example's whole gradient (all leaves together), without materialising per-example weight
     gradients where a cheaper rule exists (``||x_i|| ||delta_i||`` for a dense layer without
-    positions, the Gram form with them; see :mod:`funnn.layers._per_example`)."""
+    positions, the Gram form with them; see :mod:`funnn.layers.per_example`)."""
     norms_rule = _rules(model, "per_example_norms", "a per-example gradient norm")
 
     def f(params, x, y, *, key=None, **context):
         values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
-        sq, _ = norms_rule(params, res, delta)
+        sq, _ = norms_rule(x)(params, res, delta)
         return values, jnp.sqrt(jnp.maximum(sq, 0))
 
     return f
@@ -267,7 +272,7 @@ def clipped_grad_sum(model: Layer, loss, clip_norm, *, train: bool = True):
 
     def f(params, x, y, weights, *, key=None, **context):
         values, delta, res = _forward_deltas(model, loss, train, params, x, y, key, context)
-        sq, _ = norms_rule(params, res, delta)
+        sq, _ = norms_rule(x)(params, res, delta)
         norms = jnp.sqrt(jnp.maximum(sq, 0))
         scale = (clip_factors(norms, c) * jnp.asarray(weights, norms.dtype)).astype(delta.dtype)
         grads, dx = model.backward(params, res, delta * scale.reshape((-1,) + (1,) * (

@@ -148,8 +148,10 @@ def apply_policy(model: Layer, policy) -> Layer:
     ``apply``/``forward``: params and floating inputs cast to ``policy.compute``, the output
     to ``policy.output``; model state (batch-norm statistics) is left as it is. ``backward``:
     ``dy`` cast to the compute dtype, the model's hand-written backward, then each gradient
-    cast to its parameter's dtype and ``dx`` to the input's. The float32 policy returns
-    ``model`` itself.
+    cast to its parameter's dtype and ``dx`` to the input's. The per-example rules
+    (``per_example``, ``per_example_norms``) are kept and run the same way; the squared norms
+    come back in float32 (accumulated there: :mod:`funnn.layers.per_example`), so DP-SGD
+    clips by float32 norms. The float32 policy returns ``model`` itself.
     """
     policy = get_policy(policy)
     if policy == POLICIES["f32"]:
@@ -171,6 +173,7 @@ def apply_policy(model: Layer, policy) -> Layer:
         grads, dx = model.backward(pc(params), res, _like(dy, y_marks))
         return _like(grads, params), _like(dx, x_marks)
 
+    per_example, per_example_norms = _policy_rules(model, pc)
     if not model.stateful:
         def apply_(params, x, *, key=None, train=False, **ctx):
             return apply(params, x, key=key, train=train, **ctx)
@@ -181,9 +184,32 @@ def apply_policy(model: Layer, policy) -> Layer:
                     apply=apply if model.stateful else apply_,
                     forward=forward if model.stateful else forward_, backward=backward,
                     init_state=model.init_state, children=(("", model),),
-                    context=model.context, derived=False, kind="policy")
+                    context=model.context, derived=False, kind="policy",
+                    per_example=per_example, per_example_norms=per_example_norms)
     object.__setattr__(wrapped, "_funnn_policy", (model, policy))   # for unwrap()
     return wrapped
+
+
+def _policy_rules(model: Layer, pc):
+    """The wrapper's per-example rules: the model's, run as its backward is (params and ``dy``
+    in the compute dtype), the gradients returned in the master params' dtypes and the squared
+    norms in float32 at least (:func:`wide`); ``(None, None)`` for a model without them (the
+    engines then take ``vmap`` of the wrapper's backward)."""
+    if model.per_example is None or model.per_example_norms is None:
+        return None, None
+    inner_grads, inner_norms = model.per_example, model.per_example_norms
+
+    def per_example(params, res, dy):
+        res, y_marks, x_marks = res
+        grads, dx = inner_grads(pc(params), res, _like(dy, y_marks))
+        return _like(grads, params), _like(dx, x_marks)
+
+    def per_example_norms(params, res, dy):
+        res, y_marks, x_marks = res
+        sq, dx = inner_norms(pc(params), res, _like(dy, y_marks))
+        return upcast(sq), _like(dx, x_marks)
+
+    return per_example, per_example_norms
 
 
 def unwrap(layer: Layer):

@@ -63,9 +63,12 @@ import jax.numpy as jnp
 from funnn import _pld, engines, losses, manual
 from funnn._dp_clip import (
     AdaptiveClip,
+    AdaptiveClipped,
+    AdaptiveClipState,
     _layer_clip,
     _layer_dp_batch_grad,
     adaptive_clip_update,
+    adaptive_clipped,
     adaptive_noise,
     make_adaptive_dp_batch_grad,
     per_layer_clipped_grad_sum,
@@ -74,7 +77,8 @@ from funnn.core import ConfigError, Layer
 
 __all__ = ["DP", "SAMPLINGS", "ACCOUNTANTS", "epsilon", "noise_for", "poisson_capacity",
            "make_dp_grad", "dp_sample", "make_dp_batch_grad", "per_layer_clipped_grad_sum",
-           "AdaptiveClip", "adaptive_noise", "adaptive_clip_update", "make_adaptive_dp_batch_grad"]
+           "AdaptiveClip", "adaptive_noise", "adaptive_clip_update", "make_adaptive_dp_batch_grad",
+           "AdaptiveClipped", "AdaptiveClipState", "adaptive_clipped"]
 
 SAMPLINGS = ("poisson", "fixed")
 ACCOUNTANTS = ("rdp", "pld")
@@ -132,6 +136,11 @@ class DP:
     sensitivity ``sqrt(sum_k C_k^2)``, the largest norm of one example's clipped gradient and
     the noise's scale, and ``layer_clip`` holds the thresholds as sorted ``(path, C_k)`` pairs
     (a dict through :attr:`layer_clips`).
+
+    Adaptive clipping: ``adaptive`` an :class:`AdaptiveClip`; ``clip_norm`` is then where the
+    clip starts, ``fit`` carries it in the optimizer state (:func:`adaptive_clipped`), and
+    the count it releases each step is paid from ``noise_multiplier``
+    (:func:`adaptive_noise`), so :meth:`epsilon` accounts the whole step unchanged.
     """
 
     clip_norm: float
@@ -140,6 +149,7 @@ class DP:
     sampling: str = "poisson"
     accountant: str = "rdp"
     layer_clip: tuple | None = None
+    adaptive: AdaptiveClip | None = None
 
     def __post_init__(self):
         layer = _layer_clip(self.clip_norm)
@@ -172,6 +182,13 @@ class DP:
             raise ConfigError(f"sampling must be one of {', '.join(map(repr, SAMPLINGS))}, got "
                               f"{self.sampling!r}", ("DP",))
         _check_accountant(self.accountant, self.sampling)
+        if self.adaptive is not None and not isinstance(self.adaptive, AdaptiveClip):
+            raise ConfigError(f"adaptive must be a privacy.AdaptiveClip(target_quantile, "
+                              f"learning_rate, count_noise) or None, got "
+                              f"{type(self.adaptive).__name__}", ("DP",))
+        if self.adaptive is not None and layer is not None:
+            raise ConfigError("adaptive clipping tracks one clip norm; give DP a number as "
+                              "clip_norm, not per-layer thresholds", ("AdaptiveClip",))
         _check_fits_float32(c, s)
         object.__setattr__(self, "clip_norm", c)
         object.__setattr__(self, "noise_multiplier", s)
@@ -192,6 +209,8 @@ class DP:
             out["dp_layer_clip"] = self.layer_clips
         if self.accountant != "rdp":
             out["dp_accountant"] = self.accountant
+        if self.adaptive is not None:
+            out["dp_adaptive"] = self.adaptive.config()
         return out
 
     def epsilon(self, steps: int, batch_size: int, num_examples: int) -> float:
@@ -386,14 +405,16 @@ def _autodiff_clipped_sum(model: Layer, loss, clip_norm: float):
     return f
 
 
-def dp_sample(dp: DP, batch_size: int, num_examples: int):
+def dp_sample(dp: DP, batch_size: int, num_examples: int, multiple: int = 1):
     """``sample(key) -> (idx, weights)``: the rows one DP-SGD step trains on.
 
     ``key`` is the step's key; its first third (``split(key, 3)[0]``) draws the batch:
     Poisson (``cap`` rows, :func:`poisson_capacity`, weights 1 for the chosen rows and 0
-    for the padding) or fixed-size (``batch_size`` distinct rows, weights 1).
+    for the padding) or fixed-size (``batch_size`` distinct rows, weights 1). ``multiple``
+    rounds ``cap`` up to a multiple of it (a mesh's data degree, so the rows split evenly):
+    more zero-weight padding, the same chosen rows, the same privacy.
     """
-    cap = poisson_capacity(batch_size, num_examples)
+    cap = -(-poisson_capacity(batch_size, num_examples) // multiple) * multiple
     q = batch_size / num_examples
 
     def sample(key):

@@ -2,7 +2,8 @@
 
 ``python tests/_parallel_worker.py OUT.json`` trains tiny models with ``fit`` on one
 device and on meshes of 8 (replicated, fsdp, tensor-parallel, per-path rules, megatron), in
-float32 and float64 with both engines, checks the bad-input cases, and writes what
+float32 and float64 with both engines, DP-SGD on one device and on 8, checks the bad-input
+cases, and writes what
 it saw as JSON for the test to assert on. XLA_FLAGS must be set before JAX starts,
 which is why this is a separate process.
 """
@@ -12,7 +13,9 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # This worker counts XLA compiles; a program found in the test run's shared cache is not one.
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -20,7 +23,7 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 import jax
 import numpy as np
 
-from funnn import data, losses, parallel, train
+from funnn import data, losses, parallel, privacy, train
 from funnn import layers as L
 from funnn.core import FunnnError
 
@@ -119,6 +122,16 @@ def main(out_path: str) -> None:
     report["padded_lm"] = {"params": rel(b.params, a.params),
                            "loss": abs(b.history[-1]["train_loss"] - a.history[-1]["train_loss"]),
                            "eval": abs(b.history[-1]["eval_loss"] - a.history[-1]["eval_loss"])}
+
+    # DP-SGD on a mesh: the same Poisson rows (padded from 86 to 88, a multiple of 8), noise
+    # and accountant as on one device
+    dp = privacy.DP(1.0, 1.0)
+    a = run(model, params, xy, "float32", "manual", dp=dp)
+    b = run(model, params, xy, "float32", "manual", dp=dp, mesh=8)
+    report["dp"] = {"params": rel(b.params, a.params),
+                    "epsilon": [[h["epsilon"] for h in r.history] for r in (a, b)],
+                    "loss": max(abs(u["train_loss"] - v["train_loss"]) for u, v in
+                                zip(a.history, b.history))}
 
     n = report["compiles_before_errors"] = len(compiles)
     report["errors"] = {

@@ -11,8 +11,9 @@ import numpy as np
 
 
 def _env(devices: int) -> dict:
+    flags = os.environ.get("XLA_FLAGS", "")          # the suite's own (tests/conftest.py)
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
 
 
 def _free_port() -> int:

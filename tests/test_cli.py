@@ -270,3 +270,30 @@ def test_library_refusals_speak_in_flags(extra, want, capsys, tmp_path):
     assert code == 2 and want in err, err
     assert "fit:" not in err and "dp=" not in err and "precision=" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_eval_reports_calibration_with_and_without_laplace(xor_run, capsys):
+    """issue 21 item 4: ``funnn eval`` prints the softmax's ECE and NLL, and with
+    ``--laplace`` those of a Laplace posterior's predictive fitted on the training split."""
+    code, out, err = main(["eval", str(xor_run), "--json"], capsys)
+    assert code == 0, err
+    plain = strict(out.strip().splitlines()[-1])
+    assert "calibration (softmax): ECE" in out and 0 <= plain["ece"] <= 1 and plain["nll"] > 0
+    assert np.isclose(plain["nll"], plain["loss"], rtol=1e-5)       # the mean cross-entropy
+    code, out, err = main(["eval", str(xor_run), "--json", "--laplace", "kfac", "--subset",
+                           "all"], capsys)
+    assert code == 0, err
+    got = strict(out.strip().splitlines()[-1])
+    lap = got["laplace"]
+    assert "by marginal likelihood" in out and lap["prior_precision"] > 0
+    assert (lap["structure"], lap["subset"], lap["predictive"]) == ("kfac", "all", "probit")
+    assert 0 <= lap["ece"] <= 1 and lap["nll"] > 0 and got["ece"] == plain["ece"]
+    code, out, err = main(["eval", str(xor_run), "--laplace", "diag", "--prior-precision",
+                           "1e12"], capsys)      # a prior this strong leaves the softmax
+    assert code == 0, err
+    nll = float(out.split("NLL ")[-1].split(",")[0])
+    assert abs(nll - plain["nll"]) < 1e-3
+    code, _, err = main(["eval", str(xor_run), "--laplace", "kfac", "--prior-precision", "0"],
+                        capsys)
+    assert code == 2 and "--prior-precision" in err

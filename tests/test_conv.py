@@ -194,6 +194,41 @@ def test_jit_equals_eager_and_lax_same(lowering):
     np.testing.assert_allclose(layer.apply(params, x), ref + params["b"], rtol=1e-13)
 
 
+@pytest.mark.parametrize("lowering", [pytest.param("patches", marks=pytest.mark.slow), "native"])
+def test_shift_equivariance(lowering):
+    """One filter at every position: shifting the input shifts the output. Rolled by
+    ``(d, e)``, the outputs that see no wrapped pixel equal the unshifted ones moved by
+    ``(d, e)``; with circular padding (wrap the input by ``k - 1``) all of them do, for
+    negative shifts too. A stride of 2 keeps it for even shifts (the output moves by half)
+    and breaks it for odd ones."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 2)))
+    params = {"W": jnp.asarray(rng.normal(size=(3, 2, 2, 3))),
+              "b": jnp.asarray(rng.normal(size=(3,)))}
+    apply = jax.jit(conv2d(3, (3, 2), lowering=lowering).apply)   # one compile per shape
+    y = apply(params, x)                                         # (2, 5, 5, 3)
+    assert y.dtype == jnp.float64
+    d, e = 2, 1
+    y_rolled = apply(params, jnp.roll(x, (d, e), axis=(1, 2)))
+    np.testing.assert_allclose(y_rolled[:, d:, e:], y[:, :-d, :-e], rtol=1e-12, atol=1e-12)
+    assert not np.allclose(y_rolled[:, :d], y[:, -d:])           # the wrapped rows differ
+
+    def wrap(a):
+        return jnp.pad(a, ((0, 0), (0, 2), (0, 1), (0, 0)), mode="wrap")
+
+    y_circ = apply(params, wrap(x))                              # (2, 7, 6, 3): circular
+    for shift in [(d, e), (-3, 4), (1, -1)]:
+        got = apply(params, wrap(jnp.roll(x, shift, axis=(1, 2))))
+        np.testing.assert_allclose(got, jnp.roll(y_circ, shift, axis=(1, 2)),
+                                   rtol=1e-12, atol=1e-12)
+
+    strided = jax.jit(conv2d(3, (3, 2), stride=2, lowering=lowering).apply)
+    ys = strided(params, x)
+    for shift, equal in [(2, True), (1, False)]:
+        got = strided(params, jnp.roll(x, shift, axis=1))[:, 1:]
+        assert np.allclose(got, ys[:, :-1], rtol=1e-12, atol=1e-12) is equal, shift
+
+
 @pytest.mark.parametrize("case", [CASES[2], CASES[5]], ids=["groups2", "groups1"])
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_float32_input_gradients_keep_dtypes(case, lowering):

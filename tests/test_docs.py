@@ -8,6 +8,7 @@ so those tests are ``slow``; the checks of the pages' structure are fast.
 ``mkdocs build --strict`` itself runs in ``.ci/run``.
 """
 
+import ast
 import os
 import pathlib
 import re
@@ -135,3 +136,52 @@ def test_nav_lists_every_page():
     for page in DOCS.rglob("*.md"):
         rel = page.relative_to(DOCS).as_posix()
         assert rel in nav, f"mkdocs.yml nav lacks {rel}"
+
+
+def test_layers_page_lists_every_constructor():
+    """``docs/api/layers.md`` renders only the package docstring (``members: false``), so its
+    table must name every export of ``funnn.layers``, each in its own row."""
+    tree = ast.parse((ROOT / "funnn" / "layers" / "__init__.py").read_text())
+    exported = next(ast.literal_eval(node.value) for node in tree.body   # without importing
+                    if isinstance(node, ast.Assign)
+                    and getattr(node.targets[0], "id", "") == "__all__")
+    rows = re.findall(r"^\| \[?`(\w+)`", (DOCS / "api" / "layers.md").read_text(), flags=re.M)
+    assert sorted(rows) == sorted(exported), (
+        f"docs/api/layers.md lacks {sorted(set(exported) - set(rows))}, "
+        f"lists unexported {sorted(set(rows) - set(exported))}")
+
+
+def test_hook_renders_sphinx_roles_as_code():
+    """Docstrings' ``:func:`x``` reach the page as ``:func:<code>x</code>`` (Markdown makes
+    the backticks code); the hook drops the role, and with ``~`` the module path, as Sphinx
+    does. A literal in double backticks needs nothing: Markdown reads it as code too. A
+    paragraph ending ``::`` before a code block shows one colon."""
+    pytest.importorskip("mkdocs")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("funnn_docs", DOCS / "hooks" / "funnn_docs.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    html = ("<p>see :func:<code>fit</code>, :class:<code>~funnn.core.Layer</code>, "
+            ":mod:<code>funnn.precision</code> and :meth:<code>a.b</code>; "
+            ":attr:<code>x</code> :data:<code>y</code> :exc:<code>~e.ShapeError</code></p>")
+    assert hook.on_page_content(html) == (
+        "<p>see <code>fit</code>, <code>Layer</code>, <code>funnn.precision</code> and "
+        "<code>a.b</code>; <code>x</code> <code>y</code> <code>ShapeError</code></p>")
+    block = '\n<div class="highlight"><pre><code>init(key, shape)\n</code></pre></div>'
+    assert hook.on_page_content(f"<p>Stateless layers::</p>{block}") == (
+        f"<p>Stateless layers:</p>{block}")                      # reST's literal-block marker
+    assert hook.on_page_content(f"<p>::</p>{block}") == block
+    kept = "<p>a::</p><p>b</p><pre><code>x::</code></pre>"     # no block after; a listing
+    assert hook.on_page_content(kept) == kept
+
+
+def test_curriculum_index_points_only_at_what_the_repository_has():
+    """Every link of ``docs/curriculum/index.md`` is a page beside it, and every path it
+    names in backticks (``docs/...``, ``examples/...``) is in the repository."""
+    index = DOCS / "curriculum" / "index.md"
+    text = index.read_text()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (index.parent / target).exists(), f"curriculum/index.md links to {target}"
+    paths = re.findall(r"`((?:[\w.-]+/)+(?:[\w-]+\.\w+)?)`", text)   # folder/ or folder/file.ext
+    for path in paths:
+        assert (ROOT / path).exists(), f"curriculum/index.md names {path}, not in the repository"

@@ -121,3 +121,31 @@ def test_side_inputs_and_loss_weights_reach_the_model_and_the_loss():
         gradcheck.compare(model, ce, params, x, y, side=[mask])
     with pytest.raises(core.ConfigError, match="got lengths_=, but"):
         gradcheck.compare(model, ce, params, x, y, side={"lengths_": mask.sum(1)})
+
+
+def test_compare_per_example_names_the_vmap_fallback_and_catches_a_wrong_rule():
+    """compare_per_example: rules (and vmap of the backward for layers without one) against
+    autodiff's per-example gradients in float64; the report names the fallback layers; a
+    rule that is off by a factor fails on its leaf and on the norms."""
+    import dataclasses
+
+    from funnn.core import Layer
+    dense = L.dense(2)
+    bare = Layer("custom", dense.init, dense.apply, dense.forward, dense.backward)
+    model = L.serial(L.dense(3), L.activation("tanh"), L.dropout(0.5), bare)
+    _, p = model.init(jax.random.key(0), (None, 4))
+    x, y = jax.random.normal(jax.random.key(1), (5, 4)), jnp.arange(5) % 2
+    xent = losses.softmax_cross_entropy
+    r = gradcheck.compare_per_example(model, xent, p, x, y, key=jax.random.key(3))
+    assert r.ok and r.vmapped == ("[3] custom",) and len(r.leaves) == 5
+    assert "no per-example rule: [3] custom use vmap of their own backward" in str(r)
+    assert r.to_dict()["vmapped"] == ["[3] custom"]
+
+    def doubled(params, res, dy):
+        g, dx = dense.per_example(params, res, dy)
+        return {**g, "W": 2 * g["W"]}, dx
+
+    wrong = dataclasses.replace(dense, per_example=doubled, name="wrong")
+    bad = gradcheck.compare_per_example(L.serial(L.dense(3), wrong), xent, p[:1] + p[3:],
+                                        x, y, train=False)
+    assert [l.path for l in bad.failures()] == ["1.W"] and bad.vmapped == ()

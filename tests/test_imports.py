@@ -20,6 +20,7 @@ FLOORS = [
     ["autodiff", "manual"],
     ["engines"],
     ["curvature"],
+    ["calibration", "laplace"],
     ["gradcheck", "numerics"],
     ["control"],
     ["generate"],

@@ -71,6 +71,9 @@ def test_eight_devices_train_like_one_on_every_layout(tmp_path):
     assert rep["dropout+batch_norm"]["state"] <= 1e-5
     assert rep["padded_lm"]["params"] <= 1e-5       # side inputs sharded with the batch
     assert rep["padded_lm"]["loss"] <= 1e-5 and rep["padded_lm"]["eval"] <= 1e-5
+    dp = rep["dp"]                                  # DP-SGD on 8 devices: the same run
+    assert dp["params"] <= 1e-5 and dp["loss"] <= 1e-5, dp
+    assert dp["epsilon"][0] == dp["epsilon"][1] and dp["epsilon"][0][-1] > 0
     err = rep["errors"]
     assert err["batch"].startswith("ConfigError") and "batch_size 30 is not divisible by the " \
         "data-parallel degree 8" in err["batch"] and "e.g. 32" in err["batch"]

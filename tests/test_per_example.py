@@ -228,17 +228,67 @@ def test_bad_clip_norm_and_stateful_model():
         manual.clipped_value_and_grad(bn, XENT, 1.0)
 
 
-def test_layer_without_rule_and_no_batch_axis():
-    from funnn.core import Layer
+def _no_rule_layers():
+    """A hand-written layer without rules (residuals sliced per example), one whose residual
+    folds the batch into its rows (masked), and a layer_from_apply (masked)."""
+    from funnn.core import Layer, layer_from_apply
     dense = L.dense(2)
     bare = Layer("custom", dense.init, dense.apply, dense.forward, dense.backward)
-    model = L.serial(dense, bare)
-    _, p2 = model.init(jax.random.key(0), (None, 3))
-    with pytest.raises(ConfigError, match="custom has no per-example gradient rule"):
-        manual.per_example_value_and_grad(model, XENT)(p2, jnp.ones((2, 3)), jnp.array([0, 1]))
+
+    def rows_forward(params, x, *, key=None, train=False):
+        return x * params["s"], x.reshape(-1, x.shape[-1])          # (B T, f): not sliceable
+
+    def rows_backward(params, x2, dy):
+        return {"s": jnp.sum(x2 * dy.reshape(x2.shape), 0)}, dy * params["s"]
+
+    scale = Layer("rows_scale", lambda k, s: (s, {"s": jnp.linspace(0.5, 1.5, s[-1])}),
+                  lambda p, x, **kw: x * p["s"], rows_forward, rows_backward)
+    swish = layer_from_apply(lambda k, s: (s, {"beta": jnp.linspace(0.5, 2.0, s[-1])}),
+                             lambda p, x, **kw: x * jax.nn.sigmoid(p["beta"] * x),
+                             name="learned_swish")
+    return bare, scale, swish
+
+
+@pytest.mark.slow
+def test_layers_without_rules_fall_back_to_vmap_of_their_own_backward():
+    """A model mixing ruled and unruled layers (sliced and masked fallbacks): per-example
+    grads, norms and clipping equal vmap(jax.grad) (float64). The fast tier checks the sliced
+    fallback through gradcheck.compare_per_example (test_gradcheck.py)."""
+    bare, scale, swish = _no_rule_layers()
+    model = L.serial(L.dense(3), swish, scale, L.activation("tanh"), bare)
+    check(model, (None, 2, 4), _normal((5, 2, 4)), _labels((5, 2), 2))
+
+
+def test_summary_names_the_fallback_layers_and_which_way_they_run():
+    """summary and vmapped_layers name the layers without rules; the hand-written one is
+    sliced per example, the one whose residual folds the batch into rows is masked."""
+    from funnn import summary
+    from funnn.core import input_spec
+    from funnn.layers import _vmap_rule
+    bare, scale, swish = _no_rule_layers()
+    model = L.serial(L.dense(3), swish, scale, L.activation("tanh"), bare)
+    _, params = model.init(jax.random.key(0), (None, 2, 4))
+    assert summary.vmapped_layers(model) == ["[1] learned_swish", "[2] rows_scale",
+                                             "[4] custom"]
+    table = summary.summary(model, params)
+    assert "custom [vmap]" in table and "learned_swish [derived] [vmap]" in table
+    assert "dense(3) [vmap]" not in table and "[vmap]: no per-example rule" in table
+    x = _normal((5, 2, 3))     # which way: the hand-written one sliced, the others masked
+    _, p = bare.init(jax.random.key(0), (None, 3))
+    assert _vmap_rule._sliceable(bare, p, bare.forward(p, x)[1], input_spec(x)) == [0]
+    _, p = scale.init(jax.random.key(0), (None, 3))
+    assert _vmap_rule._sliceable(scale, p, scale.forward(p, x)[1], input_spec(x)) is None
+
+
+def test_no_batch_axis_and_stateful_layer_named():
+    dense = L.dense(2)
     _, params = dense.init(jax.random.key(0), (None, 3))
     with pytest.raises(ShapeError, match="batch axis"):
         manual.per_example_value_and_grad(dense, XENT)(params, jnp.ones(3), jnp.array(1))
+    from funnn.layers.walk import rule
+    with pytest.raises(ConfigError, match=r"batch_norm.* has no per-example gradient rule "
+                                          r"\(a stateful layer"):
+        rule(L.batch_norm(), "per_example")
 
 
 @pytest.mark.slow
@@ -273,3 +323,18 @@ def test_jit_reusing_writes_into_the_previous_result():
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(first))
+
+
+@pytest.mark.slow
+def test_library_layer_without_rules_transformer_decoder_layer():
+    """transformer_decoder_layer has no per-example rule; its residuals hold static shapes of
+    the batch (its feed-forward serial's), so the fallback masks: still vmap(jax.grad)'s."""
+    from funnn import gradcheck
+    dec = L.transformer_decoder_layer(4, 2, 8)
+    model = L.serial(dec, L.dense(3))
+    x, mem = _normal((3, 4, 4)), _normal((3, 5, 4), 5)
+    _, params = model.init(jax.random.key(0), ((None, 4, 4), (None, 5, 4)))
+    report = gradcheck.compare_per_example(model, XENT, params, (x, mem), _labels((3, 4), 3),
+                                           train=False)
+    assert report.ok, str(report)
+    assert report.vmapped == (f"[0] {dec.name}",)

@@ -291,3 +291,89 @@ def test_check_numerics_names_the_layer_inside_a_mixed_precision_model(digits):
         train.fit(model, params, (x, y), "softmax_cross_entropy", "sgd", learning_rate=1e37,
                   epochs=2, batch_size=64, precision="bf16", check_numerics=True,
                   progress=False)
+
+
+# --------------------------------------------------------------------------- per example, DP
+
+
+def test_norm_rules_accumulate_bf16_in_float32():
+    """The norm helpers take bfloat16 rows and accumulate in float32: exactly the float32
+    sums (bfloat16 accumulation would be off by ~1e-2), in both of outer_sq_norm's forms."""
+    from funnn.layers.per_example import outer_sq_norm, sq_norms
+    a = _cast(jax.random.normal(jax.random.key(2), (4, 3, 64)), BF16)
+    d = _cast(jax.random.normal(jax.random.key(3), (4, 3, 64)), BF16)
+
+    @jax.jit                      # one compile: got and want for each form
+    def both(a, d):
+        a32, d32 = a.astype(F32), d.astype(F32)
+        out = []
+        for t in (1, 3):          # no positions: ||a_i||^2 ||d_i||^2; three: the Gram form
+            w = jnp.einsum("btm,btn->bmn", a32[:, :t], d32[:, :t])
+            out.append((outer_sq_norm(a[:, :t], d[:, :t]), jnp.sum(w * w, (1, 2))))
+        return out + [(sq_norms({"g": d}, 4, BF16), jnp.sum(d32 ** 2, (1, 2)))]
+
+    for got, want in both(a, d):
+        assert got.dtype == F32
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_keeps_per_example_rules_and_clips_by_float32_norms():
+    """Under bf16 the wrapper keeps the layers' per-example rules: per-example gradients and
+    norms equal the float32 vmap(jax.grad) reference to bfloat16's tolerance, the norms come
+    back in float32, and the clipped sum is the reference's."""
+    from funnn import manual
+    base = L.serial(L.conv1d(4, 3, padding="SAME"), L.activation("tanh"), L.flatten(),
+                    L.dense(3))
+    model = precision.apply_policy(base, "bf16")
+    assert model.per_example is not None and model.per_example_norms is not None
+    _, params = model.init(jax.random.key(0), (None, 5, 2))
+    x = 2 * jax.random.normal(jax.random.key(1), (6, 5, 2))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    xent = losses.softmax_cross_entropy
+    ref = jax.vmap(lambda xi, yi: jax.grad(
+        lambda p: xent.value(base.apply(p, xi[None]), yi[None]))(params))(x, y)
+    ref_n = jnp.sqrt(sum(jnp.sum(g.reshape(6, -1) ** 2, 1) for g in jax.tree.leaves(ref)))
+    clip = float(jnp.median(ref_n))
+
+    @jax.jit
+    def run(params, x, y):
+        _, g = manual.per_example_value_and_grad(model, xent)(params, x, y)
+        _, n = manual.per_example_grad_norms(model, xent)(params, x, y)
+        _, n2, s = manual.clipped_grad_sum(model, xent, clip)(params, x, y, jnp.ones(6))
+        return g, n, n2, s
+
+    g, n, n2, summed = run(params, x, y)
+    assert all(a.dtype == F32 and a.shape == b.shape
+               for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 0.03 * float(jnp.max(jnp.abs(b)))
+    assert n.dtype == F32 and n2.dtype == F32
+    np.testing.assert_allclose(n, ref_n, rtol=0.02)
+    factor = jnp.minimum(1.0, clip / ref_n)
+    for a, b in zip(jax.tree.leaves(summed), jax.tree.leaves(ref)):
+        want = jnp.tensordot(factor, b, axes=1)
+        assert float(jnp.max(jnp.abs(a - want))) <= 0.03 * float(jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.slow
+def test_fit_dp_under_bf16_steps_as_float32():
+    """fit(dp=..., precision="bf16"): no longer refused; it takes the float32 run's steps (the
+    same sampled rows and noise) to bfloat16's tolerance, and accounts epsilon the same way."""
+    from funnn import privacy
+    model = L.serial(L.dense(8), L.activation("tanh"), L.dense(3))
+    _, params = model.init(jax.random.key(0), (None, 4))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (32, 4)))
+    y = np.arange(32) % 3
+    kw = dict(learning_rate=0.5, epochs=1, batch_size=8, engine="manual", key=2,
+              progress=False, dp=privacy.DP(0.5, 0.2, sampling="fixed"))
+    a = train.fit(model, params, (x, y), "softmax_cross_entropy", "sgd", **kw)
+    b = train.fit(model, params, (x, y), "softmax_cross_entropy", "sgd", precision="bf16",
+                  **kw)
+    assert b.config["precision"] == "bf16" and b.config["dp_clip"] == 0.5
+    assert all(p.dtype == F32 for p in jax.tree.leaves(b.params))
+    for u, v, p in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params),
+                       jax.tree.leaves(params)):
+        assert float(jnp.max(jnp.abs(u - v))) <= 0.02 * float(jnp.max(jnp.abs(v - p))) + 1e-3
+    assert b.history[-1]["epsilon"] == a.history[-1]["epsilon"] == pytest.approx(
+        kw["dp"].epsilon(4, 8, 32))

@@ -430,6 +430,7 @@ def test_adaptive_clip_tracks_the_target_quantile():
         privacy.AdaptiveClip(target_quantile=1.0)
 
 
+@pytest.mark.slow   # ~2 CPU-s; the quantile tracking itself stays fast
 def test_adaptive_dp_step_clips_at_the_current_norm(tiny):
     model, p, x, y, ref = tiny
     xent = losses.softmax_cross_entropy
@@ -517,6 +518,7 @@ def _clipped_reference(model, x, y, mask, rows):
     return ref
 
 
+@pytest.mark.slow   # ~5 CPU-s: a padded LM per-example engine and its reference
 def test_dp_with_ignore_index_clips_each_example_by_its_valid_token_count():
     """With ignore_index targets each example's gradient is that of the mean over its own valid
     tokens before clipping: the ghost-clipped DP gradient (noise 0) equals clipping the
@@ -561,3 +563,48 @@ def test_fit_dp_takes_side_inputs_with_the_rows_it_samples():
         p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- adaptive clip in fit
+
+
+@pytest.mark.slow
+def test_fit_adaptive_clipping_carries_the_clip_and_accounts_it(tiny):
+    """fit(dp=DP(..., adaptive=AdaptiveClip(...))) steps as a hand loop over
+    make_adaptive_dp_batch_grad (same sampled rows, noise and clip updates, float64), keeps the
+    clip in the optimizer state, records the setting and accounts epsilon at the step's
+    noise_multiplier (the count's share is paid from it)."""
+    model, p, x, y, _ = tiny
+    xs, ys = jnp.tile(x, (4, 1)), jnp.tile(y, (4, 1))
+    adaptive = privacy.AdaptiveClip(target_quantile=0.5, learning_rate=0.3, count_noise=2.0)
+    dp = privacy.DP(1.0, 1.0, adaptive=adaptive)
+    xent = losses.softmax_cross_entropy
+    r = train.fit(model, p, (xs, ys), xent, "sgd", learning_rate=0.5, epochs=1, batch_size=8,
+                  engine="manual", dp=dp, key=4, progress=False)
+    sample = privacy.dp_sample(dp, 8, 24)
+    grad = jax.jit(privacy.make_adaptive_dp_batch_grad(model, xent, dp, adaptive, "manual", 8))
+    q, clip, epoch_key = p, jnp.asarray(1.0, jnp.float32), jax.random.fold_in(jax.random.key(4), 0)
+    for i in range(3):
+        k = jax.random.fold_in(epoch_key, i)
+        idx, w = sample(k)
+        _, g, clip = grad(q, xs[idx], ys[idx], w, k, clip)
+        clip = clip.astype(jnp.float32)                     # the optimizer state's dtype
+        q = jax.tree.map(lambda a, b: a - 0.5 * b, q, g)
+    for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(q), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert float(r.opt_state.clip) == pytest.approx(float(clip), rel=1e-6)
+    assert float(r.opt_state.clip) != 1.0                       # the clip moved
+    assert r.config["dp_adaptive"] == {"target_quantile": 0.5, "learning_rate": 0.3,
+                                       "count_noise": 2.0}
+    assert r.history[-1]["epsilon"] == pytest.approx(dp.epsilon(3, 8, 24))
+    for bad, match in [(dict(adaptive=0.5), "adaptive must be a privacy.AdaptiveClip"),
+                       (dict(clip_norm={"0": 1.0, "2": 1.0}, adaptive=adaptive),
+                        "adaptive clipping tracks one clip norm")]:
+        with pytest.raises(ConfigError, match=match):
+            privacy.DP(**{"clip_norm": 1.0, "noise_multiplier": 1.0, **bad})
+    with pytest.raises(ConfigError, match="need 2 \\* count_noise > noise_multiplier"):
+        train.fit(model, p, (xs, ys), xent, "sgd", batch_size=8, progress=False,
+                  dp=privacy.DP(1.0, 1.0, adaptive=privacy.AdaptiveClip(count_noise=0.4)))
+    with pytest.raises(ConfigError, match="float16's loss scaling"):
+        train.fit(model, p, (xs, ys), xent, "sgd", batch_size=8, progress=False,
+                  precision="f16", dp=privacy.DP(1.0, 1.0))

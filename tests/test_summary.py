@@ -86,3 +86,73 @@ def test_summary_checks_nested_combinators():
     with pytest.raises(ShapeError, match=r"^serial\[1\] parallel\[1\] residual\(serial\) serial: "
                                          r"params do not match the model: expected a tuple of 1"):
         core.summary(model, (params[0], (params[1][0], params[1][0])))
+
+
+def _columns(text):
+    """The table's rows, parsed by the column spans of its first rule: each row is its cells
+    (path, layer, parameters, count), continuation lines (an empty count) joined by spaces."""
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("-"))
+    spans, pos = [], 0
+    for run in lines[rule].split("  "):
+        spans.append((pos, pos + len(run)))
+        pos += len(run) + 2
+    rows = []
+    for line in lines[rule + 1:]:
+        if line.startswith("-"):
+            break
+        cells = [line[a:b].strip() for a, b in spans[:3]] + [line[spans[3][0]:].strip()]
+        if cells[3]:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells)]
+    return rows
+
+
+LONG = "a_custom_layer_with_a_rather_long_descriptive_name(alpha=0.5, beta=2.0)"
+
+
+def _wide_model():
+    custom = core.layer_from_apply(lambda k, s: (s, {"scale_of_everything": jnp.ones(s[-1:])}),
+                                lambda p, x, **_: x * p["scale_of_everything"], name=LONG)
+    block = L.transformer_block(num_heads=2, mlp_dim=8)
+    return L.serial(L.dense(4), block, L.residual(L.serial(custom, L.dense(4))), L.dense(3))
+
+
+@pytest.mark.parametrize("width", [100, 60, 40])
+def test_summary_wraps_long_rows_to_width_and_loses_nothing(width):
+    """Under ``width`` every line fits; each cell is only broken across continuation lines,
+    never cut: its characters, spaces aside, are those of the unwrapped table, and every
+    parameter's ``name(shape)``, from the params themselves, is in its layer's cell."""
+    model = _wide_model()
+    params = jax.eval_shape(lambda k: model.init(k, (None, 5, 6))[1], KEY)
+    full = core.summary(model, params, width=None)
+    assert max(map(len, full.splitlines())) > 100             # the case worth wrapping
+    text = core.summary(model, params, width=width)
+    assert max(map(len, text.splitlines())) <= width
+    assert "[derived]: backward derived by jax.vjp" in text.replace("\n", " ")
+    assert "[vmap]: no per-example rule" in text.replace("\n", " ")
+    got, want = _columns(text), _columns(full)
+    assert len(got) == len(want) == 5
+
+    def squeeze(s):
+        return s.replace(" ", "")
+
+    assert [[squeeze(c) for c in r] for r in got] == [[squeeze(c) for c in r] for r in want]
+    assert [squeeze(c) for c in got[2][:2]] == ["[2]/residual[0]", squeeze(f"{LONG}[derived][vmap]")]
+    per_layer = [params[0], params[1], params[2][0], params[2][1], params[3]]
+    for row, p in zip(got, per_layer):
+        for path, leaf in core.tree_paths(p):
+            assert squeeze(f"{path}{tuple(leaf.shape)}") in squeeze(row[2])
+    lines = text.splitlines()
+    total = lines[[i for i, line in enumerate(lines) if line.startswith("-")][1] + 1]
+    assert total.split() == ["total", f"{core.param_count(params):,}"]
+
+
+def test_summary_width_is_checked_and_a_narrow_table_is_unchanged():
+    model = _stack()
+    params = jax.eval_shape(lambda k: model.init(k, (None, 4))[1], KEY)
+    assert core.summary(model, params) == core.summary(model, params, width=None)
+    with pytest.raises(core.ConfigError, match=r"^summary: width must be an int >= 40 or None, "
+                                               r"got 39$"):
+        core.summary(model, params, width=39)

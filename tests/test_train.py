@@ -515,6 +515,7 @@ def _close(got, want, rtol=1e-10, atol=1e-13):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow   # ~2.5 CPU-s: fit and a hand loop (make_step + side stays fast)
 def test_padded_causal_lm_fit_equals_a_hand_written_masked_loop():
     """fit on (x, y, {"mask": mask}) with ignore_index targets: the same losses epoch by epoch
     and the same parameters as the hand-written masked loop."""

@@ -7,6 +7,9 @@
 2. **Sphinx roles as code.** The docstrings use ``:func:`x``` and ``:class:`~a.b.C```, which
    Markdown would render as the literal ``:class:`` before the code; the role is dropped and,
    as Sphinx does, the module path of a ``~`` target too. Nothing is fetched or linked.
+3. **reST literal blocks.** A paragraph ending ``text::`` before an indented block (which
+   Markdown already makes a code block) shows one colon, as Sphinx shows it; a paragraph
+   that is only ``::`` goes. Source listings (``<pre>``) are left as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from mkdocs.structure.files import File
 
 _ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|exc|obj):<code>(~?)([^<]*)</code>")
 _API = re.compile(r"^api/(?P<module>[\w.]+)\.md$")
+_LITERAL = re.compile(r"(?:<p>::</p>|::</p>)"                     # before a code block
+                      r"(?=\s*<(?:div class=\"(?:language-\w+ )?highlight|pre))")
 
 
 def _nav_paths(nav) -> list[str]:
@@ -45,5 +50,9 @@ def _code(match: re.Match) -> str:
     return f"<code>{target.rsplit('.', 1)[-1] if tilde else target}</code>"
 
 
+def _literal(match: re.Match) -> str:
+    return "" if match.group(0).startswith("<p>") else ":</p>"
+
+
 def on_page_content(html, **kwargs):
-    return _ROLE.sub(_code, html)
+    return _LITERAL.sub(_literal, _ROLE.sub(_code, html))

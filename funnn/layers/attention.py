@@ -92,8 +92,8 @@ from funnn.core import (
 from funnn.dtypes import matmul_wide, wide
 from funnn.layers import _attention_kernels as kernels
 from funnn.layers._decode import Decoder
-from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm
 from funnn.layers.dense import INITIALIZERS
+from funnn.layers.per_example import batch_outer, batch_sum, outer_sq_norm
 
 __all__ = ["multi_head_attention", "cross_attention", "IMPLEMENTATIONS", "rotary_angles", "rotate"]
 
@@ -493,7 +493,7 @@ def _per_example(cfg: _Config, params, res, dy):
 
 def _per_example_norms(cfg: _Config, params, res, dy):
     """Each projection's ``||dW_i||^2`` by the cheaper of the Gram form over positions and
-    materialising (:mod:`funnn.layers._per_example`), plus the biases'."""
+    materialising (:mod:`funnn.layers.per_example`), plus the biases'."""
     pairs, dx = _deltas(cfg, params, res, dy)
     sq = None
     for _, a, dl in pairs:

@@ -79,10 +79,11 @@ from funnn.core import (
     check_in_shape,
     check_rank,
     matmul_wide,
+    upcast,
     wide,
 )
-from funnn.layers._per_example import gram_cheaper
 from funnn.layers.dense import get_initializer
+from funnn.layers.per_example import gram_cheaper
 
 __all__ = ["conv1d", "conv2d"]
 
@@ -423,6 +424,7 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
         """||dW_i||^2 through the patches: the Gram form ``sum_{t,s} (P_t . P_s)(dy_t . dy_s)``
         (per group) when ``T^2 (K C_in + C_out) < T K C_in C_out``, else materialised."""
         pt, dl = _pe_factors(geo, params, x, dy)
+        pt, dl = upcast(pt), upcast(dl)          # norms in float32 under bfloat16 / float16
         t, kc, co = pt.shape[1], pt.shape[2] * pt.shape[4], dl.shape[3]
         if gram_cheaper(t, kc, co):
             gx = jnp.einsum("btkgc,bskgc->bgts", pt, pt)

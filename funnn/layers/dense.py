@@ -1,7 +1,9 @@
 """Dense (fully connected) layer: ``y = x @ W + b``, with its hand-written backward.
 
-Row-vector convention: ``W`` has shape ``(in, out)``. The seed notes that write
-``y = W x + b`` with ``W`` of shape ``(out, in)`` use the transpose.
+Row-vector convention: ``x`` is ``(..., in)`` and ``W`` has shape ``(in, out)``, a column per
+unit. Texts that write ``y = W x + b`` for a column vector ``x`` (seed notes 001 and 003)
+use ``W`` of shape ``(out, in)``, a row per unit: the same layer, with their ``W`` the
+transpose of funnn's (``W_funnn = W_text.T``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from funnn.core import (
     matmul_wide,
     wide,
 )
-from funnn.layers._per_example import batch_outer, batch_sum, outer_sq_norm, rows
+from funnn.layers.per_example import batch_outer, batch_sum, outer_sq_norm, rows
 
 __all__ = ["dense", "get_initializer", "INITIALIZERS"]
 
@@ -143,7 +145,7 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
 
     def per_example_norms(params, x, dy):
         """||dW_i||^2 = ||x_i||^2 ||dy_i||^2 without positions, else the cheaper of the Gram
-        form and materialising (:mod:`funnn.layers._per_example`); plus ||db_i||^2."""
+        form and materialising (:mod:`funnn.layers.per_example`); plus ||db_i||^2."""
         sq = outer_sq_norm(x, dy)
         if use_bias:
             sq = sq + jnp.sum(jnp.square(batch_sum(dy)), -1)

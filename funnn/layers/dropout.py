@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funnn.core import ConfigError, KeyMissingError, Layer, check_floating, check_in_shape
-from funnn.layers._per_example import paramless
+from funnn.layers.per_example import paramless
 
 __all__ = ["dropout"]
 

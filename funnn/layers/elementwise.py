@@ -27,7 +27,7 @@ from funnn.core import (
     check_in_shape,
     check_rank,
 )
-from funnn.layers._per_example import batch_sum, paramless, sq_norms
+from funnn.layers.per_example import batch_sum, paramless, sq_norms
 
 __all__ = ["activation", "prelu", "flatten"]
 

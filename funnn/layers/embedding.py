@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_in_shape, wide
+from funnn.core import ConfigError, DTypeError, Layer, ShapeError, check_in_shape, upcast, wide
 
 __all__ = ["embedding"]
 
@@ -109,12 +109,12 @@ def embedding(num_embeddings: int, features: int, *, dtype=None) -> Layer:
         ids = res.reshape(b, -1)
         t = ids.shape[1]
         if t * t * f <= n * f:
-            dy3 = dy.reshape(b, -1, f)
+            dy3 = upcast(dy.reshape(b, -1, f))        # norms in float32 under bfloat16
             same = (ids[:, :, None] == ids[:, None, :]) & (ids < n)[:, :, None]
             gram = jnp.einsum("btf,bsf->bts", dy3, dy3)
             return jnp.sum(jnp.where(same, gram, 0), (1, 2)), None
         g, _ = per_example(params, res, dy)
-        return jnp.sum(jnp.square(g["table"]), (1, 2)), None
+        return jnp.sum(jnp.square(upcast(g["table"])), (1, 2)), None
 
     def jvp(params, res, dparams, dx):
         """Tangent: the rows of ``dtable`` at the ids (integer ids have no tangent: ``dx`` is

@@ -29,7 +29,7 @@ from funnn.core import (
     check_rank,
     upcast,
 )
-from funnn.layers._per_example import batch_sum, sq_norms
+from funnn.layers.per_example import batch_sum, sq_norms
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm"]
 

@@ -39,7 +39,6 @@ import numpy as np
 from jax import lax
 
 from funnn.core import ConfigError, Layer, ShapeError, check_floating, check_in_shape, check_rank
-from funnn.layers._per_example import paramless
 from funnn.layers.conv import (
     _SPATIAL,
     _fmt,
@@ -50,6 +49,7 @@ from funnn.layers.conv import (
     _padding_spec,
     _pads,
 )
+from funnn.layers.per_example import paramless
 
 __all__ = ["max_pool", "avg_pool", "global_avg_pool"]
 

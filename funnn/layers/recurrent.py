@@ -70,7 +70,7 @@ from funnn.core import (
     check_in_shape,
     matmul_wide,
 )
-from funnn.layers._per_example import outer_sq_norm
+from funnn.layers.per_example import outer_sq_norm
 
 __all__ = ["rnn", "lstm", "gru", "bidirectional"]
 
@@ -501,7 +501,7 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
 
     def per_example_norms(params, res, dy):
         """BPTT; each weight's norm by the cheaper of the Gram form over time steps and the
-        materialised per-example gradient (:mod:`funnn.layers._per_example`)."""
+        materialised per-example gradient (:mod:`funnn.layers.per_example`)."""
         x_tm, h_prev, dpre = _bptt(params, res, dy)
         sqs, dx_tm = cell.finish(params, x_tm, h_prev, dpre, _contract_sq, _total_sq)
         return sum(sqs.values()), _dx(x_tm, dx_tm)

@@ -24,7 +24,6 @@ from funnn.core import (
     split_key,
 )
 from funnn.layers._decode import Decoder
-from funnn.layers._per_example import batch_outer, outer_sq_norm
 from funnn.layers.attention import multi_head_attention
 from funnn.layers.combinators import residual, serial
 from funnn.layers.dense import dense
@@ -32,6 +31,7 @@ from funnn.layers.dropout import dropout as dropout_layer
 from funnn.layers.elementwise import activation as activation_layer
 from funnn.layers.embedding import embedding
 from funnn.layers.norm import layer_norm
+from funnn.layers.per_example import batch_outer, outer_sq_norm
 from funnn.layers.walk import Child, tangent, walk_back
 
 __all__ = ["transformer_block", "positional_embedding", "tied_embedding"]

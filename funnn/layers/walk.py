@@ -9,22 +9,25 @@ from typing import Any, NamedTuple
 
 from funnn.core import InputSpec, Layer, check_backward
 from funnn.errors import ConfigError, layer_scope
+from funnn.layers._vmap_rule import vmap_rule
 
 __all__ = ["rule", "tangent", "Child", "walk_back", "sum_norms"]
 
 
-def rule(layer: Layer, field: str) -> Callable:
-    """``layer.per_example`` or ``layer.per_example_norms``, or a clear error when it has none."""
+def rule(layer: Layer, field: str, spec: InputSpec | None = None) -> Callable:
+    """``layer.per_example`` or ``layer.per_example_norms``; for a layer without one, ``vmap``
+    of its own backward (:func:`funnn.layers._vmap_rule.vmap_rule`, which needs ``spec``, the
+    layer's input); a stateful layer has neither and raises a clear error."""
     fn = getattr(layer, field)
-    if fn is None:
-        why = (" (a stateful layer: its output mixes the examples of a batch through the batch "
-               "statistics, so one example's gradient is not defined by that example alone)"
-               if layer.stateful else
-               " (its backward was derived by jax.vjp)" if layer.derived else "")
-        raise ConfigError(f"layer {layer.name} has no per-example gradient rule{why}; "
-                          f"per-example gradients, norms and clipping need one in every "
-                          f"layer", (layer.name,))
-    return fn
+    if fn is not None:
+        return fn
+    if layer.stateful:
+        raise ConfigError(f"layer {layer.name} has no per-example gradient rule (a stateful "
+                          f"layer: its output mixes the examples of a batch through the batch "
+                          f"statistics, so one example's gradient is not defined by that "
+                          f"example alone); per-example gradients, norms and clipping need "
+                          f"every example's gradient to be its own", (layer.name,))
+    return vmap_rule(layer, field, spec)
 
 
 def tangent(layer: Layer) -> Callable:
@@ -79,7 +82,7 @@ def _step(child: Child, dy, how: str | Callable):
         g, dx = child.layer.backward(child.params, child.res, dy)
         check_backward(child.layer.name, child.params, g, child.spec, dx, child.prefix)
         return g, dx
-    return rule(child.layer, how)(child.params, child.res, dy)
+    return rule(child.layer, how, child.spec)(child.params, child.res, dy)
 
 
 def walk_back(children: Sequence[Child], dy, how: str | Callable = "backward", *,
@@ -88,8 +91,8 @@ def walk_back(children: Sequence[Child], dy, how: str | Callable = "backward", *
 
     Runs each child's step last to first, under its ``scope``. ``how`` is ``"backward"`` (the
     hand-written backward, checked by :func:`check_backward`), ``"per_example"`` or
-    ``"per_example_norms"`` (the child's rule, see :func:`rule`), or a function
-    ``how(child, dy) -> (out, dx)``. Chained (``serial``, a residual's body, a block's
+    ``"per_example_norms"`` (the child's rule, or vmap of its backward: :func:`rule`), or a
+    function ``how(child, dy) -> (out, dx)``. Chained (``serial``, a residual's body, a block's
     halves): each child's ``dx`` is the ``dy`` of the one before it, and ``dx`` is the first
     child's. ``fan_out`` (``parallel``): ``dy`` holds one gradient per child, and ``dx`` is
     the sum of the children's. ``outs`` lists each child's dparams (or squared norms) in the

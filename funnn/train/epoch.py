@@ -41,10 +41,11 @@ def shuffled(num_examples: int, batch_size: int) -> Order:
                  lambda key: (data.epoch_order(key, num_examples, batch_size), None))
 
 
-def dp_sampled(dp: privacy.DP, batch_size: int, num_examples: int) -> Order:
+def dp_sampled(dp: privacy.DP, batch_size: int, num_examples: int, multiple: int = 1) -> Order:
     """``num_examples // batch_size`` steps, each drawing its own rows
-    (:func:`funnn.privacy.dp_sample` keyed by the step's key)."""
-    sample = privacy.dp_sample(dp, batch_size, num_examples)
+    (:func:`funnn.privacy.dp_sample` keyed by the step's key; Poisson batches padded to a
+    ``multiple`` of rows, a mesh's data degree)."""
+    sample = privacy.dp_sample(dp, batch_size, num_examples, multiple)
     nb = num_examples // batch_size
 
     def draw(key):
@@ -65,18 +66,19 @@ def epoch_fn(update, order: Order | None, *, constrain=None):
     With an ``order``, ``x``/``y`` are the whole training set and step ``i`` takes the rows
     ``order.draw(key)`` gives it. Without one, ``x``/``y`` arrive as the epoch's batches
     stacked ``(num_batches, batch, ...)`` (a mesh feeds them so) and step ``i`` takes batch
-    ``i``. ``constrain`` (a sharding constraint) is applied to each batch.
+    ``i`` (and row weights ``w[i]``, DP's Poisson padding, when ``w`` is given).
+    ``constrain`` (a sharding constraint) is applied to each batch.
     """
     def step(ts, xb, yb, wb, key, i):
         if constrain is not None:
-            xb, yb = constrain(xb), constrain(yb)
+            xb, yb, wb = constrain(xb), constrain(yb), constrain(wb)
         return update(ts, xb, yb, wb, jax.random.fold_in(key, i))
 
-    def epoch(ts, x, y, key):
+    def epoch(ts, x, y, key, w=None):
         if order is None:
             n = jax.tree_util.tree_leaves(x)[0].shape[0]
-            return jax.lax.scan(lambda t, s: step(t, s[0], s[1], None, key, s[2]), ts,
-                                (x, y, jnp.arange(n)))
+            return jax.lax.scan(lambda t, s: step(t, s[0], s[1], s[2], key, s[3]), ts,
+                                (x, y, w, jnp.arange(n)))
         idx, w = order.draw(key)
 
         def body(t, i):
@@ -172,16 +174,18 @@ def make_sharded_epoch(model: Layer, loss, optimizer, engine: str, plan, state_s
     return sharded_epoch(update, plan, state_shardings, key_impl)
 
 
-def sharded_epoch(update, plan, state_shardings, key_impl):
-    """:func:`epoch_fn` over stacked, mesh-fed batches, jitted with the plan's shardings."""
+def sharded_epoch(update, plan, state_shardings, key_impl, weighted: bool = False):
+    """:func:`epoch_fn` over stacked, mesh-fed batches, jitted with the plan's shardings:
+    ``run(ts, xb, yb, key_data)``, or with ``weighted`` ``run(ts, xb, yb, key_data, wb)``
+    with the batches' row weights ``wb (num_batches, batch)`` split like them."""
     epoch = epoch_fn(update, None, constrain=lambda tree: jax.tree_util.tree_map(
         lambda a: jax.lax.with_sharding_constraint(a, plan.rows), tree))
 
-    def run(ts: TrainState, xb, yb, key_data):
+    def run(ts: TrainState, xb, yb, key_data, wb=None):
         key = key_data if key_impl is None else jax.random.wrap_key_data(key_data,
                                                                           impl=key_impl)
-        return epoch(ts, xb, yb, key)
+        return epoch(ts, xb, yb, key, wb)
 
-    return core.jit(run, in_shardings=(state_shardings, plan.batches, plan.batches,
-                                       plan.replicated),
+    shardings = (state_shardings, plan.batches, plan.batches, plan.replicated)
+    return core.jit(run, in_shardings=shardings + ((plan.batches,) if weighted else ()),
                     out_shardings=(state_shardings, plan.replicated), donate_argnums=0)

@@ -74,21 +74,27 @@ class OnMesh:
 
     def feed(self, update, order: Order, ts: TrainState, key, *, checked: bool = False):
         """``run(ts, x, y, epoch_key)``: the epoch's order drawn on the host (the same as on
-        one device), each process feeding its own rows of every batch."""
+        one device), each process feeding its own rows of every batch (and of the row
+        weights DP's Poisson batches carry)."""
         assert not checked, "settings refuse check_numerics on a mesh"
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        draw = jax.jit(order.draw)
+        weighted = jax.eval_shape(draw, key)[1] is not None      # DP's Poisson padding
         epoch = sharded_epoch(update, self.plan, self.shardings(ts),
-                              jax.random.key_impl(key) if typed else None)
-        draw = jax.jit(lambda k: order.draw(k)[0])
+                              jax.random.key_impl(key) if typed else None, weighted)
         host: dict = {}
 
         def run(ts, x, y, k):
             if not host:        # x: a pytree of inputs (side inputs, tuple parts) fed alike
                 host.update(x=jax.tree_util.tree_map(np.asarray, x), y=np.asarray(y))
-            idx = np.asarray(draw(k))
+            idx, w = jax.tree_util.tree_map(np.asarray, draw(k))
             kd = self.plan.place(jax.random.key_data(k) if typed else k, self.plan.replicated)
             xb = jax.tree_util.tree_map(lambda a: self.plan.feed(a, idx), host["x"])
-            return epoch(ts, xb, self.plan.feed(host["y"], idx), kd)
+            yb = self.plan.feed(host["y"], idx)
+            if not weighted:
+                return epoch(ts, xb, yb, kd)
+            rows = np.arange(idx.size).reshape(idx.shape)       # w's own rows, fed alike
+            return epoch(ts, xb, yb, kd, self.plan.feed(w.reshape(-1), rows))
 
         return run
 

@@ -61,9 +61,11 @@ class Settings:
         return make_update(grad, self.optimizer)
 
     def order(self) -> Order:
-        """The rows each step trains on: DP sampling with ``dp``, else a shuffle."""
+        """The rows each step trains on: DP sampling with ``dp`` (Poisson batches padded to a
+        multiple of the mesh's data degree), else a shuffle."""
         if self.dp is not None:
-            return dp_sampled(self.dp, self.batch_size, self.num_examples)
+            data = 1 if self.plan is None else self.plan.data_size
+            return dp_sampled(self.dp, self.batch_size, self.num_examples, data)
         return shuffled(self.num_examples, self.batch_size)
 
 
@@ -83,7 +85,7 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     if batch_size > num:
         raise ConfigError(f"batch_size {batch_size} exceeds the {num} training examples",
                           ("fit",))
-    _check_dp(dp, model, mesh, check_numerics)
+    _check_dp(dp, model, check_numerics, batch_size, get_policy(precision))
     plan = _plan(mesh, sharding, params, batch_size, check_numerics)
     rundir.check_mode(resume, overwrite)
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
@@ -95,10 +97,6 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
     settings = optimizer_settings(optimizer, learning_rate, schedule)
     _check_rate_fits(settings["learning_rate"], params)
     policy = get_policy(precision)
-    if dp is not None and policy.name != "f32":
-        raise ConfigError(f"dp= trains in float32: the per-example rules do not run under a "
-                          f"mixed-precision policy yet; leave out precision={policy.name!r}",
-                          ("fit",))
     if getattr(loss, "ignore_index", None) is not None:
         settings.update(loss_ignore_index=loss.ignore_index)
     settings.update(engine=engine, loss=getattr(loss, "name", repr(loss)),
@@ -115,6 +113,8 @@ def resolve(model: Layer, params, data, loss, optimizer, *, learning_rate, epoch
         run_config["from_checkpoint"] = os.fspath(from_checkpoint)
     custom = isinstance(optimizer, optax.GradientTransformation)
     opt = optimizer_from(run_config, optimizer if custom else None, policy)
+    if dp is not None and dp.adaptive is not None:
+        opt = privacy.adaptive_clipped(opt, dp.clip_norm)
     s = Settings(apply_policy(model, policy), loss, engine, opt, policy, dp, plan, epochs,
                  batch_size, num, bool(check_numerics), run_config)
     return s, train_xy, held_out
@@ -205,7 +205,7 @@ def _check_rate_fits(learning_rate, params) -> None:
                           f"{float(jnp.finfo(dtype).max):.3g})", ("fit",))
 
 
-def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
+def _check_dp(dp, model: Layer, check_numerics: bool, batch_size: int, policy: Policy) -> None:
     """fit's ``dp=`` checked before anything compiles."""
     if dp is None:
         return
@@ -217,12 +217,15 @@ def _check_dp(dp, model: Layer, mesh, check_numerics: bool) -> None:
                           "stateful model: batch_norm normalises each example by statistics of "
                           "the whole batch, so one example's gradient depends on the others; "
                           "use layer_norm instead", ("fit",))
-    if mesh is not None:
-        raise ConfigError("dp= trains on one device; leave out mesh= (DP-SGD on a mesh is not "
-                          "implemented)", ("fit",))
     if check_numerics:
         raise ConfigError("check_numerics runs plain steps one at a time; leave it out with "
                           "dp=", ("fit",))
+    if policy.needs_loss_scaling:
+        raise ConfigError(f"dp= trains in float32 or bfloat16: float16's loss scaling would "
+                          f"scale the per-example norms that clipping compares with clip_norm; "
+                          f"leave out precision={policy.name!r} or use 'bf16'", ("fit",))
+    if dp.adaptive is not None:       # the count's noise must leave the gradient some privacy
+        privacy.adaptive_noise(dp.noise_multiplier, dp.adaptive.sigma_b(batch_size))
 
 
 def _plan(mesh, sharding, params, batch_size: int, check_numerics: bool):

@@ -74,7 +74,11 @@ def engine_grad(model: Layer, loss, engine: str):
 
 
 def dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
-    """DP-SGD's ``grad(ts, xb, yb, weights, key)`` on rows :func:`privacy.dp_sample` drew."""
+    """DP-SGD's ``grad(ts, xb, yb, weights, key)`` on rows :func:`privacy.dp_sample` drew.
+    With adaptive clipping (``dp.adaptive``) it clips at the clip norm the optimizer state
+    carries (:func:`funnn.privacy.adaptive_clipped`) and returns the next one as well."""
+    if dp.adaptive is not None:
+        return _adaptive_dp_grad(model, loss, engine, batch_size, dp)
     g = privacy.make_dp_batch_grad(model, loss, dp, engine, batch_size)
 
     def grad(ts: TrainState, x, y, weights, key):
@@ -85,12 +89,30 @@ def dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
     return grad
 
 
+def _adaptive_dp_grad(model: Layer, loss, engine: str, batch_size: int, dp: privacy.DP):
+    """``grad(ts, xb, yb, weights, key) -> (loss, grads, model_state, next_clip)``."""
+    assert dp.adaptive is not None
+    g = privacy.make_adaptive_dp_batch_grad(model, loss, dp, dp.adaptive, engine, batch_size)
+
+    def grad(ts: TrainState, x, y, weights, key):
+        x, side = x if isinstance(x, Inputs) else (x, {})
+        if side:
+            raise ConfigError(f"adaptive clipping takes no side inputs yet (got "
+                              f"{sorted(side)}); give DP no adaptive=", ("fit",))
+        value, grads, clip = g(ts.params, x, y, weights, key, ts.opt_state.clip)
+        return value, grads, ts.model_state, clip
+
+    return grad
+
+
 def make_update(grad, optimizer: optax.GradientTransformation):
     """``update(ts, x, y, weights, key) -> (ts, loss)``: a gradient, then one optimizer step.
 
     Under a loss-scaled optimizer the loss is multiplied by the scale in the optimizer
     state before the backward pass, the gradients are divided by it, and a step with
-    non-finite gradients changes nothing but the scale.
+    non-finite gradients changes nothing but the scale. Under an adaptively clipped one
+    (:func:`funnn.privacy.adaptive_clipped`) ``grad`` also returns the next clip norm, kept
+    in the optimizer state.
     """
     def update(ts: TrainState, x, y, weights, key):
         value, grads, state = grad(ts, x, y, weights, key)
@@ -108,6 +130,14 @@ def make_update(grad, optimizer: optax.GradientTransformation):
         opt = optimizer.with_loss_scale(new.opt_state, scale.adjust(finite))
         return new._replace(opt_state=opt), value / scale.loss_scale.astype(value.dtype)
 
+    def clip_update(ts: TrainState, x, y, weights, key):
+        value, grads, state, clip = grad(ts, x, y, weights, key)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        return TrainState(optax.apply_updates(ts.params, updates),
+                          opt_state._replace(clip=clip.astype(opt_state.clip.dtype)), state), value
+
+    if isinstance(optimizer, privacy.AdaptiveClipped):
+        return clip_update
     return scaled_update if isinstance(optimizer, LossScaled) else update
 
 

@@ -1,4 +1,9 @@
-"""Shared pieces of the per-example rules (``Layer.per_example`` / ``per_example_norms``).
+"""The helpers to write per-example rules with (``Layer.per_example`` / ``per_example_norms``).
+
+Every layer of the catalogue builds its two rules from these; a custom layer can too (the
+tutorial "Write your own layer" writes one). A layer without rules still works in the
+per-example engines: they fall back to ``vmap`` of its own backward
+(:mod:`funnn.layers._vmap_rule`), which materialises its per-example gradients.
 
 Every weight gradient of the catalogue is a sum of outer products of an input and a delta:
 ``dW = sum_{i,t} x_it^T d_it`` over examples ``i`` and positions ``t`` (time steps, spatial
@@ -14,7 +19,9 @@ needs no ``dW_i`` at all:
   ones with wide layers use the Gram form ("ghost clipping", Li et al. 2022).
 
 All functions take batch-first arrays ``(B, ..., features)``; the middle axes are the
-positions. Only ``jax.numpy``: no ``vmap``, no autodiff.
+positions. Only ``jax.numpy``: no ``vmap``, no autodiff. Per-example gradients come back in
+the inputs' dtype; norms and bias sums accumulate in :func:`funnn.dtypes.wide` of it (float32
+under a bfloat16 or float16 policy, so DP clips by float32 norms).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from funnn.core import ShapeError
+from funnn.dtypes import upcast, wide
 
 __all__ = ["batch_outer", "outer_sq_norm", "batch_sum", "sq_norms", "gram_cheaper",
            "paramless", "rows"]
@@ -37,8 +45,10 @@ def rows(a, name: str = "per_example"):
 
 
 def batch_outer(x, d):
-    """``dW_i = sum_t x_it^T d_it``: ``x (B, ..., m)``, ``d (B, ..., n)`` -> ``(B, m, n)``."""
-    return jnp.einsum("btm,btn->bmn", rows(x), rows(d))
+    """``dW_i = sum_t x_it^T d_it``: ``x (B, ..., m)``, ``d (B, ..., n)`` -> ``(B, m, n)``,
+    accumulated in the wide dtype."""
+    return jnp.einsum("btm,btn->bmn", rows(x), rows(d),
+                      preferred_element_type=wide(jnp.result_type(x, d)))
 
 
 def gram_cheaper(t: int, m: int, n: int) -> bool:
@@ -47,8 +57,9 @@ def gram_cheaper(t: int, m: int, n: int) -> bool:
 
 
 def outer_sq_norm(x, d):
-    """``||sum_t x_it^T d_it||_F^2`` per example, ``(B,)``, by the cheaper rule (module doc)."""
-    x3, d3 = rows(x), rows(d)
+    """``||sum_t x_it^T d_it||_F^2`` per example, ``(B,)``, by the cheaper rule (module doc),
+    in the wide dtype."""
+    x3, d3 = upcast(rows(x)), upcast(rows(d))
     t, m, n = x3.shape[1], x3.shape[2], d3.shape[2]
     if t == 1:
         return jnp.sum(x3 * x3, (1, 2)) * jnp.sum(d3 * d3, (1, 2))
@@ -61,15 +72,19 @@ def outer_sq_norm(x, d):
 
 
 def batch_sum(d):
-    """A bias gradient per example: ``d (B, ..., n)`` summed over the positions -> ``(B, n)``."""
-    return rows(d).sum(1)
+    """A bias gradient per example: ``d (B, ..., n)`` summed over the positions -> ``(B, n)``,
+    in the wide dtype."""
+    d3 = rows(d)
+    return d3.sum(1, dtype=wide(d3.dtype))
 
 
 def sq_norms(tree, batch: int, dtype=None):
-    """Squared norm per example of a tree whose leaves have a leading batch axis -> ``(B,)``."""
+    """Squared norm per example of a tree whose leaves have a leading batch axis -> ``(B,)``,
+    in :func:`~funnn.dtypes.wide` of ``dtype`` (default: the default float dtype)."""
     leaves = jax.tree_util.tree_leaves(tree)
-    total = jnp.zeros((batch,), dtype if dtype is not None else jnp.zeros(()).dtype)
+    total = jnp.zeros((batch,), wide(dtype if dtype is not None else jnp.zeros(()).dtype))
     for leaf in leaves:
+        leaf = jnp.asarray(leaf).astype(jnp.promote_types(leaf.dtype, total.dtype))
         total = total + jnp.sum(jnp.square(leaf).reshape(batch, -1), 1).astype(total.dtype)
     return total
 
@@ -86,7 +101,7 @@ def paramless(backward) -> dict:
 
     def per_example_norms(params, res, dy):
         _, dx = backward(params, res, dy)
-        return jnp.zeros((jnp.shape(dy)[0],), jnp.result_type(dy)), dx
+        return jnp.zeros((jnp.shape(dy)[0],), wide(jnp.result_type(dy))), dx
 
     return {"per_example": per_example, "per_example_norms": per_example_norms}
 
