@@ -474,10 +474,13 @@ def _kfac_leaf(layer, params, res, dy, path):
     a, d = layer.factors(params, res, dy)
     b, t = a.shape[0], a.shape[1]
     a2 = a.reshape(-1, a.shape[-1])
-    if "b" in params:
-        a2 = jnp.concatenate([a2, jnp.ones((a2.shape[0], 1), a2.dtype)], axis=1)
+    aa = a2.T @ a2
+    if "b" in params:           # [a, 1]^T [a, 1] by blocks, without copying the rows
+        col = jnp.sum(a2, 0)[:, None]
+        n = jnp.full((1, 1), a2.shape[0], aa.dtype)
+        aa = jnp.block([[aa, col], [col.T, n]])
     d2 = d.reshape(-1, d.shape[-1])
-    return {path: {"A": a2.T @ a2 / b, "G": d2.T @ d2 / t}}, dx
+    return {path: {"A": aa / b, "G": d2.T @ d2 / t}}, dx
 
 
 def _merge(outs, into: dict) -> dict:
