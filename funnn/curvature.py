@@ -316,9 +316,22 @@ def batch_stats(model: Layer, loss, *, train: bool = False):
 # --------------------------------------------------------------------------- products
 
 
+# first layers whose tangent rule takes dx=None as "no input tangent" and skips that term
+_NO_DX = ("dense", "conv1d", "conv2d", "embedding")
+
+
+def _input_tangent(model: Layer, x):
+    """The input's tangent for ``J v`` (params only): ``None`` when the first layer (through
+    ``serial``'s first children) skips a ``None`` term, saving a product with zeros that XLA
+    does not fold (a convolution of zeros); zeros like ``x`` otherwise."""
+    first = model
+    while first.kind == "serial" and first.children:
+        first = first.children[0][1]
+    return None if first.kind in _NO_DX else manual._zero_tangent(x)
+
+
 def _jv(model, params, res, v, x):
-    dx = manual._zero_tangent(x)
-    return tangent(model)(params, res, v, dx)
+    return tangent(model)(params, res, v, _input_tangent(model, x))
 
 
 def _backward(model, params, res, dy):
@@ -379,12 +392,46 @@ def hvp(model: Layer, loss, *, train: bool = False):
 # --------------------------------------------------------------------------- diagonals
 
 
-def _diag(model, params, res, cols):
-    def one(d):
-        pairs, _ = walk_leaves(model, params, res, d, _sq_leaf)
-        return _split(pairs)[1]
+class _Rows(NamedTuple):
+    """A dense weight's squared-gradient factors for one column: the layer's input rows ``a
+    (B, m)`` (the same for every column) and the column's deltas ``d (B, n)``."""
+    a: Any
+    d: Any
 
-    return jax.tree_util.tree_map(lambda a: jnp.sum(a, 0), jax.vmap(one)(cols))
+
+def _diag_leaf(layer, params, res, dy, path):
+    """:func:`_sq_leaf`, but a dense layer without positions keeps its factors (``_Rows``) so
+    that :func:`_diag` sums the squared deltas over the columns before the one product."""
+    if layer.kind != "dense" or layer.factors is None:
+        return _sq_leaf(layer, params, res, dy, path)
+    a, d = layer.factors(params, res, dy)
+    if a.shape[1] != 1:
+        return _sq_leaf(layer, params, res, dy, path)
+    out: dict = {"W": _Rows(a[:, 0], d[:, 0])}
+    if "b" in params:
+        out["b"] = jnp.sum(jnp.square(d[:, 0]), 0).astype(params["b"].dtype)
+    return out, layer.backward(params, res, dy)[1]
+
+
+def _diag(model, params, res, cols):
+    """``sum_{i,c} (J_i^T s_ic)^2``: one backward per column (vectorised), squared per example;
+    for a dense layer without positions ``sum_c (a^2)^T (d_c^2) = (a^2)^T (sum_c d_c^2)``,
+    one product for all columns."""
+    def is_rows(v):
+        return isinstance(v, _Rows)
+
+    def one(d):
+        outs, _ = walk_leaves(model, params, res, d, _diag_leaf)
+        return jax.tree_util.tree_map(lambda v: v if is_rows(v) else
+                                      (v.sq if isinstance(v, _Pair) else v), outs,
+                                      is_leaf=lambda v: is_rows(v) or isinstance(v, _Pair))
+
+    def total(v):
+        if is_rows(v):      # a: the same rows under every column (vmap broadcasts them)
+            return jnp.square(v.a[0]).T @ jnp.sum(jnp.square(v.d), 0)
+        return jnp.sum(v, 0)
+
+    return jax.tree_util.tree_map(total, jax.vmap(one)(cols), is_leaf=is_rows)
 
 
 def diag_ggn(model: Layer, loss, *, train: bool = False):
@@ -427,10 +474,13 @@ def _kfac_leaf(layer, params, res, dy, path):
     a, d = layer.factors(params, res, dy)
     b, t = a.shape[0], a.shape[1]
     a2 = a.reshape(-1, a.shape[-1])
-    if "b" in params:
-        a2 = jnp.concatenate([a2, jnp.ones((a2.shape[0], 1), a2.dtype)], axis=1)
+    aa = a2.T @ a2
+    if "b" in params:           # [a, 1]^T [a, 1] by blocks, without copying the rows
+        col = jnp.sum(a2, 0)[:, None]
+        n = jnp.full((1, 1), a2.shape[0], aa.dtype)
+        aa = jnp.block([[aa, col], [col.T, n]])
     d2 = d.reshape(-1, d.shape[-1])
-    return {path: {"A": a2.T @ a2 / b, "G": d2.T @ d2 / t}}, dx
+    return {path: {"A": aa / b, "G": d2.T @ d2 / t}}, dx
 
 
 def _merge(outs, into: dict) -> dict:

@@ -185,3 +185,68 @@ def test_attention_suite_rows_compute_the_same_gradients():
                                            err_msg=impl)
     # nominal FLOPs: projections 3 x 4 x 2BTF^2, causal attention 3.5 x 4BHT^2D / 2
     assert bench_attention.attention_flops(1, 8, 2, 4) == 3 * 8 * 8 * 64 + 3.5 * 2 * 2 * 64 * 4
+
+
+def test_curvature_suite_runs_at_tiny_size_and_writes_its_rows(tmp_path, monkeypatch):
+    """The suite's groups name every quantity and route; a few of its rows run through the
+    harness into bench.json (all of them run in the every-suite test)."""
+    from funnn.bench import curvature as bench_curv
+
+    (group,) = bench_curv.curvature_suite("tiny")
+    impls = [c.impl for c in group]
+    assert impls[0] == "backward: funnn manual value_and_grad" and group[0].baseline
+    assert {i.split(":")[0] for i in impls} == {"backward", "batch_stats", "diag_ggn",
+                                                 "diag_ggn_mc", "kfac_factors", "ggn_vp", "hvp"}
+    assert sum("BackPACK" in i for i in impls) == 7 and "hvp: jax.jvp of jax.grad" in impls
+    keep = {"backward: funnn manual value_and_grad", "ggn_vp: funnn"}
+    funnn_rows = bench_curv.funnn_builds
+    monkeypatch.setattr(bench_curv, "funnn_builds", lambda *a: {
+        k: b for k, b in funnn_rows(*a).items() if k in keep})
+    monkeypatch.setattr(bench_curv, "autodiff_builds", lambda *a: {})
+    monkeypatch.setattr(bench_curv, "backpack_builds", lambda *a: {})
+    report = bench.run(["curvature"], size="tiny", rounds=1, per_round=1, peaks=False,
+                       progress=False, out_dir=str(tmp_path))
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["impl"]: r for r in doc["results"]}
+    assert set(rows) == keep | {"backward: funnn manual value_and_grad [A/A copy]"}
+    assert all(r["status"] == "ok" and r["suite"] == "curvature" for r in rows.values())
+    assert rows["ggn_vp: funnn"]["ratio_to_baseline"] > 0
+    assert "[curvature] curvature mlp 64-16-10 b8 float32" in report["table"]
+
+
+@pytest.mark.slow
+def test_curvature_suite_rows_compute_the_same_quantities():
+    """funnn's rules, the autodiff routes and BackPACK (where installed) agree at tiny size:
+    the exact diagonal GGN, the GGN- and Hessian-vector products (the same ``v``; BackPACK's
+    rows take their own) and the gradient variance."""
+    from funnn.bench import curvature as bench_curv
+
+    with jax.enable_x64(False):
+        model, params, x, y, v, key = bench_curv.problem("mlp:16", 8)
+        builds = (bench_curv.funnn_builds(model, params, x, y, v, key)
+                  | bench_curv.autodiff_builds(model, params, x, y, v, key))
+        out = {k: jax.tree.map(np.asarray, fn(*args))
+               for k, (fn, args) in ((k, b()) for k, b in builds.items())}
+
+    def close(a, b, what):
+        for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-6 * np.max(np.abs(q)),
+                                       err_msg=what)
+
+    close(out["diag_ggn: funnn (exact)"], out["diag_ggn: vmap(jax.jacrev) + jax.hessian"],
+          "diag_ggn")
+    close(out["ggn_vp: funnn"], out["ggn_vp: jax.jvp + loss Hessian + jax.vjp"], "ggn_vp")
+    close(out["hvp: funnn (jax.jvp of the manual grad)"], out["hvp: jax.jvp of jax.grad"], "hvp")
+    close(out["batch_stats: funnn"].variance, out["batch_stats: vmap(jax.grad)"][2], "variance")
+    pytest.importorskip("backpack")
+    torch, _, net, lossf, xt, yt = bench_curv._torch_setup("mlp:16", params, x, y)
+    from backpack import backpack, extensions
+
+    loss = lossf(net(xt), yt)
+    with backpack(extensions.DiagGGNExact()):
+        loss.backward()
+    linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+    want = jax.tree.leaves(out["diag_ggn: funnn (exact)"])             # W, b per layer
+    got = [a for m in linears for a in (m.weight.diag_ggn_exact.numpy().T,
+                                        m.bias.diag_ggn_exact.numpy())]
+    close(got, want, "BackPACK DiagGGNExact")

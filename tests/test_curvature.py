@@ -252,6 +252,32 @@ def test_small_mlp_every_quantity_against_its_definition():
     assert C.factor_conventions(model, "kfac") == {"0": "kfac", "2": "kfac"}
 
 
+@pytest.mark.slow          # ~4 CPU s; the block's tangent is in test_jvp's fast tier
+def test_ggn_vp_and_diagonal_through_a_transformer_block():
+    """The attention and block tangent rules (``J v``) and the block's walk (the diagonal),
+    against ``J^T H_L J`` by autodiff; a causal block with rotary positions and key lengths."""
+    model = L.serial(L.transformer_block(2, 3, causal=True, rotary=True,
+                                         implementation="materialized"), L.dense(3))
+    params, x, y = _setup(model, (None, 3, 4), (2, 3, 4), (2, 3, 3), XENT)
+    v = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)),
+                     params)
+    lengths = jnp.array([3, 2])
+
+    @_jit
+    def run(params, x, y, v):
+        flat, unravel = ravel_pytree(params)
+        out = model.apply(params, x, lengths=lengths)
+        jac = jax.jacobian(lambda f: model.apply(unravel(f), x, lengths=lengths).reshape(-1))(
+            flat)
+        h_out = jax.hessian(lambda o: XENT.value(o.reshape(out.shape), y))(out.reshape(-1))
+        return (jac.T @ h_out @ jac, C.ggn_vp(model, XENT)(params, x, y, v, lengths=lengths),
+                C.diag_ggn(model, XENT)(params, x, y, lengths=lengths))
+
+    ggn, gv, diag = jax.tree.map(np.asarray, run(params, x, y, v))
+    _close(_flat(gv), ggn @ _flat(v), 1e-9, "ggn_vp")
+    _close(_flat(diag), np.diag(ggn), 1e-9, "diag_ggn")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", [losses.mse, losses.binary_cross_entropy],
                          ids=lambda l: f"{l.name}-{l.reduction}")

@@ -193,3 +193,121 @@ def test_jvp_matches_autodiff_and_transposes_the_backward_on_random_networks(cas
     scale = float(np.max(np.abs(want))) or 1.0
     assert float(np.max(np.abs(jv - want))) <= 1e-9 * scale
     assert abs(float(lhs - rhs)) <= 1e-9 * max(abs(float(lhs)), scale)
+
+
+# --------------------------------------------------------------------------- layer families
+
+
+def _tangents(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=jnp.shape(a))), tree)
+
+
+def _bi_gru():
+    return L.bidirectional(L.gru(2))
+
+
+_TOKENS = (2, 3)                 # (batch, T) for the sequence cases
+# (id, model factory, in_shape, input maker, context, train)
+_FAMILIES = [
+    ("rms_norm", lambda: L.rms_norm(), (None, 3, 4), "x", {}, False),
+    ("mha_materialized_causal_rotary_lengths",
+     lambda: L.multi_head_attention(2, causal=True, rotary=True, implementation="materialized"),
+     (None, 3, 4), "x", {"lengths": jnp.array([3, 2])}, False),
+    ("mha_tiled_gqa_key_mask",
+     lambda: L.multi_head_attention(2, num_kv_heads=1, block_size=2),
+     (None, 3, 4), "x", {"mask": jnp.array([[True, False, True], [True, True, False]])}, False),
+    ("mha_chunked_dropout_train",
+     lambda: L.multi_head_attention(2, causal=True, dropout=0.3, block_size=2),
+     (None, 3, 4), "x", {}, True),
+    ("mha_materialized_dropout_train",
+     lambda: L.multi_head_attention(2, dropout=0.3, implementation="materialized"),
+     (None, 3, 4), "x", {}, True),
+    ("cross_attention_full_mask", lambda: L.cross_attention(2, use_bias=False),
+     ((None, 3, 4), (None, 2, 3)), "pair",
+     {"mask": jnp.array([[[True, False], [True, True], [False, False]]] * 2)}, False),
+    pytest.param("transformer_block",                  # ~2.7 CPU s
+                 lambda: L.transformer_block(2, 5, causal=True, rotary=True),
+                 (None, 3, 4), "x", {"lengths": jnp.array([3, 1])}, False,
+                 marks=pytest.mark.slow),
+    pytest.param("encoder_layer_post_norm_dropout",   # serial/residual of the rules above
+                 lambda: L.transformer_encoder_layer(4, 2, 5, dropout=0.2),
+                 (None, 3, 4), "x", {}, True, marks=pytest.mark.slow),
+    ("decoder_layer_pre_norm", lambda: L.transformer_decoder_layer(4, 2, 5, norm_first=True),
+     ((None, 3, 4), (None, 2, 4)), "pair", {"memory_lengths": jnp.array([2, 1])}, False),
+    pytest.param("decoder_layer_post_norm", lambda: L.transformer_decoder_layer(4, 2, 5),
+                 ((None, 3, 4), (None, 2, 4)), "pair", {}, False, marks=pytest.mark.slow),
+    ("tied_embedding_positions",
+     lambda: L.tied_embedding(6, 4, L.serial(L.positional_embedding(5), L.rms_norm(),
+                                              L.positional_embedding(3, "sinusoidal"))),
+     (None, 3), "ids", {}, False),
+    ("bidirectional_gru_lengths", _bi_gru, (None, 3, 2), "x", {"lengths": jnp.array([3, 2])},
+     False),
+]
+
+
+def _family_input(kind, in_shape):
+    if kind == "ids":
+        return jnp.array([[0, 5, 2], [3, 3, 1]])
+    if kind == "pair":
+        return tuple(_normal((2,) + s[1:], seed=7 + i) for i, s in enumerate(in_shape))
+    return _normal((2,) + in_shape[1:], seed=7)
+
+
+def _as_params(rows):
+    """``pytest.param``s with the first entry as the id (marks kept)."""
+    out = []
+    for r in rows:
+        values, marks = (r.values, r.marks) if hasattr(r, "marks") else (r, ())
+        out.append(pytest.param(*values[1:], id=values[0], marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("make, in_shape, kind, context, train", _as_params(_FAMILIES))
+def test_layer_family_tangent_matches_jax_jvp(make, in_shape, kind, context, train):
+    """Every parameter leaf and the input perturbed at once; one compile per family."""
+    model = make()
+    params = _params(model, in_shape)
+    x = _family_input(kind, in_shape)
+    dp, dx = _tangents(params, 3), (None if kind == "ids" else _tangents(x, 4))
+    key = jax.random.key(5) if train else None
+
+    @_jit
+    def run(params, x, dp, dx):
+        _, jv = manual.jvp(model, train=train)(params, x, dp, dx, key=key, **context)
+
+        def f(p, *v):
+            return model.apply(p, v[0] if v else x, key=key, train=train, **context)
+
+        want = (jax.jvp(f, (params,), (dp,)) if dx is None else
+                jax.jvp(f, (params, x), (dp, dx)))[1]
+        return jv, want
+
+    jv, want = run(params, x, dp, dx)
+    scale = float(np.max(np.abs(want)))
+    assert scale > 1e-3
+    np.testing.assert_allclose(jv, want, rtol=0, atol=1e-10 * scale)
+
+
+def test_every_layer_constructor_has_a_tangent_rule():
+    """Each constructor of ``funnn.layers`` (``L.__all__``) builds a layer that carries
+    ``jvp``; a new constructor must be added here."""
+    d = L.dense(2)
+    built = {
+        "serial": L.serial(d), "parallel": L.parallel(d), "residual": L.residual(d),
+        "dense": d, "activation": L.activation("relu"), "prelu": L.prelu(),
+        "flatten": L.flatten(), "conv1d": L.conv1d(2, 3), "conv2d": L.conv2d(2, (2, 2)),
+        "max_pool": L.max_pool((2, 2)), "avg_pool": L.avg_pool((2, 2)),
+        "global_avg_pool": L.global_avg_pool(), "dropout": L.dropout(0.1),
+        "layer_norm": L.layer_norm(), "rms_norm": L.rms_norm(), "batch_norm": L.batch_norm(),
+        "embedding": L.embedding(3, 2), "rnn": L.rnn(2), "lstm": L.lstm(2), "gru": L.gru(2),
+        "multi_head_attention": L.multi_head_attention(2),
+        "cross_attention": L.cross_attention(2), "transformer_block": L.transformer_block(2, 3),
+        "positional_embedding": L.positional_embedding(3),
+        "tied_embedding": L.tied_embedding(3, 2, d),
+        "transformer_encoder_layer": L.transformer_encoder_layer(4, 2, 5),
+        "transformer_decoder_layer": L.transformer_decoder_layer(4, 2, 5),
+        "bidirectional": L.bidirectional(L.lstm(2)),
+    }
+    assert set(built) == set(L.__all__) - {"INITIALIZERS", "out_shape"}
+    assert [n for n, layer in built.items() if layer.jvp is None] == []

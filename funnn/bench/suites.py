@@ -19,6 +19,10 @@ the projections and of ``x``) at sequence lengths 256 to 4096: funnn's two hand-
 strategies and its autodiff path (cuDNN on a GPU in bfloat16), against softmax(QK^T)V written
 plainly under ``jax.grad``, ``jax.nn.dot_product_attention`` (XLA, and cuDNN on a GPU) and,
 where installed, PyTorch's ``scaled_dot_product_attention``.
+
+The ``curvature`` suite (:mod:`funnn.bench.curvature`) times each quantity of
+:mod:`funnn.curvature` in plain backwards of the same network and batch, against the autodiff
+routes and BackPACK on PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from funnn import data as funnn_data
 from funnn import layers as L
 from funnn.bench import peers
 from funnn.bench.attention import attention_suite
+from funnn.bench.curvature import curvature_suite
 from funnn.bench.harness import Case, NotApplicable, _analyse
 from funnn.core import ConfigError
 
@@ -609,7 +614,8 @@ SIZES = ("tiny", "quick", "full")
 SUITES: dict[str, Callable[[str], list[list[Case]]]] = {
     "engines": engines, "peers": peer_suite, "jit": jit_suite,
     "per-example": per_example_suite, "control": control_suite, "epoch": epoch_suite,
-    "parallel": parallel_suite, "attention": attention_suite, "roofline": roofline_suite}
+    "parallel": parallel_suite, "attention": attention_suite, "roofline": roofline_suite,
+    "curvature": curvature_suite}
 
 
 def build(names, size: str = "quick", peer_names=None) -> list[list[Case]]:

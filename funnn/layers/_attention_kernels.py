@@ -31,8 +31,9 @@ from jax import lax
 
 from funnn.dtypes import upcast, wide
 
-__all__ = ["allowed_pairs", "drop_mask", "materialized_fwd", "materialized_bwd", "chunked_fwd",
-           "chunked_bwd", "tiled_fwd", "tiled_bwd", "cudnn"]
+__all__ = ["allowed_pairs", "drop_mask", "materialized_fwd", "materialized_bwd",
+           "materialized_jvp", "probs", "chunked_drop", "chunked_fwd", "chunked_bwd",
+           "tiled_fwd", "tiled_bwd", "cudnn"]
 
 
 # --------------------------------------------------------------------------- masks
@@ -103,6 +104,38 @@ def materialized_bwd(q, k, v, p, drop, scale, do):
     dq = (_ein("bkgts,bskd->btkgd", ds, k) * scale).astype(dt)    # dQ = dS K / sqrt(d)
     dk = (_ein("bkgts,btkgd->bskd", ds, q) * scale).astype(dt)    # dK = dS^T Q / sqrt(d)
     return dq, dk, dv
+
+
+def materialized_jvp(q, k, v, p, drop, scale, dq, dk, dv):
+    """The tangent ``dO`` of :func:`materialized_fwd` along ``dq, dk, dv`` (shaped as ``q, k,
+    v``) from its ``P``: ``dS = (dQ K^T + Q dK^T) / sqrt(D)``, ``dP = P * (dS - rowsum(P *
+    dS))`` (a masked pair has ``P = 0``, so no tangent), ``dO = (dP * Z) V + (P * Z) dV``."""
+    dt = q.dtype
+    ds = (_ein("btkgd,bskd->bkgts", dq, k) + _ein("btkgd,bskd->bkgts", q, dk)) * scale
+    pw = upcast(p)
+    dp = pw * (ds - jnp.sum(pw * ds, axis=-1, keepdims=True))
+    pd, dpd = (p, dp) if drop is None else (p * drop, dp * drop)
+    return (_ein("bkgts,bskd->btkgd", dpd.astype(dt), v)
+            + _ein("bkgts,bskd->btkgd", pd, dv)).astype(dt)
+
+
+def probs(q, k, kvalid, full, causal, scale, lse):
+    """``P = exp(S - lse)`` ``(b, K, G, t, s)`` recomputed whole from the chunked and tiled
+    residuals (``0`` where masked and on rows with no valid key, whose ``lse`` is ``inf``)."""
+    t, s = q.shape[1], k.shape[1]
+    sc = _masked(_ein("btkgd,bskd->bkgts", q, k) * scale,
+                 allowed_pairs(kvalid, full, causal, t, s))
+    return jnp.exp(sc - lse[..., None]).astype(q.dtype)
+
+
+def chunked_drop(key, keep, shape, block, dtype):
+    """The dropout mask ``Z`` of :func:`chunked_fwd` for ``P`` of ``shape (b, K, G, t, s)``
+    whole: each key block's, drawn as the forward draws it, side by side."""
+    s = shape[-1]
+    bs = min(block, s)
+    parts = [_chunk_drop(key, keep, j, shape[:-1] + (bs,), dtype)
+             for j in range(-(-s // bs))]
+    return jnp.concatenate(parts, axis=-1)[..., :s]
 
 
 def _blocks(k, v, kvalid, full, block):

@@ -504,6 +504,47 @@ def _per_example_norms(cfg: _Config, params, res, dy):
     return sq, dx
 
 
+# --------------------------------------------------------------------------- tangent
+
+
+def _proj_tangent(cfg: _Config, params, dparams, a, da, w, b):
+    """``d(a W + b) = da W + a dW + db`` (``da`` ``None``: no input tangent)."""
+    y = a @ dparams[w] if da is None else a @ dparams[w] + da @ params[w]
+    return y + dparams[b] if cfg.use_bias else y
+
+
+def _probs(cfg: _Config, res):
+    """``P`` and the dropout mask ``Z`` (or ``None``) of the forward, whole: kept by the
+    materialized strategy, recomputed from ``lse`` (and the key) for the others."""
+    if isinstance(res, _Materialized):
+        return res.p, res.drop
+    causal, scale = cfg.causal and not cfg.cross, 1.0 / math.sqrt(res.q.shape[-1])
+    p = kernels.probs(res.q, res.k, res.kvalid, res.full, causal, scale, res.lse)
+    drop = (None if res.key is None else
+            kernels.chunked_drop(res.key, 1.0 - cfg.rate, p.shape, cfg.block(), p.dtype))
+    return p, drop
+
+
+def _jvp(cfg: _Config, params, res, dparams, dx):
+    """Tangent: the projections' (``dQ = dx W_q + x dW_q + db_q``, likewise ``dK, dV`` from the
+    context's tangent), rotated as ``Q, K`` are, the kernel's on the materialized form
+    (:func:`~funnn.layers._attention_kernels.materialized_jvp`, ``P`` recomputed from ``lse``
+    for the chunked residuals), then ``dy = dO W_o + O dW_o + db_o``."""
+    x, c, q, k, v, o = res.x, res.c, res.q, res.k, res.v, res.o
+    dxq, dc = dx if cfg.cross else (dx, dx)
+    b, t = q.shape[0], q.shape[1]
+    dq = _proj_tangent(cfg, params, dparams, x, dxq, "W_q", "b_q").reshape(q.shape)
+    dk = _proj_tangent(cfg, params, dparams, c, dc, "W_k", "b_k").reshape(k.shape)
+    dv = _proj_tangent(cfg, params, dparams, c, dc, "W_v", "b_v").reshape(v.shape)
+    if cfg.rotary:                                      # the rotation is linear in q, k
+        dq, dk = _rope(cfg, dq, dk)
+    p, drop = _probs(cfg, res)
+    do = kernels.materialized_jvp(q, k, v, p, drop, 1.0 / math.sqrt(q.shape[-1]), dq, dk, dv)
+    dy = _proj_tangent(cfg, params, dparams, o.reshape(b, t, -1), do.reshape(b, t, -1), "W_o",
+                       "b_o")
+    return dy.astype(x.dtype)
+
+
 # --------------------------------------------------------------------------- KV cache
 
 
@@ -552,6 +593,7 @@ def _make(cfg: _Config) -> Layer:
                  context=("mask", "lengths"),
                  per_example=functools.partial(_per_example, cfg),
                  per_example_norms=functools.partial(_per_example_norms, cfg), kind=cfg.kind,
+                 jvp=functools.partial(_jvp, cfg),
                  decoder=_decoder(cfg) if cfg.causal and not cfg.cross else None)
 
 

@@ -439,16 +439,18 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
 
     def jvp(params, x, dparams, dx):
         """Tangent: ``dy = conv(dx, W) + conv(x, dW) + db`` (the layer is bilinear in x and W),
-        two native convolutions whatever the lowering."""
+        two native convolutions whatever the lowering; ``dx`` ``None``: no input tangent (one
+        convolution)."""
         pads = _pads(pad_spec, x.shape[1:-1], ext, s)
-        dt = jnp.result_type(x, params["W"], dx, dparams["W"])
+        dt = jnp.result_type(x, params["W"], dparams["W"], *(() if dx is None else (dx,)))
 
         def lin(a, w):
             return lax.conv_general_dilated(a.astype(dt), w.astype(dt), s, pads,
                                             rhs_dilation=d, dimension_numbers=dn,
                                             feature_group_count=groups)
 
-        dy = lin(dx, params["W"]) + lin(x, dparams["W"])
+        dy = lin(x, dparams["W"])
+        dy = dy if dx is None else dy + lin(dx, params["W"])
         return dy + dparams["b"] if use_bias else dy
 
     def factors(params, x, dy):

@@ -152,8 +152,9 @@ def dense(out: int, *, w_init="glorot_uniform", b_init="zeros", use_bias: bool =
         return sq, (dy @ params["W"].T).astype(x.dtype)
 
     def jvp(params, x, dparams, dx):
-        """Tangent: ``dy = dx @ W + x @ dW + db`` (the layer is bilinear in x and W)."""
-        dy = dx @ params["W"] + x @ dparams["W"]
+        """Tangent: ``dy = dx @ W + x @ dW + db`` (the layer is bilinear in x and W); ``dx``
+        ``None``: no input tangent (the term is skipped, not a product with zeros)."""
+        dy = x @ dparams["W"] if dx is None else dx @ params["W"] + x @ dparams["W"]
         return dy + dparams["b"] if use_bias else dy
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,

@@ -25,6 +25,7 @@ from funnn.layers.dense import dense
 from funnn.layers.dropout import dropout as dropout_layer
 from funnn.layers.elementwise import activation as activation_layer
 from funnn.layers.norm import layer_norm
+from funnn.layers.walk import tangent
 
 __all__ = ["transformer_encoder_layer", "transformer_decoder_layer"]
 
@@ -192,8 +193,12 @@ def transformer_decoder_layer(d_model: int, num_heads: int, dim_feedforward: int
         with layer_scope(name):
             return _decoder_backward((sa, ca, ln, drop, ff), norm_first, params, res, dy)
 
+    def jvp(params, res, dparams, dx):
+        with layer_scope(name):
+            return _decoder_jvp((sa, ca, ln, drop, ff), norm_first, params, res, dparams, dx)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 context=("mask", "lengths", "memory_lengths"), kind=where)
+                 context=("mask", "lengths", "memory_lengths"), kind=where, jvp=jvp)
 
 
 def _decoder_backward(layers, norm_first: bool, params, res, dy):
@@ -218,3 +223,21 @@ def _decoder_backward(layers, norm_first: bool, params, res, dy):
         dz = back(ln, "norm1", dz + dh1c)
         dx = dz + back(sa, "self_attn", back(drop, "drop1", dz))
     return {k: g[k] for k in _DECODER_KEYS}, (dx, dmem)
+
+
+def _decoder_jvp(layers, norm_first: bool, params, res, dparams, dxin):
+    """:func:`transformer_decoder_layer`'s tangent: the children's, first to last, along
+    ``dxin = (dx, dmemory)``."""
+    sa, ca, ln, drop, ff = layers
+    dx, dmem = dxin
+
+    def tan(layer, label, d):
+        return tangent(layer)(params.get(label, {}), res[label], dparams.get(label, {}), d)
+
+    if norm_first:                       # h1 = x + drop(self_attn(norm1(x))), and so on
+        dh1 = dx + tan(drop, "drop1", tan(sa, "self_attn", tan(ln, "norm1", dx)))
+        dh2 = dh1 + tan(drop, "drop2", tan(ca, "cross_attn", (tan(ln, "norm2", dh1), dmem)))
+        return dh2 + tan(ff, "ff", tan(ln, "norm3", dh2))
+    dh1 = tan(ln, "norm1", dx + tan(drop, "drop1", tan(sa, "self_attn", dx)))
+    dh2 = tan(ln, "norm2", dh1 + tan(drop, "drop2", tan(ca, "cross_attn", (dh1, dmem))))
+    return tan(ln, "norm3", dh2 + tan(ff, "ff", dh2))

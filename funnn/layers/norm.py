@@ -190,8 +190,18 @@ def rms_norm(eps: float = 1e-6, *, dtype=None) -> Layer:
         g, dx = per_example(params, res, dy)
         return sq_norms(g, dy.shape[0], dy.dtype), dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dxhat = r (dx - xhat mean(xhat dx))`` (a symmetric Jacobian, so the
+        backward's formula), ``dy = gamma dxhat + dgamma xhat``."""
+        xhat, r = res
+        xw, dxw = upcast(xhat), upcast(dx)
+        dxhat = r * (dxw - xw * jnp.mean(dxw * xw, axis=-1, keepdims=True))
+        dy = dxhat * upcast(params["gamma"]) + xw * upcast(dparams["gamma"])
+        return dy.astype(xhat.dtype)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
-                 per_example=per_example, per_example_norms=per_example_norms, kind="rms_norm")
+                 per_example=per_example, per_example_norms=per_example_norms, kind="rms_norm",
+                 jvp=jvp)
 
 
 # --------------------------------------------------------------------------- batch norm

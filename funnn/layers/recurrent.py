@@ -694,10 +694,18 @@ def bidirectional(layer: Layer) -> Layer:
         (s_f, s_b), dx = _walk(params, res, dy, "per_example_norms")
         return s_f + s_b, dx
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``concat(jvp_fwd(dx), rev(jvp_bwd(rev(dx))))`` (the final states unreversed)."""
+        r_f, r_b, n = res
+        tan = cast(Callable, layer.jvp)
+        dy_f = tan(params[0], r_f, dparams[0], dx)
+        dy_b = tan(params[1], r_b, dparams[1], _reverse_time(dx, n))
+        return jnp.concatenate([dy_f, _reverse_time(dy_b, n) if dy_b.ndim == 3 else dy_b], -1)
+
     has_rules = layer.per_example is not None and layer.per_example_norms is not None
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  children=(("[0]", layer), ("[1]", layer)),
                  context=("mask", "lengths") if reads else (),
                  per_example=per_example if has_rules else None,
                  per_example_norms=per_example_norms if has_rules else None,
-                 kind="bidirectional")
+                 kind="bidirectional", jvp=jvp if layer.jvp is not None else None)

@@ -32,7 +32,7 @@ from funnn.layers.elementwise import activation as activation_layer
 from funnn.layers.embedding import embedding
 from funnn.layers.norm import layer_norm
 from funnn.layers.per_example import batch_outer, outer_sq_norm
-from funnn.layers.walk import Child, walk_back
+from funnn.layers.walk import Child, tangent, walk_back
 
 __all__ = ["transformer_block", "positional_embedding", "tied_embedding"]
 
@@ -115,13 +115,31 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
         the MLP half gives ``dh``, the attention half's chain continues from it."""
         r_ln, r_attn, r_drop, r_mlp = res
         (p_ln, p_attn) = params["attn"]
-        mlp = Child(m_label, mlp_half(dy.shape[-1]), params["mlp"], r_mlp, input_spec(dy))
+        mlp = Child(m_label, mlp_half(dy.shape[-1]), params["mlp"], r_mlp, input_spec(dy),
+                    "mlp.")
         with layer_scope(name):
             (g_mlp,), dh = walk_back([mlp], dy, how)
             (g_ln, g_attn, g_drop), dx = walk_back(
-                [Child(None, ln, p_ln, r_ln), Child(None, attn, p_attn, r_attn),
+                [Child(None, ln, p_ln, r_ln, None, "attn.0."),
+                 Child(None, attn, p_attn, r_attn, None, "attn.1."),
                  Child(None, drop, {}, r_drop)], dh, how)
         return (g_ln, g_attn, g_drop, g_mlp), dh + dx
+
+    def walk(params, res, dy, how):
+        """:func:`funnn.curvature`'s walk: the outputs laid out like the params."""
+        (o_ln, o_attn, _, o_mlp), dx = _walk(params, res, dy, how)
+        return {"attn": (o_ln, o_attn), "mlp": o_mlp}, dx
+
+    def jvp(params, res, dparams, dx):
+        """The children's tangents first to last: ``dh = dx + drop(attn(ln(dx)))``, then the
+        MLP half's ``dy = dh + mlp(dh)``."""
+        r_ln, r_attn, r_drop, r_mlp = res
+        (p_ln, p_attn), (dp_ln, dp_attn) = params["attn"], dparams["attn"]
+        with layer_scope(name):
+            da = tangent(attn)(p_attn, r_attn, dp_attn, tangent(ln)(p_ln, r_ln, dp_ln, dx))
+            dh = dx + tangent(drop)({}, r_drop, {}, da)
+            with layer_scope(m_label):
+                return tangent(mlp_half(dx.shape[-1]))(params["mlp"], r_mlp, dparams["mlp"], dh)
 
     def backward(params, res, dy):
         (g_ln, g_attn, _, g_mlp), dx = _walk(params, res, dy, "backward")
@@ -149,7 +167,8 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=attn.context, per_example=per_example,
                  per_example_norms=per_example_norms, kind="transformer_block",
-                 decoder=Decoder(decode_init, decode_step) if causal else None)
+                 decoder=Decoder(decode_init, decode_step) if causal else None, jvp=jvp,
+                 walk=walk)
 
 
 def _sinusoid(t: int, f: int, dtype) -> jnp.ndarray:
@@ -237,9 +256,15 @@ def positional_embedding(max_len: int, kind: str = "learned", *, std: float = 0.
             return jnp.zeros((dy.shape[0],), dy.dtype), dy
         return jnp.sum(jnp.square(_dpos_rows(dy)), (1, 2)), dy
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: ``dy = dx + dpos[:T]`` (``dx`` for the fixed sinusoidal table)."""
+        if kind == "sinusoidal":
+            return dx
+        return dx + dparams["pos"][:dx.shape[-2]].astype(dx.dtype)
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms,
-                 kind="positional_embedding")
+                 kind="positional_embedding", jvp=jvp)
 
 
 def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
@@ -328,7 +353,18 @@ def tied_embedding(num_embeddings: int, features: int, body: Layer) -> Layer:
         cross = jnp.sum(picked * jnp.einsum("btf,bsf->bts", h3, g3), (1, 2))
         return outer_sq_norm(dy, h) + s_emb + 2 * cross + s_body, None
 
+    def jvp(params, res, dparams, dx):
+        """Tangent: the lookup's ``dh0 = dtable[ids]``, the body's ``dh``, then ``dlogits = dh
+        table^T + h dtable^T`` (the ids have no tangent: ``dx`` is ignored)."""
+        (p_emb, p_body), (dp_emb, dp_body) = params, dparams
+        r_emb, r_body, h, _ = res
+        with layer_scope(name):
+            dh0 = tangent(emb)(p_emb, r_emb, dp_emb, None)
+            with layer_scope(b_label):
+                dh = tangent(body)(p_body, r_body, dp_body, dh0)
+        return dh @ p_emb["table"].T + h @ dp_emb["table"].T
+
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  children=(("[0]", emb), ("[1]", body)), context=body.context,
                  per_example=per_example, per_example_norms=per_example_norms,
-                 kind="tied_embedding")
+                 kind="tied_embedding", jvp=jvp)
