@@ -254,11 +254,18 @@ def _family_input(kind, in_shape):
     return _normal((2,) + in_shape[1:], seed=7)
 
 
+# The fast tier keeps one case per kind of rule (a norm, tiled attention with a key mask,
+# cross-attention on a pair); the other families (~0.7-1.3 CPU-s each) run in the slow tier.
+_FAST_FAMILIES = {"rms_norm", "mha_tiled_gqa_key_mask", "cross_attention_full_mask"}
+
+
 def _as_params(rows):
-    """``pytest.param``s with the first entry as the id (marks kept)."""
+    """``pytest.param``s with the first entry as the id (marks kept; slow unless fast)."""
     out = []
     for r in rows:
         values, marks = (r.values, r.marks) if hasattr(r, "marks") else (r, ())
+        if values[0] not in _FAST_FAMILIES:
+            marks = (pytest.mark.slow,)
         out.append(pytest.param(*values[1:], id=values[0], marks=marks))
     return out
 
