@@ -29,8 +29,8 @@ Both train with :func:`funnn.train.fit` (Adam, cosine schedule) with either grad
 (``--engine autodiff|manual``) and under the bfloat16 policy (``--precision bf16``). Each
 epoch prints the validation bits per character, ``mean(-log2 p(next char))`` over the
 held-out characters (each line's closing newline included); a model that knows nothing
-scores ``log2(V)`` (V = 59 symbols: 5.88 bits), one that knows only the character
-frequencies 4.3. At the end it prints a few sampled lines (temperature 0.8, top-k 10):
+scores ``log2(V)`` (V = 59 symbols: 5.88 bits), one that knows only the training
+lines' character frequencies 4.74. At the end it prints a few sampled lines (temperature 0.8, top-k 10):
 the transformer through :func:`funnn.generate.generate` (KV cache), the LSTM by re-running
 the whole prefix each step (:func:`sample_by_recompute`).
 
@@ -57,6 +57,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from funnn import engines
 from funnn import generate as gen
@@ -68,10 +69,10 @@ NEWLINE = "\n"                     # begins (in x) and ends (in y) every line
 IGNORE = losses.IGNORE_INDEX       # -100: the target of a padded position
 LOSS = losses.softmax_cross_entropy.with_ignore_index(IGNORE)
 
-DEFAULT = dict(width=64, depth=2, heads=4, hidden=192, epochs=12, batch_size=32,
-               learning_rate=3e-3, max_lines=None)
-TINY = dict(width=16, depth=1, heads=2, hidden=16, epochs=1, batch_size=16,
-            learning_rate=1e-2, max_lines=80)
+DEFAULT = dict(width=64, depth=2, heads=4, hidden=192, dropout=0.1, epochs=24, batch_size=16,
+               learning_rate=5e-3, weight_decay=0.1, max_lines=None)
+TINY = dict(width=16, depth=1, heads=2, hidden=16, dropout=0.0, epochs=1, batch_size=16,
+            learning_rate=1e-2, weight_decay=0.0, max_lines=80)
 
 
 # --------------------------------------------------------------------------- data
@@ -136,27 +137,30 @@ def bits_per_char(logits, y) -> float:
 
 
 def build(kind: str, vocab_size: int, *, width: int = 64, depth: int = 2, heads: int = 4,
-          hidden: int = 192, **_):
+          hidden: int = 192, dropout: float = 0.0, **_):
     """The ``transformer`` or ``lstm`` language model: ids ``(batch, T)`` -> logits
     ``(batch, T, vocab_size)``, both reading ``mask=``."""
     if kind == "transformer":
-        blocks = [L.transformer_block(heads, 4 * width, causal=True, rotary=True)
+        blocks = [L.transformer_block(heads, 4 * width, causal=True, rotary=True,
+                                      dropout=dropout)
                   for _ in range(depth)]
         return L.serial(L.embedding(vocab_size, width), *blocks, L.rms_norm(),
                         L.dense(vocab_size))
     if kind == "lstm":
-        return L.serial(L.embedding(vocab_size, width), L.lstm(hidden), L.dense(vocab_size))
+        return L.serial(L.embedding(vocab_size, width), L.lstm(hidden), L.dropout(dropout),
+                        L.dense(vocab_size))
     raise ValueError(f"unknown model {kind!r}; expected 'transformer' or 'lstm'")
 
 
-def engine_gap(model, params, x, y, mask, policy="f32") -> dict:
-    """Loss and gradients of both engines on one batch: ``{"loss": (autodiff, manual),
-    "loss_gap": relative gap, "grad_gap": largest relative gap of a leaf (by its norm)}``."""
+def engine_gap(model, params, x, y, mask, key, policy="f32") -> dict:
+    """Loss and gradients of both engines on one training batch (dropout on, the same
+    ``key``): ``{"loss": (autodiff, manual), "loss_gap": relative gap, "grad_gap": largest
+    relative gap of a leaf (by its norm)}``."""
     net = precision.apply_policy(model, policy)
     out = {}
     for engine in ("autodiff", "manual"):
         vg = jax.jit(engines.get(engine).value_and_grad(net, LOSS))
-        out[engine] = vg(params, x, y, mask=mask)
+        out[engine] = vg(params, x, y, key=key, mask=mask)
     (la, ga), (lm, gm) = out["autodiff"], out["manual"]
     gaps = jax.tree.leaves(jax.tree.map(
         lambda a, m: float(jnp.linalg.norm((a - m).ravel()) / (jnp.linalg.norm(a.ravel()) + 1e-30)),
@@ -231,7 +235,7 @@ def run(kind: str = "transformer", engine: str = "autodiff", policy: str = "f32"
     _, params = model.init(k_init, (None, length))
     x, y, side = data["train"]
     bs = cfg["batch_size"]
-    gap = engine_gap(model, params, x[:bs], y[:bs], side["mask"][:bs], policy)
+    gap = engine_gap(model, params, x[:bs], y[:bs], side["mask"][:bs], k_fit, policy)
     log(f"{kind}, {engine} engine, precision {policy}: {x.shape[0]} training lines, "
         f"{data['valid'][0].shape[0]} held out, vocabulary {len(vocab)}, padded to {length}; "
         f"uniform = {math.log2(len(vocab)):.3f} bits/char")
@@ -245,8 +249,11 @@ def run(kind: str = "transformer", engine: str = "autodiff", policy: str = "f32"
             f"validation {bpc[-1]:.3f} bits/char ({row['seconds']:.1f} s)")
 
     t0 = time.perf_counter()
-    result = train.fit(model, params, data["train"], LOSS, "adam", engine=engine,
-                       learning_rate=cfg["learning_rate"], schedule="cosine",
+    steps = cfg["epochs"] * (x.shape[0] // bs)
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg["learning_rate"],
+                                                         min(100, steps // 10), steps),
+                      weight_decay=cfg["weight_decay"])
+    result = train.fit(model, params, data["train"], LOSS, opt, engine=engine,
                        epochs=cfg["epochs"], batch_size=bs, key=k_fit,
                        eval_data=data["valid"], precision=policy, progress=False,
                        on_epoch=on_epoch)
@@ -266,9 +273,9 @@ def run(kind: str = "transformer", engine: str = "autodiff", policy: str = "f32"
 
 def check(r: dict, max_bpc: float | None = None, policy: str = "f32") -> None:
     """The claims of the module docstring, on a :func:`run` result."""
-    tol = 1e-5 if policy == "f32" else 2e-2
+    tol = 1e-5 if policy == "f32" else 2e-2        # bfloat16 keeps 8 bits of mantissa
     assert r["engine_gap"]["loss_gap"] < tol, r["engine_gap"]
-    assert abs(r["bpc"][-1] - r["final_bpc"]) < 1e-4 * r["final_bpc"], (r["bpc"], r["final_bpc"])
+    assert abs(r["bpc"][-1] - r["final_bpc"]) < tol * r["final_bpc"], (r["bpc"], r["final_bpc"])
     limit = r["uniform_bpc"] if max_bpc is None else max_bpc
     assert math.isfinite(r["final_bpc"]) and r["final_bpc"] < limit, (r["final_bpc"], limit)
     vocab = set(r["data"]["vocab"]) - {NEWLINE}
