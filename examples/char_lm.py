@@ -49,7 +49,7 @@ of the vocabulary.
 Measured on the 2-core CPU, defaults (f32, autodiff, seed 0): the transformer ends at 2.41
 bits per character (89 CPU-seconds in all), the LSTM at 2.37 (81 CPU-seconds); the
 transformer with ``--engine manual`` at 2.41 too (83 CPU-seconds), under ``--precision
-bf16`` at 2.40 (106 CPU-seconds: bfloat16 is emulated on this CPU). A transformer sample:
+bf16`` at 2.40 (106 CPU-seconds: no faster than float32 on this CPU). A transformer sample:
 "As the care state, it the have but he should".
 """
 
