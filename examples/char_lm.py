@@ -47,7 +47,7 @@ of the vocabulary.
         [--epochs 24] [--batch-size 16] [--width 64] [--seed 0] [--tiny]
 
 Measured on the 2-core CPU, defaults (f32, autodiff, seed 0): the transformer ends at 2.41
-bits per character (89 CPU-seconds in all), the LSTM at 2.37 (81 CPU-seconds); the
+bits per character (79 CPU-seconds in all, 82 s wall), the LSTM at 2.37 (74, 82 s); the
 transformer with ``--engine manual`` at 2.41 too (83 CPU-seconds), under ``--precision
 bf16`` at 2.40 (106 CPU-seconds: no faster than float32 on this CPU). A transformer sample:
 "As the care state, it the have but he should".
