@@ -52,7 +52,7 @@ def test_bits_per_char_by_hand_and_equal_to_the_masked_loss():
     assert float(nats) / math.log(2) == pytest.approx(1.5, rel=1e-6)
 
 
-@pytest.mark.slow      # ~20 CPU-s: both engines' gradients, an epoch and generation compile
+@pytest.mark.slow      # ~15-18 CPU-s: both engines, an epoch, generation (compiles)
 def test_tiny_transformer_learns_and_generates():
     r = ex.run("transformer", tiny=True, log=lambda s: None)
     ex.check(r)                              # finite, below uniform, samples from the vocabulary
@@ -68,7 +68,7 @@ def test_tiny_transformer_learns_and_generates():
     np.testing.assert_array_equal(cached, full)
 
 
-@pytest.mark.slow      # ~8 CPU-s
+@pytest.mark.slow      # ~7 CPU-s
 def test_tiny_lstm_runs_with_the_manual_engine_under_bf16(capsys):
     r = ex.main(["--tiny", "--model", "lstm", "--engine", "manual", "--precision", "bf16"])
     out = capsys.readouterr().out
