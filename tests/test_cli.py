@@ -260,7 +260,7 @@ def test_a_broken_backend_is_one_line_naming_jax_platforms(xor_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, want", [
-    (["--precision", "bf16"], "DP-SGD (--dp-clip, --dp-noise) trains in float32"),
+    (["--precision", "f16"], "DP-SGD (--dp-clip, --dp-noise) trains in float32 or bfloat16"),
     (["--check-numerics"], "leave it out with --dp-clip/--dp-noise"),
 ])
 def test_library_refusals_speak_in_flags(extra, want, capsys, tmp_path):

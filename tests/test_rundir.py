@@ -395,7 +395,7 @@ def test_bad_settings_are_refused_before_the_directory_is_made(tmp_path, capsys)
             train.fit(model, params, xy, "mse", "sgd", **{**args, **kw})
         assert not (tmp_path / "c").exists(), kw
     for argv in (["--devices", "1", "--check-numerics"], ["--sharding", '{"9.W": "fsdp"}'],
-                 ["--dp-clip", "1", "--dp-noise", "1", "--precision", "bf16"]):
+                 ["--dp-clip", "1", "--dp-noise", "1", "--precision", "f16"]):
         code, _, err = main(["train", *XOR, "--epochs", "1", "--out", str(tmp_path / "o"),
                              *argv], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
