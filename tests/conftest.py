@@ -86,7 +86,39 @@ SLOW_CASES = {
 }
 
 
+# The longest tests (10-60 s each, measured on 2 idle cores), longest first: they are handed
+# out before the rest, so that `-n 2` does not end with one worker busy on a long test while
+# the other has nothing left (longest-first scheduling). Only the order changes; a name that
+# no longer matches simply keeps its place.
+FIRST = (
+    "test_bench.py::test_every_suite_runs_at_tiny_size",
+    "test_distributed.py::test_two_processes_end_where_eight_devices_end",
+    "test_docs.py::test_page_runs[tutorials/transformers]",
+    "test_layer_examples.py::test_cnn_digits_both_engines",
+    "test_layer_examples.py::test_transformer_sorts_held_out_sequences",
+    "test_parallel.py::test_eight_devices_train_like_one_on_every_layout",
+    "test_docs.py::test_page_runs[tutorials/curvature]",
+    "test_docs.py::test_page_runs[tutorials/per_example]",
+    "test_docs.py::test_page_runs[curriculum/004_primer]",
+    "test_properties.py::test_jit_equals_eager",
+    "test_docs.py::test_page_runs[reference/runs]",
+    "test_precision.py::test_wrapper_engines_agree_and_keep_master_weights",
+    "test_rundir.py::test_x64_runs_record_float64",
+    "test_char_lm.py::test_tiny_transformer_learns_and_generates",
+    "test_properties.py::test_manual_equals_autodiff_and_finite_differences",
+    "test_docs.py::test_page_runs[tutorials/custom_layer]",
+    "test_docs.py::test_page_runs[tutorials/manual_vs_autodiff]",
+    "test_docs.py::test_readme_python_runs",
+)
+
+
+def _first_rank(item) -> int:
+    case = item.nodeid.split("tests/", 1)[-1]
+    return next((i for i, name in enumerate(FIRST) if case.startswith(name)), len(FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_first_rank)                    # stable: the rest keep their order
     found = set()
     for item in items:
         case = item.nodeid.split("tests/", 1)[-1]

@@ -36,7 +36,14 @@ def _run_page(page: pathlib.Path, cwd: pathlib.Path):
         [str(ROOT), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu",
         "MPLBACKEND": "Agg"}
     env.pop("JAX_ENABLE_X64", None)
-    env.pop("XLA_FLAGS", None)      # a page that wants simulated devices asks for them itself
+    # A page starts from XLA's flags as a reader's shell has them, but for the suite's
+    # optimisation level (tests/conftest.py; a quarter less CPU on most pages): a page that
+    # wants simulated devices asks for them itself.
+    level = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if f.startswith("--xla_backend_optimization_level")]
+    env.pop("XLA_FLAGS", None)
+    if level:
+        env["XLA_FLAGS"] = " ".join(level)
     return subprocess.run([sys.executable, str(ROOT / "tests" / "doc_runner.py"), str(page)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
