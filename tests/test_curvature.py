@@ -215,6 +215,7 @@ def test_one_example_kron_of_the_factors_is_the_exact_ggn_block():
     _close(np.kron(factors["0"]["A"], factors["0"]["G"]), first, 1e-10, "kron(A, G) layer 0")
 
 
+@pytest.mark.slow   # ~3 CPU-s; the chunked sums and the errors stay fast
 def test_small_mlp_every_quantity_against_its_definition():
     """The fast tier's check: ggn_vp, hvp, diag_ggn, batch_stats and the dense Kronecker
     factors of a dense-tanh-dense network with cross-entropy, in one compiled program."""

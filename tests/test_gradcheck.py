@@ -123,6 +123,7 @@ def test_side_inputs_and_loss_weights_reach_the_model_and_the_loss():
         gradcheck.compare(model, ce, params, x, y, side={"lengths_": mask.sum(1)})
 
 
+@pytest.mark.slow   # ~2.3 CPU-s; summary names the fallback in the fast tier
 def test_compare_per_example_names_the_vmap_fallback_and_catches_a_wrong_rule():
     """compare_per_example: rules (and vmap of the backward for layers without one) against
     autodiff's per-example gradients in float64; the report names the fallback layers; a
