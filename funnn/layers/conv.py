@@ -328,6 +328,30 @@ def _pe_factors(g: _Geometry, params, x, dy):
     return pt, dl
 
 
+def _conv_jvp(g: _Geometry, use_bias: bool, params, x, dparams, dx):
+    """Tangent: ``dy = conv(dx, W) + conv(x, dW) + db`` (the layer is bilinear in x and W),
+    two native convolutions whatever the lowering; ``dx`` ``None``: no input tangent (one
+    convolution)."""
+    pads = _pads(g.pad_spec, x.shape[1:-1], g.ext, g.s)
+    dt = jnp.result_type(x, params["W"], dparams["W"], *(() if dx is None else (dx,)))
+
+    def lin(a, w):
+        return lax.conv_general_dilated(a.astype(dt), w.astype(dt), g.s, pads,
+                                        rhs_dilation=g.d, dimension_numbers=g.dn,
+                                        feature_group_count=g.groups)
+
+    dy = lin(x, dparams["W"])
+    dy = dy if dx is None else dy + lin(dx, params["W"])
+    return dy + dparams["b"] if use_bias else dy
+
+
+def _conv_factors(g: _Geometry, params, x, dy):
+    """``dW = sum_{i,t} P_it^T dy_it``: the patches ``(B, T, K C_in)`` (columns in the order
+    of ``W.reshape(K C_in, C_out)``) and the deltas ``(B, T, C_out)``."""
+    pt, dl = _pe_factors(g, params, x, dy)
+    return pt.reshape(pt.shape[:2] + (-1,)), dl.reshape(dl.shape[:2] + (-1,))
+
+
 def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dilation=1,
           groups: int = 1, use_bias: bool = True, w_init="glorot_uniform", b_init="zeros",
           dtype=None, lowering: str = "auto") -> Layer:
@@ -437,31 +461,10 @@ def _conv(nd: int, features: int, kernel_size, *, stride=1, padding="VALID", dil
             sq = sq + jnp.sum(jnp.square(dl.sum(1)), (1, 2))
         return sq, _pe_dx(params, x, dy)
 
-    def jvp(params, x, dparams, dx):
-        """Tangent: ``dy = conv(dx, W) + conv(x, dW) + db`` (the layer is bilinear in x and W),
-        two native convolutions whatever the lowering; ``dx`` ``None``: no input tangent (one
-        convolution)."""
-        pads = _pads(pad_spec, x.shape[1:-1], ext, s)
-        dt = jnp.result_type(x, params["W"], dparams["W"], *(() if dx is None else (dx,)))
-
-        def lin(a, w):
-            return lax.conv_general_dilated(a.astype(dt), w.astype(dt), s, pads,
-                                            rhs_dilation=d, dimension_numbers=dn,
-                                            feature_group_count=groups)
-
-        dy = lin(x, dparams["W"])
-        dy = dy if dx is None else dy + lin(dx, params["W"])
-        return dy + dparams["b"] if use_bias else dy
-
-    def factors(params, x, dy):
-        """``dW = sum_{i,t} P_it^T dy_it``: the patches ``(B, T, K C_in)`` (columns in the order
-        of ``W.reshape(K C_in, C_out)``) and the deltas ``(B, T, C_out)``."""
-        pt, dl = _pe_factors(geo, params, x, dy)
-        return pt.reshape(pt.shape[:2] + (-1,)), dl.reshape(dl.shape[:2] + (-1,))
-
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  per_example=per_example, per_example_norms=per_example_norms,
-                 kind=f"conv{nd}d", jvp=jvp, factors=factors if groups == 1 else None)
+                 kind=f"conv{nd}d", jvp=functools.partial(_conv_jvp, geo, use_bias),
+                 factors=functools.partial(_conv_factors, geo) if groups == 1 else None)
 
 
 def conv1d(features: int, kernel_size, **options) -> Layer:

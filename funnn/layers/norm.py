@@ -259,6 +259,16 @@ def _bn_batch_stats(name: str, x, red: tuple, bshape: tuple, state, momentum: fl
     return xc * inv.reshape(bshape), inv, new_state
 
 
+def _through_xhat(d, xhat, inv, red: tuple, train: bool):
+    """``d`` (a delta or a tangent) through ``xhat = (x - mu) inv``: ``d inv`` at inference
+    (an affine map); in training, through the batch statistics too,
+    ``inv (d - mean(d) - xhat mean(xhat d))`` over each channel's positions ``red``."""
+    if not train:
+        return d * inv
+    return inv * (d - jnp.mean(d, axis=red, keepdims=True)
+                  - xhat * jnp.mean(d * xhat, axis=red, keepdims=True))
+
+
 def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtype=None) -> Layer:
     """Batch normalisation of each channel (``axis``, default last) over all other axes.
 
@@ -357,27 +367,17 @@ def batch_norm(momentum: float = 0.9, eps: float = 1e-5, axis: int = -1, *, dtyp
         dgamma = jnp.sum(dy * xhat, axis=red).astype(params["gamma"].dtype)
         dbeta = jnp.sum(dy, axis=red).astype(params["beta"].dtype)
         dxhat = dy * upcast(params["gamma"]).reshape(bshape)
-        if isinstance(res, _InferRes):
-            dx = (dxhat * inv.reshape(bshape)).astype(res.x0.dtype)
-        else:
-            dx = inv.reshape(bshape) * (dxhat - jnp.mean(dxhat, axis=red, keepdims=True)
-                                        - xhat * jnp.mean(dxhat * xhat, axis=red, keepdims=True))
-            dx = dx.astype(x_dt)
-        return {"gamma": dgamma, "beta": dbeta}, dx
+        infer = isinstance(res, _InferRes)
+        dx = _through_xhat(dxhat, xhat, inv.reshape(bshape), red, not infer)
+        return {"gamma": dgamma, "beta": dbeta}, dx.astype(res.x0.dtype if infer else x_dt)
 
     def jvp(params, res, dparams, dx):
-        """Tangent: ``dxhat = dx inv`` (inference) or ``inv (dx - mean(dx) - xhat mean(xhat
-        dx))`` over each channel's positions (training: through the batch statistics; the
-        Jacobian of xhat is symmetric, so this is the backward's formula); ``dy = gamma dxhat
-        + dgamma xhat + dbeta``."""
+        """Tangent: ``dxhat`` by :func:`_through_xhat` (xhat's Jacobian is symmetric, so the
+        backward's formula); ``dy = gamma dxhat + dgamma xhat + dbeta``."""
         _, red, bshape = _axes(dx.ndim, dx.shape)
-        xhat, inv = upcast(res[0]), res[1].reshape(bshape)
-        d = upcast(dx)
-        if isinstance(res, _InferRes):
-            dxhat = d * inv
-        else:
-            dxhat = inv * (d - jnp.mean(d, axis=red, keepdims=True)
-                           - xhat * jnp.mean(d * xhat, axis=red, keepdims=True))
+        xhat = upcast(res[0])
+        dxhat = _through_xhat(upcast(dx), xhat, res[1].reshape(bshape), red,
+                              not isinstance(res, _InferRes))
         dy = (dxhat * upcast(params["gamma"]).reshape(bshape)
               + xhat * upcast(dparams["gamma"]).reshape(bshape)
               + upcast(dparams["beta"]).reshape(bshape))

@@ -406,6 +406,35 @@ def _settings(kind: str, hidden, return_sequences, masked, dtype, unroll) -> tup
     return int(hidden), bool(return_sequences), bool(masked), unroll
 
 
+def _tangent_rule(cell: _Cell, seq: bool, masked: bool, unroll):
+    """A recurrent layer's ``jvp`` (see :func:`_layer`)."""
+
+    def jvp(params, res, dparams, dx):
+        """The forward tangent scan: each step's ``cell.tangent`` on the kept residuals, the
+        input side ``dx W_x + x dW_x + db`` projected for all steps first; masked steps carry
+        the tangent forward as the forward carries the state."""
+        x_tm, m_tm, h_prev, cres = res
+        tan = cast(Callable, cell.tangent)
+        dx = dx[0] if masked else dx
+        dt = h_prev.dtype
+        dxw = (_project(jnp.swapaxes(dx, 0, 1).astype(dt), params[cell.wx])
+               + _project(x_tm.astype(dt), dparams[cell.wx]) + dparams[cell.bx])
+        zero = jnp.zeros(h_prev.shape[1:], dt)
+
+        def f(dcarry, inp):
+            dxw_t, m_t, h_t, r = inp
+            dnew = _blend(m_t, tan(params, dparams, dcarry, dxw_t, h_t, r), dcarry)
+            return dnew, (dnew[0] if seq else None)
+
+        last, dhs = lax.scan(f, (zero,) * cell.n_carry, (dxw, m_tm, h_prev, cres),
+                             unroll=unroll)
+        if not seq:
+            return last[0]
+        return jnp.swapaxes(dhs if m_tm is None else m_tm * dhs, 0, 1)
+
+    return jvp
+
+
 def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Layer:
     kind = cell.kind
     hidden, seq, masked, unroll = _settings(kind, hidden, return_sequences, masked, dtype,
@@ -506,41 +535,18 @@ def _layer(cell: _Cell, hidden, return_sequences, masked, dtype, unroll) -> Laye
         sqs, dx_tm = cell.finish(params, x_tm, h_prev, dpre, _contract_sq, _total_sq)
         return sum(sqs.values()), _dx(x_tm, dx_tm)
 
-    def jvp(params, res, dparams, dx):
-        """The forward tangent scan: each step's ``cell.tangent`` on the kept residuals, the
-        input side ``dx W_x + x dW_x + db`` projected for all steps first; masked steps carry
-        the tangent forward as the forward carries the state."""
-        x_tm, m_tm, h_prev, cres = res
-        tan = cast(Callable, cell.tangent)
-        dx = dx[0] if masked else dx
-        dt = h_prev.dtype
-        dxw = (_project(jnp.swapaxes(dx, 0, 1).astype(dt), params[cell.wx])
-               + _project(x_tm.astype(dt), dparams[cell.wx]) + dparams[cell.bx])
-        zero = jnp.zeros(h_prev.shape[1:], dt)
-
-        def f(dcarry, inp):
-            dxw_t, m_t, h_t, r = inp
-            dnew = _blend(m_t, tan(params, dparams, dcarry, dxw_t, h_t, r), dcarry)
-            return dnew, (dnew[0] if seq else None)
-
-        last, dhs = lax.scan(f, (zero,) * cell.n_carry, (dxw, m_tm, h_prev, cres),
-                             unroll=unroll)
-        if not seq:
-            return last[0]
-        return jnp.swapaxes(dhs if m_tm is None else m_tm * dhs, 0, 1)
-
     def backward(params, res, dy):
         x_tm, h_prev, dpre = _bptt(params, res, dy)
         dparams, dx_tm = cell.finish(params, x_tm, h_prev, dpre)
         # cotangents in their primals' dtypes, as autodiff's (x may be wider than the params)
         dparams = {k: v.astype(params[k].dtype) for k, v in dparams.items()}
-        dx = jnp.swapaxes(dx_tm, 0, 1).astype(x_tm.dtype)
-        return dparams, ((dx, None) if masked else dx)
+        return dparams, _dx(x_tm, dx_tm)
 
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=("mask", "lengths"), per_example=per_example,
                  per_example_norms=per_example_norms, kind=kind,
-                 jvp=jvp if cell.tangent is not None else None)
+                 jvp=None if cell.tangent is None else
+                 _tangent_rule(cell, seq, masked, unroll))
 
 
 def rnn(hidden: int, *, return_sequences: bool = True, masked: bool = False,

@@ -41,6 +41,23 @@ def _masks(mask, lengths) -> dict:
     return {k: v for k, v in (("mask", mask), ("lengths", lengths)) if v is not None}
 
 
+def _block_decoder(name: str, ln: Layer, attn: Layer, mlp_half) -> Decoder:
+    """A causal block's incremental decoding: the attention half against its KV cache, the MLP
+    half (``mlp_half(F)``) on the new positions."""
+
+    def decode_init(params, batch, max_len):
+        return attn.decoder.init(params["attn"][1], batch, max_len)
+
+    def decode_step(params, x, cache, pos):
+        (p_ln, p_attn) = params["attn"]
+        with layer_scope(name):
+            a, cache = attn.decoder.step(p_attn, ln.apply(p_ln, x), cache, pos)
+            with layer_scope("mlp"):
+                return mlp_half(x.shape[-1]).apply(params["mlp"], x + a), cache
+
+    return Decoder(decode_init, decode_step)
+
+
 def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
                       dropout: float = 0.0, num_kv_heads: int | None = None,
                       implementation: str = "auto", eps: float = 1e-5,
@@ -141,33 +158,17 @@ def transformer_block(num_heads: int, mlp_dim: int, *, causal: bool = False,
             with layer_scope(m_label):
                 return tangent(mlp_half(dx.shape[-1]))(params["mlp"], r_mlp, dparams["mlp"], dh)
 
-    def backward(params, res, dy):
-        (g_ln, g_attn, _, g_mlp), dx = _walk(params, res, dy, "backward")
-        return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dx
-
-    def per_example(params, res, dy):
-        (g_ln, g_attn, _, g_mlp), dx = _walk(params, res, dy, "per_example")
-        return {"attn": (g_ln, g_attn), "mlp": g_mlp}, dx
+    backward = functools.partial(walk, how="backward")
+    per_example = functools.partial(walk, how="per_example")
 
     def per_example_norms(params, res, dy):
         (s_ln, s_attn, _, s_mlp), dx = _walk(params, res, dy, "per_example_norms")
         return s_ln + s_attn + s_mlp, dx
 
-    def decode_init(params, batch, max_len):
-        return attn.decoder.init(params["attn"][1], batch, max_len)
-
-    def decode_step(params, x, cache, pos):
-        """The attention half against its KV cache, the MLP half on the new positions."""
-        (p_ln, p_attn) = params["attn"]
-        with layer_scope(name):
-            a, cache = attn.decoder.step(p_attn, ln.apply(p_ln, x), cache, pos)
-            with layer_scope(m_label):
-                return mlp_half(x.shape[-1]).apply(params["mlp"], x + a), cache
-
     return Layer(name=name, init=init, apply=apply, forward=forward, backward=backward,
                  context=attn.context, per_example=per_example,
                  per_example_norms=per_example_norms, kind="transformer_block",
-                 decoder=Decoder(decode_init, decode_step) if causal else None, jvp=jvp,
+                 decoder=_block_decoder(name, ln, attn, mlp_half) if causal else None, jvp=jvp,
                  walk=walk)
 
 

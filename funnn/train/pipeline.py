@@ -114,9 +114,8 @@ def fit(model: Layer, params, data, loss, optimizer="sgd", *,
     ``dp`` (a :class:`funnn.privacy.DP`) trains with DP-SGD (:mod:`funnn.privacy`): each
     step samples its batch, clips every example's gradient, adds noise from the step's key;
     history rows gain ``epsilon`` and the config the ``dp_*`` settings (compared on resume).
-    It runs under ``precision`` (norms in float32) and on a ``mesh`` (each sampled batch
-    split over ``data``; the same rows, noise and epsilon as on one device). A stateful model
-    (batch-norm) or ``check_numerics`` with ``dp`` raise :class:`ConfigError`.
+    It runs under ``precision`` (norms in float32) and on a ``mesh`` (batches split over
+    ``data``); a stateful model or ``check_numerics`` with ``dp`` raise :class:`ConfigError`.
 
     History rows hold ``epoch``, ``train_loss`` (mean over the epoch's batches),
     ``eval_loss``, ``eval_accuracy``, ``seconds`` and, with ``dp``, ``epsilon``.
