@@ -37,10 +37,11 @@ def _run_page(page: pathlib.Path, cwd: pathlib.Path):
         "MPLBACKEND": "Agg"}
     env.pop("JAX_ENABLE_X64", None)
     # A page starts from XLA's flags as a reader's shell has them, but for the suite's
-    # optimisation level (tests/conftest.py; a quarter less CPU on most pages): a page that
+    # compile flags (tests/conftest.py; a third to a half less CPU on most pages): a page that
     # wants simulated devices asks for them itself.
     level = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if f.startswith("--xla_backend_optimization_level")]
+             if f.startswith(("--xla_backend_optimization_level",
+                              "--xla_cpu_use_fusion_emitters"))]
     env.pop("XLA_FLAGS", None)
     if level:
         env["XLA_FLAGS"] = " ".join(level)

@@ -16,6 +16,7 @@ small table of known devices below) gives ``mfu`` beside it, labelled with its s
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -47,10 +48,20 @@ def _best_rate(f, arg, work: float, repeats: int, block: int) -> float:
     return work / best
 
 
-# The probes measure the machine, not a setting: they compile at XLA's own default backend
-# optimisation level (3) even where XLA_FLAGS lowers it for the program under test (the test
-# suite compiles at 0, where an unvectorised copy runs at a sixth of the bandwidth).
-_PROBE = {"xla_backend_optimization_level": 3}
+def probe_options(xla_flags: str) -> dict:
+    """Compile options of the ceiling probes. They measure the machine, not a setting: they
+    compile with XLA's own defaults (backend optimisation level 3, the CPU fusion emitters)
+    even where ``XLA_FLAGS`` changes them for the program under test (the test suite compiles
+    at level 0, where an unvectorised copy runs at a sixth of the bandwidth, and with the older
+    CPU loop emitters). The emitter option is named only where ``XLA_FLAGS`` names it, so an
+    XLA that predates it is never handed it."""
+    opts: dict = {"xla_backend_optimization_level": 3}
+    if "xla_cpu_use_fusion_emitters" in xla_flags:
+        opts["xla_cpu_use_fusion_emitters"] = True
+    return opts
+
+
+_PROBE = probe_options(os.environ.get("XLA_FLAGS", ""))
 
 
 def _matmul_peak(sizes, dtype, precision, repeats: int) -> float:
