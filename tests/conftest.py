@@ -35,7 +35,7 @@ for _flag in SUITE_XLA_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-import jax
+import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_enable_x64", True)
 
