@@ -1,5 +1,6 @@
 """Shared test set-up: float64 everywhere, small hypothesis budgets."""
 
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -134,3 +135,21 @@ def pytest_collection_modifyitems(config, items):
         # a renamed test must not silently drop its mark (only checked on a whole-suite run)
         missing = SLOW_CASES - found
         assert not missing, f"SLOW_CASES names tests that do not exist: {missing}"
+
+
+@pytest.fixture
+def run_bound(monkeypatch):
+    """For the few tests whose time goes into running their compiled steps (hundreds of
+    training steps) rather than compiling them: ``jax.jit`` (and so ``funnn.jit`` and ``fit``)
+    compiles at XLA's default backend optimisation level (3) for the test's duration, options
+    the caller passes winning. The transformer-sort and digits-CNN trainings take 65 -> 35
+    CPU-s together this way; compile-bound tests (and the tests' own processes, whose training
+    is short) are faster at the suite's level 0."""
+    plain = jax.jit
+
+    def jit(fun=None, /, **kwargs):
+        kwargs["compiler_options"] = {"xla_backend_optimization_level": 3,
+                                      **(kwargs.get("compiler_options") or {})}
+        return plain(fun, **kwargs) if fun is not None else functools.partial(jit, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", jit)

@@ -114,7 +114,7 @@ def test_parity_data_is_the_running_parity(rnn_ex):
 
 
 @pytest.mark.slow        # ~20 s on 2 cores, nearly all of it compiling (4 fits' worth)
-def test_cnn_digits_both_engines_and_batch_norm(cnn_ex):
+def test_cnn_digits_both_engines_and_batch_norm(cnn_ex, run_bound):
     r = cnn_ex.main(epochs=3, min_accuracy=0.85)
     hist_a, hist_m = r["history"]["autodiff"], r["history"]["manual"]
     assert len(hist_a) == len(hist_m) == 3
@@ -194,7 +194,7 @@ def test_transformer_sort_data_is_sorted_and_padded():
 
 
 @pytest.mark.slow
-def test_transformer_sorts_held_out_sequences():
+def test_transformer_sorts_held_out_sequences(run_bound):
     """The masked transformer of examples/transformer_sort.py reaches >= 99% exact-sequence
     accuracy on held-out sequences with the hand-written backward under bfloat16 (the harder
     of the example's settings: 99.70% after 400 steps; the engines' gradients are compared
