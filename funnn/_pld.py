@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.signal import lfilter
 from scipy.special import log_ndtr, ndtr
 
 __all__ = ["poisson_gaussian_epsilon"]
@@ -139,6 +138,10 @@ def _epsilon_of(w, start: int, inf_mass: float, h: float, delta: float) -> float
     v, m = values[keep], w[keep]
     if v.size == 0 or float(m.sum()) + inf_mass <= delta:
         return 0.0
+    # scipy.signal costs 0.7 s to import, paid by every `import funnn` (every `funnn` command)
+    # if imported at the top; only an epsilon under the PLD accountant needs it
+    from scipy.signal import lfilter
+
     s1 = np.cumsum(m[::-1])[::-1]
     s2 = lfilter([1.0], [1.0, -math.exp(-h)], m[::-1])[::-1]
     # delta at e = v_j: the terms k > j, S1_(j+1) - e^-h S2_(j+1)

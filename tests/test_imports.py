@@ -112,3 +112,20 @@ def test_no_import_cycle():
 
     for n in sorted(graph):
         visit(n, [])
+
+
+def test_the_command_line_starts_without_the_heavy_optional_imports():
+    """``funnn --help`` (every ``funnn`` command's start) loads neither ``scipy.signal`` (only
+    the PLD accountant needs it: 0.7 s) nor a peer library or plotting: a command pays for
+    what it uses."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, runpy\nsys.argv = ['funnn', '--help']\n"
+             "try:\n    runpy.run_module('funnn.cli', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "heavy = ('scipy.signal', 'torch', 'flax', 'equinox', 'matplotlib')\n"
+             "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
