@@ -1,19 +1,24 @@
 """The documentation: every tutorial, reference and curriculum page runs, the README's Python
 runs, and the API reference covers funnn.
 
-Each page runs in its own process (``tests/doc_runner.py``): its Python blocks in order, in
-one namespace, with JAX's defaults (float32, no ``jax_enable_x64`` from this suite's
-conftest), as a reader would run them. Running a page costs seconds (a fresh JAX, compiles),
-so those tests are ``slow``; the checks of the pages' structure are fast.
+Each page runs in its own process (``tests/doc_runner.py``, forked from a server that has
+imported JAX and funnn: ``_PageServer``): its Python blocks in order, in one namespace, with
+JAX's defaults (float32, no ``jax_enable_x64`` from this suite's conftest), as a reader would
+run them. Running a page costs seconds (a fresh JAX, compiles), so those tests are ``slow``;
+the checks of the pages' structure are fast.
 ``mkdocs build --strict`` itself runs in ``.ci/run``.
 """
 
 import ast
+import json
 import os
 import pathlib
 import re
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -31,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import doc_runner  # noqa: E402
 
 
-def _run_page(page: pathlib.Path, cwd: pathlib.Path):
+def _page_env() -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu",
         "MPLBACKEND": "Agg"}
@@ -45,13 +50,58 @@ def _run_page(page: pathlib.Path, cwd: pathlib.Path):
     env.pop("XLA_FLAGS", None)
     if level:
         env["XLA_FLAGS"] = " ".join(level)
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "doc_runner.py"), str(page)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+class _PageServer:
+    """``tests/doc_runner.py --serve`` for this test process: each page runs in a process
+    forked from one that has imported JAX, funnn and optax (no backend started), instead of a
+    new interpreter importing them again. Where there is no server (not Linux, or it refused),
+    a page runs in a new interpreter, as a reader would run it."""
+
+    def __init__(self):
+        self.proc = None
+        if sys.platform == "linux":
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "doc_runner.py"), "--serve"], cwd=ROOT,
+                env=_page_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                start_new_session=True)
+            if self.proc.stdout.readline().strip() != "ready":
+                self.close()
+
+    def run(self, page: pathlib.Path, cwd: pathlib.Path, timeout: float = 300):
+        if self.proc is None:
+            return subprocess.run(
+                [sys.executable, str(ROOT / "tests" / "doc_runner.py"), str(page)], cwd=cwd,
+                env=_page_env(), capture_output=True, text=True, timeout=timeout)
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = pathlib.Path(tmp, "out"), pathlib.Path(tmp, "err")
+            self.proc.stdin.write(json.dumps({"page": str(page), "cwd": str(cwd),
+                                              "out": str(out), "err": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                self.close()                    # the page and its server, together
+                raise subprocess.TimeoutExpired(str(page), timeout)
+            code = json.loads(self.proc.stdout.readline())["returncode"]
+            return subprocess.CompletedProcess(str(page), code, out.read_text(), err.read_text())
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def pages():
+    server = _PageServer()
+    yield server
+    server.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_page_runs(page):
+def test_page_runs(page, pages):
     found = doc_runner.blocks(page.read_text())
     skipped = [b for b in found if b[2]]
     if page.name != "index.md":
@@ -60,20 +110,20 @@ def test_page_runs(page):
             f"{page.name}: {len(skipped)} of {len(found)} blocks are marked not run")
     if not found:
         return
-    proc = _run_page(page, ROOT)
+    proc = pages.run(page, ROOT)
     assert proc.returncode == 0, (
         f"{page.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     assert f"ran {len(found) - len(skipped)} of {len(found)}" in proc.stdout
 
 
 @pytest.mark.slow
-def test_readme_python_runs(tmp_path):
+def test_readme_python_runs(tmp_path, pages):
     """Every Python block of the README runs, none skipped, in a fresh directory (the
     quickstart writes ``runs/quickstart``); run twice, its ``resume="auto"`` resumes."""
     found = doc_runner.blocks(README.read_text())
     assert found and not [b for b in found if b[2]], "README python blocks must all run"
     for _ in range(2):
-        proc = _run_page(README, tmp_path)
+        proc = pages.run(README, tmp_path)
         assert proc.returncode == 0, f"README failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         assert f"ran {len(found)} of {len(found)}" in proc.stdout
     assert (tmp_path / "runs" / "quickstart").is_dir()
