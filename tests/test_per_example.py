@@ -29,19 +29,24 @@ def _leaves_sq(tree, b):
 
 
 def _reference(model, loss, params, x, y, key, batch_forward):
-    """Per-example (values, grads) by autodiff (module docstring)."""
+    """Per-example (values, grads) by autodiff (module docstring), jitted: run eagerly, every
+    primitive of the vmapped gradient would compile on its own."""
     if batch_forward:
-        def values(p):
+        def values(p, x, y, key):
             return manual.per_example_loss(loss, model.apply(p, x, key=key, train=True), y)[0]
-        return values(params), jax.jacrev(values)(params)
 
-    def one(xi, yi):
-        def f(p):
-            return loss.value(model.apply(p, jax.tree.map(lambda a: a[None], xi), train=True),
-                              yi[None])
-        return jax.value_and_grad(f)(params)
+        def ref(p, x, y, key):
+            return values(p, x, y, key), jax.jacrev(values)(p, x, y, key)
+    else:
+        def ref(p, x, y, key):
+            def one(xi, yi):
+                def f(p):
+                    return loss.value(model.apply(p, jax.tree.map(lambda a: a[None], xi),
+                                                  train=True), yi[None])
+                return jax.value_and_grad(f)(p)
+            return jax.vmap(one)(x, y)
 
-    return jax.vmap(one)(x, y)
+    return jax.jit(ref)(params, x, y, key)
 
 
 def _close(a, b, what):
