@@ -93,25 +93,29 @@ def test_every_layer_keeps_the_compute_dtype_on_both_paths(name):
     _, params = layer.init(jax.random.key(0), (None, *shape[1:]))
     p16 = _cast(params, BF16)
     x = jax.random.normal(jax.random.key(1), shape).astype(BF16)
-    kw = {"key": jax.random.key(2), "train": True}
+    state = layer.init_state((None, *shape[1:])) if layer.stateful else None
+
+    @jax.jit            # traced as eager calls are: one compile instead of one per primitive
+    def both_paths(p, x, state, key):
+        kw = {"key": key, "train": True}
+        if layer.stateful:
+            y, res, new_state = layer.forward(p, x, state=state, **kw)
+            ya, _ = layer.apply(p, x, state=state, **kw)
+        else:
+            (y, res), new_state = layer.forward(p, x, **kw), None
+            ya = layer.apply(p, x, **kw)
+        grads, dx = layer.backward(p, res, jnp.ones_like(y))
+        return y, ya, new_state, grads, dx
+
+    y, ya, new_state, grads, dx = both_paths(p16, x, state, jax.random.key(2))
     if layer.stateful:
-        state = layer.init_state((None, *shape[1:]))
-        y, res, new_state = layer.forward(p16, x, state=state, **kw)
-        ya, _ = layer.apply(p16, x, state=state, **kw)
         assert {a.dtype for a in jax.tree.leaves(new_state)} == {F32}
-    else:
-        y, res = layer.forward(p16, x, **kw)
-        ya = layer.apply(p16, x, **kw)
     assert y.dtype == BF16 and ya.dtype == BF16
-    grads, dx = layer.backward(p16, res, jnp.ones_like(y))
     assert dx.dtype == BF16
     assert all(g.dtype == BF16 for g in jax.tree.leaves(grads))
     # and the bfloat16 forward is the float32 forward of the same (rounded) numbers, rounded
     x32, p32 = x.astype(F32), _cast(p16, F32)
-    if layer.stateful:
-        y32, _, _ = layer.forward(p32, x32, state=state, **kw)
-    else:
-        y32, _ = layer.forward(p32, x32, **kw)
+    y32 = both_paths(p32, x32, state, jax.random.key(2))[0]
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
 
 
