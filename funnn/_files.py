@@ -10,6 +10,8 @@ parser accepts the file.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import math
 import os
@@ -105,26 +107,24 @@ def remove_temp_files(directory: str) -> list[str]:
     return removed
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None without the optional ``plot`` extra."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def can_plot() -> bool:
+    """Whether the optional ``plot`` extra (matplotlib) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def figure(**kwargs):
+    """A matplotlib ``Figure`` (``kwargs`` as ``Figure``'s), or None without the optional
+    ``plot`` extra. No pyplot: the caller's backend and open figures are left as they are (a
+    notebook user of ``fit`` keeps an interactive backend), and the import is 0.5 s lighter."""
+    if not can_plot():
         return None
-    return plt
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def write_figure(path: str, fig, dpi: int = 100) -> None:
-    """Save a matplotlib figure to ``path`` as PNG, atomically, and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
+    """Save a figure from :func:`figure` to ``path`` as PNG, atomically."""
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     write_atomic(path, buf.getvalue())

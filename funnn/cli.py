@@ -420,7 +420,7 @@ def _train(args) -> int:
           f"{_pct(last.get('eval_accuracy'))}"
           + (f", epsilon {last['epsilon']:.3g} at delta {(result.config or {})['dp_delta']:g}"
              if "epsilon" in last else "") + f" ({seconds:.1f} s)")
-    plotted = _files.pyplot() is not None
+    plotted = _files.can_plot()
     print(f"wrote {out}/metrics.json, {out}/checkpoints/"
           + (f", {out}/curves.png" if plotted else " (install matplotlib for curves.png)"))
     return 0

@@ -419,11 +419,11 @@ class Resumed:
 
 def plot_curves(path: str, history: list) -> bool:
     """Loss and accuracy curves as a PNG (needs the optional matplotlib extra)."""
-    plt = _files.pyplot()
-    if plt is None or not history:
+    fig = _files.figure(figsize=(9, 3.5)) if history else None
+    if fig is None:
         return False
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
     if "eval_loss" in history[0]:
         ax1.plot(epochs, [r["eval_loss"] for r in history], label="test")

@@ -82,7 +82,11 @@ class _PageServer:
             if not select.select([self.proc.stdout], [], [], timeout)[0]:
                 self.close()                    # the page and its server, together
                 raise subprocess.TimeoutExpired(str(page), timeout)
-            code = json.loads(self.proc.stdout.readline())["returncode"]
+            answer = self.proc.stdout.readline()
+            if not answer:                      # the server died: later pages run on their own
+                self.close()
+                raise RuntimeError(f"the docs page server exited while running {page.name}")
+            code = json.loads(answer)["returncode"]
             return subprocess.CompletedProcess(str(page), code, out.read_text(), err.read_text())
 
     def close(self):

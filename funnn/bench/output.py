@@ -209,14 +209,14 @@ def write_outputs(out_dir: str, env: dict, peaks: dict | None, rows: list[dict])
 def _roofline(path: str, peaks: dict, pts: list[dict]) -> bool:
     from funnn import _files
 
-    plt = _files.pyplot()
-    if plt is None:
+    fig = _files.figure(figsize=(7, 4.5))
+    if fig is None:
         return False
     lo = min([r["intensity"] for r in pts] + [0.1]) / 2
     hi = max([r["intensity"] for r in pts] + [1000.0]) * 2
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     bw = peaks["bandwidth_bytes_per_s"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax = fig.subplots()
     for key, style in (("float32", "-"), ("bfloat16", "--")):
         ax.plot(xs, [min(peaks[key], bw * x) for x in xs], style, color="k",
                 label=f"{key} ceiling ({peaks[key] / 1e9:.0f} GFLOP/s, {bw / 1e9:.0f} GB/s)")
