@@ -31,7 +31,8 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
 # starts inherit; a user's own setting of either flag in XLA_FLAGS wins. Benchmarks never run
 # under them (`funnn bench` outside pytest compiles with XLA's defaults, and the ceilings'
 # probes pin them whatever XLA_FLAGS says).
-SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+from _flags import SUITE_XLA_FLAGS
+
 for _flag in SUITE_XLA_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()

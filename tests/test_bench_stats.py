@@ -300,7 +300,9 @@ def test_probes_compile_with_xlas_defaults_whatever_xla_flags_says():
     """The suite's own flags (level 0, loop emitters) must not lower the measured ceiling; an
     option XLA_FLAGS does not name is not handed over (an older XLA may not know it)."""
     assert ceilings.probe_options("") == {"xla_backend_optimization_level": 3}
-    suite = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    from _flags import SUITE_XLA_FLAGS
+
+    suite = " ".join(SUITE_XLA_FLAGS)
     assert ceilings.probe_options(suite) == {"xla_backend_optimization_level": 3,
                                              "xla_cpu_use_fusion_emitters": True}
     assert ceilings._PROBE == ceilings.probe_options(os.environ.get("XLA_FLAGS", ""))

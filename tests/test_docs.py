@@ -33,6 +33,7 @@ SEEDS = ROOT.parent / "shared" / "seeds"
 INTERNAL = {"rundir", "numerics", "bench.suites", "bench.peers"}
 
 sys.path.insert(0, str(ROOT / "tests"))
+import _flags  # noqa: E402
 import doc_runner  # noqa: E402
 
 
@@ -45,8 +46,7 @@ def _page_env() -> dict:
     # compile flags (tests/conftest.py; a third to a half less CPU on most pages): a page that
     # wants simulated devices asks for them itself.
     level = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if f.startswith(("--xla_backend_optimization_level",
-                              "--xla_cpu_use_fusion_emitters"))]
+             if f.startswith(_flags.names())]
     env.pop("XLA_FLAGS", None)
     if level:
         env["XLA_FLAGS"] = " ".join(level)
